@@ -1,0 +1,39 @@
+// The one schema file: every pcg operator is declared here and nowhere else.
+// Kernels are registered next to their launchers (TORCH_LIBRARY_IMPL per
+// backend); ops whose kernels live in Python (split ops that find a layer by
+// id) are implemented by python/pcg at import time.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pcg, m) {
+  // ---- MoE -----------------------------------------------------------------
+  // Top-k routing: softmax/sigmoid scoring, optional bias correction and
+  // DeepSeek-V3 grouped selection. Returns (weights [T,k] f32, ids [T,k] i32).
+  m.def(
+      "route(Tensor router_logits, int top_k, str scoring=\"softmax\", bool renormalize=True, "
+      "Tensor? correction_bias=None, int num_groups=1, int topk_groups=1, float scale=1.0) "
+      "-> (Tensor, Tensor)");
+  // Fused expert MLP over the routed pairs; rows >= num_valid are exact zeros.
+  m.def(
+      "fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+      "Tensor? expert_map=None, Tensor? num_valid=None, Tensor? b13=None, Tensor? b2=None, "
+      "str activation=\"silu\", float alpha=1.702, float limit=7.0) -> Tensor");
+  // Internal: sort (token, k) pairs by local expert and pad each expert's run
+  // to a multiple of block_m. See csrc/moe/moe_align.h for the exact layout.
+  m.def(
+      "moe_align(Tensor topk_ids, Tensor? expert_map, Tensor? num_valid, int num_local_experts, "
+      "int block_m, Tensor(a!) sorted_pairs, Tensor(b!) block_expert, Tensor(c!) num_blocks) -> ()");
+
+  // ---- graph ---------------------------------------------------------------
+  // A tensor viewing t's memory that does not keep t's storage alive.
+  m.def("weak_ref_tensor(Tensor(a) t) -> Tensor(a)");
+
+  // ---- layer ops (kernels in python/pcg; the layer is found by id) ----------
+  // Split op: causal attention over the packed batch of the running forward.
+  m.def("attention(Tensor q, Tensor k, Tensor v, int layer) -> Tensor");
+  m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, int layer) -> ()");
+  // Opaque MoE layer: experts (and EP communication) of layer `layer`.
+  m.def("moe(Tensor hidden, Tensor topk_weights, Tensor topk_ids, int layer) -> Tensor");
+  m.def(
+      "moe_out(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor(a!) out, int layer) "
+      "-> ()");
+}

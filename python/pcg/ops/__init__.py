@@ -1,0 +1,7 @@
+"""Python side of the native ops: fake kernels (for torch.compile / opcheck)
+and documented wrappers. Schemas live in csrc/ops.cpp."""
+from .fused_moe import fused_moe
+from .graph import weak_ref_tensor
+from .route import route
+
+__all__ = ["fused_moe", "route", "weak_ref_tensor"]
