@@ -18,15 +18,18 @@ def cmake_args() -> list[str]:
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
         f"-DPython_EXECUTABLE={sys.executable}",
     ]
-    nvcc = shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
-    )
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        nvcc = shutil.which("nvcc")
     want_cuda = torch.version.cuda is not None and nvcc is not None
     if os.environ.get("PCG_WITH_CUDA", "") == "0":
         want_cuda = False
     args.append(f"-DPCG_WITH_CUDA={'ON' if want_cuda else 'OFF'}")
     if want_cuda:
         cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if not os.path.isdir(os.path.join(cuda_root, "include")):
+            cuda_root = cuda_home
         args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}",
                  f"-DCUDAToolkit_ROOT={cuda_root}"]
         # pip CUDA wheels carry headers (cuBLAS, ...) and libnvrtc that a bare
