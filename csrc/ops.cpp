@@ -25,7 +25,7 @@ TORCH_LIBRARY(pcg, m) {
 
   // ---- graph ---------------------------------------------------------------
   // A tensor viewing t's memory that does not keep t's storage alive.
-  m.def("weak_ref_tensor(Tensor(a) t) -> Tensor(a)");
+  m.def("weak_ref_tensor(Tensor t) -> Tensor");
 
   // ---- layer ops (kernels in python/pcg; the layer is found by id) ----------
   // Split op: causal attention over the packed batch of the running forward.

@@ -6,7 +6,7 @@ import torch
 
 @torch.library.register_fake("pcg::weak_ref_tensor")
 def _weak_ref_tensor_fake(t: torch.Tensor) -> torch.Tensor:
-    return t.view(t.shape) if t.numel() else torch.empty_like(t)
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
 
 def weak_ref_tensor(t: torch.Tensor) -> torch.Tensor:
