@@ -2,10 +2,12 @@
 
     import pcg
     model = pcg.wrap(model)        # same outputs, captured prefill
+    print(model.report())
     torch.ops.pcg.fused_moe(...)   # native ops, also usable from C++
 
-Importing pcg loads the native library and registers the fake kernels of every
-``torch.ops.pcg`` operator.
+Importing pcg loads the native library (libpcg_ops) and registers the fake
+kernels of every ``torch.ops.pcg`` operator and the Python kernels of the
+layer ops (``pcg::attention``, ``pcg::moe``).
 """
 from __future__ import annotations
 
@@ -13,9 +15,15 @@ from . import _library
 
 _library.load()
 
-from . import ops  # noqa: E402  (registers fake kernels and Python-side kernels)
+from . import ops  # noqa: E402
+from . import attention as _attention  # noqa: E402,F401  (pcg::attention kernels)
+from . import moe as _moe  # noqa: E402,F401  (pcg::moe kernels)
+from . import nn  # noqa: E402
 from .ops import fused_moe, route, weak_ref_tensor  # noqa: E402
+from .registry import LayerRegistry  # noqa: E402
+from .wrap import WrappedModel, wrap  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_moe", "route", "weak_ref_tensor", "__version__"]
+__all__ = ["LayerRegistry", "WrappedModel", "fused_moe", "nn", "route", "weak_ref_tensor",
+           "wrap", "__version__"]

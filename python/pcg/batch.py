@@ -1,0 +1,144 @@
+"""Batch packing: the caller's [1, T] or [B, S] inputs become one packed row
+of real tokens plus the sequence boundaries attention needs; outputs go back
+to the caller's shape with pad positions zero-filled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class BatchMeta:
+    """Metadata of one packed batch of ``num_tokens`` real tokens.
+
+    ``cu_seqlens``: host list [num_seqs + 1] of sequence starts in the packed
+    row (0, len0, len0+len1, ...). ``positions``: [num_tokens] int64 positions
+    (device of the inputs). ``padded_tokens``: the bucket size the graphs were
+    captured for (>= num_tokens); rows past ``num_tokens`` are padding.
+    """
+
+    num_tokens: int
+    cu_seqlens: list[int]
+    positions: torch.Tensor
+    padded_tokens: int
+    _cu_dev: Optional[torch.Tensor] = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    @property
+    def max_seqlen(self) -> int:
+        return max((b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])), default=0)
+
+    def cu_seqlens_tensor(self, device: torch.device) -> torch.Tensor:
+        if self._cu_dev is None or self._cu_dev.device != device:
+            self._cu_dev = torch.tensor(self.cu_seqlens, dtype=torch.int32, device=device)
+        return self._cu_dev
+
+
+@dataclass
+class PackedInput:
+    """The packed form of a caller batch and how to undo it."""
+
+    input_ids: Optional[torch.Tensor]  # [n] int64
+    inputs_embeds: Optional[torch.Tensor]  # [n, H]
+    positions: torch.Tensor  # [n] int64
+    cu_seqlens: list[int]
+    batch_shape: tuple[int, int]  # (B, S) of the caller
+    token_index: Optional[torch.Tensor]  # [n] flat indices into B*S; None = identity
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """[n, ...] packed rows -> [B, S, ...] with zeros at pad positions."""
+        b, s = self.batch_shape
+        if self.token_index is None:
+            return t.reshape(b, s, *t.shape[1:])
+        out = t.new_zeros((b * s, *t.shape[1:]))
+        out.index_copy_(0, self.token_index, t)
+        return out.view(b, s, *t.shape[1:])
+
+
+def _starts_from_positions(pos: torch.Tensor) -> list[int]:
+    """Sequence starts of one packed row: index 0 and every position that restarts at 0."""
+    host = pos.detach().to("cpu")
+    starts = (host == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return starts
+
+
+def pack(input_ids: Optional[torch.Tensor] = None,
+         attention_mask: Optional[torch.Tensor] = None,
+         position_ids: Optional[torch.Tensor] = None,
+         inputs_embeds: Optional[torch.Tensor] = None) -> PackedInput:
+    """Pack a caller batch.
+
+    * ``input_ids`` [1, T] (or ``inputs_embeds`` [1, T, H]): one packed row; with
+      ``position_ids`` [1, T] restarting at 0 it holds several sequences.
+    * [B, S] with an optional ``attention_mask`` [B, S] (1 = real token, left or
+      right padding): each row is one sequence (or several, by ``position_ids``);
+      pad tokens are dropped. Positions default to ``arange(S)`` per row, the
+      Hugging Face default, so outputs match the unwrapped model exactly.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pcg: pass exactly one of input_ids [B, S] or inputs_embeds [B, S, H]")
+    lead = input_ids if input_ids is not None else inputs_embeds
+    if input_ids is not None and input_ids.dim() == 1:
+        input_ids = input_ids[None]
+        lead = input_ids
+    if lead.dim() != (2 if input_ids is not None else 3):
+        raise ValueError(f"pcg: input_ids must be [B, S] (inputs_embeds [B, S, H]); got shape "
+                         f"{tuple(lead.shape)}")
+    b, s = int(lead.shape[0]), int(lead.shape[1])
+    device = lead.device
+    if position_ids is not None:
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if tuple(position_ids.shape) != (b, s) and tuple(position_ids.shape) != (1, s):
+            raise ValueError(f"pcg: position_ids must be [B, S] = [{b}, {s}], got "
+                             f"{tuple(position_ids.shape)}")
+        position_ids = position_ids.expand(b, s)
+    else:
+        position_ids = torch.arange(s, device=device).expand(b, s)
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (b, s):
+            raise ValueError(f"pcg: attention_mask must be [B, S] = [{b}, {s}], got "
+                             f"{tuple(attention_mask.shape)}")
+        keep = attention_mask.reshape(-1).to(torch.bool)
+        if bool(keep.all()):
+            attention_mask = None
+    flat_pos = position_ids.reshape(-1).to(torch.int64)
+    if attention_mask is None:
+        token_index = None
+        flat_ids = input_ids.reshape(-1) if input_ids is not None else None
+        flat_emb = inputs_embeds.reshape(b * s, -1) if inputs_embeds is not None else None
+        row_lens = [s] * b
+    else:
+        token_index = keep.nonzero().flatten()
+        flat_ids = input_ids.reshape(-1).index_select(0, token_index) if input_ids is not None else None
+        flat_emb = (inputs_embeds.reshape(b * s, -1).index_select(0, token_index)
+                    if inputs_embeds is not None else None)
+        flat_pos = flat_pos.index_select(0, token_index)
+        row_lens = attention_mask.to(torch.int64).sum(1).tolist()
+    # Sequence boundaries: every row starts a sequence; explicit position_ids
+    # that restart at 0 start more (several packed sequences in one row).
+    cu = [0]
+    starts_in_rows: list[int] = []
+    offset = 0
+    restarts = set(_starts_from_positions(flat_pos)) if flat_pos.numel() else set()
+    for n in row_lens:
+        starts_in_rows.append(offset)
+        offset += int(n)
+    bounds = sorted(set(x for x in starts_in_rows if x < offset) | {x for x in restarts if x < offset})
+    cu = bounds + [offset] if bounds else [0, offset]
+    if cu[0] != 0:
+        cu = [0] + cu
+    return PackedInput(input_ids=flat_ids, inputs_embeds=flat_emb, positions=flat_pos,
+                       cu_seqlens=cu, batch_shape=(b, s), token_index=token_index)

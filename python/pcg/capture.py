@@ -1,0 +1,226 @@
+"""Direct piecewise capture: one forward per bucket, cut into CUDA-graph
+segments at the split ops, replayed by the C++ ``pcg::SegmentChain``.
+
+Capture of bucket N: the forward runs on static input buffers inside a capture
+session. Segment 0 starts capturing into the shared pool; a split op allocates
+its output inside the running segment (so it lives in the pool at a fixed
+address), ends the segment, runs once for real, is recorded with weak
+references to its tensors, and the next segment starts. Replay: graph 0, call
+0, graph 1, ... in one C++ call.
+
+Shared rules: one pool for every segment and bucket; largest bucket first (so
+smaller buckets reuse the memory it grew); only weak references to
+intermediates and outputs (the pool may reuse their memory across buckets:
+outputs are copied out right after each replay); static inputs sized for the
+largest bucket; pad rows masked by the device-side ``num_valid``; Python GC off
+during capture.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .batch import BatchMeta
+from .registry import LayerRegistry, RunContext, running
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor], Any]  # (ids [N], positions [N]) -> outputs
+
+
+class SegmentRecorder:
+    """Cuts the running capture at split ops (used by the split ops' kernels)."""
+
+    def __init__(self, chain: Any, pool: tuple[int, int]) -> None:
+        self.chain = chain
+        self.pool = pool
+        self.splits = 0
+
+    def split(self, op_name: str, args: list, out: torch.Tensor) -> torch.Tensor:
+        self.chain.capture_end()
+        ns, name = op_name.split("::")
+        getattr(getattr(torch.ops, ns), name)(*args)  # runs once for real: errors surface now
+        weak = [torch.ops.pcg.weak_ref_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        self.chain.record_call(op_name, weak)
+        self.chain.capture_begin(*self.pool)
+        self.splits += 1
+        return out
+
+
+@dataclass
+class BucketGraphs:
+    """The captured forward of one bucket."""
+
+    size: int
+    chain: Any  # torch.classes.pcg.SegmentChain
+    outputs: list  # weak refs to the flat outputs
+    out_spec: Any
+    capture_seconds: float
+    memory_bytes: int
+    splits: list[str]
+
+
+@dataclass
+class CaptureStats:
+    capture_seconds: float = 0.0
+    graph_memory_bytes: int = 0
+    replays: dict = field(default_factory=dict)  # bucket -> count
+    fallbacks: dict = field(default_factory=dict)  # reason -> count
+    failures: dict = field(default_factory=dict)  # bucket -> error text
+    debug_max_rel_err: float = 0.0
+
+    def fallback(self, reason: str) -> None:
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+
+
+def _slice_tokens(t: torch.Tensor, padded: int, n: int) -> torch.Tensor:
+    """Drop pad rows from an output whose token dim is 0 ([N, ...]) or 1 ([1, N, ...])."""
+    if t.dim() >= 2 and t.shape[0] == 1 and t.shape[1] == padded:
+        return t[0, :n]
+    if t.dim() >= 1 and t.shape[0] == padded:
+        return t[:n]
+    return t
+
+
+class CaptureEngine:
+    """Captures and replays the bucketed piecewise graphs of one forward."""
+
+    def __init__(self, forward_fn: ForwardFn, registry: LayerRegistry, device: torch.device,
+                 ladder: list[int], params: Callable[[], list[torch.Tensor]],
+                 progress: bool = True) -> None:
+        self.forward_fn = forward_fn
+        self.registry = registry
+        self.device = device
+        self.ladder = ladder
+        self.params = params
+        self.progress = progress
+        self.graphs: dict[int, BucketGraphs] = {}
+        self.stats = CaptureStats()
+        self.captured = False
+        self._param_ptrs: list[int] = []
+        max_n = max(ladder)
+        self.static_ids = torch.zeros(max_n, dtype=torch.int64, device=device)
+        self.static_pos = torch.zeros(max_n, dtype=torch.int64, device=device)
+        self.num_valid = torch.zeros(1, dtype=torch.int32, device=device)
+        self.pool: Optional[tuple[int, int]] = None
+        self.stream: Optional[torch.cuda.Stream] = None
+
+    # ---- capture ------------------------------------------------------------
+    def capture(self) -> None:
+        if self.captured:
+            return
+        if not hasattr(torch.classes.pcg, "SegmentChain"):
+            raise RuntimeError("pcg: the native library was built without CUDA; cannot capture")
+        self.pool = tuple(torch.cuda.graph_pool_handle())
+        self.stream = torch.cuda.Stream(device=self.device)
+        sizes = sorted(self.ladder, reverse=True)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(sizes), desc="pcg capture", unit="bucket", leave=False)
+        gc_was_enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                # One eager warm-up at the largest size initialises lazy state
+                # (library handles, kernel selection) outside any capture.
+                self._eager_static(sizes[0])
+                for n in sizes:
+                    try:
+                        self.graphs[n] = self._capture_bucket(n)
+                    except Exception as exc:  # noqa: BLE001 - reported, bucket runs eagerly
+                        self.stats.failures[n] = f"{type(exc).__name__}: {exc}"
+                        torch.cuda.synchronize(self.device)
+                    if bar is not None:
+                        bar.set_postfix(tokens=n)
+                        bar.update(1)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+            if bar is not None:
+                bar.close()
+        self.stats.capture_seconds = time.perf_counter() - t0
+        self.stats.graph_memory_bytes = sum(g.memory_bytes for g in self.graphs.values())
+        self._param_ptrs = [p.data_ptr() for p in self.params()]
+        self.captured = True
+
+    def _eager_static(self, n: int) -> Any:
+        self.num_valid.fill_(n)
+        batch = BatchMeta(n, [0, n], self.static_pos[:n], n)
+        with running(RunContext(self.registry, batch, self.num_valid)):
+            return self.forward_fn(self.static_ids[:n], self.static_pos[:n])
+
+    def _capture_bucket(self, n: int) -> BucketGraphs:
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        t0 = time.perf_counter()
+        self.num_valid.fill_(n)
+        chain = torch.classes.pcg.SegmentChain()
+        recorder = SegmentRecorder(chain, self.pool)
+        batch = BatchMeta(n, [0, n], self.static_pos[:n], n)
+        ctx = RunContext(self.registry, batch, self.num_valid, recorder)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with running(ctx), torch.cuda.stream(self.stream):
+            chain.capture_begin(*self.pool)
+            try:
+                out = self.forward_fn(self.static_ids[:n], self.static_pos[:n])
+                chain.capture_end()
+            except BaseException:
+                chain.abort()
+                raise
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        flat, spec = tree_flatten(out)
+        weak = [torch.ops.pcg.weak_ref_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat]
+        del out, flat
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        return BucketGraphs(n, chain, weak, spec, time.perf_counter() - t0, max(0, used),
+                            list(chain.call_names()))
+
+    # ---- run ----------------------------------------------------------------
+    def replay(self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int],
+               bucket: int) -> Any:
+        """Replay bucket ``bucket`` for n = len(ids) real tokens; outputs trimmed to n rows."""
+        n = int(ids.shape[0])
+        g = self.graphs[bucket]
+        self.static_ids[:n].copy_(ids, non_blocking=True)
+        self.static_pos[:n].copy_(positions, non_blocking=True)
+        if n < bucket:
+            self.static_ids[n:bucket].zero_()
+            self.static_pos[n:bucket].zero_()
+        self.num_valid.fill_(n)
+        batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket)
+        with running(RunContext(self.registry, batch, self.num_valid)):
+            g.chain.replay()
+        self.stats.replays[bucket] = self.stats.replays.get(bucket, 0) + 1
+        flat = [_slice_tokens(t, bucket, n).clone() if isinstance(t, torch.Tensor) else t
+                for t in g.outputs]
+        return tree_unflatten(flat, g.out_spec)
+
+    def eager(self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int]) -> Any:
+        """The same split path without graphs (CPU, or above the largest bucket)."""
+        n = int(ids.shape[0])
+        batch = BatchMeta(n, cu_seqlens, positions, n)
+        with running(RunContext(self.registry, batch, None)):
+            out = self.forward_fn(ids, positions)
+        flat, spec = tree_flatten(out)
+        return tree_unflatten([_slice_tokens(t, n, n) if isinstance(t, torch.Tensor) else t
+                               for t in flat], spec)
+
+    def check_params_unchanged(self) -> None:
+        """Debug: the graphs read parameters at their capture-time addresses."""
+        now = [p.data_ptr() for p in self.params()]
+        if now != self._param_ptrs:
+            moved = sum(a != b for a, b in zip(now, self._param_ptrs)) + abs(len(now) - len(self._param_ptrs))
+            raise RuntimeError(
+                f"pcg debug: {moved} parameter/buffer tensors moved since capture (the graphs would "
+                "read stale memory). Re-wrap the model, or call .capture(force=True) after changing weights.")
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.captured = False

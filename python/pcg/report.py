@@ -1,0 +1,71 @@
+"""wrapped.report(): what was captured and how calls ran, measured not estimated."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Report:
+    integration: str
+    attention_layers: int
+    moe_layers: int
+    moe_split_layers: dict  # layer id -> reason it runs outside the graphs
+    buckets: list  # captured bucket sizes, ascending
+    segments_per_bucket: dict  # bucket -> graphs in its chain
+    split_calls_per_bucket: dict  # bucket -> recorded split calls
+    graphs: int  # CUDA graphs in total
+    capture_seconds: float
+    graph_memory_bytes: int  # device memory the captures took (cudaMemGetInfo deltas)
+    replays: dict  # bucket -> replays
+    eager_fallbacks: dict  # reason -> calls
+    capture_failures: dict = field(default_factory=dict)  # bucket -> error
+    debug_max_rel_err: float = 0.0
+
+    @classmethod
+    def build(cls, wrapped) -> "Report":
+        eng = wrapped._engine
+        graphs = eng.graphs if eng is not None else {}
+        stats = eng.stats if eng is not None else None
+        return cls(
+            integration=wrapped.integration,
+            attention_layers=len(wrapped.registry.attention_layers),
+            moe_layers=len(wrapped.registry.moe_layers),
+            moe_split_layers={m.layer_id: m.split_reason for m in wrapped.registry.moe_layers if m.split},
+            buckets=sorted(graphs),
+            segments_per_bucket={n: int(g.chain.num_graphs()) for n, g in sorted(graphs.items())},
+            split_calls_per_bucket={n: int(g.chain.num_calls()) for n, g in sorted(graphs.items())},
+            graphs=sum(int(g.chain.num_graphs()) for g in graphs.values()),
+            capture_seconds=stats.capture_seconds if stats else 0.0,
+            graph_memory_bytes=stats.graph_memory_bytes if stats else 0,
+            replays=dict(sorted(stats.replays.items())) if stats else {},
+            eager_fallbacks=dict(stats.fallbacks) if stats else {},
+            capture_failures=dict(stats.failures) if stats else {},
+            debug_max_rel_err=stats.debug_max_rel_err if stats else 0.0,
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        segs = sorted(set(self.segments_per_bucket.values()))
+        lines = [
+            f"pcg report ({self.integration})",
+            f"  layers: {self.attention_layers} attention, {self.moe_layers} MoE"
+            + (f", {len(self.moe_split_layers)} MoE as split ops" if self.moe_split_layers else ""),
+            f"  buckets captured: {len(self.buckets)} "
+            + (f"({self.buckets[0]}..{self.buckets[-1]} tokens)" if self.buckets else ""),
+            f"  segments per bucket: {segs[0] if len(segs) == 1 else segs}" if segs else "  segments per bucket: -",
+            f"  CUDA graphs: {self.graphs}",
+            f"  capture time: {self.capture_seconds:.2f} s",
+            f"  graph memory: {self.graph_memory_bytes / 2**20:.1f} MiB",
+            f"  replays: {sum(self.replays.values())}"
+            + (f" (by bucket {self.replays})" if self.replays else ""),
+            f"  eager fallbacks: {self.eager_fallbacks or 'none'}",
+        ]
+        if self.moe_split_layers:
+            lines.append(f"  MoE split layers: {self.moe_split_layers}")
+        if self.capture_failures:
+            lines.append(f"  capture failures: {self.capture_failures}")
+        if self.debug_max_rel_err:
+            lines.append(f"  debug: max relative error replay vs eager {self.debug_max_rel_err:.3g}")
+        return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""pcg.wrap(model): the same model, with a piecewise-captured prefill."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import buckets as _buckets
+from .batch import pack
+from .capture import CaptureEngine
+from .registry import LayerRegistry
+from .report import Report
+
+
+@dataclass
+class Options:
+    """Settings of one wrapped model (see :func:`pcg.wrap`)."""
+
+    max_tokens: int = 2048
+    buckets: Optional[list[int]] = None
+    capture: bool = True  # False: always run the split path eagerly
+    debug: bool = False
+    debug_rtol: Optional[float] = None
+    progress: bool = True
+
+
+class WrappedModel(nn.Module):
+    """A model whose forward replays captured piecewise graphs.
+
+    Call it like the original (``input_ids`` [1, T] or [B, S], optional
+    ``attention_mask`` [B, S] and ``position_ids``); outputs come back in the
+    caller's shape, pad positions zero-filled. ``capture()`` captures every
+    bucket now (otherwise the first call does); ``report()`` says what was
+    captured and how calls ran.
+    """
+
+    def __init__(self, model: nn.Module, registry: LayerRegistry, forward_fn, options: Options,
+                 integration: str) -> None:
+        super().__init__()
+        self.model = model
+        self.registry = registry
+        self.options = options
+        self.integration = integration
+        self._forward_fn = forward_fn
+        self.ladder = _buckets.make_ladder(options.buckets, options.max_tokens)
+        self._engine: Optional[CaptureEngine] = None
+
+    # ---- helpers --------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _params(self) -> list[torch.Tensor]:
+        tensors = [p for p in self.model.parameters()] + [b for b in self.model.buffers()]
+        for layer in self.registry.moe_layers:
+            tensors += [t for t in (layer.w13, layer.w2, layer.b13, layer.b2, layer.expert_map)
+                        if t is not None]
+        return tensors
+
+    def engine(self) -> CaptureEngine:
+        if self._engine is None:
+            self._engine = CaptureEngine(self._forward_fn, self.registry, self.device, self.ladder,
+                                         self._params, progress=self.options.progress)
+        return self._engine
+
+    def _can_capture(self) -> Optional[str]:
+        """None when graphs may be used, else the reason they are not."""
+        if not self.options.capture:
+            return "capture_disabled"
+        if self.device.type != "cuda":
+            return "not_cuda"
+        return None
+
+    # ---- public ---------------------------------------------------------------
+    def capture(self, force: bool = False) -> "WrappedModel":
+        """Capture every bucket now (largest first), with a progress bar."""
+        reason = self._can_capture()
+        if reason is not None:
+            raise RuntimeError(f"pcg: cannot capture ({reason}); calls run the split path eagerly")
+        eng = self.engine()
+        if force:
+            eng.reset()
+        eng.capture()
+        return self
+
+    def report(self) -> Report:
+        return Report.build(self)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is not None:
+            raise NotImplementedError(
+                "pcg.wrap runs prefill without a KV cache: past_key_values is not supported. Register "
+                "your runtime's attention (registry.register_attention_impl) to use a cache.")
+        kwargs.pop("use_cache", None)
+        if kwargs:
+            raise TypeError(f"pcg: unsupported forward arguments {sorted(kwargs)}; the wrapped model "
+                            "takes input_ids, attention_mask and position_ids")
+        if inputs_embeds is not None:
+            raise NotImplementedError("pcg: inputs_embeds is not supported yet; pass input_ids")
+        packed = pack(input_ids, attention_mask, position_ids)
+        ids, pos = packed.input_ids.to(self.device), packed.positions.to(self.device)
+        eng = self.engine()
+        n = packed.num_tokens
+        reason = self._can_capture()
+        bucket = _buckets.pick(self.ladder, n)
+        if reason is None and bucket is None:
+            reason = "above_max_tokens"
+        if reason is None and n == 0:
+            reason = "empty_batch"
+        if reason is None:
+            eng.capture()
+            if bucket not in eng.graphs:
+                reason = "capture_failed"
+        if reason is not None:
+            eng.stats.fallback(reason)
+            out = eng.eager(ids, pos, packed.cu_seqlens)
+        else:
+            if self.options.debug:
+                eng.check_params_unchanged()
+            out = eng.replay(ids, pos, packed.cu_seqlens, bucket)
+            if self.options.debug:
+                self._debug_compare(out, eng.eager(ids, pos, packed.cu_seqlens))
+        return _unpack_outputs(out, packed, n)
+
+    def _debug_compare(self, replayed: Any, eager: Any) -> None:
+        from torch.utils._pytree import tree_flatten
+        a, _ = tree_flatten(replayed)
+        b, _ = tree_flatten(eager)
+        for x, y in zip(a, b):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+                err = ((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30)).item()
+                eng = self.engine()
+                eng.stats.debug_max_rel_err = max(eng.stats.debug_max_rel_err, err)
+                tol = self.options.debug_rtol or (1e-4 if x.dtype == torch.float32 else 3e-2)
+                if not err <= tol:
+                    raise RuntimeError(f"pcg debug: replay differs from eager (relative error {err:.3g} "
+                                       f"> {tol:g}) for an output of shape {tuple(x.shape)}")
+
+
+def _unpack_outputs(out: Any, packed, n: int) -> Any:
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+    flat, spec = tree_flatten(out)
+    res = []
+    for t in flat:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n:
+            res.append(packed.unpack(t))
+        else:
+            res.append(t)
+    return tree_unflatten(res, spec)
+
+
+def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable[int]] = None,
+         capture: bool = True, debug: bool = False, progress: bool = True,
+         ep: Any = None, ep_mode: str = "allreduce", placement: str = "contiguous") -> WrappedModel:
+    """Wrap a Hugging Face transformers MoE model, or a model built from
+    :mod:`pcg.nn` layers, for piecewise CUDA-graph prefill.
+
+    Args:
+        model: the model (on the device it will run on; eval mode).
+        max_tokens: largest captured bucket; batches above it run eagerly.
+        buckets: explicit bucket sizes (overrides the default ladder).
+        capture: False runs the same split path without graphs.
+        debug: check parameter addresses at every replay and compare each replay
+            with an eager run of the same batch (slow; for debugging).
+        progress: show a progress bar while capturing.
+        ep: a ``torch.distributed`` process group for expert parallelism.
+        ep_mode: ``"allreduce"`` or ``"alltoall"`` (with ``ep``).
+        placement: ``"contiguous"`` or ``"round_robin"`` expert placement (with ``ep``).
+    Returns:
+        a :class:`WrappedModel` with the model's call signature (prefill only).
+    """
+    options = Options(max_tokens=max_tokens, buckets=list(buckets) if buckets is not None else None,
+                      capture=capture, debug=debug, progress=progress)
+    from . import nn as pcg_nn
+    ep_cfg = None
+    if ep is not None:
+        from .distributed import EPConfig
+        ep_cfg = EPConfig(group=ep, mode=ep_mode, placement=placement)
+    if pcg_nn.uses_pcg_layers(model):
+        registry, forward_fn = pcg_nn.prepare(model, ep_cfg)
+        integration = "pcg.nn"
+    else:
+        from .integrations import hf
+        registry, forward_fn = hf.prepare(model, ep_cfg)
+        integration = "transformers"
+    return WrappedModel(model, registry, forward_fn, options, integration)
