@@ -1,0 +1,241 @@
+"""The capture engine and pcg.wrap on pcg.nn models: CPU (eager split path)
+and, marked gpu, capture and replay."""
+import copy
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+import pcg
+from pcg import buckets
+from pcg.batch import pack
+from pcg.models import MoETransformer, MoETransformerConfig
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def tiny(seed=0, device="cpu", dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    return MoETransformer(MoETransformerConfig(**kw), dtype=dtype, device=device).eval()
+
+
+# ---- buckets -------------------------------------------------------------------
+def test_default_ladder_covers_every_count_with_bounded_padding():
+    ladder = buckets.default_ladder(2048)
+    assert ladder[0] == 1 and ladder[-1] == 2048 and ladder == sorted(set(ladder))
+    for n in range(1, 2049):
+        b = buckets.pick(ladder, n)
+        assert b >= n and (b - n) <= max(1, b // 4)
+    assert buckets.pick(ladder, 2049) is None
+
+
+def test_explicit_ladder_and_bad_values():
+    assert buckets.make_ladder([64, 8, 8, 1]) == [1, 8, 64]
+    assert buckets.pick([1, 8, 64], 9) == 64
+    with pytest.raises(ValueError, match="buckets"):
+        buckets.make_ladder([0, 4])
+    with pytest.raises(ValueError, match="max_tokens"):
+        buckets.default_ladder(0)
+
+
+# ---- packing -------------------------------------------------------------------
+def test_pack_single_and_restarting_positions():
+    ids = torch.arange(10)[None]
+    p = pack(ids)
+    assert p.cu_seqlens == [0, 10] and p.token_index is None
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])
+    p = pack(ids, position_ids=pos)
+    assert p.cu_seqlens == [0, 3, 5, 10]
+    assert torch.equal(p.positions, pos[0])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pack_padded_batch_and_unpack_zeros(side):
+    ids = torch.arange(12).view(3, 4)
+    mask = torch.ones(3, 4, dtype=torch.long)
+    if side == "left":
+        mask[0, :2] = 0
+        mask[2, :3] = 0
+    else:
+        mask[0, 2:] = 0
+        mask[2, 1:] = 0
+    p = pack(ids, attention_mask=mask)
+    assert p.num_tokens == int(mask.sum())
+    assert p.cu_seqlens == [0, 2, 6, 7]
+    assert torch.equal(p.input_ids, ids[mask.bool()])
+    # default positions are arange(S) per row, as in transformers
+    assert torch.equal(p.positions, torch.arange(4).expand(3, 4)[mask.bool()])
+    back = p.unpack(p.input_ids.float()[:, None])
+    assert back.shape == (3, 4, 1)
+    assert torch.equal(back[..., 0][mask.bool()], ids[mask.bool()].float())
+    assert bool((back[..., 0][~mask.bool()] == 0).all())
+
+
+def test_pack_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="attention_mask"):
+        pack(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="position_ids"):
+        pack(torch.zeros(2, 3, dtype=torch.long), position_ids=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        pack(torch.zeros(2, 3, 4, dtype=torch.long))
+
+
+# ---- weak_ref_tensor -------------------------------------------------------------
+def test_weak_ref_aliases_without_owning():
+    base = torch.randn(7, 9)
+    t = base[1:, ::2]
+    w = pcg.weak_ref_tensor(t)
+    assert w.data_ptr() == t.data_ptr() and w.stride() == t.stride() and w.shape == t.shape
+    assert w.dtype == t.dtype and w.device == t.device
+    assert torch.equal(w, t)
+    t.add_(1)
+    assert torch.equal(w, t)  # same memory
+    ref = StorageWeakRef(base.untyped_storage())
+    del base, t
+    assert ref.expired()  # w did not keep the storage alive
+
+
+def test_weak_ref_empty_and_opcheck():
+    e = pcg.weak_ref_tensor(torch.empty(0, 3))
+    assert e.shape == (0, 3)
+    # The AOT tests compare outputs after the inputs they were computed from are
+    # freed, which a weak reference cannot survive by design; schema/fake/autograd
+    # registration are checked.
+    torch.library.opcheck(torch.ops.pcg.weak_ref_tensor.default, (torch.randn(3, 5),),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="sparse"):
+        pcg.weak_ref_tensor(torch.eye(3).to_sparse())
+
+
+# ---- registry ------------------------------------------------------------------------
+def test_layer_op_outside_wrapped_forward_is_a_clear_error():
+    q = torch.randn(3, 2, 4)
+    with pytest.raises(RuntimeError, match="outside a pcg-wrapped model"):
+        torch.ops.pcg.attention(q, q, q, 0)
+
+
+def test_wrap_assigns_ids_per_model():
+    m1, m2 = tiny(0), tiny(1, num_layers=3)
+    w1, w2 = pcg.wrap(m1), pcg.wrap(m2)
+    assert [a.layer_id for a in w1.registry.attention_layers] == [0, 1]
+    assert [a.layer_id for a in w2.registry.attention_layers] == [0, 1, 2]
+    assert len(w2.registry.moe_layers) == 3
+    ids = torch.randint(0, 256, (1, 9))
+    r1, r2 = m1(ids), m2(ids)  # the originals still run (one sequence)
+    assert rel(w1(ids), r1) < 1e-5 and rel(w2(ids), r2) < 1e-5
+
+
+# ---- CPU: the eager split path ---------------------------------------------------------
+@pytest.mark.parametrize("t", [1, 5, 33])
+def test_wrapped_matches_unwrapped_cpu(t):
+    model = tiny(3)
+    ref_model = copy.deepcopy(model)
+    w = pcg.wrap(model)
+    ids = torch.randint(0, 256, (1, t))
+    assert rel(w(ids), ref_model(ids)) < 1e-4
+    rep = w.report()
+    assert rep.eager_fallbacks == {"not_cuda": 1} and rep.graphs == 0
+
+
+def test_packed_sequences_and_padded_batch_cpu():
+    model = tiny(4)
+    ref = copy.deepcopy(model)
+    w = pcg.wrap(model)
+    seqs = [torch.randint(0, 256, (n,)) for n in (5, 1, 9)]
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    out = w(ids, position_ids=pos)
+    expect = torch.cat([ref(s[None])[0] for s in seqs])[None]
+    assert rel(out, expect) < 1e-4
+    # [B, S] right-padded
+    batch = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    out = w(batch, attention_mask=mask)
+    assert out.shape == (3, 9, 256)
+    for i, s in enumerate(seqs):
+        assert rel(out[i, : len(s)], ref(s[None])[0]) < 1e-4
+        assert bool((out[i, len(s):] == 0).all())
+
+
+def test_wrapped_rejects_unsupported_arguments():
+    w = pcg.wrap(tiny())
+    with pytest.raises(NotImplementedError, match="past_key_values"):
+        w(torch.zeros(1, 3, dtype=torch.long), past_key_values=object())
+    with pytest.raises(TypeError, match="unsupported"):
+        w(torch.zeros(1, 3, dtype=torch.long), output_attentions=True)
+    with pytest.raises(RuntimeError, match="cannot capture"):
+        w.capture()
+
+
+# ---- GPU: capture and replay ------------------------------------------------------------
+@pytest.mark.gpu
+def test_capture_counts_and_replay_matches_eager():
+    torch.manual_seed(0)
+    layers = 3
+    model = tiny(5, device="cuda", dtype=torch.bfloat16, num_layers=layers, hidden_size=128,
+                 intermediate_size=64, num_experts=16, top_k=4)
+    ref = copy.deepcopy(model)
+    w = pcg.wrap(model, buckets=[4, 16, 64], progress=False).capture()
+    rep = w.report()
+    assert rep.buckets == [4, 16, 64]
+    # one split (attention) per layer: layers + 1 graphs per bucket
+    assert rep.segments_per_bucket == {4: layers + 1, 16: layers + 1, 64: layers + 1}
+    assert rep.split_calls_per_bucket == {4: layers, 16: layers, 64: layers}
+    assert rep.graphs == 3 * (layers + 1)
+    assert rep.capture_failures == {} and rep.graph_memory_bytes > 0 and rep.capture_seconds > 0
+    for n in (1, 3, 4, 16, 50, 64, 3, 17):
+        ids = torch.randint(0, 256, (1, n), device="cuda")
+        assert rel(w(ids), ref(ids)) < 2e-2
+    rep = w.report()
+    assert rep.replays == {4: 4, 16: 1, 64: 3}
+    ids = torch.randint(0, 256, (1, 65), device="cuda")
+    assert rel(w(ids), ref(ids)) < 2e-2
+    assert w.report().eager_fallbacks == {"above_max_tokens": 1}
+
+
+@pytest.mark.gpu
+def test_replay_packed_and_padded_gpu_and_debug_mode():
+    model = tiny(6, device="cuda", dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    w = pcg.wrap(model, buckets=[8, 32], debug=True, progress=False)
+    seqs = [torch.randint(0, 256, (n,), device="cuda") for n in (5, 1, 9)]
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s), device="cuda") for s in seqs])[None]
+    out = w(ids, position_ids=pos)
+    expect = torch.cat([ref(s[None])[0] for s in seqs])[None]
+    assert rel(out, expect) < 1e-4
+    assert w.report().debug_max_rel_err < 1e-4
+    # moving a weight after capture is caught in debug mode
+    model.blocks[0].o.weight.data = model.blocks[0].o.weight.data.clone()
+    with pytest.raises(RuntimeError, match="moved since capture"):
+        w(ids)
+
+
+@pytest.mark.gpu
+def test_two_wrapped_models_capture_independently():
+    m1 = tiny(7, device="cuda", dtype=torch.bfloat16)
+    m2 = tiny(8, device="cuda", dtype=torch.bfloat16, num_layers=3)
+    r1, r2 = copy.deepcopy(m1), copy.deepcopy(m2)
+    w1 = pcg.wrap(m1, buckets=[16], progress=False)
+    w2 = pcg.wrap(m2, buckets=[16], progress=False)
+    for _ in range(3):
+        ids = torch.randint(0, 256, (1, 11), device="cuda")
+        a, b = w1(ids), w2(ids)
+        assert rel(a, r1(ids)) < 2e-2 and rel(b, r2(ids)) < 2e-2
+    assert w1.report().graphs == 3 and w2.report().graphs == 4
+
+
+@pytest.mark.gpu
+def test_segment_chain_misuse_is_an_error():
+    chain = torch.classes.pcg.SegmentChain()
+    with pytest.raises(RuntimeError, match="capture_end without"):
+        chain.capture_end()
+    with pytest.raises(RuntimeError, match="nothing captured"):
+        chain.replay()
+    with pytest.raises(RuntimeError, match="must follow"):
+        chain.record_call("pcg::attention_out", [])
