@@ -8,6 +8,9 @@ real and the pad rows of ``out`` are written as zeros.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +45,34 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLay
     return o[0].transpose(0, 1)
 
 
+@functools.cache
+def _varlen_attn():
+    """torch's flash varlen kernel, when this torch has the form pcg needs."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn if {"window_size", "enable_gqa", "scale"} <= set(params) else None
+
+
+def _varlen_ok(q: torch.Tensor, v: torch.Tensor, layer: AttentionLayer) -> bool:
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == v.shape[-1]
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and not layer.needs_fallback()
+            and _varlen_attn() is not None)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            layer: AttentionLayer, batch: BatchMeta) -> None:
+    """All sequences of the batch in one flash varlen launch."""
+    n = batch.num_tokens
+    cu = batch.cu_seqlens_tensor(q.device)
+    left = -1 if layer.sliding_window is None else layer.sliding_window - 1
+    out[:n] = _varlen_attn()(q[:n], k[:n], v[:n], cu, cu, batch.max_seqlen, batch.max_seqlen,
+                             scale=layer.scaling, window_size=(left, 0),
+                             enable_gqa=k.shape[1] != q.shape[1])
+
+
 def _model_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     layer: AttentionLayer) -> torch.Tensor:
     """One sequence through the model's own attention function, with an
@@ -61,6 +92,8 @@ def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     cu = [0, n] if batch is None else batch.cu_seqlens
     if layer.impl is not None:
         layer.impl(q[:n], k[:n], v[:n], out[:n], batch, layer)
+    elif batch is not None and n > 0 and _varlen_ok(q, v, layer):
+        _varlen(q, k, v, out, layer, batch)
     else:
         if layer.needs_fallback() and layer.fallback is None:
             raise RuntimeError(f"pcg: attention layer {layer.layer_id} ({layer.name}) uses sinks or "
