@@ -1,0 +1,258 @@
+// pcg::fused_moe / pcg::moe_align: shared argument validation, the CPU
+// kernels (exact: fp32 ATen matmuls per local expert) and their registration.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "common/check.h"
+#include "moe/fused_moe.h"
+#include "moe/fused_moe_args.h"
+#include "moe/moe_align.h"
+
+namespace pcg {
+
+namespace {
+constexpr const char* kOp = "fused_moe";
+constexpr const char* kAlign = "moe_align";
+
+bool is_float_dtype(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+}  // namespace
+
+moe::Activation parse_activation(c10::string_view activation) {
+  if (activation == "silu") return moe::Activation::kSilu;
+  if (activation == "gelu") return moe::Activation::kGelu;
+  if (activation == "swigluoai") return moe::Activation::kSwigluOai;
+  PCG_CHECK_ARG(kOp, "activation", false, "must be one of \"silu\", \"gelu\", \"swigluoai\", got \"",
+                std::string(activation), "\"");
+  return moe::Activation::kSilu;
+}
+
+FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w13,
+                                   const at::Tensor& w2, const at::Tensor& topk_weights,
+                                   const at::Tensor& topk_ids,
+                                   const std::optional<at::Tensor>& expert_map,
+                                   const std::optional<at::Tensor>& num_valid,
+                                   const std::optional<at::Tensor>& b13,
+                                   const std::optional<at::Tensor>& b2,
+                                   c10::string_view activation) {
+  FusedMoeShape s;
+  // Device.
+  const c10::Device dev = hidden.device();
+  check_device(kOp, "w13", w13, dev);
+  check_device(kOp, "w2", w2, dev);
+  check_device(kOp, "topk_weights", topk_weights, dev);
+  check_device(kOp, "topk_ids", topk_ids, dev);
+  if (expert_map) check_device(kOp, "expert_map", *expert_map, dev);
+  if (num_valid) check_device(kOp, "num_valid", *num_valid, dev);
+  if (b13) check_device(kOp, "b13", *b13, dev);
+  if (b2) check_device(kOp, "b2", *b2, dev);
+  // Dtype.
+  const auto dt = hidden.scalar_type();
+  PCG_CHECK_ARG(kOp, "hidden", is_float_dtype(dt),
+                "must have dtype float32, float16 or bfloat16, got ", dtype_name(dt));
+  check_dtype(kOp, "w13", w13, dt);
+  check_dtype(kOp, "w2", w2, dt);
+  if (b13) check_dtype(kOp, "b13", *b13, dt);
+  if (b2) check_dtype(kOp, "b2", *b2, dt);
+  check_dtype(kOp, "topk_weights", topk_weights, at::kFloat);
+  check_dtype(kOp, "topk_ids", topk_ids, at::kInt);
+  if (expert_map) check_dtype(kOp, "expert_map", *expert_map, at::kInt);
+  if (num_valid) check_dtype(kOp, "num_valid", *num_valid, at::kInt);
+  // Shape.
+  check_dim(kOp, "hidden", hidden, 2);
+  check_dim(kOp, "w13", w13, 3);
+  check_dim(kOp, "w2", w2, 3);
+  check_dim(kOp, "topk_weights", topk_weights, 2);
+  check_dim(kOp, "topk_ids", topk_ids, 2);
+  s.T = hidden.size(0);
+  s.H = hidden.size(1);
+  s.E = w13.size(0);
+  PCG_CHECK_ARG(kOp, "w13", w13.size(1) > 0 && w13.size(1) % 2 == 0,
+                "dim 1 must be 2*I (gate rows then up rows) with I >= 1, got shape ", w13.sizes());
+  s.I = w13.size(1) / 2;
+  check_size(kOp, "w13", w13, 2, s.H, "H = hidden.size(1)");
+  check_size(kOp, "w2", w2, 0, s.E, "E_local = w13.size(0)");
+  check_size(kOp, "w2", w2, 1, s.H, "H = hidden.size(1)");
+  check_size(kOp, "w2", w2, 2, s.I, "I = w13.size(1) / 2");
+  check_size(kOp, "topk_ids", topk_ids, 0, s.T, "T = hidden.size(0)");
+  s.k = topk_ids.size(1);
+  check_size(kOp, "topk_weights", topk_weights, 0, s.T, "T = hidden.size(0)");
+  check_size(kOp, "topk_weights", topk_weights, 1, s.k, "top_k = topk_ids.size(1)");
+  if (expert_map) {
+    check_dim(kOp, "expert_map", *expert_map, 1);
+    s.num_global = expert_map->size(0);
+  } else {
+    s.num_global = s.E;
+  }
+  if (num_valid) {
+    PCG_CHECK_ARG(kOp, "num_valid", num_valid->numel() == 1,
+                  "must hold exactly one element, got shape ", num_valid->sizes());
+  }
+  if (b13) {
+    check_dim(kOp, "b13", *b13, 2);
+    check_size(kOp, "b13", *b13, 0, s.E, "E_local = w13.size(0)");
+    check_size(kOp, "b13", *b13, 1, 2 * s.I, "2*I = w13.size(1)");
+  }
+  if (b2) {
+    check_dim(kOp, "b2", *b2, 2);
+    check_size(kOp, "b2", *b2, 0, s.E, "E_local = w13.size(0)");
+    check_size(kOp, "b2", *b2, 1, s.H, "H = hidden.size(1)");
+  }
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  PCG_CHECK_ARG(kOp, "topk_ids", s.T * s.k < kMax, "T*top_k must be < 2^31, got shape ",
+                topk_ids.sizes());
+  PCG_CHECK_ARG(kOp, "w13", s.E < kMax, "E_local must be < 2^31, got shape ", w13.sizes());
+  s.act = parse_activation(activation);
+  return s;
+}
+
+int64_t check_moe_align_args(const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,
+                             const std::optional<at::Tensor>& num_valid, int64_t num_local_experts,
+                             int64_t block_m, const at::Tensor& sorted_pairs,
+                             const at::Tensor& block_expert, const at::Tensor& num_blocks) {
+  const c10::Device dev = topk_ids.device();
+  if (expert_map) check_device(kAlign, "expert_map", *expert_map, dev);
+  if (num_valid) check_device(kAlign, "num_valid", *num_valid, dev);
+  check_device(kAlign, "sorted_pairs", sorted_pairs, dev);
+  check_device(kAlign, "block_expert", block_expert, dev);
+  check_device(kAlign, "num_blocks", num_blocks, dev);
+  check_dtype(kAlign, "topk_ids", topk_ids, at::kInt);
+  if (expert_map) check_dtype(kAlign, "expert_map", *expert_map, at::kInt);
+  if (num_valid) check_dtype(kAlign, "num_valid", *num_valid, at::kInt);
+  check_dtype(kAlign, "sorted_pairs", sorted_pairs, at::kInt);
+  check_dtype(kAlign, "block_expert", block_expert, at::kInt);
+  check_dtype(kAlign, "num_blocks", num_blocks, at::kInt);
+  check_dim(kAlign, "topk_ids", topk_ids, 2);
+  if (expert_map) check_dim(kAlign, "expert_map", *expert_map, 1);
+  if (num_valid) {
+    PCG_CHECK_ARG(kAlign, "num_valid", num_valid->numel() == 1,
+                  "must hold exactly one element, got shape ", num_valid->sizes());
+  }
+  PCG_CHECK_ARG(kAlign, "num_local_experts", num_local_experts >= 0 &&
+                    num_local_experts < std::numeric_limits<int32_t>::max(),
+                "must be in [0, 2^31), got ", num_local_experts);
+  PCG_CHECK_ARG(kAlign, "block_m", block_m >= 1 && block_m <= 4096, "must be in [1, 4096], got ",
+                block_m);
+  check_dim(kAlign, "sorted_pairs", sorted_pairs, 1);
+  check_dim(kAlign, "block_expert", block_expert, 1);
+  PCG_CHECK_ARG(kAlign, "sorted_pairs", sorted_pairs.is_contiguous(), "must be contiguous");
+  PCG_CHECK_ARG(kAlign, "block_expert", block_expert.is_contiguous(), "must be contiguous");
+  PCG_CHECK_ARG(kAlign, "num_blocks", num_blocks.numel() >= 1 && num_blocks.is_contiguous(),
+                "must be contiguous and hold at least one element, got shape ",
+                num_blocks.sizes());
+  const int64_t pairs = topk_ids.numel();
+  PCG_CHECK_ARG(kAlign, "topk_ids", pairs < std::numeric_limits<int32_t>::max(),
+                "must hold fewer than 2^31 pairs, got shape ", topk_ids.sizes());
+  const int64_t need = moe::moe_align_max_blocks(pairs, num_local_experts, block_m);
+  PCG_CHECK_ARG(kAlign, "block_expert", block_expert.size(0) >= need,
+                "must hold at least ", need,
+                " blocks ((T*k + min(E, T*k)*(block_m-1)) / block_m), got shape ",
+                block_expert.sizes());
+  PCG_CHECK_ARG(kAlign, "sorted_pairs", sorted_pairs.size(0) >= block_expert.size(0) * block_m,
+                "must hold at least block_expert.size(0) * block_m = ",
+                block_expert.size(0) * block_m, " slots, got shape ", sorted_pairs.sizes());
+  return expert_map ? expert_map->size(0) : num_local_experts;
+}
+
+namespace {
+
+int64_t host_num_valid(const std::optional<at::Tensor>& num_valid, int64_t T) {
+  if (!num_valid) return T;
+  const int64_t nv = num_valid->reshape({-1})[0].item<int32_t>();
+  return nv < 0 ? 0 : (nv > T ? T : nv);
+}
+
+at::Tensor activation_cpu(const at::Tensor& gate, const at::Tensor& up, moe::Activation act,
+                          double alpha, double limit) {
+  switch (act) {
+    case moe::Activation::kSilu: return at::silu(gate) * up;
+    case moe::Activation::kGelu: return at::gelu(gate) * up;
+    case moe::Activation::kSwigluOai: {
+      const at::Tensor g = gate.clamp_max(limit);
+      const at::Tensor u = up.clamp(-limit, limit);
+      return (u + 1.0) * g * at::sigmoid(g * alpha);
+    }
+  }
+  return gate;
+}
+
+at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                         const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                         const std::optional<at::Tensor>& expert_map,
+                         const std::optional<at::Tensor>& num_valid,
+                         const std::optional<at::Tensor>& b13, const std::optional<at::Tensor>& b2,
+                         c10::string_view activation, double alpha, double limit) {
+  const FusedMoeShape s = check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids,
+                                               expert_map, num_valid, b13, b2, activation);
+  const auto dt = hidden.scalar_type();
+  at::Tensor out = at::zeros({s.T, s.H}, hidden.options().dtype(at::kFloat));
+  const int64_t nv = host_num_valid(num_valid, s.T);
+  if (nv == 0 || s.k == 0 || s.E == 0 || s.H == 0) return out.to(dt);
+
+  // Group the valid pairs of rows < nv by local expert (ascending pair order).
+  const at::Tensor ids = topk_ids.contiguous();
+  const at::Tensor wts = topk_weights.contiguous();
+  at::Tensor map;
+  if (expert_map) map = expert_map->contiguous();
+  const int32_t* id_p = ids.data_ptr<int32_t>();
+  const float* w_p = wts.data_ptr<float>();
+  const int32_t* map_p = expert_map ? map.data_ptr<int32_t>() : nullptr;
+  std::vector<std::vector<int64_t>> tok(s.E);
+  std::vector<std::vector<float>> wt(s.E);
+  for (int64_t p = 0; p < nv * s.k; ++p) {
+    const int e = moe::local_expert(id_p[p], map_p, s.num_global, s.E);
+    if (e < 0) continue;
+    tok[e].push_back(p / s.k);
+    wt[e].push_back(w_p[p]);
+  }
+
+  const at::Tensor x = hidden.narrow(0, 0, nv).to(at::kFloat);
+  for (int64_t e = 0; e < s.E; ++e) {
+    if (tok[e].empty()) continue;
+    const int64_t n = static_cast<int64_t>(tok[e].size());
+    const at::Tensor idx = at::from_blob(tok[e].data(), {n}, at::kLong).clone();
+    const at::Tensor we = at::from_blob(wt[e].data(), {n, 1}, at::kFloat).clone();
+    const at::Tensor xe = x.index_select(0, idx);
+    at::Tensor gu = at::mm(xe, w13[e].to(at::kFloat).t());
+    if (b13) gu = gu + (*b13)[e].to(at::kFloat);
+    at::Tensor h = activation_cpu(gu.narrow(1, 0, s.I), gu.narrow(1, s.I, s.I), s.act, alpha, limit);
+    h = h.to(dt).to(at::kFloat);  // the intermediate is rounded to the hidden dtype
+    at::Tensor y = at::mm(h, w2[e].to(at::kFloat).t());
+    if (b2) y = y + (*b2)[e].to(at::kFloat);
+    out.index_add_(0, idx, y * we);
+  }
+  return out.to(dt);
+}
+
+void moe_align_cpu(const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,
+                   const std::optional<at::Tensor>& num_valid, int64_t num_local_experts,
+                   int64_t block_m, const at::Tensor& sorted_pairs, const at::Tensor& block_expert,
+                   const at::Tensor& num_blocks) {
+  const int64_t num_global = check_moe_align_args(topk_ids, expert_map, num_valid,
+                                                  num_local_experts, block_m, sorted_pairs,
+                                                  block_expert, num_blocks);
+  const at::Tensor ids = topk_ids.contiguous();
+  at::Tensor map;
+  if (expert_map) map = expert_map->contiguous();
+  const int64_t T = topk_ids.size(0);
+  int32_t nb = 0;
+  moe::moe_align_host(ids.data_ptr<int32_t>(), T, topk_ids.size(1),
+                      expert_map ? map.data_ptr<int32_t>() : nullptr, num_global,
+                      host_num_valid(num_valid, T), num_local_experts, block_m,
+                      sorted_pairs.data_ptr<int32_t>(), block_expert.data_ptr<int32_t>(),
+                      block_expert.size(0), &nb);
+  num_blocks.data_ptr<int32_t>()[0] = nb;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pcg, CPU, m) {
+  m.impl("fused_moe", &fused_moe_cpu);
+  m.impl("moe_align", &moe_align_cpu);
+}
+
+}  // namespace pcg

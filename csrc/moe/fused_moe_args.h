@@ -1,0 +1,38 @@
+// Argument validation of pcg::fused_moe and pcg::moe_align, shared by the CPU
+// and CUDA launchers (defined in fused_moe.cpp). Order: device, dtype, shape.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "moe/fused_moe.h"
+
+namespace pcg {
+
+struct FusedMoeShape {
+  int64_t T = 0, H = 0, I = 0, E = 0, k = 0;
+  int64_t num_global = 0;  // expert_map size, or E without a map
+  moe::Activation act = moe::Activation::kSilu;
+};
+
+// Parses the activation name; errors name the argument 'activation'.
+moe::Activation parse_activation(c10::string_view activation);
+
+FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w13,
+                                   const at::Tensor& w2, const at::Tensor& topk_weights,
+                                   const at::Tensor& topk_ids,
+                                   const std::optional<at::Tensor>& expert_map,
+                                   const std::optional<at::Tensor>& num_valid,
+                                   const std::optional<at::Tensor>& b13,
+                                   const std::optional<at::Tensor>& b2,
+                                   c10::string_view activation);
+
+// Validates moe_align's arguments; returns the number of global ids (map size
+// or num_local_experts).
+int64_t check_moe_align_args(const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,
+                             const std::optional<at::Tensor>& num_valid, int64_t num_local_experts,
+                             int64_t block_m, const at::Tensor& sorted_pairs,
+                             const at::Tensor& block_expert, const at::Tensor& num_blocks);
+
+}  // namespace pcg

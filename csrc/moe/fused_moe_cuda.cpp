@@ -1,0 +1,126 @@
+// CUDA launchers of pcg::fused_moe and pcg::moe_align: validate, make the
+// inputs contiguous, allocate fixed worst-case workspaces (sizes depend only
+// on the shapes, so capture and replay agree), launch on the current stream.
+// No host synchronisation: num_valid and the routing are read on the device.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/check.h"
+#include "moe/fused_moe.h"
+#include "moe/fused_moe_args.h"
+#include "moe/moe_align.h"
+
+namespace pcg {
+namespace {
+
+moe::DType to_moe_dtype(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return moe::DType::kFloat32;
+    case at::kHalf: return moe::DType::kFloat16;
+    default: return moe::DType::kBFloat16;
+  }
+}
+
+const void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                          const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                          const std::optional<at::Tensor>& expert_map,
+                          const std::optional<at::Tensor>& num_valid,
+                          const std::optional<at::Tensor>& b13,
+                          const std::optional<at::Tensor>& b2, c10::string_view activation,
+                          double alpha, double limit) {
+  const FusedMoeShape s = check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids,
+                                               expert_map, num_valid, b13, b2, activation);
+  PCG_CHECK_ARG("fused_moe", "w13", s.E <= moe::kMoeAlignMaxExperts,
+                "the CUDA kernel supports at most ", moe::kMoeAlignMaxExperts,
+                " local experts, got shape ", w13.sizes());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  at::Tensor out = at::empty({s.T, s.H}, hidden.options());
+  if (s.T == 0 || s.H == 0) return out;
+
+  // Contiguous views (no copy when already contiguous).
+  const at::Tensor x = hidden.contiguous();
+  const at::Tensor w13c = w13.contiguous();
+  const at::Tensor w2c = w2.contiguous();
+  const at::Tensor wts = topk_weights.contiguous();
+  const at::Tensor ids = topk_ids.contiguous();
+  const at::Tensor map = expert_map ? expert_map->contiguous() : at::Tensor();
+  const at::Tensor b13c = b13 ? b13->contiguous() : at::Tensor();
+  const at::Tensor b2c = b2 ? b2->contiguous() : at::Tensor();
+
+  moe::FusedMoeParams p;
+  p.dtype = to_moe_dtype(hidden.scalar_type());
+  p.hidden = x.data_ptr();
+  p.w13 = w13c.data_ptr();
+  p.w2 = w2c.data_ptr();
+  p.b13 = opt_ptr(b13c);
+  p.b2 = opt_ptr(b2c);
+  p.topk_weights = wts.data_ptr<float>();
+  p.topk_ids = ids.data_ptr<int32_t>();
+  p.expert_map = map.defined() ? map.data_ptr<int32_t>() : nullptr;
+  p.num_global = s.num_global;
+  p.num_valid = num_valid ? num_valid->data_ptr<int32_t>() : nullptr;
+  p.T = s.T;
+  p.H = s.H;
+  p.I = s.I;
+  p.E = s.E;
+  p.k = s.k;
+  p.act = s.act;
+  p.alpha = static_cast<float>(alpha);
+  p.limit = static_cast<float>(limit);
+  p.block_m = moe::choose_block_m(s.T, s.k, s.E);
+  p.max_blocks = moe::moe_align_max_blocks(s.T * s.k, s.E, p.block_m);
+
+  const auto i32 = hidden.options().dtype(at::kInt);
+  const int64_t slots = p.max_blocks * p.block_m;
+  at::Tensor sorted_pairs = at::empty({slots}, i32);
+  at::Tensor block_expert = at::empty({p.max_blocks}, i32);
+  at::Tensor num_blocks = at::empty({1}, i32);
+  at::Tensor inter = at::empty({slots, s.I}, hidden.options());
+  at::Tensor pair_out = at::empty({p.max_blocks > 0 ? s.T * s.k : 0, s.H},
+                                  hidden.options().dtype(at::kFloat));
+  p.sorted_pairs = sorted_pairs.data_ptr<int32_t>();
+  p.block_expert = block_expert.data_ptr<int32_t>();
+  p.num_blocks = num_blocks.data_ptr<int32_t>();
+  p.inter = inter.data_ptr();
+  p.pair_out = pair_out.data_ptr<float>();
+  p.out = out.data_ptr();
+
+  C10_CUDA_CHECK(moe::launch_fused_moe(p, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+void moe_align_cuda(const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,
+                    const std::optional<at::Tensor>& num_valid, int64_t num_local_experts,
+                    int64_t block_m, const at::Tensor& sorted_pairs,
+                    const at::Tensor& block_expert, const at::Tensor& num_blocks) {
+  const int64_t num_global = check_moe_align_args(topk_ids, expert_map, num_valid,
+                                                  num_local_experts, block_m, sorted_pairs,
+                                                  block_expert, num_blocks);
+  PCG_CHECK_ARG("moe_align", "num_local_experts", num_local_experts <= moe::kMoeAlignMaxExperts,
+                "must be at most ", moe::kMoeAlignMaxExperts, " on CUDA, got ",
+                num_local_experts);
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  const at::Tensor ids = topk_ids.contiguous();
+  const at::Tensor map = expert_map ? expert_map->contiguous() : at::Tensor();
+  C10_CUDA_CHECK(moe::launch_moe_align(
+      ids.data_ptr<int32_t>(), topk_ids.size(0), static_cast<int>(topk_ids.size(1)),
+      map.defined() ? map.data_ptr<int32_t>() : nullptr, num_global,
+      num_valid ? num_valid->data_ptr<int32_t>() : nullptr, static_cast<int>(num_local_experts),
+      static_cast<int>(block_m), sorted_pairs.data_ptr<int32_t>(),
+      block_expert.data_ptr<int32_t>(), block_expert.size(0), num_blocks.data_ptr<int32_t>(),
+      at::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pcg, CUDA, m) {
+  m.impl("fused_moe", &fused_moe_cuda);
+  m.impl("moe_align", &moe_align_cuda);
+}
+
+}  // namespace pcg

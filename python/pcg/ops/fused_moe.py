@@ -1,0 +1,94 @@
+"""pcg::fused_moe (the expert MLPs of an MoE layer) and its helper pcg::moe_align."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_ACTIVATIONS = ("silu", "gelu", "swigluoai")
+
+
+def _check(cond: bool, arg: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"pcg::fused_moe: argument '{arg}' {msg}")
+
+
+@torch.library.register_fake("pcg::fused_moe")
+def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, num_valid=None,
+                    b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0):
+    _check(hidden.dim() == 2, "hidden", f"must be 2-D [T, H], got shape {tuple(hidden.shape)}")
+    _check(w13.dim() == 3, "w13", f"must be 3-D [E, 2I, H], got shape {tuple(w13.shape)}")
+    _check(w2.dim() == 3, "w2", f"must be 3-D [E, H, I], got shape {tuple(w2.shape)}")
+    _check(topk_ids.dim() == 2, "topk_ids", f"must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
+    _check(topk_weights.dim() == 2, "topk_weights",
+           f"must be 2-D [T, k], got shape {tuple(topk_weights.shape)}")
+    T, H = hidden.shape
+    torch._check(w13.shape[2] == H, lambda: "pcg::fused_moe: argument 'w13' dim 2 must be H")
+    torch._check(w2.shape[1] == H, lambda: "pcg::fused_moe: argument 'w2' dim 1 must be H")
+    torch._check(w2.shape[0] == w13.shape[0],
+                 lambda: "pcg::fused_moe: argument 'w2' dim 0 must be E_local = w13.size(0)")
+    torch._check(2 * w2.shape[2] == w13.shape[1],
+                 lambda: "pcg::fused_moe: argument 'w2' dim 2 must be I = w13.size(1) / 2")
+    torch._check(topk_ids.shape[0] == T,
+                 lambda: "pcg::fused_moe: argument 'topk_ids' dim 0 must be T")
+    torch._check(topk_weights.shape[0] == T and topk_weights.shape[1] == topk_ids.shape[1],
+                 lambda: "pcg::fused_moe: argument 'topk_weights' must have topk_ids' shape")
+    _check(activation in _ACTIVATIONS, "activation",
+           f"must be one of {_ACTIVATIONS}, got {activation!r}")
+    return hidden.new_empty((T, H))
+
+
+@torch.library.register_fake("pcg::moe_align")
+def _moe_align_fake(topk_ids, expert_map, num_valid, num_local_experts, block_m, sorted_pairs,
+                    block_expert, num_blocks):
+    return None
+
+
+def moe_align_max_blocks(num_pairs: int, num_local_experts: int, block_m: int) -> int:
+    """Worst-case number of blocks moe_align can use: (P + min(E, P)*(block_m-1)) // block_m."""
+    if num_pairs <= 0 or num_local_experts <= 0:
+        return 0
+    return (num_pairs + min(num_local_experts, num_pairs) * (block_m - 1)) // block_m
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              expert_map: Optional[torch.Tensor] = None, num_valid: Optional[torch.Tensor] = None,
+              b13: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
+              activation: str = "silu", alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """Fused expert MLPs of an MoE layer over routed (token, k) pairs.
+
+    ``out[t] = sum_j topk_weights[t, j] * (w2[e] @ act(w13[e] @ hidden[t] + b13[e]) + b2[e])``
+    with ``e = expert_map[topk_ids[t, j]]`` (``topk_ids[t, j]`` without a map).
+
+    Args:
+        hidden: [T, H] float32, float16 or bfloat16 (CPU: all three, computed in fp32).
+        w13: [E_local, 2I, H], hidden's dtype: gate rows 0..I-1, then up rows I..2I-1.
+        w2: [E_local, H, I], hidden's dtype.
+        topk_weights: [T, k] float32 router weights.
+        topk_ids: [T, k] int32 global expert ids.
+        expert_map: optional [E_global] int32, global id -> local expert index or -1 (expert
+            on another rank). Without it, ids are local and E_global = E_local.
+        num_valid: optional int32 tensor of one element on hidden's device: rows
+            t >= num_valid are exact zeros and touch no expert (clamped to [0, T]).
+        b13: optional [E_local, 2I] bias of w13; b2: optional [E_local, H] bias of w2.
+        activation: "silu" (silu(gate) * up), "gelu" (exact erf gelu(gate) * up) or
+            "swigluoai" (gpt-oss: gate = min(gate, limit), up = clamp(up, -limit, limit),
+            (up + 1) * gate * sigmoid(alpha * gate)).
+        alpha, limit: parameters of "swigluoai".
+
+    Pairs whose id is outside [0, E_global), or maps to -1 / outside [0, E_local),
+    contribute nothing. Products accumulate in fp32; the intermediate
+    act(...) is rounded to hidden's dtype before the second product (as an
+    unfused implementation would); the k contributions of a token are summed in
+    fp32 in a fixed order (deterministic). Inputs may be non-contiguous.
+    The CUDA kernel does no host synchronisation and captures in CUDA graphs.
+
+    Returns:
+        [T, H] contiguous tensor in hidden's dtype.
+    """
+    return torch.ops.pcg.fused_moe(hidden, w13, w2, topk_weights, topk_ids, expert_map,
+                                   num_valid, b13, b2, activation, alpha, limit)
+
+
+__all__ = ["fused_moe", "moe_align_max_blocks"]
