@@ -1,0 +1,238 @@
+"""End-to-end prefill of the built-in default model, side by side:
+
+  eager            the unwrapped Hugging Face model
+  compile          torch.compile(model, dynamic=True)
+  compile-ro       torch.compile(model, mode="reduce-overhead", dynamic=True)
+  whole-graph      one CUDA graph of the whole forward per T, with the same
+                   kernels pcg runs (pcg's MoE, SDPA attention, one sequence):
+                   the floor for what piecewise capture may cost
+  pcg              pcg.wrap(model): piecewise graphs, attention between replays
+
+The default model is Qwen3-30B-A3B-shaped (128 experts, top-8, H=2048, I=768,
+32/4 heads) with --layers layers and random weights. Prints a table (ms and
+ratios), writes JSON and a plot to --out. Also times the MoE op alone (all
+layers, graph replay) to show its share of pcg's time.
+
+On a CPU it runs a small model and checks that pcg matches the unwrapped model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+import pcg
+from pcg.models import qwen3_moe_model
+from pcg.registry import RunContext, running
+
+DEFAULT_T = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def time_ms(fn, warmup: int = 2, reps: int = 10) -> float:
+    """Median of CUDA-event timings of fn() (each call synchronised)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e))
+    out.sort()
+    return out[len(out) // 2]
+
+
+def whole_graph_ms(wrapped, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """One CUDA graph of the whole forward (pcg's kernels, SDPA attention)."""
+    eng = wrapped.engine()
+    t = ids.shape[1]
+    pos = torch.arange(t, device=ids.device)
+    static = ids[0].clone()
+    ctx = RunContext(wrapped.registry, None, None)  # batch None: one sequence, SDPA
+    with torch.inference_mode(), running(ctx):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            eng.forward_fn(static, pos)  # warm-up
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = eng.forward_fn(static, pos)
+        ms = time_ms(g.replay)
+        g.replay()
+        logits = out.logits.clone()
+    del g, out
+    return ms, logits
+
+
+def moe_only_ms(wrapped, t: int) -> float:
+    """All layers' pcg::moe at t tokens (routing from random logits), graph replay."""
+    layers = wrapped.registry.moe_layers
+    h = layers[0].w13.shape[2]
+    k = wrapped.model.config.num_experts_per_tok
+    e = layers[0].w13.shape[0]
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w, ids = torch.ops.pcg.route(torch.randn(t, e, device="cuda"), k)
+    with torch.inference_mode():
+        for layer in layers:  # warm-up
+            pcg.fused_moe(x, layer.w13, layer.w2, w, ids)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for layer in layers:
+                pcg.fused_moe(x, layer.w13, layer.w2, w, ids)
+        return time_ms(g.replay)
+
+
+def run_gpu(args) -> dict:
+    ts = [t for t in args.tokens if t <= args.max_t]
+    model = qwen3_moe_model(args.layers, dtype=torch.bfloat16, device="cuda")
+    ids = {t: torch.randint(0, model.config.vocab_size, (1, t), device="cuda") for t in ts}
+    res: dict = {"config": {"layers": args.layers, "tokens": ts, "gpu": torch.cuda.get_device_name(),
+                            "torch": torch.__version__}, "ms": {}, "rel_err": {}, "startup_s": {}}
+    ms = res["ms"]
+
+    def fwd(m, i):
+        return m(input_ids=i, use_cache=False)
+
+    print(f"model: Qwen3-30B-A3B-shaped, {args.layers} layers, bf16; T = {ts}", flush=True)
+    with torch.inference_mode():
+        ref = {t: fwd(model, ids[t]).logits.float() for t in ts}
+        ms["eager"] = {t: time_ms(lambda t=t: fwd(model, ids[t])) for t in ts}
+        print("eager done", flush=True)
+        for name, kw in (("compile", {}), ("compile-ro", {"mode": "reduce-overhead"})):
+            if name not in args.modes:
+                continue
+            torch._dynamo.reset()
+            cm = torch.compile(model, dynamic=True, **kw)
+            t0 = time.perf_counter()
+            fwd(cm, ids[ts[0]])
+            res["startup_s"][name] = time.perf_counter() - t0
+            ms[name] = {}
+            for t in ts:
+                ms[name][t] = time_ms(lambda t=t: fwd(cm, ids[t]), warmup=3)
+            res["rel_err"][name] = max(rel(fwd(cm, ids[t]).logits, ref[t]) for t in ts)
+            del cm
+            torch._dynamo.reset()
+            print(f"{name} done", flush=True)
+
+    wrapped = pcg.wrap(model, max_tokens=max(ts))
+    if "whole-graph" in args.modes:
+        ms["whole-graph"] = {}
+        errs = []
+        for t in ts:
+            ms["whole-graph"][t], logits = whole_graph_ms(wrapped, ids[t])
+            errs.append(rel(logits[0], ref[t][0]))
+        res["rel_err"]["whole-graph"] = max(errs)
+        print("whole-graph done", flush=True)
+    t0 = time.perf_counter()
+    wrapped.capture()
+    res["startup_s"]["pcg"] = time.perf_counter() - t0
+    ms["pcg"] = {t: time_ms(lambda t=t: wrapped(input_ids=ids[t])) for t in ts}
+    res["rel_err"]["pcg"] = max(rel(wrapped(input_ids=ids[t]).logits, ref[t]) for t in ts)
+    ms["moe-op"] = {t: moe_only_ms(wrapped, t) for t in ts}
+    rep = wrapped.report()
+    res["report"] = rep.as_dict()
+    print(rep, flush=True)
+    return res
+
+
+def print_table(res: dict) -> None:
+    ms = res["ms"]
+    modes = [m for m in ("eager", "compile", "compile-ro", "whole-graph", "pcg") if m in ms]
+    head = f"{'T':>6} " + " ".join(f"{m:>11}" for m in modes) + f" {'moe share':>9}"
+    if "whole-graph" in ms:
+        head += f" {'pcg/graph':>9}"
+    if "compile-ro" in ms:
+        head += f" {'pcg/c-ro':>8}"
+    head += f" {'eager/pcg':>9}"
+    print("\nprefill time, ms (median of CUDA-event timings)")
+    print(head)
+    for t in res["config"]["tokens"]:
+        row = f"{t:>6} " + " ".join(f"{ms[m][t]:>11.3f}" for m in modes)
+        row += f" {ms['moe-op'][t] / ms['pcg'][t]:>8.0%}"
+        if "whole-graph" in ms:
+            row += f" {ms['pcg'][t] / ms['whole-graph'][t]:>9.3f}"
+        if "compile-ro" in ms:
+            row += f" {ms['pcg'][t] / ms['compile-ro'][t]:>8.3f}"
+        row += f" {ms['eager'][t] / ms['pcg'][t]:>8.2f}x"
+        print(row)
+    print("max relative error vs eager:", {k: f"{v:.2e}" for k, v in res["rel_err"].items()})
+    print("start-up seconds:", {k: round(v, 1) for k, v in res["startup_s"].items()})
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ts = res["config"]["tokens"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m, v in res["ms"].items():
+        ax.plot(ts, [v[t] for t in ts], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens in the batch")
+    ax.set_ylabel("prefill ms")
+    ax.set_title(f"Qwen3-30B-A3B-shaped, {res['config']['layers']} layers, {res['config']['gpu']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_cpu(args) -> None:
+    print("no GPU: checking pcg against the unwrapped model on a small Qwen3-MoE-shaped model (CPU, fp32)")
+    model = qwen3_moe_model(2, dtype=torch.float32, device="cpu", hidden_size=128, moe_intermediate_size=32,
+                            num_experts=8, num_experts_per_tok=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=32, vocab_size=512)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model)
+    worst = 0.0
+    for t in (1, 7, 64, 300):
+        ids = torch.randint(0, 512, (1, t))
+        with torch.inference_mode():
+            expect = ref(input_ids=ids, use_cache=False).logits
+        t0 = time.perf_counter()
+        got = wrapped(input_ids=ids).logits
+        dt = (time.perf_counter() - t0) * 1e3
+        worst = max(worst, rel(got, expect))
+        print(f"T={t:>4}: rel err {rel(got, expect):.2e}, pcg (eager split path) {dt:.1f} ms")
+    print(wrapped.report())
+    if worst > 1e-4:
+        sys.exit(f"mismatch: relative error {worst:.2e} > 1e-4")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, nargs="*", default=DEFAULT_T)
+    ap.add_argument("--max-t", type=int, default=8192)
+    ap.add_argument("--modes", nargs="*", default=["compile", "compile-ro", "whole-graph"],
+                    help="baselines besides eager and pcg")
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        run_cpu(args)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    res = run_gpu(args)
+    print_table(res)
+    with open(os.path.join(args.out, "e2e.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    plot(res, os.path.join(args.out, "e2e.png"))
+    print(f"wrote {args.out}/e2e.json and {args.out}/e2e.png")
+
+
+if __name__ == "__main__":
+    main()
