@@ -1,0 +1,115 @@
+// pcg::fused_moe through the dispatcher, as a C++ caller would use it.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+
+#include <optional>
+#include <string>
+
+namespace {
+
+using FusedMoeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                              c10::string_view, double, double);
+
+at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                     const at::Tensor& weights, const at::Tensor& ids,
+                     const std::optional<at::Tensor>& expert_map = std::nullopt,
+                     const std::optional<at::Tensor>& num_valid = std::nullopt,
+                     const std::optional<at::Tensor>& b13 = std::nullopt,
+                     const std::optional<at::Tensor>& b2 = std::nullopt,
+                     c10::string_view activation = "silu") {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pcg::fused_moe", "").typed<FusedMoeFn>();
+  return op.call(hidden, w13, w2, weights, ids, expert_map, num_valid, b13, b2, activation, 1.702,
+                 7.0);
+}
+
+// Unfused ATen reference (fp32 everything): loops over tokens and k.
+at::Tensor reference(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                     const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& map,
+                     int64_t num_valid, const at::Tensor& b13, const at::Tensor& b2) {
+  const int64_t T = hidden.size(0), k = ids.size(1), I = w2.size(2);
+  auto out = at::zeros_like(hidden);
+  for (int64_t t = 0; t < num_valid; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int id = ids[t][j].item<int>();
+      if (id < 0 || id >= map.size(0)) continue;
+      const int e = map[id].item<int>();
+      if (e < 0) continue;
+      auto gu = at::mv(w13[e], hidden[t]) + b13[e];
+      auto h = at::silu(gu.narrow(0, 0, I)) * gu.narrow(0, I, I);
+      out[t] += weights[t][j].item<float>() * (at::mv(w2[e], h) + b2[e]);
+    }
+  }
+  (void)T;
+  return out;
+}
+
+struct Case {
+  at::Tensor hidden, w13, w2, weights, ids, map, num_valid, b13, b2;
+};
+
+Case make_case() {
+  at::manual_seed(0);
+  const int64_t T = 7, H = 12, I = 5, E = 3, EG = 5, k = 2;
+  Case c;
+  c.hidden = at::randn({T, H});
+  c.w13 = at::randn({E, 2 * I, H}) * 0.3;
+  c.w2 = at::randn({E, H, I}) * 0.3;
+  c.weights = at::rand({T, k});
+  c.ids = at::randint(-1, EG + 1, {T, k}).to(at::kInt);
+  c.map = at::tensor({2, -1, 0, 1, -1}, at::kInt);
+  c.num_valid = at::tensor({5}, at::kInt);
+  c.b13 = at::randn({E, 2 * I});
+  c.b2 = at::randn({E, H});
+  return c;
+}
+
+TEST(FusedMoe, CpuMatchesReference) {
+  Case c = make_case();
+  auto out = fused_moe(c.hidden, c.w13, c.w2, c.weights, c.ids, c.map, c.num_valid, c.b13, c.b2);
+  auto ref = reference(c.hidden, c.w13, c.w2, c.weights, c.ids, c.map, 5, c.b13, c.b2);
+  ASSERT_EQ(out.sizes(), c.hidden.sizes());
+  EXPECT_TRUE(at::allclose(out, ref, 1e-5, 1e-5)) << (out - ref).abs().max();
+  EXPECT_TRUE(out.narrow(0, 5, 2).eq(0).all().item<bool>());
+}
+
+TEST(FusedMoe, ErrorNamesArgument) {
+  Case c = make_case();
+  try {
+    fused_moe(c.hidden, c.w13, c.w2.narrow(1, 0, 11), c.weights, c.ids);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("pcg::fused_moe: argument 'w2'"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(fused_moe(c.hidden, c.w13, c.w2, c.weights, c.ids.to(at::kLong)), c10::Error);
+  EXPECT_THROW(fused_moe(c.hidden, c.w13, c.w2, c.weights, c.ids, std::nullopt, std::nullopt,
+                         std::nullopt, std::nullopt, "relu"),
+               c10::Error);
+}
+
+#ifdef PCG_WITH_CUDA
+TEST(FusedMoe, CudaMatchesCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  Case c = make_case();
+  for (auto dt : {at::kFloat, at::kBFloat16}) {
+    auto f = [&](const at::Tensor& t) { return t.to(dt); };
+    auto cpu = fused_moe(f(c.hidden), f(c.w13), f(c.w2), c.weights, c.ids, c.map, c.num_valid,
+                         f(c.b13), f(c.b2));
+    auto g = [&](const at::Tensor& t) { return t.to(at::kCUDA); };
+    auto cuda = fused_moe(g(f(c.hidden)), g(f(c.w13)), g(f(c.w2)), g(c.weights), g(c.ids),
+                          g(c.map), g(c.num_valid), g(f(c.b13)), g(f(c.b2)));
+    const double tol = dt == at::kFloat ? 1e-4 : 2e-2;
+    auto diff = (cuda.cpu().to(at::kFloat) - cpu.to(at::kFloat)).norm().item<double>();
+    EXPECT_LT(diff, tol * cpu.to(at::kFloat).norm().item<double>()) << "dtype " << dt;
+    EXPECT_TRUE(cuda.cpu().narrow(0, 5, 2).eq(0).all().item<bool>());
+  }
+}
+#endif
+
+}  // namespace
