@@ -1,0 +1,161 @@
+// pcg::route CUDA kernel: one warp per token. Lane l owns experts l, l+32,
+// ... (at most 32 of them, so E <= 1024) and keeps their "still selectable"
+// flags in one 32-bit mask; scores live in shared memory. Every arg-max is a
+// lane-local scan plus a xor-shuffle butterfly under route_math::better, a
+// strict total order, so all lanes agree and the result equals the CPU loop.
+// No host synchronisation: the launch is capturable in a CUDA graph.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "moe/route.h"
+
+namespace pcg {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kWarpsPerBlock = 4;
+
+__device__ __forceinline__ float load(const void* base, RouteDtype dt, int64_t i) {
+  switch (dt) {
+    case RouteDtype::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case RouteDtype::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+// Reduce (v, i) to the warp's best candidate; every lane gets the winner.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+  for (int off = kRouteWarp / 2; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(kFull, v, off);
+    const int oi = __shfl_xor_sync(kFull, i, off);
+    if (route_math::better(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+}
+
+// Best selectable slot of this lane: slot j holds entry lane + 32*j of vals.
+__device__ __forceinline__ void lane_best(const float* vals, uint32_t avail, int lane, float& bv,
+                                          int& bi) {
+  bv = 0.0f;
+  bi = -1;
+  for (uint32_t m = avail; m != 0; m &= m - 1) {
+    const int i = lane + kRouteWarp * (__ffs(m) - 1);  // ascending index order
+    if (route_math::better(vals[i], i, bv, bi)) {
+      bv = vals[i];
+      bi = i;
+    }
+  }
+}
+
+template <RouteDtype kLogits>
+__global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
+    route_kernel(const RouteParams p) {
+  namespace m = route_math;
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x % kRouteWarp, warp = threadIdx.x / kRouteWarp;
+  const int E = static_cast<int>(p.E), G = static_cast<int>(p.num_groups);
+  const int K = static_cast<int>(p.top_k);
+  float* score = smem + static_cast<size_t>(warp) * (2 * E + G);
+  float* sel = score + E;
+  float* gsel = sel + E;
+
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.T;
+       t += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
+    const int64_t row = t * E;
+    float mx = -m::inf();
+    for (int i = lane; i < E; i += kRouteWarp) {
+      score[i] = load(p.logits, kLogits, row + i);
+      mx = fmaxf(mx, score[i]);
+    }
+    if (p.scoring == RouteScoring::kSoftmax) {
+      for (int off = kRouteWarp / 2; off > 0; off >>= 1)
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, off));
+      float acc = 0.0f;  // the CPU kernel repeats this exact summation order
+      for (int i = lane; i < E; i += kRouteWarp) {
+        score[i] = m::exp(m::sub(score[i], mx));
+        acc = m::add(acc, score[i]);
+      }
+      for (int off = kRouteWarp / 2; off > 0; off >>= 1)
+        acc = m::add(acc, __shfl_xor_sync(kFull, acc, off));
+      for (int i = lane; i < E; i += kRouteWarp) score[i] = m::div(score[i], acc);
+    } else {
+      for (int i = lane; i < E; i += kRouteWarp) score[i] = m::sigmoid(score[i]);
+    }
+    uint32_t avail = 0;
+    for (int i = lane, j = 0; i < E; i += kRouteWarp, ++j) {
+      sel[i] = p.bias ? m::add(score[i], load(p.bias, p.bias_dtype, i)) : score[i];
+      avail |= 1u << j;
+    }
+    __syncwarp();  // groups and weights read other lanes' entries
+
+    if (G > 1) {
+      const int S = E / G;
+      uint32_t gavail = 0;
+      for (int g = lane, j = 0; g < G; g += kRouteWarp, ++j) {
+        gsel[g] = m::group_score(sel + g * S, S);
+        gavail |= 1u << j;
+      }
+      for (int r = 0; r < p.topk_groups; ++r) {
+        float bv;
+        int bi;
+        lane_best(gsel, gavail, lane, bv, bi);
+        warp_best(bv, bi);
+        if (bi % kRouteWarp == lane) gavail &= ~(1u << (bi / kRouteWarp));
+      }
+      __syncwarp();  // everyone is done reading gsel before it becomes flags
+      for (int g = lane, j = 0; g < G; g += kRouteWarp, ++j)
+        gsel[g] = ((gavail >> j) & 1u) ? 0.0f : 1.0f;  // 1 = kept group
+      __syncwarp();
+      for (int i = lane, j = 0; i < E; i += kRouteWarp, ++j)
+        if (gsel[i / S] == 0.0f) avail &= ~(1u << j);
+    }
+
+    // Round r is written by lane r % 32, which later rescales its own writes.
+    float* w = p.weights + t * K;
+    int32_t* ids = p.ids + t * K;
+    float sum = 0.0f;
+    for (int r = 0; r < K; ++r) {
+      float bv;
+      int bi;
+      lane_best(sel, avail, lane, bv, bi);
+      warp_best(bv, bi);
+      if (bi % kRouteWarp == lane) avail &= ~(1u << (bi / kRouteWarp));
+      const float wt = score[bi];
+      sum = m::add(sum, wt);
+      if (r % kRouteWarp == lane) {
+        ids[r] = bi;
+        w[r] = wt;
+      }
+    }
+    const float denom = p.renormalize ? m::add(sum, 1e-20f) : 1.0f;
+    for (int r = lane; r < K; r += kRouteWarp)
+      w[r] = m::mul(p.renormalize ? m::div(w[r], denom) : w[r], p.scale);
+    __syncwarp();  // the next token reuses this warp's shared memory
+  }
+}
+
+}  // namespace
+
+void route_cuda(const RouteParams& p, CUstream_st* stream) {
+  if (p.T == 0) return;
+  const size_t smem = sizeof(float) * kWarpsPerBlock * (2 * p.E + p.num_groups);
+  const int64_t want = (p.T + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const unsigned blocks = static_cast<unsigned>(want < (1 << 20) ? want : (1 << 20));
+  const dim3 threads(kWarpsPerBlock * kRouteWarp);
+  switch (p.logits_dtype) {
+    case RouteDtype::kBFloat16:
+      route_kernel<RouteDtype::kBFloat16><<<blocks, threads, smem, stream>>>(p);
+      break;
+    case RouteDtype::kFloat16:
+      route_kernel<RouteDtype::kFloat16><<<blocks, threads, smem, stream>>>(p);
+      break;
+    default:
+      route_kernel<RouteDtype::kFloat32><<<blocks, threads, smem, stream>>>(p);
+      break;
+  }
+}
+
+}  // namespace pcg
