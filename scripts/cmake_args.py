@@ -22,11 +22,11 @@ def cmake_args() -> list[str]:
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
     if not os.path.exists(nvcc):
         nvcc = shutil.which("nvcc")
-    want_cuda = torch.version.cuda is not None and nvcc is not None
-    if os.environ.get("PCG_WITH_CUDA", "") == "0":
-        want_cuda = False
+    torch_cuda = torch.version.cuda is not None and nvcc is not None
+    want_cuda = torch_cuda and os.environ.get("PCG_WITH_CUDA", "") != "0"
     args.append(f"-DPCG_WITH_CUDA={'ON' if want_cuda else 'OFF'}")
-    if want_cuda:
+    if torch_cuda:
+        # A CUDA build of torch needs the toolkit located even for CPU kernels.
         cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         if not os.path.isdir(os.path.join(cuda_root, "include")):
             cuda_root = cuda_home
