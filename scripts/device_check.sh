@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call: build against the machine's torch, run the GPU tests and
+# (optionally) benchmarks, leave logs and results in $OUT.
+#   bash scripts/device_check.sh [tests|moe|e2e|all] [pytest args...]
+set -uo pipefail
+what=${1:-all}; shift || true
+OUT=${OUT:-/tmp/pcg_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PCG_BUILD_TESTS=1 MAX_JOBS=16 PCG_CUDA_ARCHS=${PCG_CUDA_ARCHS:-9.0a}
+py=python3
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+t0=$(date +%s)
+$py -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+if [[ $what == tests || $what == all ]]; then
+  ctest --test-dir build/cmake --output-on-failure > "$OUT/ctest.log" 2>&1; echo "ctest rc=$?"; tail -5 "$OUT/ctest.log"
+  $py -m pytest -q -x --timeout 900 tests "$@" > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
+fi
+if [[ $what == moe || $what == all ]]; then
+  $py bench/moe.py --out "$OUT" ${MOE_ARGS:-} 2>&1 | tee "$OUT/moe.log" | tail -80
+fi
+if [[ $what == e2e || $what == all ]]; then
+  $py bench/e2e.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -40
+fi
