@@ -14,7 +14,7 @@ $py -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&
 echo "build: $(( $(date +%s) - t0 )) s"
 if [[ $what == tests || $what == all ]]; then
   ctest --test-dir build/cmake --output-on-failure > "$OUT/ctest.log" 2>&1; echo "ctest rc=$?"; tail -5 "$OUT/ctest.log"
-  $py -m pytest -q -x --timeout 900 tests "$@" > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
+  $py -m pytest -q --timeout 900 "${@:-tests}" > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 fi
 if [[ $what == moe || $what == all ]]; then
   $py bench/moe.py --out "$OUT" ${MOE_ARGS:-} 2>&1 | tee "$OUT/moe.log" | tail -80
