@@ -1,0 +1,233 @@
+"""MoE layer (routed experts) benchmark on one GPU, bf16:
+
+  pcg eager     torch.ops.pcg.fused_moe called eagerly
+  pcg graph     the same call captured in a CUDA graph, replayed
+  grouped_mm    a torch._grouped_mm implementation (sort pairs by expert with
+                torch ops, int32 offsets, grouped_mm for w13 and w2, silu*up,
+                weighted scatter-add combine), captured and replayed
+  floor         max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s) with
+                bytes = (#distinct experts hit) * 3*H*I*2 + T*H*2*2 and
+                FLOPs = 2*T*topk*3*H*I (H200 measured peaks)
+
+Routing is uniform: random logits -> softmax -> top-k (renormalised). Timings
+are medians of CUDA-event timings over replays that rotate through --sets
+input sets (different hidden states and routing). Prints a table, writes
+JSON and a PNG plot to --out (default bench/out).
+
+    python bench/moe.py                       # all shapes, T = 1 .. 16384
+    python bench/moe.py --shapes qwen3 --tokens 1 16 256
+
+Without a CUDA device it says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+SHAPES = {
+    # name: (E, topk, H, I)
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "deepseek-v2-lite": (64, 6, 2048, 1408),
+    "gpt-oss-20b": (32, 4, 2880, 2880),
+}
+DEFAULT_T = [2 ** i for i in range(15)]  # 1 .. 16384
+PEAK_BW = 4.3e12
+PEAK_FLOPS = 790e12
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(T, E, k, H, gen_seed, device):
+    g = torch.Generator(device="cpu").manual_seed(gen_seed)
+    hidden = torch.randn(T, H, generator=g).to(device, torch.bfloat16)
+    logits = torch.randn(T, E, generator=g)
+    w, ids = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return hidden, w.to(device, torch.float32), ids.to(device, torch.int32)
+
+
+def grouped_mm_moe(hidden, w13, w2, topk_weights, topk_ids):
+    """Unfused reference implementation around torch._grouped_mm (capturable)."""
+    T, H = hidden.shape
+    E, I2, _ = w13.shape
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    tok = order // k
+    x = hidden.index_select(0, tok)
+    counts = torch.zeros(E, dtype=torch.int32, device=hidden.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    gu = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+    gate, up = gu.chunk(2, dim=-1)
+    h = torch.nn.functional.silu(gate) * up
+    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    y = y.float() * topk_weights.reshape(-1).index_select(0, order).unsqueeze(1)
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, tok, y)
+    return out.to(hidden.dtype)
+
+
+def time_us(fns, iters):
+    """Median microseconds of fns[i % len(fns)]() over iters calls (events per call)."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fns[i % len(fns)]()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    return statistics.median(times)
+
+
+def capture(fn):
+    """Captures fn() (after a warm-up on a side stream); returns (graph, output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
+def floor_us(sets, E, k, H, I, T):
+    hit = statistics.mean(int(torch.unique(ids).numel()) for _, _, ids in sets)
+    bytes_ = hit * 3 * H * I * 2 + T * H * 2 * 2
+    flops = 2 * T * k * 3 * H * I
+    return max(bytes_ / PEAK_BW, flops / PEAK_FLOPS) * 1e6, flops, hit
+
+
+def bench_shape(name, E, k, H, I, tokens, args, device):
+    import pcg
+
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
+
+    # Correctness of both implementations against each other before timing.
+    hidden, wts, ids = make_inputs(args.check_t, E, k, H, 7, device)
+    a = pcg.fused_moe(hidden, w13, w2, wts, ids)
+    try:
+        b = grouped_mm_moe(hidden, w13, w2, wts, ids)
+        err = rel(a, b)
+        gmm_ok = True
+    except Exception as exc:  # e.g. a GPU without grouped_mm support
+        print(f"[{name}] torch._grouped_mm unavailable: {exc}", file=sys.stderr)
+        err, gmm_ok = float("nan"), False
+    print(f"[{name}] check T={args.check_t}: rel err pcg vs grouped_mm = {err:.3e}")
+    rows = []
+    for T in tokens:
+        sets = [make_inputs(T, E, k, H, 100 + s, device) for s in range(args.sets)]
+        fl_us, flops, hit = floor_us(sets, E, k, H, I, T)
+        eager = [lambda s=s: pcg.fused_moe(s[0], w13, w2, s[1], s[2]) for s in sets]
+        eager_us = time_us(eager, args.iters)
+        graphs = [capture(f)[0] for f in eager]
+        graph_us = time_us([gr.replay for gr in graphs], args.iters)
+        del graphs
+        gmm_us = float("nan")
+        if gmm_ok:
+            try:
+                ggraphs = [capture(lambda s=s: grouped_mm_moe(s[0], w13, w2, s[1], s[2]))[0]
+                           for s in sets]
+                gmm_us = time_us([gr.replay for gr in ggraphs], args.iters)
+                del ggraphs
+            except Exception as exc:
+                print(f"[{name}] grouped_mm T={T} failed: {exc}", file=sys.stderr)
+        row = dict(shape=name, E=E, topk=k, H=H, I=I, T=T, experts_hit=hit, floor_us=fl_us,
+                   pcg_eager_us=eager_us, pcg_graph_us=graph_us, grouped_mm_us=gmm_us,
+                   pcg_over_floor=graph_us / fl_us, pcg_over_grouped_mm=graph_us / gmm_us,
+                   tflops=flops / (graph_us * 1e-6) / 1e12, check_rel_err=err)
+        rows.append(row)
+        print(f"{name:17s} {T:6d} {fl_us:9.1f} {eager_us:9.1f} {graph_us:9.1f} {gmm_us:9.1f} "
+              f"{row['pcg_over_floor']:8.2f} {row['pcg_over_grouped_mm']:8.2f} "
+              f"{row['tflops']:8.1f}", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    del w13, w2
+    torch.cuda.empty_cache()
+    return rows
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    names = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rs = [r for r in rows if r["shape"] == name]
+        ts = [r["T"] for r in rs]
+        for key, label in [("floor_us", "floor"), ("pcg_graph_us", "pcg graph"),
+                           ("pcg_eager_us", "pcg eager"), ("grouped_mm_us", "grouped_mm graph")]:
+            ax.plot(ts, [r[key] for r in rs], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("us")
+        ax.set_title(name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES),
+                    help="shape names or unique prefixes: " + ", ".join(SHAPES))
+    ap.add_argument("--tokens", nargs="*", type=int, default=DEFAULT_T)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--sets", type=int, default=3, help="rotated input sets")
+    ap.add_argument("--check-t", type=int, default=256)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    args = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench/moe.py needs a CUDA GPU; nothing to do.")
+        return 0
+    names = []
+    for s in args.shapes:
+        match = [n for n in SHAPES if n.startswith(s)]
+        if len(match) != 1:
+            ap.error(f"unknown or ambiguous shape {s!r}; choose from {list(SHAPES)}")
+        names.append(match[0])
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"{'shape':17s} {'T':>6s} {'floor':>9s} {'eager':>9s} {'graph':>9s} {'gmm':>9s} "
+          f"{'pcg/flr':>8s} {'pcg/gmm':>8s} {'TFLOP/s':>8s}   (us)")
+    rows = []
+    for name in names:
+        E, k, H, I = SHAPES[name]
+        rows += bench_shape(name, E, k, H, I, args.tokens, args, device)
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, iters=args.iters,
+                sets=args.sets, peak_bw=PEAK_BW, peak_flops=PEAK_FLOPS)
+    with open(os.path.join(args.out, "moe.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"wrote {os.path.join(args.out, 'moe.json')}")
+    plot(rows, os.path.join(args.out, "moe.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
