@@ -1,0 +1,369 @@
+"""Hugging Face transformers integration: ``pcg.wrap(model)`` on a transformers
+MoE model.
+
+Nothing of the model is patched: pcg registers an attention function and an
+experts function named ``"pcg"`` with transformers' own interfaces
+(``AttentionInterface``, ``ExpertsInterface``) and switches the model to them
+(``set_attn_implementation`` / ``set_experts_implementation``). Every attention
+module (a module whose forward dispatches through the attention interface)
+and every experts module (a class decorated with ``@use_experts_implementation``)
+gets a layer id in the wrapped model's registry; the registered functions call
+``torch.ops.pcg.attention`` / ``torch.ops.pcg.moe`` with it. Routers, shared
+experts, dense layers, norms and embeddings stay the model's own code.
+
+No attention mask is built: ``"pcg"`` is deliberately *not* registered with
+``AttentionMaskInterface``. transformers' mask creation returns ``None`` right
+away for an attention implementation without a mask function, before any
+mask work (``find_packed_sequence_indices`` would otherwise run and
+synchronise with the host on every eager call). pcg's attention knows the
+sequence boundaries of the packed batch itself.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .. import registry as _reg
+from ..registry import LayerRegistry
+
+IMPL = "pcg"
+
+_registered = False
+
+
+# ---- the functions transformers calls ------------------------------------------
+
+def _layer_id(module: nn.Module, kind: str) -> int:
+    ctx = _reg._RUNNING.get()
+    if ctx is None:
+        raise RuntimeError(
+            f"pcg: {type(module).__name__} ran with {kind} implementation 'pcg' outside a pcg-wrapped "
+            "model's forward. pcg.wrap(model) switches the model to pcg's implementations; call the "
+            "wrapped model, or switch back with model.set_attn_implementation(...) / "
+            "model.set_experts_implementation(...).")
+    ids = getattr(module, "_pcg_layer_ids", None)
+    lid = ids.get(id(ctx.registry)) if ids else None
+    if lid is None:
+        raise RuntimeError(f"pcg: {type(module).__name__} has no {kind} layer id in the running wrapped "
+                           "model (was the module added after pcg.wrap?)")
+    return lid
+
+
+def pcg_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                          scaling: Optional[float] = None, dropout: float = 0.0,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function ``"pcg"``: query [1, Hq, N, D], key/value
+    [1, Hkv, N, D(v)] of the packed row -> ([1, N, Hq, Dv], None)."""
+    lid = _layer_id(module, "attention")
+    if query.shape[0] != 1:
+        raise RuntimeError(f"pcg: attention expects one packed row (batch 1), got query of shape "
+                           f"{tuple(query.shape)}")
+    if attention_mask is not None:
+        raise RuntimeError("pcg: attention got an explicit attention mask; pcg's attention builds "
+                           "its own (causal, per packed sequence)")
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    out = torch.ops.pcg.attention(q, k, v, lid)  # [N, Hq, Dv]
+    return out[None], None
+
+
+def pcg_experts_forward(module: nn.Module, hidden_states: torch.Tensor,
+                        top_k_index: Optional[torch.Tensor] = None,
+                        top_k_weights: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
+    """transformers experts function ``"pcg"``: hidden [N, H], ids [N, k],
+    weights [N, k] -> [N, H] (router weights applied, summed over k)."""
+    if top_k_index is None:
+        top_k_index = kwargs.pop("router_indices", None)
+    if top_k_weights is None:
+        top_k_weights = kwargs.pop("routing_weights", None)
+    if top_k_index is None or top_k_weights is None:
+        raise TypeError(f"pcg: {type(module).__name__} was called without routing (top_k_index, "
+                        "top_k_weights)")
+    lid = _layer_id(module, "experts")
+    shape = hidden_states.shape
+    hidden = hidden_states.reshape(-1, shape[-1])
+    if not hidden.is_contiguous():
+        hidden = hidden.contiguous()
+    ids = top_k_index.reshape(hidden.shape[0], -1)
+    weights = top_k_weights.reshape(hidden.shape[0], -1)
+    out = torch.ops.pcg.moe(hidden, weights, ids, lid)
+    return out.view(shape)
+
+
+def register() -> None:
+    """Register the ``"pcg"`` attention and experts functions (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.moe import ExpertsInterface
+    AttentionInterface.register(IMPL, pcg_attention_forward)
+    ExpertsInterface.register(IMPL, pcg_experts_forward)
+    _registered = True
+
+
+# ---- finding the layers ----------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _forward_uses_attention_interface(cls: type) -> bool:
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src or "AttentionInterface" in src
+
+
+def _is_attention_module(m: nn.Module) -> bool:
+    if not (hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "scaling")):
+        return False
+    return _forward_uses_attention_interface(type(m))
+
+
+def _is_experts_module(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "has_bias")) \
+        and hasattr(m, "config")
+
+
+def _configs(model: nn.Module) -> list:
+    """Every distinct config object held by the model or its modules."""
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
+def _switch_implementations(model: nn.Module) -> None:
+    """Switch the model (and every sub-config its modules hold) to "pcg"."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        PreTrainedModel = ()  # type: ignore[assignment]
+    if isinstance(model, PreTrainedModel):
+        model.set_attn_implementation(IMPL)
+        model.set_experts_implementation(IMPL)
+    # Sub-configs that no PreTrainedModel owns (or a plain nn.Module holding
+    # transformers layers): set the config fields directly.
+    for cfg in _configs(model):
+        if cfg._attn_implementation != IMPL:
+            cfg._attn_implementation = IMPL
+        if hasattr(cfg, "_experts_implementation") and cfg._experts_implementation != IMPL:
+            cfg._experts_implementation = IMPL
+
+
+def _is_sliding(module: nn.Module) -> Optional[int]:
+    """The sliding window a layer's mask uses in the unwrapped model (None: full)."""
+    cfg = module.config
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    idx = getattr(module, "layer_idx", None)
+    if isinstance(layer_types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(layer_types):
+        w = window if layer_types[idx] == "sliding_attention" else None
+    elif hasattr(module, "sliding_window"):
+        w = module.sliding_window
+    else:
+        w = window
+    if w is None or not isinstance(w, int) or w <= 0:
+        return None
+    return int(w)
+
+
+def _eager_function(module: nn.Module) -> Optional[Callable]:
+    mod = sys.modules.get(type(module).__module__)
+    fn = getattr(mod, "eager_attention_forward", None) if mod is not None else None
+    return fn if callable(fn) else None
+
+
+def _make_fallback(module: nn.Module, eager: Callable, static_kwargs: dict) -> Callable:
+    def fallback(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
+                 mask4: torch.Tensor) -> torch.Tensor:
+        out, _ = eager(module, q4, k4, v4, mask4, scaling=module.scaling, dropout=0.0, **static_kwargs)
+        return out  # [1, S, Hq, Dv]
+    return fallback
+
+
+def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
+    if getattr(m, "is_causal", True) is False:
+        raise NotImplementedError(f"pcg.wrap: attention module {name} ({type(m).__name__}) is not "
+                                  "causal; pcg runs causal (decoder) attention only")
+    cfg = m.config
+    window = _is_sliding(m)
+    sinks = getattr(m, "sinks", None)
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        sinks = None
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    softcap = float(softcap) if softcap else None
+    static_kwargs: dict[str, Any] = {"sliding_window": window}
+    if sinks is not None:
+        static_kwargs["s_aux"] = sinks
+    if softcap is not None:
+        static_kwargs["softcap"] = softcap
+    eager = _eager_function(m)
+    fallback = _make_fallback(m, eager, static_kwargs) if eager is not None else None
+    if fallback is None and (sinks is not None or softcap is not None):
+        raise NotImplementedError(
+            f"pcg.wrap: attention module {name} ({type(m).__name__}) uses "
+            f"{'sinks' if sinks is not None else 'logit soft-capping'} but its modeling file has no "
+            "eager_attention_forward to run it with")
+    scaling = getattr(m, "scaling", None)
+    layer = registry.add_attention(module=m, scaling=float(scaling) if scaling is not None else None,
+                                   sliding_window=window, softcap=softcap, sinks=sinks,
+                                   fallback=fallback, name=name)
+    return layer.layer_id
+
+
+# ---- experts: weights in pcg's layout -------------------------------------------
+
+def _activation(name: str, m: nn.Module) -> tuple[str, float, float]:
+    """(activation, alpha, limit) of an experts module in pcg's terms."""
+    from transformers.integrations.moe import _default_apply_gate
+    apply_gate = getattr(type(m), "_apply_gate", None)
+    cls = type(m).__name__
+    if apply_gate is not None and apply_gate is not _default_apply_gate:
+        try:
+            src = inspect.getsource(apply_gate)
+        except (OSError, TypeError):
+            src = ""
+        if (hasattr(m, "alpha") and hasattr(m, "limit") and "sigmoid" in src and "+ 1" in src
+                and "::2" in src):
+            return "swigluoai", float(m.alpha), float(m.limit)
+        raise NotImplementedError(f"pcg.wrap: experts module {name} ({cls}) has a custom gate "
+                                  "function (_apply_gate) that pcg has no native kernel for")
+    act = getattr(m, "act_fn", None)
+    hidden_act = getattr(m.config, "hidden_act", None)
+    from transformers.activations import GELUActivation, SiLUActivation
+    if isinstance(act, (SiLUActivation, nn.SiLU)):
+        return "silu", 1.702, 7.0
+    if type(act) is GELUActivation or (isinstance(act, nn.GELU) and act.approximate == "none"):
+        return "gelu", 1.702, 7.0
+    raise NotImplementedError(
+        f"pcg.wrap: experts module {name} ({cls}) uses activation "
+        f"{hidden_act!r} ({type(act).__name__}); pcg's fused MoE supports silu, exact (erf) gelu and "
+        "gpt-oss's swigluoai")
+
+
+def _set_param(m: nn.Module, attr: str, t: torch.Tensor) -> None:
+    old = getattr(m, attr)
+    if old is t:
+        return
+    if isinstance(old, nn.Parameter) or attr in m._parameters:
+        setattr(m, attr, nn.Parameter(t, requires_grad=False))
+    else:
+        setattr(m, attr, t)
+
+
+def _convert_experts(name: str, m: nn.Module) -> tuple:
+    """(w13 [E,2I,H], w2 [E,H,I], b13 [E,2I]|None, b2 [E,H]|None) in pcg's
+    layout. A weight already in that layout is used as is (the module's own
+    parameter, no copy); one that is not is converted once and replaces the
+    module's parameter, so memory is not doubled."""
+    cls = type(m).__name__
+    if not m.has_gate:
+        raise NotImplementedError(f"pcg.wrap: experts module {name} ({cls}) is not gated (up_proj "
+                                  "only); pcg's fused MoE runs gated experts (gate_up_proj)")
+    transposed, interleaved = bool(m.is_transposed), not m.is_concatenated
+    with torch.no_grad():
+        w13 = m.gate_up_proj
+        if transposed:  # [E, H, 2I] -> [E, 2I, H]
+            w13 = w13.transpose(1, 2)
+        if interleaved:  # gate0, up0, gate1, up1, ... -> gate rows, then up rows
+            w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
+        _set_param(m, "gate_up_proj", w13.contiguous())
+        w2 = m.down_proj
+        if transposed:  # [E, I, H] -> [E, H, I]
+            w2 = w2.transpose(1, 2)
+        _set_param(m, "down_proj", w2.contiguous())
+        if m.has_bias:
+            b13 = m.gate_up_proj_bias
+            if interleaved:
+                b13 = torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)
+            _set_param(m, "gate_up_proj_bias", b13.contiguous())
+            _set_param(m, "down_proj_bias", m.down_proj_bias.contiguous())
+    # The module's weights are now in pcg's layout.
+    m.is_transposed = False
+    m.is_concatenated = True
+    w13, w2 = m.gate_up_proj, m.down_proj
+    b13 = m.gate_up_proj_bias if m.has_bias else None
+    b2 = m.down_proj_bias if m.has_bias else None
+    E, two_i, H = w13.shape if w13.dim() == 3 else (0, 1, 0)
+    if w13.dim() != 3 or two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2) or \
+            (b13 is not None and tuple(b13.shape) != (E, two_i)) or \
+            (b2 is not None and tuple(b2.shape) != (E, H)):
+        raise ValueError(f"pcg.wrap: experts module {name} ({cls}): unexpected weight shapes "
+                         f"gate_up_proj {tuple(w13.shape)}, down_proj {tuple(w2.shape)} (pcg layout)")
+    return w13, w2, b13, b2
+
+
+# ---- prepare ---------------------------------------------------------------------
+
+def prepare(model: nn.Module, ep_cfg: Any = None):
+    """Register the layers of a transformers MoE ``model`` with a new registry
+    and switch it to pcg's attention and experts functions.
+
+    Returns (registry, forward_fn) for :class:`pcg.wrap.WrappedModel`.
+    """
+    name_of_model = type(model).__name__
+    attention = [(n, m) for n, m in model.named_modules() if _is_attention_module(m)]
+    experts = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
+    if not attention:
+        raise TypeError(
+            f"pcg.wrap: model {name_of_model} has no attention module using transformers' attention "
+            "interface (ALL_ATTENTION_FUNCTIONS); pcg.wrap supports transformers MoE models and models "
+            "built from pcg.nn layers")
+    if not experts:
+        raise TypeError(
+            f"pcg.wrap: model {name_of_model} has no experts module using transformers' experts "
+            "interface (use_experts_implementation); pcg.wrap supports Mixture-of-Experts models")
+    # Check everything before changing anything.
+    for n, m in experts:
+        if not m.has_gate:
+            raise NotImplementedError(f"pcg.wrap: experts module {n} ({type(m).__name__}) is not "
+                                      "gated (up_proj only); pcg's fused MoE runs gated experts "
+                                      "(gate_up_proj)")
+    activations = {n: _activation(n, m) for n, m in experts}
+
+    register()
+    registry = LayerRegistry()
+    for n, m in attention:
+        lid = _add_attention(registry, n, m)
+        _remember_id(m, registry, lid)
+    for n, m in experts:
+        w13, w2, b13, b2 = _convert_experts(n, m)
+        act, alpha, limit = activations[n]
+        handle = registry.add_moe(w13=w13, w2=w2, b13=b13, b2=b2, activation=act, alpha=alpha,
+                                  limit=limit, num_global_experts=int(w13.shape[0]), module=m, name=n)
+        _remember_id(m, registry, handle.layer_id)
+        if ep_cfg is not None:
+            from ..distributed import shard_layer
+            shard_layer(handle, ep_cfg)
+            # The module keeps only this rank's experts.
+            _set_param(m, "gate_up_proj", handle.w13)
+            _set_param(m, "down_proj", handle.w2)
+            if handle.b13 is not None:
+                _set_param(m, "gate_up_proj_bias", handle.b13)
+            if handle.b2 is not None:
+                _set_param(m, "down_proj_bias", handle.b2)
+    _switch_implementations(model)
+    model.eval()
+
+    def forward_fn(ids: torch.Tensor, positions: torch.Tensor):
+        return model(input_ids=ids[None], position_ids=positions[None], use_cache=False)
+
+    return registry, forward_fn
+
+
+def _remember_id(m: nn.Module, registry: LayerRegistry, lid: int) -> None:
+    ids = m.__dict__.get("_pcg_layer_ids")
+    if ids is None:
+        ids = {}
+        m._pcg_layer_ids = ids
+    ids[id(registry)] = lid
+    m._pcg_layer_id = lid

@@ -1,0 +1,179 @@
+"""Tiny random transformers MoE models, one per supported family (no download).
+
+Shared by tests/test_hf.py (fp32 on CPU), tests/test_hf_gpu.py and benchmarks
+(bf16 on CUDA):
+
+    from hf_models import FAMILIES, build
+    model = build("gpt_oss", dtype=torch.bfloat16, device="cuda")
+
+Every builder returns an eval-mode ``*ForCausalLM`` with ``sdpa`` attention
+where the family supports it (``eager`` otherwise), weights drawn with a fixed
+seed and a larger spread than the default init (std 0.02 would make every
+layer nearly an identity), every bias / correction bias / sink non-zero, so
+each code path of the family contributes to the logits.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+VOCAB = 128
+
+# Shared tiny dimensions.
+_BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+             rms_norm_eps=1e-6)
+
+
+def qwen3_moe_config(**overrides: Any):
+    from transformers import Qwen3MoeConfig
+    kw = dict(_BASE, intermediate_size=96, moe_intermediate_size=32, head_dim=16, num_experts=8,
+              num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    kw.update(overrides)
+    return Qwen3MoeConfig(**kw)
+
+
+def qwen2_moe_config(**overrides: Any):
+    """Qwen2-MoE: shared expert with its sigmoid gate, qkv bias; the first layer
+    uses a sliding window of 5 (through layer_types: its attention module passes
+    no window to the attention function, only the mask has it)."""
+    from transformers import Qwen2MoeConfig
+    kw = dict(_BASE, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+              num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
+              mlp_only_layers=[], use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    kw.update(overrides)
+    return Qwen2MoeConfig(**kw)
+
+
+def mixtral_config(**overrides: Any):
+    """Mixtral with a sliding window (6) on every layer."""
+    from transformers import MixtralConfig
+    kw = dict(_BASE, intermediate_size=32, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+              sliding_window=6)
+    kw.update(overrides)
+    return MixtralConfig(**kw)
+
+
+def olmoe_config(**overrides: Any):
+    from transformers import OlmoeConfig
+    kw = dict(_BASE, intermediate_size=32, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+              norm_topk_prob=False)
+    kw.update(overrides)
+    return OlmoeConfig(**kw)
+
+
+def deepseek_v2_config(**overrides: Any):
+    """DeepSeek-V2: MLA (q_lora), group-limited greedy routing, shared experts,
+    a dense first layer."""
+    from transformers import DeepseekV2Config
+    kw = dict(_BASE, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+              moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+              first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+              routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16,
+              qk_rope_head_dim=8, v_head_dim=12, norm_topk_prob=False)
+    kw.update(overrides)
+    return DeepseekV2Config(**kw)
+
+
+def deepseek_v3_config(**overrides: Any):
+    """DeepSeek-V3: MLA, sigmoid scores + correction bias, grouped top-k,
+    shared experts, a dense first layer."""
+    from transformers import DeepseekV3Config
+    kw = dict(_BASE, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+              moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+              first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+              kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+              norm_topk_prob=True)
+    kw.update(overrides)
+    return DeepseekV3Config(**kw)
+
+
+def gpt_oss_config(**overrides: Any):
+    """gpt-oss: attention sinks, sliding (window 4) / full layers alternating,
+    biased experts with swigluoai."""
+    from transformers import GptOssConfig
+    kw = dict(_BASE, intermediate_size=32, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+              sliding_window=4, rms_norm_eps=1e-5)
+    kw.update(overrides)
+    return GptOssConfig(**kw)
+
+
+def _model_class(config):
+    import transformers
+    name = {
+        "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+        "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
+        "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+        "gpt_oss": "GptOssForCausalLM", "llama": "LlamaForCausalLM",
+    }[config.model_type]
+    return getattr(transformers, name)
+
+
+FAMILIES: dict[str, Callable[..., Any]] = {
+    "qwen3_moe": qwen3_moe_config,
+    "qwen2_moe": qwen2_moe_config,
+    "mixtral": mixtral_config,
+    "olmoe": olmoe_config,
+    "deepseek_v2": deepseek_v2_config,
+    "deepseek_v3": deepseek_v3_config,
+    "gpt_oss": gpt_oss_config,
+}
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, std: float = 0.08, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every weight (norm weights around 1), including biases, sinks
+    and router correction biases that the default init leaves at zero."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not t.is_floating_point() or "inv_freq" in name:
+            continue
+        r = torch.randn(t.shape, generator=g, dtype=torch.float32)
+        parts = name.split(".")
+        owner = parts[-2] if len(parts) > 1 else ""
+        if "norm" in owner and parts[-1] == "weight":
+            val = 1.0 + 0.1 * r
+        elif "e_score_correction_bias" in name:
+            val = 0.1 * r
+        elif "sinks" in name:
+            val = 0.5 * r
+        elif name.endswith("bias"):
+            val = 0.05 * r
+        elif t.dim() >= 2 and "embed" not in name:
+            fan_in = t.shape[-1] if not name.endswith(("gate_up_proj", "down_proj")) else None
+            if fan_in is None:
+                # expert weights: [E, out, in] (or transposed [E, in, out] for gpt-oss)
+                fan_in = min(t.shape[-1], t.shape[-2])
+            val = r * (fan_in ** -0.5)
+        else:
+            val = std * r * 10 if "embed" in name else std * r
+        t.copy_(val.to(t.dtype))
+    return model
+
+
+def build(family: str, dtype: torch.dtype = torch.float32, device: Any = "cpu", seed: int = 0,
+          attn_implementation: str | None = None, **overrides: Any) -> torch.nn.Module:
+    """A tiny random ``*ForCausalLM`` of ``family`` (see FAMILIES), eval mode."""
+    config = FAMILIES[family](**overrides)
+    return build_from_config(config, dtype=dtype, device=device, seed=seed,
+                             attn_implementation=attn_implementation)
+
+
+def build_from_config(config, dtype: torch.dtype = torch.float32, device: Any = "cpu", seed: int = 0,
+                      attn_implementation: str | None = None) -> torch.nn.Module:
+    cls = _model_class(config)
+    if attn_implementation is None:
+        attn_implementation = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = cls(config)
+    randomize(model, seed=seed)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def llama(dtype: torch.dtype = torch.float32, device: Any = "cpu", seed: int = 0) -> torch.nn.Module:
+    """A tiny dense Llama (no experts): pcg.wrap must refuse it."""
+    from transformers import LlamaConfig
+    config = LlamaConfig(**dict(_BASE, intermediate_size=96))
+    return build_from_config(config, dtype=dtype, device=device, seed=seed)

@@ -1,0 +1,230 @@
+"""pcg.wrap on Hugging Face transformers MoE models (CPU, fp32): the wrapped
+model gives the unwrapped model's logits for single sequences, packed
+sequences and padded batches."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+import pcg
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hf_models import FAMILIES, VOCAB, build, llama  # noqa: E402
+
+pytest.importorskip("transformers")
+
+RTOL = 1e-4
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request):
+    """(reference model, wrapped model) of one family."""
+    model = build(request.param)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model)
+    return request.param, ref, wrapped
+
+
+@torch.inference_mode()
+def ref_logits(ref, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The unwrapped model on one sequence ids [T] -> [T, V]."""
+    kw = {} if positions is None else {"position_ids": positions[None]}
+    return ref(input_ids=ids[None], use_cache=False, **kw).logits[0]
+
+
+def _ids(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=g)
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+def test_single_sequence(pair, t):
+    family, ref, wrapped = pair
+    g = torch.Generator().manual_seed(t)
+    ids = _ids(g, 1, t)
+    out = wrapped(ids)
+    assert out.logits.shape == (1, t, VOCAB)
+    err = rel_err(out.logits[0], ref_logits(ref, ids[0]))
+    assert err <= RTOL, f"{family} T={t}: relative error {err:.3g}"
+
+
+def test_packed_sequences(pair):
+    family, ref, wrapped = pair
+    g = torch.Generator().manual_seed(1)
+    lens = [5, 9, 1, 12]
+    ids = _ids(g, sum(lens))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    out = wrapped(ids[None], position_ids=pos[None]).logits[0]
+    expect, start = [], 0
+    for n in lens:
+        expect.append(ref_logits(ref, ids[start:start + n]))
+        start += n
+    err = rel_err(out, torch.cat(expect))
+    assert err <= RTOL, f"{family} packed: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch(pair, side):
+    family, ref, wrapped = pair
+    g = torch.Generator().manual_seed(2)
+    b, s = 3, 11
+    lens = [11, 6, 2]
+    ids = _ids(g, b, s)
+    mask = torch.zeros(b, s, dtype=torch.long)
+    for i, n in enumerate(lens):
+        if side == "left":
+            mask[i, s - n:] = 1
+        else:
+            mask[i, :n] = 1
+    out = wrapped(ids, attention_mask=mask).logits
+    assert out.shape == (b, s, VOCAB)
+    keep = mask.bool()
+    assert torch.all(out[~keep] == 0), "pad positions must be exactly zero"
+    # Each row's real tokens alone, at the positions the caller's row gives
+    # them (arange(S), the transformers default without position_ids).
+    for i in range(b):
+        real = keep[i].nonzero().flatten()
+        expect = ref_logits(ref, ids[i, real], real)
+        err = rel_err(out[i, real], expect)
+        assert err <= RTOL, f"{family} {side} padding row {i}: relative error {err:.3g}"
+    # The unwrapped model on the same padded batch agrees on real positions.
+    with torch.inference_mode():
+        full = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    err = rel_err(out[keep], full[keep])
+    assert err <= RTOL, f"{family} {side} padding vs masked reference: relative error {err:.3g}"
+
+
+def test_repeated_calls_changing_inputs(pair):
+    family, ref, wrapped = pair
+    g = torch.Generator().manual_seed(3)
+    for t in (4, 19, 4, 30, 2):
+        ids = _ids(g, 1, t)
+        err = rel_err(wrapped(ids).logits[0], ref_logits(ref, ids[0]))
+        assert err <= RTOL, f"{family} repeated call T={t}: relative error {err:.3g}"
+
+
+def test_layers_registered(pair):
+    family, ref, wrapped = pair
+    reg = wrapped.registry
+    cfg = ref.config
+    assert len(reg.attention_layers) == cfg.num_hidden_layers
+    dense = getattr(cfg, "first_k_dense_replace", 0) or 0
+    assert len(reg.moe_layers) == cfg.num_hidden_layers - dense
+    model = wrapped.model
+    assert model.config._attn_implementation == "pcg"
+    assert model.config._experts_implementation == "pcg"
+    # The experts weights are the module's own tensors (converted once, no second copy).
+    for layer in reg.moe_layers:
+        m = layer.module
+        assert layer.w13 is m.gate_up_proj and layer.w2 is m.down_proj
+        e, two_i, h = layer.w13.shape
+        assert layer.w2.shape == (e, h, two_i // 2)
+    n_ref = sum(p.numel() for p in ref.parameters())
+    n_wrapped = sum(p.numel() for p in model.parameters())
+    assert n_ref == n_wrapped
+    if family == "gpt_oss":
+        assert [l.sliding_window for l in reg.attention_layers] == [4, None]
+        assert all(l.sinks is not None and l.fallback is not None for l in reg.attention_layers)
+        assert all(l.activation == "swigluoai" and l.b13 is not None for l in reg.moe_layers)
+    if family == "qwen2_moe":
+        assert [l.sliding_window for l in reg.attention_layers] == [5, None]
+
+
+def test_weights_reused_without_copy():
+    model = build("qwen3_moe")
+    ptrs = [m.gate_up_proj.data_ptr() for m in model.modules() if hasattr(m, "gate_up_proj")]
+    params = [m.gate_up_proj for m in model.modules() if hasattr(m, "gate_up_proj")]
+    wrapped = pcg.wrap(model)
+    assert [l.w13.data_ptr() for l in wrapped.registry.moe_layers] == ptrs
+    assert all(l.w13 is p for l, p in zip(wrapped.registry.moe_layers, params))
+
+
+def test_gpt_oss_weights_converted():
+    model = build("gpt_oss")
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model)
+    for layer, rm in zip(wrapped.registry.moe_layers,
+                         [m for m in ref.modules() if type(m).__name__ == "GptOssExperts"]):
+        i = rm.gate_up_proj.shape[-1] // 2
+        assert torch.equal(layer.w13[:, :i], rm.gate_up_proj[:, :, 0::2].transpose(1, 2))
+        assert torch.equal(layer.w13[:, i:], rm.gate_up_proj[:, :, 1::2].transpose(1, 2))
+        assert torch.equal(layer.w2, rm.down_proj.transpose(1, 2))
+        assert torch.equal(layer.b13[:, :i], rm.gate_up_proj_bias[:, 0::2])
+        assert torch.equal(layer.b2, rm.down_proj_bias)
+
+
+def test_gpt_oss_clamped_activation():
+    """A small swiglu limit makes the clamp of gpt-oss's activation matter."""
+    model = build("gpt_oss", seed=5)
+    for m in model.modules():
+        if type(m).__name__ == "GptOssExperts":
+            m.limit = 0.2
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model)
+    assert all(l.limit == pytest.approx(0.2) for l in wrapped.registry.moe_layers)
+    ids = _ids(torch.Generator().manual_seed(0), 1, 13)
+    err = rel_err(wrapped(ids).logits[0], ref_logits(ref, ids[0]))
+    assert err <= RTOL
+
+
+def test_two_wrapped_models_independent():
+    a, b = build("qwen3_moe", seed=1), build("gpt_oss", seed=2)
+    c = build("qwen3_moe", seed=3)
+    refs = [copy.deepcopy(m) for m in (a, b, c)]
+    wrapped = [pcg.wrap(m) for m in (a, b, c)]
+    g = torch.Generator().manual_seed(4)
+    for t in (6, 17, 3):
+        for w, r in zip(wrapped, refs):
+            ids = _ids(g, 1, t)
+            err = rel_err(w(ids).logits[0], ref_logits(r, ids[0]))
+            assert err <= RTOL
+
+
+def test_model_without_experts_is_refused():
+    with pytest.raises(TypeError, match="experts interface"):
+        pcg.wrap(llama())
+
+
+def test_plain_module_is_refused():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    with pytest.raises(TypeError, match="pcg.wrap: model Plain has no attention module"):
+        pcg.wrap(Plain())
+
+
+def test_unsupported_activation_is_refused():
+    model = build("qwen3_moe", hidden_act="gelu_pytorch_tanh")
+    with pytest.raises(NotImplementedError, match="gelu_pytorch_tanh"):
+        pcg.wrap(model)
+    # nothing was switched
+    assert model.config._experts_implementation != "pcg"
+
+
+def test_gelu_experts():
+    model = build("olmoe", hidden_act="gelu")
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model)
+    assert all(l.activation == "gelu" for l in wrapped.registry.moe_layers)
+    ids = _ids(torch.Generator().manual_seed(0), 1, 9)
+    assert rel_err(wrapped(ids).logits[0], ref_logits(ref, ids[0])) <= RTOL
+
+
+def test_calling_switched_model_directly_raises_clearly():
+    model = build("mixtral")
+    pcg.wrap(model)
+    with pytest.raises(RuntimeError, match="outside a pcg-wrapped"):
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, dtype=torch.long))
