@@ -228,3 +228,37 @@ def test_calling_switched_model_directly_raises_clearly():
     with pytest.raises(RuntimeError, match="outside a pcg-wrapped"):
         with torch.inference_mode():
             model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_no_mask_is_built(monkeypatch):
+    """With pcg's attention transformers builds no mask at all (no mask
+    function, no packed-sequence detection, which would sync with the host)."""
+    import transformers.masking_utils as mu
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a mask was built")
+
+    model = build("gpt_oss")
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model)
+    g = torch.Generator().manual_seed(0)
+    ids = _ids(g, 12)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])
+    expect = torch.cat([ref_logits(ref, ids[:5]), ref_logits(ref, ids[5:])])
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", boom)
+    for key in list(mu.AttentionMaskInterface._global_mapping):
+        monkeypatch.setitem(mu.AttentionMaskInterface._global_mapping, key, boom)
+    out = wrapped(ids[None], position_ids=pos[None]).logits[0]
+    assert rel_err(out, expect) <= RTOL
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+def test_same_model_wrapped_twice(family):
+    model = build(family)
+    ref = copy.deepcopy(model)
+    w1 = pcg.wrap(model)
+    w2 = pcg.wrap(model)
+    g = torch.Generator().manual_seed(0)
+    for w in (w1, w2, w1):
+        ids = _ids(g, 1, 10)
+        assert rel_err(w(ids).logits[0], ref_logits(ref, ids[0])) <= RTOL

@@ -33,8 +33,6 @@ from ..registry import LayerRegistry
 
 IMPL = "pcg"
 
-_registered = False
-
 
 # ---- the functions transformers calls ------------------------------------------
 
@@ -67,11 +65,32 @@ def pcg_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if attention_mask is not None:
         raise RuntimeError("pcg: attention got an explicit attention mask; pcg's attention builds "
                            "its own (causal, per packed sequence)")
+    _sync_settings(module, _reg.current().registry.attention(lid), scaling, kwargs)
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     out = torch.ops.pcg.attention(q, k, v, lid)  # [N, Hq, Dv]
     return out[None], None
+
+
+def _sync_settings(module: nn.Module, layer: Any, scaling: Optional[float], kwargs: dict) -> None:
+    """Settings the model passes to the attention function win over the ones
+    read from the module at wrap time (they are what its own kernels get)."""
+    if scaling is not None and layer.scaling != scaling:
+        layer.scaling = float(scaling)
+    s_aux = kwargs.get("s_aux", kwargs.get("sinks"))
+    softcap = kwargs.get("softcap")
+    changed = False
+    if isinstance(s_aux, torch.Tensor) and layer.sinks is not s_aux:
+        layer.sinks, changed = s_aux, True
+    if softcap and layer.softcap != softcap:
+        layer.softcap, changed = float(softcap), True
+    if changed:
+        layer.fallback = _fallback_for(module, layer.sliding_window, layer.sinks, layer.softcap)
+        if layer.fallback is None:
+            raise NotImplementedError(
+                f"pcg: attention module {type(module).__name__} uses sinks or logit soft-capping but "
+                "its modeling file has no eager_attention_forward to run them with")
 
 
 def pcg_experts_forward(module: nn.Module, hidden_states: torch.Tensor,
@@ -98,15 +117,14 @@ def pcg_experts_forward(module: nn.Module, hidden_states: torch.Tensor,
 
 
 def register() -> None:
-    """Register the ``"pcg"`` attention and experts functions (once per process)."""
-    global _registered
-    if _registered:
-        return
+    """Register the ``"pcg"`` attention and experts functions with transformers
+    (idempotent; done by :func:`prepare`)."""
     from transformers import AttentionInterface
     from transformers.integrations.moe import ExpertsInterface
-    AttentionInterface.register(IMPL, pcg_attention_forward)
-    ExpertsInterface.register(IMPL, pcg_experts_forward)
-    _registered = True
+    if AttentionInterface._global_mapping.get(IMPL) is not pcg_attention_forward:
+        AttentionInterface.register(IMPL, pcg_attention_forward)
+    if ExpertsInterface._global_mapping.get(IMPL) is not pcg_experts_forward:
+        ExpertsInterface.register(IMPL, pcg_experts_forward)
 
 
 # ---- finding the layers ----------------------------------------------------------
@@ -117,11 +135,12 @@ def _forward_uses_attention_interface(cls: type) -> bool:
         src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
-    return "ALL_ATTENTION_FUNCTIONS" in src or "AttentionInterface" in src
+    return "ALL_ATTENTION_FUNCTIONS" in src
 
 
 def _is_attention_module(m: nn.Module) -> bool:
-    if not (hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "scaling")):
+    """A module that calls transformers' attention interface in its forward."""
+    if getattr(m, "config", None) is None or not hasattr(m.config, "_attn_implementation"):
         return False
     return _forward_uses_attention_interface(type(m))
 
@@ -190,6 +209,19 @@ def _make_fallback(module: nn.Module, eager: Callable, static_kwargs: dict) -> C
     return fallback
 
 
+def _fallback_for(module: nn.Module, window: Optional[int], sinks: Optional[torch.Tensor],
+                  softcap: Optional[float]) -> Optional[Callable]:
+    eager = _eager_function(module)
+    if eager is None:
+        return None
+    static_kwargs: dict[str, Any] = {"sliding_window": window}
+    if sinks is not None:
+        static_kwargs["s_aux"] = sinks
+    if softcap is not None:
+        static_kwargs["softcap"] = softcap
+    return _make_fallback(module, eager, static_kwargs)
+
+
 def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
     if getattr(m, "is_causal", True) is False:
         raise NotImplementedError(f"pcg.wrap: attention module {name} ({type(m).__name__}) is not "
@@ -197,17 +229,11 @@ def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
     cfg = m.config
     window = _is_sliding(m)
     sinks = getattr(m, "sinks", None)
-    if sinks is not None and not isinstance(sinks, torch.Tensor):
+    if not isinstance(sinks, torch.Tensor):
         sinks = None
     softcap = getattr(cfg, "attn_logit_softcapping", None)
     softcap = float(softcap) if softcap else None
-    static_kwargs: dict[str, Any] = {"sliding_window": window}
-    if sinks is not None:
-        static_kwargs["s_aux"] = sinks
-    if softcap is not None:
-        static_kwargs["softcap"] = softcap
-    eager = _eager_function(m)
-    fallback = _make_fallback(m, eager, static_kwargs) if eager is not None else None
+    fallback = _fallback_for(m, window, sinks, softcap)
     if fallback is None and (sinks is not None or softcap is not None):
         raise NotImplementedError(
             f"pcg.wrap: attention module {name} ({type(m).__name__}) uses "
