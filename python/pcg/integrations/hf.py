@@ -85,8 +85,8 @@ def _sync_settings(module: nn.Module, layer: Any, scaling: Optional[float], kwar
         layer.sinks, changed = s_aux, True
     if softcap and layer.softcap != softcap:
         layer.softcap, changed = float(softcap), True
-    if changed:
-        layer.fallback = _fallback_for(module, layer.sliding_window, layer.sinks, layer.softcap)
+    if changed and layer.fallback is None:
+        layer.fallback = _fallback_for(module, layer)
         if layer.fallback is None:
             raise NotImplementedError(
                 f"pcg: attention module {type(module).__name__} uses sinks or logit soft-capping but "
@@ -201,48 +201,46 @@ def _eager_function(module: nn.Module) -> Optional[Callable]:
     return fn if callable(fn) else None
 
 
-def _make_fallback(module: nn.Module, eager: Callable, static_kwargs: dict) -> Callable:
-    def fallback(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
-                 mask4: torch.Tensor) -> torch.Tensor:
-        out, _ = eager(module, q4, k4, v4, mask4, scaling=module.scaling, dropout=0.0, **static_kwargs)
-        return out  # [1, S, Hq, Dv]
-    return fallback
-
-
-def _fallback_for(module: nn.Module, window: Optional[int], sinks: Optional[torch.Tensor],
-                  softcap: Optional[float]) -> Optional[Callable]:
+def _fallback_for(module: nn.Module, layer: Any) -> Optional[Callable]:
+    """``fallback(q4, k4, v4, mask4) -> [1, S, Hq, Dv]``: the modeling file's own
+    eager attention bound to ``module``, with the layer's settings passed as
+    the model passes them (mask additive, dropout 0)."""
     eager = _eager_function(module)
     if eager is None:
         return None
-    static_kwargs: dict[str, Any] = {"sliding_window": window}
-    if sinks is not None:
-        static_kwargs["s_aux"] = sinks
-    if softcap is not None:
-        static_kwargs["softcap"] = softcap
-    return _make_fallback(module, eager, static_kwargs)
+
+    def fallback(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
+                 mask4: torch.Tensor) -> torch.Tensor:
+        kw: dict[str, Any] = {"sliding_window": layer.sliding_window}
+        if layer.sinks is not None:
+            kw["s_aux"] = layer.sinks
+        if layer.softcap is not None:
+            kw["softcap"] = layer.softcap
+        scaling = layer.scaling if layer.scaling is not None else q4.shape[-1] ** -0.5
+        out, _ = eager(module, q4, k4, v4, mask4, scaling=scaling, dropout=0.0, **kw)
+        return out
+    return fallback
 
 
 def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
     if getattr(m, "is_causal", True) is False:
         raise NotImplementedError(f"pcg.wrap: attention module {name} ({type(m).__name__}) is not "
                                   "causal; pcg runs causal (decoder) attention only")
-    cfg = m.config
-    window = _is_sliding(m)
     sinks = getattr(m, "sinks", None)
     if not isinstance(sinks, torch.Tensor):
         sinks = None
-    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    softcap = getattr(m.config, "attn_logit_softcapping", None)
     softcap = float(softcap) if softcap else None
-    fallback = _fallback_for(m, window, sinks, softcap)
-    if fallback is None and (sinks is not None or softcap is not None):
+    scaling = getattr(m, "scaling", None)
+    layer = registry.add_attention(module=m, scaling=float(scaling) if scaling is not None else None,
+                                   sliding_window=_is_sliding(m), softcap=softcap, sinks=sinks,
+                                   name=name)
+    layer.fallback = _fallback_for(m, layer)
+    if layer.fallback is None and layer.needs_fallback():
         raise NotImplementedError(
             f"pcg.wrap: attention module {name} ({type(m).__name__}) uses "
             f"{'sinks' if sinks is not None else 'logit soft-capping'} but its modeling file has no "
             "eager_attention_forward to run it with")
-    scaling = getattr(m, "scaling", None)
-    layer = registry.add_attention(module=m, scaling=float(scaling) if scaling is not None else None,
-                                   sliding_window=window, softcap=softcap, sinks=sinks,
-                                   fallback=fallback, name=name)
     return layer.layer_id
 
 
