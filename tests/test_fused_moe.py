@@ -403,6 +403,17 @@ def test_cuda_large(dtype, T, E, k, H, I):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("per_expert", [3, 30, 100, 400])  # block_m 16, 32, 64, 128
+@pytest.mark.parametrize("H,I", [(72, 40), (33, 20), (136, 264)])
+def test_cuda_every_block_m(dtype, per_expert, H, I):
+    E, k = 6, 2
+    T = per_expert * E // k
+    _check_case(T, E, k, H, I, {"e_global": 9, "bias": True, "activation": "swigluoai"}, dtype,
+                "cuda", GPU_TOL[dtype], num_valid=T - 3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("num_valid", [0, 1, 16, 17, 100])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_num_valid(num_valid, dtype):

@@ -16,8 +16,9 @@
 //   4. Reduce: out[t] = sum over the valid j of pair_out[t*k+j] in fixed j
 //      order (deterministic, no atomics); rows >= num_valid are zeros and
 //      dropped pairs are skipped (pair_out is never read for them).
-// bf16/fp16 use tensor cores (mma.sync m16n8k16, fp32 accumulation); fp32
-// uses a SIMT kernel. Any H and I are handled (16-byte loads when the row is
+// bf16/fp16 use tensor cores (mma.sync m16n8k16, fp32 accumulation, 4-stage
+// cp.async pipeline; tiles per block_m in fused_moe_kernel.cu); fp32 uses a
+// SIMT kernel. Any H and I are handled (16-byte loads when the row is
 // a multiple of 8 elements and aligned, element loads otherwise).
 #pragma once
 
@@ -36,7 +37,8 @@ inline int choose_block_m(int64_t num_tokens, int64_t top_k, int64_t num_experts
   const int64_t per_expert = num_experts > 0 ? pairs / num_experts : pairs;
   if (per_expert <= 16) return 16;
   if (per_expert <= 48) return 32;
-  return 64;
+  if (per_expert <= 256) return 64;
+  return 128;
 }
 
 struct FusedMoeParams {

@@ -1,17 +1,21 @@
 // CUDA kernels of pcg::fused_moe (interface and pipeline: fused_moe.h).
 //
-// Grouped GEMMs over blocks of BM sorted slots (BM = moe_align's block_m):
-// grid (max_blocks, ceil(N / BN)); a CTA whose block index is >= num_blocks
-// (read on the device) exits at once, so the grid size depends only on the
-// shapes and the kernels capture in CUDA graphs.
-//   GEMM1 (GATED): C[slot, n] = act(A[x row] . w13[e, n] + b, A . w13[e, I+n] + b)
+// Grouped GEMMs over blocks of BM sorted slots (BM = moe_align's block_m).
+// The grid is 1-D over max_blocks x ceil(N / BN) tiles, ordered in groups of
+// 8 row blocks (all N tiles of 8 consecutive blocks run together, so their A
+// rows and weight tiles are reused from L2). A CTA whose row block is >=
+// num_blocks (read on the device) exits at once: the grid size depends only
+// on the shapes, so the kernels capture in CUDA graphs.
+//   GEMM1 (GATED): inter[slot, n] = act(x . w13[e, n] + b, x . w13[e, I+n] + b),
+//                  x = hidden[pair / k] gathered while loading A
 //   GEMM2        : pair_out[pair, n] = w[pair] * (inter[slot] . w2[e, n] + b2[e, n])
 // Both are "A row-major [M,K] times B row-major [N,K]^T" with K contiguous.
 //
-// bf16/fp16: 4 warps, mma.sync m16n8k16 (fp32 accumulators), ldmatrix from
-// padded shared tiles (row stride BK+8 elements: conflict-free), a 3-stage
-// cp.async pipeline. Rows whose K is not a multiple of 8 (or unaligned bases)
-// fall back to element loads; K/N/M tails are zero-filled / masked.
+// bf16/fp16: mma.sync m16n8k16 (fp32 accumulators), ldmatrix from padded
+// shared tiles (row stride BK+8 elements: conflict-free), a 4-stage cp.async
+// pipeline; tile shapes per block_m in TileCfg below. Rows whose K is not a
+// multiple of 8 (or whose base is not 16-byte aligned) use element loads;
+// K/N/M tails are zero-filled on load and masked on store.
 // fp32: a SIMT kernel (16x16 threads, BM/16 x 4 outputs per thread).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -49,6 +53,27 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// Two adjacent elements, stored with one instruction.
+template <typename T>
+struct Vec2;
+template <>
+struct Vec2<float> {
+  using type = float2;
+  static __device__ __forceinline__ type make(float a, float b) { return make_float2(a, b); }
+};
+template <>
+struct Vec2<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <>
+struct Vec2<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ type make(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+  }
+};
+
 __device__ __forceinline__ float apply_act(float g, float u, int act, float alpha, float limit) {
   if (act == static_cast<int>(Activation::kSilu)) {
     return g / (1.f + expf(-g)) * u;
@@ -77,13 +102,27 @@ struct GemmArgs {
   const int32_t* num_blocks;
   const float* topk_weights;  // GEMM2 only
   int64_t N, K;
+  int64_t m_tiles, n_tiles;   // max_blocks, ceil(N / BN)
   int top_k;
   int act;
   float alpha, limit;
   int vec;  // 16-byte loads allowed (K % 8 == 0 and 16-byte aligned bases)
 };
 
-// Stores one output element (row of the block, column n < N).
+// Grouped tile order: tile id -> (row block, column tile), 8 row blocks per group.
+__device__ __forceinline__ void tile_coords(const GemmArgs& a, int64_t id, int64_t& m,
+                                            int64_t& n) {
+  constexpr int64_t GM = 8;
+  const int64_t per_group = GM * a.n_tiles;
+  const int64_t group = id / per_group;
+  const int64_t first = group * GM;
+  const int64_t gm = a.m_tiles - first < GM ? a.m_tiles - first : GM;
+  const int64_t r = id - group * per_group;
+  m = first + r % gm;
+  n = r / gm;
+}
+
+// Epilogue of one element (column n < N) or two adjacent ones (n, n+1).
 template <typename T, bool GATED>
 __device__ __forceinline__ void store_out(const GemmArgs& a, int e, int64_t slot, int pair,
                                           int64_t n, float g, float u) {
@@ -97,6 +136,40 @@ __device__ __forceinline__ void store_out(const GemmArgs& a, int e, int64_t slot
   } else {
     if (bias) g += to_f(bias[static_cast<int64_t>(e) * a.N + n]);
     static_cast<float*>(a.C)[static_cast<int64_t>(pair) * a.N + n] = g * a.topk_weights[pair];
+  }
+}
+
+// n is even here; stores both columns with one vector store when possible.
+template <typename T, bool GATED>
+__device__ __forceinline__ void store_out2(const GemmArgs& a, int e, int64_t slot, int pair,
+                                           int64_t n, float g0, float g1, float u0, float u1) {
+  if (n + 1 >= a.N || (a.N & 1)) {
+    store_out<T, GATED>(a, e, slot, pair, n, g0, u0);
+    if (n + 1 < a.N) store_out<T, GATED>(a, e, slot, pair, n + 1, g1, u1);
+    return;
+  }
+  const T* bias = static_cast<const T*>(a.bias);
+  if constexpr (GATED) {
+    if (bias) {
+      const T* bg = bias + static_cast<int64_t>(e) * 2 * a.N + n;
+      g0 += to_f(bg[0]);
+      g1 += to_f(bg[1]);
+      u0 += to_f(bg[a.N]);
+      u1 += to_f(bg[a.N + 1]);
+    }
+    using V = Vec2<T>;
+    *reinterpret_cast<typename V::type*>(static_cast<T*>(a.C) + slot * a.N + n) =
+        V::make(apply_act(g0, u0, a.act, a.alpha, a.limit),
+                apply_act(g1, u1, a.act, a.alpha, a.limit));
+  } else {
+    if (bias) {
+      const T* b = bias + static_cast<int64_t>(e) * a.N + n;
+      g0 += to_f(b[0]);
+      g1 += to_f(b[1]);
+    }
+    const float w = a.topk_weights[pair];
+    *reinterpret_cast<float2*>(static_cast<float*>(a.C) + static_cast<int64_t>(pair) * a.N + n) =
+        make_float2(g0 * w, g1 * w);
   }
 }
 
@@ -162,19 +235,28 @@ __device__ __forceinline__ void load_chunk16(uint16_t* dst, const uint16_t* row,
   }
 }
 
-template <int BM, int BN, int BK, int STAGES, bool GATED>
-constexpr int tc_smem_bytes() {
-  return STAGES * (BM + (GATED ? 2 * BN : BN)) * (BK + 8) * 2;
-}
+// Tile configuration of the tensor-core kernel.
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_, bool GATED_>
+struct TileCfg {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
+  static constexpr int STAGES = STAGES_;
+  static constexpr bool GATED = GATED_;
+  static constexpr int THREADS = WARPS_M * WARPS_N * 32;
+  static constexpr int LDS = BK + 8;  // padded shared row (elements)
+  static constexpr int BROWS = GATED ? 2 * BN : BN;
+  static constexpr int SMEM = STAGES * (BM + BROWS) * LDS * 2;
+};
 
-template <typename T, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, bool GATED>
-__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32) moe_gemm_tc(const GemmArgs args) {
-  constexpr int THREADS = WARPS_M * WARPS_N * 32;
-  constexpr int LDS = BK + 8;  // padded shared row (elements)
-  constexpr int BROWS = GATED ? 2 * BN : BN;
-  constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS) moe_gemm_tc(const GemmArgs args) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES;
+  constexpr int WARPS_N = Cfg::WARPS_N, THREADS = Cfg::THREADS, LDS = Cfg::LDS;
+  constexpr int BROWS = Cfg::BROWS;
+  constexpr bool GATED = Cfg::GATED;
+  constexpr int WTM = BM / Cfg::WARPS_M, WTN = BN / WARPS_N;
   constexpr int MT = WTM / 16, NT = WTN / 8;
   constexpr int CPR = BK / 8;  // 16-byte chunks per row
+  constexpr int A_CHUNKS = BM * CPR, B_CHUNKS = BROWS * CPR;
   static_assert(WTM % 16 == 0 && WTN % 16 == 0 && BK % 16 == 0, "tile shape");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -183,16 +265,17 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32) moe_gemm_tc(const GemmA
   __shared__ int64_t a_off[BM];  // element offset of the A row, -1: zero row
   __shared__ int32_t s_pair[BM];
 
-  const int blk = blockIdx.x;
+  int64_t blk, ntile;
+  tile_coords(args, blockIdx.x, blk, ntile);
   if (blk >= *args.num_blocks) return;
   const int e = args.block_expert[blk];
   if (e < 0) return;
   const int64_t N = args.N, K = args.K;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t n0 = ntile * BN;
   const int tid = threadIdx.x;
 
   for (int r = tid; r < BM; r += THREADS) {
-    const int64_t slot = static_cast<int64_t>(blk) * BM + r;
+    const int64_t slot = blk * BM + r;
     const int pair = args.sorted_pairs[slot];
     s_pair[r] = pair;
     a_off[r] = pair < 0 ? -1 : (GATED ? static_cast<int64_t>(pair / args.top_k) * K : slot * K);
@@ -207,18 +290,25 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32) moe_gemm_tc(const GemmA
     uint16_t* as = As + stage * BM * LDS;
     uint16_t* bs = Bs + stage * BROWS * LDS;
 #pragma unroll
-    for (int c = tid; c < BM * CPR; c += THREADS) {
-      const int r = c / CPR, cc = c % CPR;
-      const int64_t off = a_off[r];
-      load_chunk16(as + r * LDS + cc * 8, off < 0 ? nullptr : A + off, k0 + cc * 8, K, args.vec);
+    for (int it = 0; it < (A_CHUNKS + THREADS - 1) / THREADS; ++it) {
+      const int c = tid + it * THREADS;
+      if (A_CHUNKS % THREADS == 0 || c < A_CHUNKS) {
+        const int r = c / CPR, cc = c % CPR;
+        const int64_t off = a_off[r];
+        load_chunk16(as + r * LDS + cc * 8, off < 0 ? nullptr : A + off, k0 + cc * 8, K,
+                     args.vec);
+      }
     }
 #pragma unroll
-    for (int c = tid; c < BROWS * CPR; c += THREADS) {
-      const int r = c / CPR, cc = c % CPR;
-      const bool up = GATED && r >= BN;
-      const int64_t n = n0 + (up ? r - BN : r);
-      const uint16_t* row = n < N ? B + (up ? N + n : n) * K : nullptr;
-      load_chunk16(bs + r * LDS + cc * 8, row, k0 + cc * 8, K, args.vec);
+    for (int it = 0; it < (B_CHUNKS + THREADS - 1) / THREADS; ++it) {
+      const int c = tid + it * THREADS;
+      if (B_CHUNKS % THREADS == 0 || c < B_CHUNKS) {
+        const int r = c / CPR, cc = c % CPR;
+        const bool up = GATED && r >= BN;
+        const int64_t n = n0 + (up ? r - BN : r);
+        const uint16_t* row = n < N ? B + (up ? N + n : n) * K : nullptr;
+        load_chunk16(bs + r * LDS + cc * 8, row, k0 + cc * 8, K, args.vec);
+      }
     }
   };
 
@@ -307,18 +397,18 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32) moe_gemm_tc(const GemmA
       const int row = wm * WTM + i * 16 + g + h * 8;
       const int pair = s_pair[row];
       if (pair < 0) continue;
-      const int64_t slot = static_cast<int64_t>(blk) * BM + row;
+      const int64_t slot = blk * BM + row;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int64_t n = n0 + wn * WTN + j * 8 + q * 2 + c;
-          if (n >= N) continue;
-          const float gv = accg[i][j][h * 2 + c];
-          float uv = 0.f;
-          if constexpr (GATED) uv = accu[i][j][h * 2 + c];
-          store_out<T, GATED>(args, e, slot, pair, n, gv, uv);
+        const int64_t n = n0 + wn * WTN + j * 8 + q * 2;
+        if (n >= N) continue;
+        float u0 = 0.f, u1 = 0.f;
+        if constexpr (GATED) {
+          u0 = accu[i][j][h * 2];
+          u1 = accu[i][j][h * 2 + 1];
         }
+        store_out2<T, GATED>(args, e, slot, pair, n, accg[i][j][h * 2], accg[i][j][h * 2 + 1],
+                             u0, u1);
       }
     }
   }
@@ -336,16 +426,17 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
   __shared__ int64_t a_off[BM];
   __shared__ int32_t s_pair[BM];
 
-  const int blk = blockIdx.x;
+  int64_t blk, ntile;
+  tile_coords(args, blockIdx.x, blk, ntile);
   if (blk >= *args.num_blocks) return;
   const int e = args.block_expert[blk];
   if (e < 0) return;
   const int64_t N = args.N, K = args.K;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t n0 = ntile * BN;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 
   for (int r = tid; r < BM; r += 256) {
-    const int64_t slot = static_cast<int64_t>(blk) * BM + r;
+    const int64_t slot = blk * BM + r;
     const int pair = args.sorted_pairs[slot];
     s_pair[r] = pair;
     a_off[r] = pair < 0 ? -1 : (GATED ? static_cast<int64_t>(pair / args.top_k) * K : slot * K);
@@ -392,7 +483,7 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
     const int row = ty + 16 * i;
     const int pair = s_pair[row];
     if (pair < 0) continue;
-    const int64_t slot = static_cast<int64_t>(blk) * BM + row;
+    const int64_t slot = blk * BM + row;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t n = n0 + tx + 16 * j;
@@ -404,8 +495,9 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
 
 // ---------------------------------------------------------------------------
 // Reduce: out[t] = sum over valid j of pair_out[t*k + j] (fixed order).
+// V = 4: float4 loads (H % 4 == 0); V = 1 otherwise.
 
-template <typename T>
+template <typename T, int V>
 __global__ void __launch_bounds__(256)
     moe_reduce_kernel(const float* __restrict__ pair_out, const int32_t* __restrict__ topk_ids,
                       const int32_t* __restrict__ expert_map, int64_t num_global, int64_t E,
@@ -422,32 +514,66 @@ __global__ void __launch_bounds__(256)
     valid[j] = local_expert(topk_ids[t * top_k + j], expert_map, num_global, E) >= 0;
   __syncthreads();
   const float* src = pair_out + t * top_k * H;
-  for (int64_t n = threadIdx.x; n < H; n += blockDim.x) {
-    float s = 0.f;
-    for (int j = 0; j < top_k; ++j)
-      if (valid[j]) s += src[j * H + n];
-    o[n] = from_f<T>(s);
+  for (int64_t n = static_cast<int64_t>(threadIdx.x) * V; n < H;
+       n += static_cast<int64_t>(blockDim.x) * V) {
+    if constexpr (V == 4) {
+      float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int j = 0; j < top_k; ++j) {
+        if (!valid[j]) continue;
+        const float4 v = *reinterpret_cast<const float4*>(src + j * H + n);
+        s.x += v.x;
+        s.y += v.y;
+        s.z += v.z;
+        s.w += v.w;
+      }
+      using P = Vec2<T>;
+      auto* dst = reinterpret_cast<typename P::type*>(o + n);
+      dst[0] = P::make(s.x, s.y);
+      dst[1] = P::make(s.z, s.w);
+    } else {
+      float s = 0.f;
+      for (int j = 0; j < top_k; ++j)
+        if (valid[j]) s += src[j * H + n];
+      o[n] = from_f<T>(s);
+    }
   }
 }
 
 // ---------------------------------------------------------------------------
 // Launch
 
+// Tensor-core tile shapes per block_m (GEMM1 computes BN gate + BN up columns).
+template <int BM, bool GATED>
+struct TcCfgFor;
+template <> struct TcCfgFor<16, true> { using type = TileCfg<16, 64, 64, 1, 4, 4, true>; };
+template <> struct TcCfgFor<32, true> { using type = TileCfg<32, 64, 64, 2, 2, 4, true>; };
+template <> struct TcCfgFor<64, true> { using type = TileCfg<64, 64, 32, 2, 2, 4, true>; };
+template <> struct TcCfgFor<128, true> { using type = TileCfg<128, 64, 32, 4, 2, 4, true>; };
+template <> struct TcCfgFor<16, false> { using type = TileCfg<16, 64, 64, 1, 4, 4, false>; };
+template <> struct TcCfgFor<32, false> { using type = TileCfg<32, 64, 64, 2, 2, 4, false>; };
+template <> struct TcCfgFor<64, false> { using type = TileCfg<64, 128, 32, 2, 4, 4, false>; };
+template <> struct TcCfgFor<128, false> { using type = TileCfg<128, 128, 32, 4, 2, 4, false>; };
+
 template <typename T, int BM, bool GATED>
-cudaError_t launch_gemm(const GemmArgs& a, int64_t max_blocks, cudaStream_t stream) {
+cudaError_t launch_gemm(GemmArgs a, int64_t max_blocks, cudaStream_t stream) {
+  a.m_tiles = max_blocks;
   if constexpr (std::is_same_v<T, float>) {
     constexpr int BN = 64;
-    dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>((a.N + BN - 1) / BN));
-    moe_gemm_simt<T, BM, GATED><<<grid, 256, 0, stream>>>(a);
+    a.n_tiles = (a.N + BN - 1) / BN;
+    const int64_t tiles = a.m_tiles * a.n_tiles;
+    moe_gemm_simt<T, BM, GATED><<<static_cast<unsigned>(tiles), 256, 0, stream>>>(a);
   } else {
-    constexpr int BN = 64, BK = 32, STAGES = 3;
-    constexpr int WARPS_M = BM >= 32 ? 2 : 1;
-    constexpr int WARPS_N = 4 / WARPS_M;
-    constexpr int smem = tc_smem_bytes<BM, BN, BK, STAGES, GATED>();
-    static_assert(smem + BM * 12 <= 48 * 1024, "static + dynamic shared memory must fit 48 KiB");
-    dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>((a.N + BN - 1) / BN));
-    moe_gemm_tc<T, BM, BN, BK, WARPS_M, WARPS_N, STAGES, GATED>
-        <<<grid, WARPS_M * WARPS_N * 32, smem, stream>>>(a);
+    using Cfg = typename TcCfgFor<BM, GATED>::type;
+    a.n_tiles = (a.N + Cfg::BN - 1) / Cfg::BN;
+    const int64_t tiles = a.m_tiles * a.n_tiles;
+    auto kernel = moe_gemm_tc<T, Cfg>;
+    if (Cfg::SMEM > 48 * 1024) {
+      // Per device; cheap, and not a stream operation (legal during capture).
+      const cudaError_t err = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
+      if (err != cudaSuccess) return err;
+    }
+    kernel<<<static_cast<unsigned>(tiles), Cfg::THREADS, Cfg::SMEM, stream>>>(a);
   }
   return cudaGetLastError();
 }
@@ -459,28 +585,12 @@ cudaError_t launch_gemm_bm(const GemmArgs& a, int block_m, int64_t max_blocks,
     case 16: return launch_gemm<T, 16, GATED>(a, max_blocks, stream);
     case 32: return launch_gemm<T, 32, GATED>(a, max_blocks, stream);
     case 64: return launch_gemm<T, 64, GATED>(a, max_blocks, stream);
+    case 128: return launch_gemm<T, 128, GATED>(a, max_blocks, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-template <typename T>
-cudaError_t run_gemms(const FusedMoeParams& p, cudaStream_t stream);
-
-template <typename T>
-cudaError_t run(const FusedMoeParams& p, cudaStream_t stream) {
-  if (p.max_blocks > 0) {
-    cudaError_t err = run_gemms<T>(p, stream);
-    if (err != cudaSuccess) return err;
-  }
-  if (p.T > 0 && p.H > 0) {
-    moe_reduce_kernel<T><<<static_cast<unsigned>(p.T), 256, sizeof(int) * p.k, stream>>>(
-        p.pair_out, p.topk_ids, p.expert_map, p.num_global, p.E, p.num_valid, p.T,
-        static_cast<int>(p.k), p.H, static_cast<T*>(p.out));
-  }
-  return cudaGetLastError();
-}
 
 template <typename T>
 cudaError_t run_gemms(const FusedMoeParams& p, cudaStream_t stream) {
@@ -518,6 +628,30 @@ cudaError_t run_gemms(const FusedMoeParams& p, cudaStream_t stream) {
   g2.K = p.I;
   g2.vec = (p.I % 8 == 0) && aligned16(p.inter) && aligned16(p.w2);
   return launch_gemm_bm<T, false>(g2, p.block_m, p.max_blocks, stream);
+}
+
+template <typename T>
+cudaError_t run(const FusedMoeParams& p, cudaStream_t stream) {
+  if (p.max_blocks > 0) {
+    const cudaError_t err = run_gemms<T>(p, stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (p.T > 0 && p.H > 0) {
+    const unsigned threads = p.H >= 1024 ? 256 : 128;
+    const size_t smem = sizeof(int) * static_cast<size_t>(p.k);
+    const bool vec4 = p.H % 4 == 0 && aligned16(p.pair_out) &&
+                      (reinterpret_cast<uintptr_t>(p.out) % (4 * sizeof(T))) == 0;
+    if (vec4) {
+      moe_reduce_kernel<T, 4><<<static_cast<unsigned>(p.T), threads, smem, stream>>>(
+          p.pair_out, p.topk_ids, p.expert_map, p.num_global, p.E, p.num_valid, p.T,
+          static_cast<int>(p.k), p.H, static_cast<T*>(p.out));
+    } else {
+      moe_reduce_kernel<T, 1><<<static_cast<unsigned>(p.T), threads, smem, stream>>>(
+          p.pair_out, p.topk_ids, p.expert_map, p.num_global, p.E, p.num_valid, p.T,
+          static_cast<int>(p.k), p.H, static_cast<T*>(p.out));
+    }
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
