@@ -90,8 +90,9 @@ inline void moe_align_host(const int32_t* topk_ids, int64_t num_tokens, int64_t 
 
 namespace pcg::moe {
 
-// Largest E the CUDA kernel handles (two int32 per expert in shared memory).
-constexpr int64_t kMoeAlignMaxExperts = 6144;
+// Largest E the CUDA kernel handles (two int32 per expert in shared memory:
+// 128 KiB, within sm_80's and sm_90's opt-in limit).
+constexpr int64_t kMoeAlignMaxExperts = 16384;
 
 // Launches the (single-CTA) align kernel on `stream`; num_valid is a device
 // pointer or null. Fills all of sorted_pairs[0, max_blocks*block_m),

@@ -118,7 +118,7 @@ cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int to
     return cudaMemsetAsync(num_blocks, 0, sizeof(int32_t), stream);
   }
   const size_t smem = sizeof(int) * 2 * static_cast<size_t>(num_experts);
-  if (smem > 48 * 1024) {
+  if (smem + sizeof(int) * (kThreads / 32) > 48 * 1024) {  // dynamic + static > default
     cudaError_t err = cudaFuncSetAttribute(moe_align_kernel,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem));
