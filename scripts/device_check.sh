@@ -14,7 +14,14 @@ $py -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&
 echo "build: $(( $(date +%s) - t0 )) s"
 if [[ $what == tests || $what == all ]]; then
   ctest --test-dir build/cmake --output-on-failure > "$OUT/ctest.log" 2>&1; echo "ctest rc=$?"; tail -5 "$OUT/ctest.log"
-  $py -m pytest -q --timeout 900 "${@:-tests}" > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
+  grep -o "std=[^ ]*" build/cmake/build.ninja | sort | uniq -c
+  # one pytest process per file: a crash in one file does not hide the others
+  files=("$@"); [ ${#files[@]} -gt 0 ] || files=(tests/test_*.py)
+  for f in "${files[@]}"; do
+    $py -m pytest -q --timeout 900 "$f" > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
+    echo "$f rc=$? $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"
+  done
+  cat "$OUT"/pytest_*.log | grep -E "^(FAILED|ERROR)|Error|Fatal" | head -40
 fi
 if [[ $what == moe || $what == all ]]; then
   $py bench/moe.py --out "$OUT" ${MOE_ARGS:-} 2>&1 | tee "$OUT/moe.log" | tail -80
