@@ -115,15 +115,20 @@ def run_gpu(args) -> dict:
             if name not in args.modes:
                 continue
             torch._dynamo.reset()
-            cm = torch.compile(model, dynamic=True, **kw)
-            t0 = time.perf_counter()
-            fwd(cm, ids[ts[0]])
-            res["startup_s"][name] = time.perf_counter() - t0
-            ms[name] = {}
-            for t in ts:
-                ms[name][t] = time_ms(lambda t=t: fwd(cm, ids[t]), warmup=3)
-            res["rel_err"][name] = max(rel(fwd(cm, ids[t]).logits, ref[t]) for t in ts)
-            del cm
+            try:
+                cm = torch.compile(model, dynamic=True, **kw)
+                t0 = time.perf_counter()
+                fwd(cm, ids[ts[0]])
+                res["startup_s"][name] = time.perf_counter() - t0
+                ms[name] = {}
+                for t in ts:
+                    ms[name][t] = time_ms(lambda t=t: fwd(cm, ids[t]), warmup=3)
+                res["rel_err"][name] = max(rel(fwd(cm, ids[t]).logits, ref[t]) for t in ts)
+                del cm
+            except Exception as exc:  # a baseline that fails is reported, not fatal
+                ms.pop(name, None)
+                res.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"{name} failed: {res['failed'][name]}", flush=True)
             torch._dynamo.reset()
             print(f"{name} done", flush=True)
 

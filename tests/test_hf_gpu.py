@@ -27,21 +27,48 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+class Reference:
+    """The unwrapped model in bf16 and in fp32 (same weights).
+
+    These tiny random models amplify rounding: the unwrapped model's own bf16
+    logits are 1-10% away from its fp32 logits, and any bf16 implementation
+    that orders its arithmetic differently lands about that far from it. So a
+    pcg output passes when it is within RTOL of the unwrapped bf16 model, or
+    when its distance to the fp32 logits is no larger than the unwrapped bf16
+    model's own (x1.25 + 2e-3): as accurate as the unwrapped model. Real bugs
+    (wrong tokens, positions, experts, masks) are O(1) errors and fail both.
+    """
+
+    def __init__(self, model32):
+        self.fp32 = model32
+        self.bf16 = copy.deepcopy(model32).to(torch.bfloat16)
+
+    @torch.inference_mode()
+    def logits(self, model, ids, positions=None):
+        kw = {} if positions is None else {"position_ids": positions[None]}
+        return model(input_ids=ids[None], use_cache=False, **kw).logits[0].float()
+
+    def error(self, got: torch.Tensor, ids: torch.Tensor, positions=None) -> float:
+        """The error that is checked against RTOL (see the class docstring)."""
+        hf16 = self.logits(self.bf16, ids, positions)
+        direct = rel_err(got, hf16)
+        if direct <= RTOL:
+            return direct
+        hf32 = self.logits(self.fp32, ids, positions)
+        own, ours = rel_err(hf16, hf32), rel_err(got, hf32)
+        return RTOL if ours <= 1.25 * own + 2e-3 else max(direct, ours)
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def captured(request):
-    """(family, reference model, wrapped and captured model), bf16 on CUDA."""
-    model = build(request.param, dtype=torch.bfloat16, device="cuda")
-    ref = copy.deepcopy(model)
+    """(family, reference models, wrapped and captured bf16 model) on CUDA."""
+    model32 = build(request.param, dtype=torch.float32, device="cuda")
+    ref = Reference(model32)
+    model = copy.deepcopy(model32).to(torch.bfloat16)
     wrapped = pcg.wrap(model, buckets=BUCKETS, progress=False).capture()
     yield request.param, ref, wrapped
     del wrapped, ref, model
     torch.cuda.empty_cache()
-
-
-@torch.inference_mode()
-def ref_logits(ref, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    kw = {} if positions is None else {"position_ids": positions[None]}
-    return ref(input_ids=ids[None], use_cache=False, **kw).logits[0]
 
 
 def _ids(g: torch.Generator, *shape: int) -> torch.Tensor:
@@ -68,7 +95,7 @@ def test_single_sequence_bucket_and_non_bucket_sizes(captured):
         ids = _ids(g, 1, t)
         out = wrapped(ids).logits
         assert out.shape == (1, t, VOCAB)
-        err = rel_err(out[0], ref_logits(ref, ids[0]))
+        err = ref.error(out[0], ids[0])
         assert err <= RTOL, f"{family} T={t}: relative error {err:.3g}"
     rep = wrapped.report()
     assert sum(rep.replays.values()) - before == len(sizes)
@@ -82,12 +109,11 @@ def test_packed_sequences(captured):
     ids = _ids(g, sum(lens))
     pos = torch.cat([torch.arange(n) for n in lens]).cuda()
     out = wrapped(ids[None], position_ids=pos[None]).logits[0]
-    expect, start = [], 0
+    start = 0
     for n in lens:
-        expect.append(ref_logits(ref, ids[start:start + n]))
+        err = ref.error(out[start:start + n], ids[start:start + n])
         start += n
-    err = rel_err(out, torch.cat(expect))
-    assert err <= RTOL, f"{family} packed: relative error {err:.3g}"
+        assert err <= RTOL, f"{family} packed: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -111,7 +137,7 @@ def test_padded_batch(captured, side):
     assert torch.all(out[~keep] == 0)
     for i in range(b):
         real = keep[i].nonzero().flatten()
-        err = rel_err(out[i, real], ref_logits(ref, ids[i, real], real))
+        err = ref.error(out[i, real], ids[i, real], real)
         assert err <= RTOL, f"{family} {side} padding row {i}: relative error {err:.3g}"
 
 
@@ -120,22 +146,39 @@ def test_above_largest_bucket_runs_eagerly(captured):
     g = torch.Generator().manual_seed(3)
     ids = _ids(g, 1, 70)
     before = dict(wrapped.report().eager_fallbacks)
-    err = rel_err(wrapped(ids).logits[0], ref_logits(ref, ids[0]))
+    err = ref.error(wrapped(ids).logits[0], ids[0])
     assert err <= RTOL, f"{family} eager T=70: relative error {err:.3g}"
     after = wrapped.report().eager_fallbacks
     assert after.get("above_max_tokens", 0) == before.get("above_max_tokens", 0) + 1
 
 
 def test_two_wrapped_models_capture_independently():
-    a = build("qwen3_moe", dtype=torch.bfloat16, device="cuda", seed=1)
-    b = build("gpt_oss", dtype=torch.bfloat16, device="cuda", seed=2)
-    refs = [copy.deepcopy(a), copy.deepcopy(b)]
-    wrapped = [pcg.wrap(m, buckets=[16], progress=False).capture() for m in (a, b)]
+    a = build("qwen3_moe", dtype=torch.float32, device="cuda", seed=1)
+    b = build("gpt_oss", dtype=torch.float32, device="cuda", seed=2)
+    refs = [Reference(a), Reference(b)]
+    wrapped = [pcg.wrap(copy.deepcopy(m).to(torch.bfloat16), buckets=[16], progress=False).capture()
+               for m in (a, b)]
     g = torch.Generator().manual_seed(4)
     for t in (16, 9, 3):
         for w, r in zip(wrapped, refs):
             ids = _ids(g, 1, t)
-            assert rel_err(w(ids).logits[0], ref_logits(r, ids[0])) <= RTOL
+            assert r.error(w(ids).logits[0], ids[0]) <= RTOL
     for w in wrapped:
         rep = w.report()
         assert rep.capture_failures == {} and rep.graphs > 0 and rep.replays == {16: 3}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp32_capture_matches_unwrapped_tightly(family):
+    """fp32 on CUDA has no bf16 noise: captured replays must match closely."""
+    model = build(family, dtype=torch.float32, device="cuda")
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, buckets=[8, 32], progress=False).capture()
+    g = torch.Generator().manual_seed(5)
+    for t in (3, 8, 21, 32):
+        ids = _ids(g, 1, t)
+        with torch.inference_mode():
+            expect = ref(input_ids=ids, use_cache=False).logits
+        err = rel_err(wrapped(ids).logits, expect)
+        assert err <= 1e-3, f"{family} fp32 T={t}: relative error {err:.3g}"
+    assert wrapped.report().capture_failures == {}
