@@ -20,6 +20,10 @@ from .registry import AttentionLayer
 
 _lib = torch.library.Library("pcg", "IMPL")
 
+# Packed batches on CUDA go through torch's flash varlen kernel when True;
+# False runs SDPA per sequence (for debugging and accuracy comparisons).
+USE_VARLEN = True
+
 
 def _window_mask(n: int, window: int | None, device: torch.device) -> torch.Tensor:
     """[n, n] bool, True where query i may attend key j (causal, optional window)."""
@@ -59,7 +63,7 @@ def _varlen_attn():
 def _varlen_ok(q: torch.Tensor, v: torch.Tensor, layer: AttentionLayer) -> bool:
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == v.shape[-1]
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and not layer.needs_fallback()
-            and _varlen_attn() is not None)
+            and USE_VARLEN and _varlen_attn() is not None)
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

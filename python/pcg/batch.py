@@ -35,9 +35,28 @@ class BatchMeta:
         return max((b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])), default=0)
 
     def cu_seqlens_tensor(self, device: torch.device) -> torch.Tensor:
+        """``cu_seqlens`` as int32 on ``device``, without a blocking copy."""
         if self._cu_dev is None or self._cu_dev.device != device:
-            self._cu_dev = torch.tensor(self.cu_seqlens, dtype=torch.int32, device=device)
+            self._cu_dev = _device_cu_seqlens(tuple(self.cu_seqlens), device)
         return self._cu_dev
+
+
+_CU_CACHE: dict = {}
+
+
+def _device_cu_seqlens(cu: tuple, device: torch.device) -> torch.Tensor:
+    # Single-sequence batches repeat ([0, n]): cache those. Others go through
+    # pinned memory so the copy never waits for the GPU queue to drain.
+    key = (cu, str(device))
+    t = _CU_CACHE.get(key)
+    if t is None:
+        host = torch.tensor(cu, dtype=torch.int32)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        t = host.to(device, non_blocking=True)
+        if len(cu) == 2 and len(_CU_CACHE) < 65536:
+            _CU_CACHE[key] = t
+    return t
 
 
 @dataclass
@@ -98,6 +117,7 @@ def pack(input_ids: Optional[torch.Tensor] = None,
                          f"{tuple(lead.shape)}")
     b, s = int(lead.shape[0]), int(lead.shape[1])
     device = lead.device
+    explicit_positions = position_ids is not None
     if position_ids is not None:
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
@@ -128,16 +148,17 @@ def pack(input_ids: Optional[torch.Tensor] = None,
         flat_pos = flat_pos.index_select(0, token_index)
         row_lens = attention_mask.to(torch.int64).sum(1).tolist()
     # Sequence boundaries: every row starts a sequence; explicit position_ids
-    # that restart at 0 start more (several packed sequences in one row).
-    cu = [0]
-    starts_in_rows: list[int] = []
-    offset = 0
-    restarts = set(_starts_from_positions(flat_pos)) if flat_pos.numel() else set()
+    # that restart at 0 start more (several packed sequences in one row). Only
+    # explicit positions are read back from the device (pass them on the CPU
+    # to keep prefill free of device-to-host syncs).
+    row_starts = [0]
     for n in row_lens:
-        starts_in_rows.append(offset)
-        offset += int(n)
-    bounds = sorted(set(x for x in starts_in_rows if x < offset) | {x for x in restarts if x < offset})
-    cu = bounds + [offset] if bounds else [0, offset]
+        row_starts.append(row_starts[-1] + int(n))
+    total = row_starts[-1]
+    starts = set(row_starts[:-1])
+    if explicit_positions and total:
+        starts |= set(_starts_from_positions(flat_pos))
+    cu = sorted(x for x in starts if x < total) + [total]
     if cu[0] != 0:
         cu = [0] + cu
     return PackedInput(input_ids=flat_ids, inputs_embeds=flat_emb, positions=flat_pos,
