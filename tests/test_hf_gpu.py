@@ -31,17 +31,23 @@ class Reference:
     """The unwrapped model in bf16 and in fp32 (same weights).
 
     These tiny random models amplify rounding: the unwrapped model's own bf16
-    logits are 1-10% away from its fp32 logits, and any bf16 implementation
-    that orders its arithmetic differently lands about that far from it. So a
-    pcg output passes when it is within RTOL of the unwrapped bf16 model, or
-    when its distance to the fp32 logits is no larger than the unwrapped bf16
-    model's own (x1.25 + 2e-3): as accurate as the unwrapped model. Real bugs
-    (wrong tokens, positions, experts, masks) are O(1) errors and fail both.
+    logits are 1-10% away from its fp32 logits, and a single token whose
+    near-tied routing flips under a different (equally valid) rounding moves a
+    call's error by several percent. So each call passes when pcg is within
+    RTOL of the unwrapped bf16 model, or when pcg's distance to the fp32 logits
+    is within the unwrapped bf16 model's own distance plus FLIP_SLACK; and over
+    all calls of a family, pcg's aggregate error against fp32 must not exceed
+    the unwrapped bf16 model's (x1.1 + 2e-3), which random flips cannot hide a
+    systematic error behind. Real bugs (wrong tokens, positions, experts, masks,
+    stale pad rows) are O(1) errors and fail both.
     """
+
+    FLIP_SLACK = 0.05
 
     def __init__(self, model32):
         self.fp32 = model32
         self.bf16 = copy.deepcopy(model32).to(torch.bfloat16)
+        self.sq = {"pcg": 0.0, "hf": 0.0, "ref": 0.0}
 
     @torch.inference_mode()
     def logits(self, model, ids, positions=None):
@@ -51,12 +57,21 @@ class Reference:
     def error(self, got: torch.Tensor, ids: torch.Tensor, positions=None) -> float:
         """The error that is checked against RTOL (see the class docstring)."""
         hf16 = self.logits(self.bf16, ids, positions)
+        hf32 = self.logits(self.fp32, ids, positions)
+        got = got.float()
+        self.sq["pcg"] += (got - hf32).norm().item() ** 2
+        self.sq["hf"] += (hf16 - hf32).norm().item() ** 2
+        self.sq["ref"] += hf32.norm().item() ** 2
         direct = rel_err(got, hf16)
         if direct <= RTOL:
             return direct
-        hf32 = self.logits(self.fp32, ids, positions)
         own, ours = rel_err(hf16, hf32), rel_err(got, hf32)
-        return RTOL if ours <= 1.25 * own + 2e-3 else max(direct, ours)
+        return RTOL if ours <= own + self.FLIP_SLACK else max(direct, ours)
+
+    def aggregate(self) -> tuple[float, float]:
+        """(pcg, unwrapped bf16) relative errors against fp32 over every call so far."""
+        ref = max(self.sq["ref"], 1e-30) ** 0.5
+        return self.sq["pcg"] ** 0.5 / ref, self.sq["hf"] ** 0.5 / ref
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -182,3 +197,13 @@ def test_fp32_capture_matches_unwrapped_tightly(family):
         err = rel_err(wrapped(ids).logits, expect)
         assert err <= 1e-3, f"{family} fp32 T={t}: relative error {err:.3g}"
     assert wrapped.report().capture_failures == {}
+
+
+def test_zz_aggregate_accuracy_matches_unwrapped_bf16(captured):
+    """Runs after the other tests of its family (pytest keeps file order within a
+    module-scoped fixture's parameter)."""
+    family, ref, _ = captured
+    if ref.sq["ref"] == 0:
+        pytest.skip("no calls recorded for this family (test run in isolation)")
+    ours, own = ref.aggregate()
+    assert ours <= 1.1 * own + 2e-3, f"{family}: pcg bf16 error {ours:.4f} vs unwrapped bf16 {own:.4f}"
