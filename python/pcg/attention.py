@@ -49,6 +49,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLay
     return o[0].transpose(0, 1)
 
 
+_VARLEN_ARGS = {"window_size", "enable_gqa", "scale"}
+
+
 @functools.cache
 def _varlen_attn():
     """torch's flash varlen kernel, when this torch has the form pcg needs."""
@@ -56,8 +59,17 @@ def _varlen_attn():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn if {"window_size", "enable_gqa", "scale"} <= set(params) else None
+    return varlen_attn if _VARLEN_ARGS <= set(inspect.signature(varlen_attn).parameters) else None
+
+
+@functools.cache
+def _varlen_attn_out():
+    """The out= variant (writes the split op's output buffer directly), if any."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn_out
+    except ImportError:
+        return None
+    return varlen_attn_out if _VARLEN_ARGS <= set(inspect.signature(varlen_attn_out).parameters) else None
 
 
 def _varlen_ok(q: torch.Tensor, v: torch.Tensor, layer: AttentionLayer) -> bool:
@@ -72,9 +84,13 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     n = batch.num_tokens
     cu = batch.cu_seqlens_tensor(q.device)
     left = -1 if layer.sliding_window is None else layer.sliding_window - 1
-    out[:n] = _varlen_attn()(q[:n], k[:n], v[:n], cu, cu, batch.max_seqlen, batch.max_seqlen,
-                             scale=layer.scaling, window_size=(left, 0),
-                             enable_gqa=k.shape[1] != q.shape[1])
+    args = (q[:n], k[:n], v[:n], cu, cu, batch.max_seqlen, batch.max_seqlen)
+    kw = dict(scale=layer.scaling, window_size=(left, 0), enable_gqa=k.shape[1] != q.shape[1])
+    fn_out = _varlen_attn_out()
+    if fn_out is not None and out.is_contiguous():
+        fn_out(out[:n], *args, **kw)
+    else:
+        out[:n] = _varlen_attn()(*args, **kw)
 
 
 def _model_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

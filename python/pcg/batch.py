@@ -65,14 +65,14 @@ class PackedInput:
 
     input_ids: Optional[torch.Tensor]  # [n] int64
     inputs_embeds: Optional[torch.Tensor]  # [n, H]
-    positions: torch.Tensor  # [n] int64
+    positions: Optional[torch.Tensor]  # [n] int64; None = arange(n) (one row, default positions)
     cu_seqlens: list[int]
     batch_shape: tuple[int, int]  # (B, S) of the caller
     token_index: Optional[torch.Tensor]  # [n] flat indices into B*S; None = identity
 
     @property
     def num_tokens(self) -> int:
-        return int(self.positions.shape[0])
+        return self.cu_seqlens[-1]
 
     def unpack(self, t: torch.Tensor) -> torch.Tensor:
         """[n, ...] packed rows -> [B, S, ...] with zeros at pad positions."""
@@ -117,6 +117,10 @@ def pack(input_ids: Optional[torch.Tensor] = None,
                          f"{tuple(lead.shape)}")
     b, s = int(lead.shape[0]), int(lead.shape[1])
     device = lead.device
+    if b == 1 and position_ids is None and attention_mask is None and input_ids is not None:
+        # The common prefill call: one sequence, default positions; no device work.
+        return PackedInput(input_ids=input_ids[0], inputs_embeds=None, positions=None,
+                           cu_seqlens=[0, s], batch_shape=(1, s), token_index=None)
     explicit_positions = position_ids is not None
     if position_ids is not None:
         if position_ids.dim() == 1:

@@ -103,7 +103,10 @@ class CaptureEngine:
         self._param_ptrs: list[int] = []
         max_n = max(ladder)
         self.static_ids = torch.zeros(max_n, dtype=torch.int64, device=device)
-        self.static_pos = torch.zeros(max_n, dtype=torch.int64, device=device)
+        # Positions hold arange(max_n) until a batch brings its own: the common
+        # one-sequence call then copies nothing but the ids.
+        self.static_pos = torch.arange(max_n, dtype=torch.int64, device=device)
+        self._pos_is_arange = True
         self.num_valid = torch.zeros(1, dtype=torch.int32, device=device)
         self.pool: Optional[tuple[int, int]] = None
         self.stream: Optional[torch.cuda.Stream] = None
@@ -183,16 +186,24 @@ class CaptureEngine:
                             list(chain.call_names()))
 
     # ---- run ----------------------------------------------------------------
-    def replay(self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int],
+    def replay(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
                bucket: int) -> Any:
-        """Replay bucket ``bucket`` for n = len(ids) real tokens; outputs trimmed to n rows."""
+        """Replay bucket ``bucket`` for n = len(ids) real tokens; outputs trimmed to n rows.
+
+        ``positions`` None means arange(n). Pad rows keep whatever ids and
+        positions the buffers hold (valid values from earlier batches): their
+        MoE rows are masked by ``num_valid`` and attention writes them as zeros.
+        """
         n = int(ids.shape[0])
         g = self.graphs[bucket]
         self.static_ids[:n].copy_(ids, non_blocking=True)
-        self.static_pos[:n].copy_(positions, non_blocking=True)
-        if n < bucket:
-            self.static_ids[n:bucket].zero_()
-            self.static_pos[n:bucket].zero_()
+        if positions is None:
+            if not self._pos_is_arange:
+                torch.arange(self.static_pos.shape[0], out=self.static_pos)
+                self._pos_is_arange = True
+        else:
+            self.static_pos[:n].copy_(positions, non_blocking=True)
+            self._pos_is_arange = False
         self.num_valid.fill_(n)
         batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket)
         with running(RunContext(self.registry, batch, self.num_valid)):
@@ -202,9 +213,11 @@ class CaptureEngine:
                 for t in g.outputs]
         return tree_unflatten(flat, g.out_spec)
 
-    def eager(self, ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int]) -> Any:
+    def eager(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int]) -> Any:
         """The same split path without graphs (CPU, or above the largest bucket)."""
         n = int(ids.shape[0])
+        if positions is None:
+            positions = torch.arange(n, device=ids.device)
         batch = BatchMeta(n, cu_seqlens, positions, n)
         with running(RunContext(self.registry, batch, None)):
             out = self.forward_fn(ids, positions)

@@ -106,7 +106,8 @@ class WrappedModel(nn.Module):
         if inputs_embeds is not None:
             raise NotImplementedError("pcg: inputs_embeds is not supported yet; pass input_ids")
         packed = pack(input_ids, attention_mask, position_ids)
-        ids, pos = packed.input_ids.to(self.device), packed.positions.to(self.device)
+        ids = packed.input_ids.to(self.device)
+        pos = packed.positions.to(self.device) if packed.positions is not None else None
         eng = self.engine()
         n = packed.num_tokens
         reason = self._can_capture()
