@@ -37,12 +37,13 @@ class WrappedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, registry: LayerRegistry, forward_fn, options: Options,
-                 integration: str) -> None:
+                 integration: str, ep: Any = None) -> None:
         super().__init__()
         self.model = model
         self.registry = registry
         self.options = options
         self.integration = integration
+        self.ep = ep  # pcg.distributed.EPConfig or None
         self._forward_fn = forward_fn
         self.ladder = _buckets.make_ladder(options.buckets, options.max_tokens)
         self._engine: Optional[CaptureEngine] = None
@@ -160,7 +161,8 @@ def _unpack_outputs(out: Any, packed, n: int) -> Any:
 
 def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable[int]] = None,
          capture: bool = True, debug: bool = False, progress: bool = True,
-         ep: Any = None, ep_mode: str = "allreduce", placement: str = "contiguous") -> WrappedModel:
+         ep: Any = None, ep_mode: str = "allreduce", placement: str = "contiguous",
+         compiler: Optional[str] = None) -> WrappedModel:
     """Wrap a Hugging Face transformers MoE model, or a model built from
     :mod:`pcg.nn` layers, for piecewise CUDA-graph prefill.
 
@@ -175,6 +177,9 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         ep: a ``torch.distributed`` process group for expert parallelism.
         ep_mode: ``"allreduce"`` or ``"alltoall"`` (with ``ep``).
         placement: ``"contiguous"`` or ``"round_robin"`` expert placement (with ``ep``).
+        compiler: None (direct capture of the model's own code), ``"eager"`` (FX
+            pieces split at pcg's split ops) or ``"inductor"`` (pieces compiled by
+            inductor); compiled pieces are captured by the same engine.
     Returns:
         a :class:`WrappedModel` with the model's call signature (prefill only).
     """
@@ -192,4 +197,8 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         from .integrations import hf
         registry, forward_fn = hf.prepare(model, ep_cfg)
         integration = "transformers"
-    return WrappedModel(model, registry, forward_fn, options, integration)
+    if compiler is not None:
+        from .compile import compile_forward
+        forward_fn = compile_forward(forward_fn, registry, compiler)
+        integration += f"+{compiler}"
+    return WrappedModel(model, registry, forward_fn, options, integration, ep=ep_cfg)
