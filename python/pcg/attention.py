@@ -49,7 +49,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLay
     return o[0].transpose(0, 1)
 
 
-_VARLEN_ARGS = {"window_size", "enable_gqa", "scale"}
+_VARLEN_ARGS = {"window_size", "scale"}
+
+
+@functools.cache
+def _has_gqa(fn) -> bool:
+    return "enable_gqa" in inspect.signature(fn).parameters
 
 
 @functools.cache
@@ -84,10 +89,18 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     n = batch.num_tokens
     cu = batch.cu_seqlens_tensor(q.device)
     left = -1 if layer.sliding_window is None else layer.sliding_window - 1
-    args = (q[:n], k[:n], v[:n], cu, cu, batch.max_seqlen, batch.max_seqlen)
-    kw = dict(scale=layer.scaling, window_size=(left, 0), enable_gqa=k.shape[1] != q.shape[1])
+    kq, vq = k[:n], v[:n]
+    kw = dict(scale=layer.scaling, window_size=(left, 0))
     fn_out = _varlen_attn_out()
-    if fn_out is not None and out.is_contiguous():
+    if k.shape[1] != q.shape[1]:
+        if _has_gqa(_varlen_attn()):
+            kw["enable_gqa"] = True
+        else:  # older torch: expand the kv heads (prefill-sized copies only)
+            rep = q.shape[1] // k.shape[1]
+            kq, vq = kq.repeat_interleave(rep, dim=1), vq.repeat_interleave(rep, dim=1)
+    args = (q[:n], kq, vq, cu, cu, batch.max_seqlen, batch.max_seqlen)
+    if fn_out is not None and out.is_contiguous() and (
+            "enable_gqa" not in kw or _has_gqa(fn_out)):
         fn_out(out[:n], *args, **kw)
     else:
         out[:n] = _varlen_attn()(*args, **kw)
