@@ -125,7 +125,8 @@ def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     cu = [0, n] if batch is None else batch.cu_seqlens
     if layer.impl is not None:
         layer.impl(q[:n], k[:n], v[:n], out[:n], batch, layer)
-    elif batch is not None and n > 0 and _varlen_ok(q, v, layer):
+    elif batch is not None and batch.num_seqs > 1 and _varlen_ok(q, v, layer):
+        # several sequences: one varlen launch instead of a launch per sequence
         _varlen(q, k, v, out, layer, batch)
     else:
         if layer.needs_fallback() and layer.fallback is None:
