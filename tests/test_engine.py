@@ -239,3 +239,32 @@ def test_segment_chain_misuse_is_an_error():
         chain.replay()
     with pytest.raises(RuntimeError, match="must follow"):
         chain.record_call("pcg::attention_out", [])
+
+
+def test_runtime_attention_impl_replaces_the_split_op():
+    """A runtime plugs its own attention (e.g. with a KV cache) in per layer id."""
+    model = tiny(9)
+    ref = copy.deepcopy(model)
+    w = pcg.wrap(model)
+    seen = []
+
+    def my_attention(q, k, v, out, batch, layer):
+        seen.append((layer.layer_id, tuple(q.shape), list(batch.cu_seqlens)))
+        from pcg.attention import _sdpa
+        for a, b in zip(batch.cu_seqlens, batch.cu_seqlens[1:]):
+            out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], layer)
+
+    w.registry.register_attention_impl(1, my_attention)
+    ids = torch.randint(0, 256, (1, 7))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    out = w(ids, position_ids=pos)
+    assert seen == [(1, (7, 4, 16), [0, 3, 7])]
+    expect = torch.cat([ref(ids[:, :3])[0], ref(ids[:, 3:])[0]])[None]
+    assert rel(out, expect) < 1e-4
+    # an impl that writes garbage shows up in the output: the impl is really used
+    w.registry.register_attention_impl(1, lambda q, k, v, out, batch, layer: out.fill_(0.5))
+    assert rel(w(ids, position_ids=pos), expect) > 1e-2
+    w.registry.register_attention_impl(1, None)
+    assert rel(w(ids, position_ids=pos), expect) < 1e-4
+    with pytest.raises(KeyError, match="no attention layer"):
+        w.registry.register_attention_impl(5, my_attention)
