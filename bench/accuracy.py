@@ -18,13 +18,10 @@ import torch
 
 import pcg
 import pcg.attention
+from pcg.timing import rel_err as rel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from hf_models import FAMILIES, VOCAB, build  # noqa: E402
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 @torch.inference_mode()

@@ -29,29 +29,10 @@ import torch
 import pcg
 from pcg.models import qwen3_moe_model
 from pcg.registry import RunContext, running
+from pcg.timing import cuda_time_ms as time_ms
+from pcg.timing import rel_err as rel
 
 DEFAULT_T = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def time_ms(fn, warmup: int = 2, reps: int = 10) -> float:
-    """Median of CUDA-event timings of fn() (each call synchronised)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    out.sort()
-    return out[len(out) // 2]
 
 
 def whole_graph_ms(wrapped, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
