@@ -23,6 +23,17 @@ TORCH_LIBRARY(pcg, m) {
       "moe_align(Tensor topk_ids, Tensor? expert_map, Tensor? num_valid, int num_local_experts, "
       "int block_m, Tensor(a!) sorted_pairs, Tensor(b!) block_expert, Tensor(c!) num_blocks) -> ()");
 
+  // ---- expert parallelism --------------------------------------------------
+  // Pack each valid token once per destination rank owning one of its experts
+  // into fixed-size send buffers [W, C, ...] (C >= T); counts stay on the
+  // device. Layout: csrc/moe/ep_kernels.h.
+  m.def(
+      "ep_dispatch(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor expert_rank, "
+      "Tensor expert_local, Tensor? num_valid, Tensor(a!) send_hidden, Tensor(b!) send_meta, "
+      "Tensor(c!) slot_map, Tensor(d!) counts) -> ()");
+  // out[t] = sum over ranks r of recv[r, slot_map[t, r]] (fp32 accumulation).
+  m.def("ep_combine(Tensor recv, Tensor slot_map, Tensor(a!) out) -> ()");
+
   // ---- graph ---------------------------------------------------------------
   // A tensor viewing t's memory that does not keep t's storage alive.
   m.def("weak_ref_tensor(Tensor t) -> Tensor");

@@ -112,25 +112,36 @@ class WrappedModel(nn.Module):
         eng = self.engine()
         n = packed.num_tokens
         reason = self._can_capture()
-        bucket = _buckets.pick(self.ladder, n)
+        # EP: every rank picks the bucket (and eager padding) from the group's
+        # largest token count, so all collectives see equal shapes.
+        n_run = n if self.ep is None else self.ep.agree_tokens(n, self.device)
+        bucket = _buckets.pick(self.ladder, n_run)
         if reason is None and bucket is None:
             reason = "above_max_tokens"
-        if reason is None and n == 0:
+        if reason is None and n_run == 0:
             reason = "empty_batch"
         if reason is None:
             eng.capture()
+            if self.ep is not None:
+                self.ep.sync_captured(eng)
             if bucket not in eng.graphs:
                 reason = "capture_failed"
         if reason is not None:
             eng.stats.fallback(reason)
-            out = eng.eager(ids, pos, packed.cu_seqlens)
+            out = self._eager(eng, ids, pos, packed.cu_seqlens, n_run)
         else:
             if self.options.debug:
                 eng.check_params_unchanged()
             out = eng.replay(ids, pos, packed.cu_seqlens, bucket)
             if self.options.debug:
-                self._debug_compare(out, eng.eager(ids, pos, packed.cu_seqlens))
+                self._debug_compare(out, self._eager(eng, ids, pos, packed.cu_seqlens, n_run))
         return _unpack_outputs(out, packed, n)
+
+    def _eager(self, eng: CaptureEngine, ids: torch.Tensor, pos: Optional[torch.Tensor],
+               cu_seqlens: list[int], n_run: int) -> Any:
+        if self.ep is None:
+            return eng.eager(ids, pos, cu_seqlens)
+        return self.ep.eager(eng, ids, pos, cu_seqlens, n_run)  # padded to n_run, num_valid = n
 
     def _debug_compare(self, replayed: Any, eager: Any) -> None:
         from torch.utils._pytree import tree_flatten
@@ -199,6 +210,6 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         integration = "transformers"
     if compiler is not None:
         from .compile import compile_forward
-        forward_fn = compile_forward(forward_fn, registry, compiler)
+        forward_fn = compile_forward(forward_fn, registry, compiler, check=debug)
         integration += f"+{compiler}"
     return WrappedModel(model, registry, forward_fn, options, integration, ep=ep_cfg)

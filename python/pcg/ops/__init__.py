@@ -1,6 +1,7 @@
 """Python side of the native ops: fake kernels (for torch.compile / opcheck)
 and documented wrappers. Schemas live in csrc/ops.cpp."""
 from .fused_moe import fused_moe
+from .ep import ep_combine, ep_dispatch  # noqa: F401  (expert parallelism)
 from .graph import weak_ref_tensor
 from .route import route
 

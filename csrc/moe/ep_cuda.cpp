@@ -1,0 +1,53 @@
+// pcg::ep_dispatch / pcg::ep_combine CUDA launchers: validation shared with
+// the CPU path (ep_cpu.cpp), then kernel launches on the current stream. No
+// host synchronisation (num_valid is read on the device): graph-capturable.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/check.h"
+#include "moe/ep_args.h"
+#include "moe/ep_kernels.h"
+
+namespace pcg {
+namespace {
+
+void ep_dispatch_cuda_op(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                         const at::Tensor& topk_ids, const at::Tensor& expert_rank,
+                         const at::Tensor& expert_local, const std::optional<at::Tensor>& num_valid,
+                         const at::Tensor& send_hidden, const at::Tensor& send_meta,
+                         const at::Tensor& slot_map, const at::Tensor& counts) {
+  // A CPU hidden with CUDA buffers also dispatches here: name the misplaced one.
+  check_device("ep_dispatch", "hidden", hidden, send_hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  std::vector<at::Tensor> keep;
+  const ep::DispatchParams p =
+      ep_dispatch_prepare(hidden, topk_weights, topk_ids, expert_rank, expert_local, num_valid,
+                          send_hidden, send_meta, slot_map, counts, keep);
+  ep::dispatch_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void ep_combine_cuda_op(const at::Tensor& recv, const at::Tensor& slot_map, const at::Tensor& out) {
+  check_device("ep_combine", "recv", recv, out.device());
+  const c10::cuda::CUDAGuard guard(recv.device());
+  std::vector<at::Tensor> keep;
+  const ep::CombineParams p = ep_combine_prepare(recv, slot_map, out, ep::kMaxRanksCuda, keep);
+  if (p.T == 0 || p.H == 0) return;
+  ep::combine_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pcg, CUDA, m) {
+  m.impl("ep_dispatch", &ep_dispatch_cuda_op);
+  m.impl("ep_combine", &ep_combine_cuda_op);
+}
+
+}  // namespace pcg

@@ -1,0 +1,194 @@
+// pcg::ep_dispatch / pcg::ep_combine CUDA kernels (contract in ep_kernels.h).
+//
+// dispatch: (1) one block per destination rank scans the tokens in chunks of
+// kScanThreads with a block-wide prefix sum, so slots come out in token order
+// exactly as in the CPU loop, and writes slot_map, the metadata rows, the
+// rank's count and the unused-slot tail; (2) one block per token copies its
+// row into every destination slot it got (16-byte vectors when the row and
+// both buffers allow it). combine: one block per token sums its <= W
+// returned rows in rank order in fp32 (same order as the CPU kernel).
+// num_valid is read on the device; nothing synchronises with the host.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "moe/ep_kernels.h"
+
+namespace pcg::ep {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kScanThreads = 256;
+constexpr int kScanWarps = kScanThreads / 32;
+constexpr int kCopyThreads = 128;
+constexpr int kCombineThreads = 256;
+
+__device__ __forceinline__ int64_t valid_rows(const int32_t* num_valid, int64_t T) {
+  if (num_valid == nullptr) return T;
+  const int64_t v = *num_valid;
+  return v < 0 ? 0 : (v > T ? T : v);
+}
+
+__device__ __forceinline__ int64_t owner(const DispatchParams& p, int32_t e) {
+  if (e < 0 || e >= p.E) return -1;
+  const int32_t r = p.expert_rank[e];
+  return (r >= 0 && r < p.W) ? r : -1;
+}
+
+__global__ void __launch_bounds__(kScanThreads) ep_scan_kernel(const DispatchParams p) {
+  __shared__ int warp_sums[kScanWarps];
+  __shared__ int base_s;
+  const int64_t r = blockIdx.x;
+  const int64_t T = p.T, W = p.W, C = p.C, k = p.k;
+  const int64_t nv = valid_rows(p.num_valid, T);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) base_s = 0;
+  __syncthreads();
+  for (int64_t t0 = 0; t0 < T; t0 += kScanThreads) {
+    const int64_t t = t0 + threadIdx.x;
+    int flag = 0;
+    if (t < nv) {
+      for (int64_t j = 0; j < k; ++j)
+        if (owner(p, p.topk_ids[t * k + j]) == r) flag = 1;
+    }
+    int x = flag;  // inclusive scan within the warp
+    for (int off = 1; off < 32; off <<= 1) {
+      const int y = __shfl_up_sync(kFull, x, off);
+      if (lane >= off) x += y;
+    }
+    if (lane == 31) warp_sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+      int v = lane < kScanWarps ? warp_sums[lane] : 0;
+      for (int off = 1; off < 32; off <<= 1) {
+        const int y = __shfl_up_sync(kFull, v, off);
+        if (lane >= off) v += y;
+      }
+      if (lane < kScanWarps) warp_sums[lane] = v;  // inclusive over warps
+    }
+    __syncthreads();
+    const int base = base_s;
+    const int excl = x - flag + (warp > 0 ? warp_sums[warp - 1] : 0);
+    if (t < T) {
+      if (flag) {
+        const int s = base + excl;
+        p.slot_map[t * W + r] = s;
+        int32_t* meta = p.send_meta + (r * C + s) * 2 * k;
+        const int32_t* ids = p.topk_ids + t * k;
+        const float* w = p.topk_weights + t * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const bool here = owner(p, ids[j]) == r;
+          meta[j] = here ? p.expert_local[ids[j]] : -1;
+          meta[k + j] = here ? __float_as_int(w[j]) : 0;
+        }
+      } else {
+        p.slot_map[t * W + r] = -1;
+      }
+    }
+    __syncthreads();  // every thread has read base_s and warp_sums
+    if (threadIdx.x == kScanThreads - 1) base_s = base + excl + flag;
+    __syncthreads();
+  }
+  const int64_t total = base_s;
+  if (threadIdx.x == 0) p.counts[r] = static_cast<int32_t>(total);
+  int32_t* meta = p.send_meta + r * C * 2 * k;
+  for (int64_t i = total * 2 * k + threadIdx.x; i < C * 2 * k; i += kScanThreads)
+    meta[i] = (i % (2 * k)) < k ? -1 : 0;
+}
+
+template <typename V>
+__global__ void __launch_bounds__(kCopyThreads) ep_copy_kernel(const DispatchParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t W = p.W;
+  const int64_t nvec = p.row_bytes / static_cast<int64_t>(sizeof(V));
+  const V* src = reinterpret_cast<const V*>(static_cast<const char*>(p.hidden) + t * p.row_bytes);
+  for (int64_t r = 0; r < W; ++r) {
+    const int32_t s = p.slot_map[t * W + r];
+    if (s < 0) continue;
+    V* dst = reinterpret_cast<V*>(static_cast<char*>(p.send_hidden) + (r * p.C + s) * p.row_bytes);
+    for (int64_t i = threadIdx.x; i < nvec; i += kCopyThreads) dst[i] = src[i];
+  }
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) ep_combine_kernel(const CombineParams p) {
+  extern __shared__ int32_t slots[];
+  const int64_t t = blockIdx.x;
+  const int64_t W = p.W, C = p.C, H = p.H;
+  for (int64_t r = threadIdx.x; r < W; r += kCombineThreads) {
+    const int32_t s = p.slot_map[t * W + r];
+    slots[r] = (s >= 0 && s < C) ? s : -1;
+  }
+  __syncthreads();
+  const T* recv = static_cast<const T*>(p.recv);
+  T* out = static_cast<T*>(p.out) + t * H;
+  for (int64_t h = threadIdx.x; h < H; h += kCombineThreads) {
+    float acc = 0.0f;
+    for (int64_t r = 0; r < W; ++r) {
+      const int32_t s = slots[r];
+      if (s >= 0) acc = __fadd_rn(acc, to_float(recv[(r * C + s) * H + h]));
+    }
+    out[h] = from_float<T>(acc);
+  }
+}
+
+bool aligned(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+}  // namespace
+
+void dispatch_cuda(const DispatchParams& p, CUstream_st* stream) {
+  if (p.W == 0) return;
+  ep_scan_kernel<<<static_cast<unsigned>(p.W), kScanThreads, 0, stream>>>(p);
+  if (p.T == 0 || p.row_bytes == 0) return;
+  const dim3 grid(static_cast<unsigned>(p.T));
+  auto fits = [&](int64_t v) {
+    return p.row_bytes % v == 0 && aligned(p.hidden, v) && aligned(p.send_hidden, v);
+  };
+  if (fits(16))
+    ep_copy_kernel<uint4><<<grid, kCopyThreads, 0, stream>>>(p);
+  else if (fits(8))
+    ep_copy_kernel<uint2><<<grid, kCopyThreads, 0, stream>>>(p);
+  else if (fits(4))
+    ep_copy_kernel<uint32_t><<<grid, kCopyThreads, 0, stream>>>(p);
+  else if (fits(2))
+    ep_copy_kernel<uint16_t><<<grid, kCopyThreads, 0, stream>>>(p);
+  else
+    ep_copy_kernel<uint8_t><<<grid, kCopyThreads, 0, stream>>>(p);
+}
+
+void combine_cuda(const CombineParams& p, CUstream_st* stream) {
+  if (p.T == 0 || p.H == 0) return;
+  const dim3 grid(static_cast<unsigned>(p.T));
+  const size_t smem = static_cast<size_t>(p.W) * sizeof(int32_t);
+  switch (p.dtype) {
+    case DType::kFloat16:
+      ep_combine_kernel<__half><<<grid, kCombineThreads, smem, stream>>>(p);
+      break;
+    case DType::kBFloat16:
+      ep_combine_kernel<__nv_bfloat16><<<grid, kCombineThreads, smem, stream>>>(p);
+      break;
+    default:
+      ep_combine_kernel<float><<<grid, kCombineThreads, smem, stream>>>(p);
+      break;
+  }
+}
+
+}  // namespace pcg::ep

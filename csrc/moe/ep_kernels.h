@@ -1,0 +1,68 @@
+// Expert-parallel dispatch / combine kernels: torch-free interface (raw
+// pointers, plain types); the .cu file includes only this header.
+//
+// Layout (W ranks, send capacity C >= T rows per destination rank):
+//
+//   ep_dispatch: token t (t < num_valid) whose top-k experts live on ranks
+//     {r} is written ONCE per destination rank r (not once per pair), at
+//     slot s = number of tokens t' < t that also go to r (stable order):
+//       send_hidden[r, s, :]   = hidden[t, :]
+//       send_meta[r, s, j]     = local id of expert topk_ids[t, j] on r, or -1
+//                                when that expert lives elsewhere (j < k)
+//       send_meta[r, s, k + j] = bits of topk_weights[t, j] (float32), 0.0f
+//                                when the expert lives elsewhere
+//       slot_map[t, r]         = s (-1: t sends nothing to r)
+//       counts[r]              = number of slots used on r
+//     Unused slots s >= counts[r] get ids -1 and weights 0 (their hidden rows
+//     are left as they are), so a receiver may run the experts over all W*C
+//     received rows and no host-side count is ever needed.
+//   ep_combine: out[t, :] = sum over r (ascending) of recv[r, slot_map[t, r], :]
+//     for slot_map[t, r] >= 0, accumulated in float32; zero rows otherwise.
+//     The router weights were applied by the expert kernel on the owning
+//     rank, so each returned row is already that rank's weighted partial sum.
+//
+// Both kernels read num_valid on the device and do no host synchronisation:
+// they capture in CUDA graphs. CPU and CUDA produce identical buffers.
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;  // cudaStream_t without the CUDA headers
+
+namespace pcg::ep {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct DispatchParams {
+  const void* hidden = nullptr;         // [T, H] contiguous
+  int64_t row_bytes = 0;                // H * element size
+  const float* topk_weights = nullptr;  // [T, k] contiguous
+  const int32_t* topk_ids = nullptr;    // [T, k] contiguous, global expert ids
+  const int32_t* expert_rank = nullptr;   // [E] owner rank of each global expert
+  const int32_t* expert_local = nullptr;  // [E] local id on the owner
+  const int32_t* num_valid = nullptr;     // one element, or null (= T)
+  int64_t T = 0, k = 0, E = 0, W = 0, C = 0;
+  void* send_hidden = nullptr;  // [W, C, H] contiguous
+  int32_t* send_meta = nullptr; // [W, C, 2k] contiguous
+  int32_t* slot_map = nullptr;  // [T, W] contiguous
+  int32_t* counts = nullptr;    // [W]
+};
+
+struct CombineParams {
+  DType dtype = DType::kFloat32;
+  const void* recv = nullptr;         // [W, C, H] contiguous
+  const int32_t* slot_map = nullptr;  // [T, W] contiguous
+  void* out = nullptr;                // [T, H] contiguous, recv's dtype
+  int64_t T = 0, H = 0, W = 0, C = 0;
+};
+
+// Largest W the CUDA combine kernel keeps in shared memory.
+constexpr int64_t kMaxRanksCuda = 4096;
+
+// Validated params in, outputs written.
+void dispatch_cpu(const DispatchParams& p);
+void combine_cpu(const CombineParams& p);
+void dispatch_cuda(const DispatchParams& p, CUstream_st* stream);
+void combine_cuda(const CombineParams& p, CUstream_st* stream);
+
+}  // namespace pcg::ep

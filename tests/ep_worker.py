@@ -1,0 +1,146 @@
+"""One rank of the CPU expert-parallel tests (tests/test_ep.py starts W of them).
+
+    python tests/ep_worker.py SCENARIO RANK WORLD STORE_FILE OUT_JSON [ARGS...]
+
+Every rank builds the same model, wraps one copy without EP (the
+single-process reference) and one with ``ep=`` over a gloo group, calls both
+with its own batches (sizes differ per rank; rank 1 of the first call has no
+tokens) and writes the largest relative error it saw to OUT_JSON.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pcg  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if b.numel() == 0:
+        return 0.0 if a.numel() == 0 else float("inf")
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def calls(rank: int, vocab: int):
+    """(input_ids, attention_mask) per call; every rank makes the same number of calls."""
+    g = torch.Generator().manual_seed(100 + rank)
+    n1 = [5, 0, 11, 2][rank % 4]
+    yield torch.randint(0, vocab, (1, n1), generator=g), None
+    s = 4 + 3 * rank
+    ids = torch.randint(0, vocab, (2, s), generator=g)
+    mask = torch.ones(2, s, dtype=torch.long)
+    mask[0, : s // 2] = 0  # left padding on row 0
+    yield ids, mask
+    yield torch.randint(0, vocab, (1, 6), generator=g), None
+
+
+def check_sharding(wrapped, world: int, rank: int) -> None:
+    for layer in wrapped.registry.moe_layers:
+        owner = layer.ep.owner
+        mine = [e for e, r in enumerate(owner) if r == rank]
+        assert layer.w13.shape[0] == len(mine), (layer.w13.shape, mine)
+        assert layer.w2.shape[0] == len(mine)
+        exp = [mine.index(e) if e in mine else -1 for e in range(len(owner))]
+        assert layer.expert_map.tolist() == exp, (layer.expert_map.tolist(), exp)
+        assert layer.expert_map.device == layer.w13.device
+        assert not layer.split
+
+
+def compare(model, vocab, world, rank, modes, placement, results, tag):
+    ref = pcg.wrap(copy.deepcopy(model), progress=False)
+    for mode in modes:
+        ep_model = pcg.wrap(copy.deepcopy(model), ep=dist.group.WORLD, ep_mode=mode,
+                            placement=placement, progress=False)
+        check_sharding(ep_model, world, rank)
+        worst = 0.0
+        for ids, mask in calls(rank, vocab):
+            out = logits(ep_model(ids, attention_mask=mask))
+            if ids.numel() == 0:  # the unwrapped models cannot run an empty batch
+                assert out.shape[:2] == ids.shape, out.shape
+                continue
+            exp = logits(ref(ids, attention_mask=mask))
+            assert out.shape == exp.shape, (out.shape, exp.shape)
+            worst = max(worst, rel(out, exp))
+        results[f"{tag}/{mode}"] = worst
+
+
+def scenario_hf(world, rank, args, results):
+    from hf_models import VOCAB, build
+    families = args[0].split(",")
+    modes = args[1].split(",")
+    for i, family in enumerate(families):
+        model = build(family)
+        placement = "contiguous" if i % 2 == 0 else "round_robin"
+        compare(model, VOCAB, world, rank, modes, placement, results, family)
+
+
+def scenario_nn(world, rank, args, results):
+    from pcg.models import MoETransformer, MoETransformerConfig
+    modes = args[0].split(",")
+    for num_experts, placement in ((8, "contiguous"), (6, "round_robin"), (6, "contiguous")):
+        torch.manual_seed(0)
+        model = MoETransformer(MoETransformerConfig(num_experts=num_experts)).eval()
+        compare(model, model.config.vocab_size, world, rank, modes, placement, results,
+                f"nn_E{num_experts}_{placement}")
+
+
+def scenario_timeout(world, rank, args, results):
+    """Rank 0 calls the model; the others never do. Rank 0 must fail, clearly, in bounded time."""
+    from pcg.distributed import EPConfig
+    from pcg.models import MoETransformer, MoETransformerConfig
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig()).eval()
+    wrapped = pcg.wrap(model, ep=dist.group.WORLD, ep_mode=args[0], progress=False)
+    wrapped.ep.timeout = float(args[1])
+    if rank != 0:
+        time.sleep(float(args[1]) * 3)
+        results["idle"] = True
+        return
+    t0 = time.time()
+    try:
+        wrapped(torch.randint(0, 256, (1, 4)))
+        results["error"] = None
+    except RuntimeError as exc:
+        results["error"] = str(exc)
+    results["seconds"] = time.time() - t0
+
+
+SCENARIOS = {"hf": scenario_hf, "nn": scenario_nn, "timeout": scenario_timeout}
+
+
+def main() -> None:
+    scenario, rank, world, store_file, out_path, *args = sys.argv[1:]
+    rank, world = int(rank), int(world)
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_file, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results: dict = {}
+    try:
+        SCENARIOS[scenario](world, rank, args, results)
+        results["ok"] = True
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results["ok"] = False
+        results["traceback"] = traceback.format_exc()
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+    sys.stdout.flush()
+    os._exit(0)  # no destroy_process_group: a peer may be gone (timeout scenario)
+
+
+if __name__ == "__main__":
+    main()
