@@ -99,7 +99,8 @@ def scenario_nn(world, rank, args, results):
 
 
 def scenario_timeout(world, rank, args, results):
-    """Rank 0 calls the model; the others never do. Rank 0 must fail, clearly, in bounded time."""
+    """Rank 0 calls the model; the others never do ("idle": alive, "die": exited).
+    Rank 0 must fail, clearly, in bounded time."""
     from pcg.distributed import EPConfig
     from pcg.models import MoETransformer, MoETransformerConfig
     torch.manual_seed(0)
@@ -107,7 +108,9 @@ def scenario_timeout(world, rank, args, results):
     wrapped = pcg.wrap(model, ep=dist.group.WORLD, ep_mode=args[0], progress=False)
     wrapped.ep.timeout = float(args[1])
     if rank != 0:
-        time.sleep(float(args[1]) * 3)
+        if args[2] == "die":
+            os._exit(0)  # gone without a word: no result file
+        time.sleep(float(args[1]) + 1.5)
         results["idle"] = True
         return
     t0 = time.time()

@@ -56,6 +56,13 @@ def test_tables_and_map():
         assert hits == [(ranks[e], local[e])]
 
 
+def test_split_reason_only_for_uncapturable_cuda_collectives():
+    assert pd.split_reason("nccl", "cuda", "alltoall") == ""
+    assert pd.split_reason("gloo", "cpu", "allreduce") == ""  # CPU models never capture
+    reason = pd.split_reason("gloo", "cuda", "alltoall")
+    assert reason.startswith("ep_alltoall: gloo") and "captured" in reason
+
+
 def test_config_rejects_bad_mode_and_placement():
     with pytest.raises(ValueError, match="ep_mode"):
         pd.EPConfig(group=None, mode="ring")
@@ -296,8 +303,10 @@ def test_dispatch_combine_capture_in_cuda_graph():
 
 # ---- wrapped models over gloo processes -----------------------------------------------------
 
-def run_ranks(world: int, scenario: str, *args: str, timeout: float = 150) -> list[dict]:
-    """Start `world` ranks of tests/ep_worker.py; their result dicts, by rank."""
+def run_ranks(world: int, scenario: str, *args: str, timeout: float = 150,
+              ranks_reporting=None) -> list[dict]:
+    """Start `world` ranks of tests/ep_worker.py; the result dicts of
+    ``ranks_reporting`` (default: all), by rank."""
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -318,7 +327,7 @@ def run_ranks(world: int, scenario: str, *args: str, timeout: float = 150) -> li
                 if p.poll() is None:
                     p.kill()
         results = []
-        for r in range(world):
+        for r in (range(world) if ranks_reporting is None else ranks_reporting):
             path = os.path.join(d, f"out{r}.json")
             assert os.path.exists(path), f"rank {r} wrote no result:\n{logs[r][-3000:]}"
             with open(path) as f:
@@ -347,14 +356,14 @@ def test_ep_hf_families_match_single_process(world):
     _assert_all_close(run_ranks(world, "hf", families, "allreduce,alltoall"))
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_ep_pcg_nn_model_matches_single_process(world):
     _assert_all_close(run_ranks(world, "nn", "allreduce,alltoall"))
 
 
-@pytest.mark.parametrize("mode", ["alltoall"])
-def test_ep_rank_not_calling_fails_clearly_in_bounded_time(mode):
-    results = run_ranks(2, "timeout", mode, "2", timeout=60)
+@pytest.mark.parametrize("how", ["idle", "die"])
+def test_ep_rank_gone_fails_clearly_in_bounded_time(how):
+    results = run_ranks(2, "timeout", "alltoall", "2", how, timeout=60, ranks_reporting=[0])
     r0 = results[0]
     assert r0.get("ok"), r0.get("traceback")
     assert r0["error"] is not None, "rank 0 ran although rank 1 never called the model"

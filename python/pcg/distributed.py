@@ -267,8 +267,15 @@ class EPConfig:
 
 # ---- sharding ----------------------------------------------------------------------
 
-def _capturable(backend: str, device: torch.device) -> bool:
-    return backend == "nccl" and device.type == "cuda"
+def split_reason(backend: str, device_type: str, mode: str) -> str:
+    """Why an EP layer of ``mode`` on ``device_type`` tensors with a ``backend``
+    group must run outside the CUDA graphs ("" when it can be captured).
+    CPU models never capture, so they need no split."""
+    if device_type != "cuda" or backend == "nccl":
+        return ""
+    return (f"ep_{mode}: {backend} collectives on cuda tensors cannot be captured in CUDA graphs "
+            "(they run eagerly between replays, staged through host memory; use an NCCL group "
+            "to capture them)")
 
 
 def shard_layer(handle: Any, cfg: EPConfig) -> Any:
@@ -306,10 +313,10 @@ def shard_layer(handle: Any, cfg: EPConfig) -> Any:
     handle.num_global_experts = num_global
     handle.expert_map = torch.tensor(expert_map(owner, cfg.rank), dtype=torch.int32, device=device)
     handle.ep = EPContext(cfg, owner, device, backend)
-    if device.type == "cuda" and not _capturable(backend, device):
+    reason = split_reason(backend, device.type, cfg.mode)
+    if reason:
         handle.split = True
-        handle.split_reason = (f"ep_{cfg.mode}: {backend} collectives on {device.type} tensors cannot "
-                               "be captured in CUDA graphs (use an NCCL group)")
+        handle.split_reason = reason
     return handle
 
 
@@ -422,4 +429,4 @@ class EPContext:
 
 
 __all__ = ["EPConfig", "EPContext", "MODES", "PLACEMENTS", "expert_map", "expert_tables",
-           "local_experts", "place_experts", "shard_layer"]
+           "local_experts", "place_experts", "shard_layer", "split_reason"]
