@@ -20,6 +20,7 @@ class Report:
     eager_fallbacks: dict  # reason -> calls
     capture_failures: dict = field(default_factory=dict)  # bucket -> error
     debug_max_rel_err: float = 0.0
+    compile_fallbacks: dict = field(default_factory=dict)  # compile mode: reason -> calls run uncompiled
 
     @classmethod
     def build(cls, wrapped) -> "Report":
@@ -41,6 +42,8 @@ class Report:
             eager_fallbacks=dict(stats.fallbacks) if stats else {},
             capture_failures=dict(stats.failures) if stats else {},
             debug_max_rel_err=stats.debug_max_rel_err if stats else 0.0,
+            compile_fallbacks=dict((getattr(wrapped._forward_fn, "stats", None) or {})
+                                   .get("compile_fallbacks", {})),
         )
 
     def as_dict(self) -> dict:
@@ -66,6 +69,8 @@ class Report:
             lines.append(f"  MoE split layers: {self.moe_split_layers}")
         if self.capture_failures:
             lines.append(f"  capture failures: {self.capture_failures}")
+        if self.compile_fallbacks:
+            lines.append(f"  compile fallbacks: {self.compile_fallbacks}")
         if self.debug_max_rel_err:
             lines.append(f"  debug: max relative error replay vs eager {self.debug_max_rel_err:.3g}")
         return "\n".join(lines)

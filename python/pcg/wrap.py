@@ -210,6 +210,6 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         integration = "transformers"
     if compiler is not None:
         from .compile import compile_forward
-        forward_fn = compile_forward(forward_fn, registry, compiler)
+        forward_fn = compile_forward(forward_fn, registry, compiler, check=debug)
         integration += f"+{compiler}"
     return WrappedModel(model, registry, forward_fn, options, integration, ep=ep_cfg)

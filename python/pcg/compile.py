@@ -1,0 +1,618 @@
+"""Compile mode: ``pcg.wrap(model, compiler="eager" | "inductor")``.
+
+:func:`compile_forward` turns the wrapped model's ``forward_fn(ids, positions)``
+into a function with the same signature that runs a traced, split graph:
+
+1. Trace. The first call traces ``forward_fn`` once with dynamo
+   (``torch.compile(fullgraph=True)`` and a pcg backend that receives the FX
+   graph), the token dim of ``ids`` / ``positions`` marked dynamic. The layer
+   ops ``pcg::attention`` / ``pcg::moe`` have fake kernels, so they stay single
+   nodes. Dynamo specialises sizes 0 and 1, so the trace covers N >= 2; a
+   one-token call runs padded to two tokens (a pad row, as in the engine's
+   buckets) and its outputs are cut back to one row.
+2. Split. The graph is cut at the split ops (every ``pcg::attention``; the
+   ``pcg::moe`` of registry layers marked ``split``) with
+   ``torch.fx.passes.split_module``, in the original order: piece, split op,
+   piece, ..., piece.
+3. Compile. ``"eager"``: the pieces run as FX GraphModules. ``"inductor"``:
+   each piece is compiled by inductor (``compile_fx``) on the trace's symbolic
+   fake inputs, so one compiled piece serves every token count; inductor's
+   own CUDA graphs are off (pcg captures the pieces itself).
+4. Run. Later calls call the split GraphModule directly, with the traced
+   parameters and the new ``ids`` / ``positions`` (and their sizes for the
+   symbolic placeholders); no dynamo frame, no guards but the shape guards of
+   the trace's shape environment, evaluated once per distinct token count.
+   The split ops are ordinary ``torch.ops.pcg.*`` calls inside the split
+   graph, so :class:`pcg.capture.CaptureEngine` captures the pieces exactly as
+   it captures the model's own code. A call the traced graph cannot take (a
+   shape guard fails, the trace failed, an error outside a capture, a first
+   call inside a capture) runs the original ``forward_fn`` and is
+   counted in ``stats["compile_fallbacks"]`` (shown by ``wrapped.report()``).
+
+Artifacts are cached on disk (see :mod:`pcg.compile_cache`): inductor's caches
+live in a pcg directory keyed by the traced graph, input shapes, model config,
+compiler, pcg/torch versions and rank; a second process start compiles from
+that cache. ``check=True`` (``pcg.wrap(debug=True)``) compares each compiled
+piece with its eager FX version on the same inputs, once per token count,
+outside captures.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+import time
+import types
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import compile_cache as _cache
+from . import registry as _reg
+from .registry import LayerRegistry
+
+log = logging.getLogger(__name__)
+
+COMPILERS = ("eager", "inductor")
+MIN_TOKENS = 2  # the trace's smallest token count (dynamo specialises 0 and 1)
+_MISSING = object()
+_counter = itertools.count()
+
+# Inductor settings for pieces: no CUDA graphs of its own (pcg captures).
+INDUCTOR_CONFIG = {"triton.cudagraphs": False}
+
+
+# ---- split ops -------------------------------------------------------------------
+
+def _target_is(node: torch.fx.Node, packet: Any) -> bool:
+    t = node.target
+    return t is packet or t is getattr(packet, "default", None)
+
+
+def _layer_arg(node: torch.fx.Node) -> Optional[int]:
+    if "layer" in node.kwargs:
+        return node.kwargs["layer"]
+    if node.args and isinstance(node.args[-1], int):
+        return node.args[-1]
+    return None
+
+
+def split_kind(node: torch.fx.Node, registry: LayerRegistry) -> Optional[str]:
+    """``"attention"`` / ``"moe"`` when ``node`` is a split op, else None."""
+    if node.op != "call_function":
+        return None
+    if _target_is(node, torch.ops.pcg.attention):
+        return "attention"
+    if _target_is(node, torch.ops.pcg.moe):
+        lid = _layer_arg(node)
+        if lid is not None and 0 <= lid < len(registry.moe_layers) and registry.moe(lid).split:
+            return "moe"
+    return None
+
+
+def split_graph(gm: torch.fx.GraphModule, registry: LayerRegistry):
+    """(split GraphModule, piece submodule names, split submodule names -> kind).
+
+    Partitions in the original node order: piece 0, split 0, piece 1, ... A
+    piece between two adjacent split ops is empty and does not exist."""
+    part: dict[torch.fx.Node, int] = {}
+    kinds: dict[int, str] = {}
+    pid = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        kind = split_kind(node, registry)
+        if kind is not None:
+            pid += 1
+            part[node] = pid
+            kinds[pid] = kind
+            pid += 1
+        else:
+            part[node] = pid
+    split = torch.fx.passes.split_module.split_module(
+        gm, None, lambda n: part[n], keep_original_order=True)
+    pieces, splits = [], {}
+    for node in split.graph.nodes:
+        if node.op != "call_module":
+            continue
+        idx = int(str(node.target).rsplit("_", 1)[-1])
+        if idx in kinds:
+            splits[node.target] = kinds[idx]
+        else:
+            pieces.append(node.target)
+    return split, pieces, splits
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _capturing() -> bool:
+    ctx = _reg._RUNNING.get()
+    if ctx is not None and ctx.recorder is not None:
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class _CheckedPiece:
+    """Debug: runs the compiled piece and, once per token count outside
+    captures, its eager FX version on clones of the same inputs."""
+
+    def __init__(self, name: str, compiled: Callable, eager: torch.fx.GraphModule,
+                 owner: "CompiledForward", rtol: Optional[float]) -> None:
+        self.name, self.compiled, self.eager, self.owner, self.rtol = name, compiled, eager, owner, rtol
+        self.checked: set = set()
+
+    def __call__(self, *args: Any) -> Any:
+        n = self.owner._current_n
+        if n in self.checked or _capturing():
+            return self.compiled(*args)
+        self.checked.add(n)
+        ref = self.eager(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+        out = self.compiled(*args)
+        a, _ = tree_flatten(out)
+        b, _ = tree_flatten(ref)
+        for x, y in zip(a, b):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+                err = _rel_err(x, y)
+                st = self.owner.stats
+                st["check_max_rel_err"] = max(st["check_max_rel_err"], err)
+                st["checks"] += 1
+                tol = self.rtol or (1e-4 if x.dtype == torch.float32 else 2e-2)
+                if not err <= tol:
+                    raise RuntimeError(
+                        f"pcg compile check: piece {self.name} (compiled) differs from its eager FX "
+                        f"version: relative error {err:.3g} > {tol:g} for an output of shape "
+                        f"{tuple(x.shape)} at {n} tokens")
+        return out
+
+
+# ---- one trace --------------------------------------------------------------------
+
+class _Traced:
+    """The traced, split (and compiled) forward."""
+
+    def __init__(self, owner: "CompiledForward", gm: torch.fx.GraphModule,
+                 example_inputs: list, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        self.owner = owner
+        self.gm = gm
+        self.out_template: Optional[list] = None
+        self.out_spec: Any = None
+        self._last_flat: Any = None
+        self._accepts: dict[int, bool] = {}
+        self._guard_code: Optional[str] = None
+        self.piece_errors: dict[str, str] = {}
+        self.device_type = ids.device.type
+        self.ids_dtype, self.pos_dtype = ids.dtype, positions.dtype
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(example_inputs):
+            raise RuntimeError("pcg compile: placeholders and example inputs differ in number")
+        self.example_inputs = list(example_inputs)
+        # Where each placeholder's value comes from at run time.
+        spec: list[tuple] = []
+        self.fake_ids = self.fake_pos = None
+        for node, ex in zip(placeholders, example_inputs):
+            src = getattr(node.meta.get("grapharg"), "source", None)
+            sname = src.name if isinstance(getattr(src, "name", None), str) else str(src)
+            if ex is ids or sname in ("L['ids']",):
+                spec.append(("ids",))
+                self.fake_ids = node.meta.get("example_value")
+            elif ex is positions or sname in ("L['positions']",):
+                spec.append(("pos",))
+                self.fake_pos = node.meta.get("example_value")
+            else:
+                spec.append(("const", ex))
+        for i, (node, ex) in enumerate(zip(placeholders, example_inputs)):
+            val = node.meta.get("example_value")
+            if isinstance(val, torch.SymInt) or (spec[i][0] == "const" and isinstance(ex, int)
+                                                 and "size" in str(node.meta.get("grapharg", ""))):
+                spec[i] = self._sym_source(node, val)
+        self.spec = spec
+        self.shape_env = getattr(getattr(self.fake_ids, "fake_mode", None), "shape_env", None)
+        t0 = time.perf_counter()
+        self.split_gm, self.pieces, self.splits = split_graph(gm, owner.registry)
+        self.split_seconds = time.perf_counter() - t0
+        self.compile_seconds = 0.0
+        if owner.compiler == "inductor":
+            t0 = time.perf_counter()
+            self._compile_pieces()
+            self.compile_seconds = time.perf_counter() - t0
+        self.example_inputs = None  # holds the first call's inputs
+
+    def _sym_source(self, node: torch.fx.Node, val: Any) -> tuple:
+        """A symbolic-size placeholder: which input's dim it is."""
+        expr = getattr(getattr(val, "node", None), "expr", None)
+        for which, fake in (("ids", self.fake_ids), ("pos", self.fake_pos)):
+            if fake is None:
+                continue
+            for d, s in enumerate(fake.shape):
+                if isinstance(s, torch.SymInt) and expr is not None and s.node.expr == expr:
+                    return ("size", which, d)
+        sname = str(getattr(node.meta.get("grapharg"), "source", ""))
+        for which, arg in (("ids", "L['ids']"), ("pos", "L['positions']")):
+            if arg in sname:
+                return ("size", which, 0)
+        raise RuntimeError(f"pcg compile: cannot tell where the symbolic input {node.name} "
+                           f"({sname}) comes from")
+
+    # ---- inductor -------------------------------------------------------------
+    def _compile_pieces(self) -> None:
+        from torch._guards import detect_fake_mode
+        from torch._inductor.compile_fx import compile_fx
+
+        owner = self.owner
+        pieces = set(self.pieces)
+        split_gm = self.split_gm
+        compiled: dict[str, Callable] = {}
+        traced = self
+
+        class _Interp(torch.fx.Interpreter):
+            def call_module(self, target, args, kwargs):
+                out = super().call_module(target, args, kwargs)
+                if target in pieces:
+                    sub = getattr(split_gm, target)
+                    eager = copy.deepcopy(sub) if owner.check else None
+                    try:
+                        fn = compile_fx(sub, list(args), config_patches=dict(INDUCTOR_CONFIG))
+                    except Exception as exc:  # noqa: BLE001 - the piece stays eager, reported
+                        traced.piece_errors[target] = f"{type(exc).__name__}: {exc}"[:500]
+                        log.warning("pcg compile: inductor failed on %s; it runs eagerly: %s",
+                                    target, exc)
+                        return out
+                    if owner.check:
+                        fn = _CheckedPiece(target, fn, eager, owner, owner.check_rtol)
+                    compiled[target] = fn
+                return out
+
+        # The backend's fake mode (dynamo gives the backend its own); fakes of
+        # the real example inputs made by it share the trace's symbols.
+        fake_mode = detect_fake_mode()
+        if fake_mode is None:
+            raise RuntimeError("pcg compile: no fake mode in the backend's tracing context")
+        fake_args = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                     for a in self.example_inputs]
+        with fake_mode:
+            _Interp(split_gm).run(*fake_args)
+        for name, fn in compiled.items():
+            # Instance attribute: found before nn.Module's submodule lookup.
+            split_gm.__dict__[name] = fn
+
+    # ---- run ------------------------------------------------------------------
+    def args_for(self, ids: torch.Tensor, positions: torch.Tensor) -> list:
+        args = []
+        for s in self.spec:
+            k = s[0]
+            if k == "ids":
+                args.append(ids)
+            elif k == "pos":
+                args.append(positions)
+            elif k == "size":
+                args.append(int((ids if s[1] == "ids" else positions).shape[s[2]]))
+            else:
+                args.append(s[1])
+        return args
+
+    def first_call(self, *args: Any) -> Any:
+        """Dynamo's call of the backend's callable (the first run): remember
+        the flat outputs to learn how the caller's result is built from them."""
+        out = self.split_gm(*args)
+        self._last_flat = out
+        return out
+
+    def bind_outputs(self, result: Any, ids: torch.Tensor, positions: torch.Tensor) -> bool:
+        flat_out = self._last_flat
+        self._last_flat = None
+        if flat_out is None:
+            return False
+        if not isinstance(flat_out, (tuple, list)):
+            flat_out = (flat_out,)
+        leaves, spec = tree_flatten(result)
+        template = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                if leaf is ids:
+                    template.append(("ids",))
+                    continue
+                if leaf is positions:
+                    template.append(("pos",))
+                    continue
+                idx = next((i for i, o in enumerate(flat_out) if o is leaf), None)
+                if idx is None:
+                    return False
+                template.append(("out", idx))
+            else:
+                template.append(("const", leaf))
+        self.out_template, self.out_spec = template, spec
+        return True
+
+    def accepts(self, ids: torch.Tensor, positions: torch.Tensor) -> bool:
+        if ids.device.type != self.device_type or ids.dtype != self.ids_dtype \
+                or positions.dtype != self.pos_dtype:
+            return False
+        n = int(ids.shape[0])
+        if int(positions.shape[0]) != n:
+            return False
+        ok = self._accepts.get(n)
+        if ok is None:
+            ok = n >= MIN_TOKENS
+            if ok and self.shape_env is not None and self.fake_ids is not None \
+                    and self.fake_pos is not None:
+                try:
+                    if self._guard_code is None:  # once: the trace's shape guards as Python
+                        self._guard_code = self.shape_env.produce_guards_expression(
+                            [self.fake_ids, self.fake_pos]) or ""
+                    ok = not self._guard_code or bool(
+                        self.shape_env.evaluate_guards_expression(self._guard_code, [ids, positions]))
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("pcg compile: guard evaluation failed: %s", exc)
+                    ok = False
+            self._accepts[n] = ok
+        return ok
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor) -> Any:
+        flat = self.split_gm(*self.args_for(ids, positions))
+        if not isinstance(flat, (tuple, list)):
+            flat = (flat,)
+        leaves = []
+        for t in self.out_template:
+            k = t[0]
+            leaves.append(flat[t[1]] if k == "out" else ids if k == "ids"
+                          else positions if k == "pos" else t[1])
+        return tree_unflatten(leaves, self.out_spec)
+
+
+# ---- the compiled forward ------------------------------------------------------------
+
+class CompiledForward:
+    """``fn(ids [N] int64, positions [N] int64)``: the traced, split forward.
+
+    Attributes: ``stats`` (dict: ``compile_fallbacks`` reason -> calls run by
+    the original forward, ``pieces``, ``splits``, ``split_kinds``, ``startup``
+    (trace / compile / first-run seconds, cache key and hits),
+    ``check_max_rel_err``, ``checks``), ``traced`` (the :class:`_Traced`, with
+    ``split_gm``, ``pieces``, ``splits``), ``trace_error``.
+    """
+
+    def __init__(self, forward_fn: Callable, registry: LayerRegistry, compiler: str = "eager",
+                 check: bool = False, check_rtol: Optional[float] = None,
+                 cache: bool = True) -> None:
+        if compiler not in COMPILERS:
+            raise ValueError(f"pcg: compiler must be one of {COMPILERS} (or None), got {compiler!r}")
+        self.forward_fn = forward_fn
+        self.registry = registry
+        self.compiler = compiler
+        self.check = check
+        self.check_rtol = check_rtol
+        self.cache = cache and compiler == "inductor"
+        self.traced: Any = _MISSING  # _Traced once traced; None when the trace failed
+        self.trace_error: Optional[str] = None
+        self._current_n = 0
+        self.stats: dict[str, Any] = {"compile_fallbacks": {}, "pieces": 0, "splits": 0,
+                                      "split_kinds": {}, "startup": {}, "check_max_rel_err": 0.0,
+                                      "checks": 0}
+
+    # ---- public -----------------------------------------------------------------
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> Any:
+        n = int(ids.shape[0])
+        if n == 0:
+            return self._fallback("empty_batch", ids, positions)
+        if n < MIN_TOKENS:
+            # Dynamo specialises sizes 0 and 1, so the trace covers N >= 2: one
+            # token runs as two, the copy a pad row like the engine's bucket
+            # padding (attention zeroes it, MoE masks it by num_valid), and the
+            # outputs are cut back to one row.
+            reps = MIN_TOKENS - n + 1
+            run_ids = torch.cat([ids] + [ids[-1:]] * (reps - 1))
+            run_pos = torch.cat([positions] + [positions[-1:]] * (reps - 1))
+        else:
+            run_ids, run_pos = ids, positions
+        tr = self.traced
+        if tr is _MISSING:
+            if _capturing():
+                return self._fallback("first_call_in_capture", ids, positions)
+            out = self._trace(run_ids, run_pos)
+            if out is _MISSING:
+                return self._fallback("trace_failed", ids, positions)
+        elif tr is None:
+            return self._fallback("trace_failed", ids, positions)
+        elif not tr.accepts(run_ids, run_pos):
+            return self._fallback("guard", ids, positions)
+        else:
+            self._current_n = int(run_ids.shape[0])
+            try:
+                out = tr.run(run_ids, run_pos)
+            except Exception as exc:
+                if _capturing():
+                    raise  # the engine records a capture failure; the bucket runs eagerly
+                log.warning("pcg compile: the traced graph failed (%s: %s); running the model's "
+                            "forward", type(exc).__name__, exc)
+                return self._fallback(f"run_error:{type(exc).__name__}", ids, positions)
+        if run_ids is not ids:
+            out = _cut_rows(out, int(run_ids.shape[0]), n)
+        return out
+
+    def warmup(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> None:
+        """Trace (and compile) now, with ``ids`` [N] as the example (outside
+        any wrapped model's forward; pcg's layer ops get a one-sequence batch)."""
+        if positions is None:
+            positions = torch.arange(ids.shape[0], device=ids.device)
+        n = int(ids.shape[0])
+        from .batch import BatchMeta
+        batch = BatchMeta(n, [0, n], positions, n)
+        with torch.inference_mode(), _reg.running(_reg.RunContext(self.registry, batch, None)):
+            self(ids, positions)
+
+    @property
+    def num_pieces(self) -> int:
+        return self.stats["pieces"]
+
+    @property
+    def num_splits(self) -> int:
+        return self.stats["splits"]
+
+    # ---- internals -----------------------------------------------------------------
+    def _fallback(self, reason: str, ids: torch.Tensor, positions: torch.Tensor) -> Any:
+        fb = self.stats["compile_fallbacks"]
+        fb[reason] = fb.get(reason, 0) + 1
+        return self.forward_fn(ids, positions)
+
+    def _cache_parts(self, gm: torch.fx.GraphModule) -> dict:
+        import pcg
+        shapes = []
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                v = node.meta.get("example_value")
+                if isinstance(v, torch.Tensor):
+                    shapes.append([str(tuple(v.shape)), str(v.dtype), str(v.device.type),
+                                   str(v.stride())])
+                else:
+                    shapes.append([type(v).__name__, str(v)])
+        config = None
+        for layer in self.registry.attention_layers[:1] + self.registry.moe_layers[:1]:
+            cfg = getattr(layer.module, "config", None)
+            if cfg is not None:
+                try:
+                    config = cfg.to_json_string() if hasattr(cfg, "to_json_string") else repr(cfg)
+                except Exception:  # noqa: BLE001
+                    config = repr(cfg)
+                break
+        return {"graph": gm.code, "inputs": shapes, "config": config, "compiler": self.compiler,
+                "pcg": getattr(pcg, "__version__", "?"), "torch": torch.__version__,
+                "rank": _cache.rank(), "check": self.check,
+                "split_moe": [m.layer_id for m in self.registry.moe_layers if m.split]}
+
+    def _trace(self, ids: torch.Tensor, positions: torch.Tensor) -> Any:
+        """Trace, split, compile and run the first call; ``_MISSING`` on failure."""
+        self._current_n = int(ids.shape[0])
+        holder: dict[str, Any] = {}
+        times: dict[str, float] = {}
+        cache_cm: list = []
+        counters_before = _inductor_counters()
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            times["backend_start"] = time.perf_counter()
+            if "traced" in holder:
+                raise RuntimeError("pcg compile: the forward traced as more than one graph")
+            if self.cache:
+                parts = self._cache_parts(gm)
+                holder["cache_key"] = ckey = _cache.make_key(parts)
+                holder["cache_parts"] = {k: v for k, v in parts.items() if k not in ("graph", "inputs")}
+                holder["warm"] = os.path.exists(os.path.join(_cache.entry_dir(ckey), "pcg.json"))
+                cm = _cache.inductor_cache_dir(ckey)
+                cm.__enter__()
+                cache_cm.append(cm)
+            tr = _Traced(self, gm, example_inputs, ids, positions)
+            holder["traced"] = tr
+            times["backend_end"] = time.perf_counter()
+            return tr.first_call
+
+        fresh = _fresh_function(self.forward_fn, next(_counter))
+        t0 = time.perf_counter()
+        try:
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+            compiled = torch.compile(fresh, backend=backend, fullgraph=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = compiled(ids, positions)
+            tr = holder.get("traced")
+            if tr is None:
+                raise RuntimeError("pcg compile: dynamo did not call the pcg backend")
+            if not tr.bind_outputs(result, ids, positions):
+                raise RuntimeError("pcg compile: cannot map the forward's outputs to the graph's")
+        except Exception as exc:  # noqa: BLE001 - reported; calls run the model's own forward
+            self.traced = None
+            self.trace_error = f"{type(exc).__name__}: {exc}"[:2000]
+            warnings.warn(f"pcg compile: tracing the forward failed ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); calls run the model's own forward", stacklevel=3)
+            return _MISSING
+        finally:
+            for cm in cache_cm:
+                cm.__exit__(None, None, None)
+        t_end = time.perf_counter()
+        self.traced = tr
+        counters = _inductor_counters()
+        info = {
+            "trace_seconds": round(times.get("backend_start", t0) - t0, 4),
+            "split_seconds": round(tr.split_seconds, 4),
+            "compile_seconds": round(tr.compile_seconds, 4),
+            "first_run_seconds": round(t_end - times.get("backend_end", t0), 4),
+            "total_seconds": round(t_end - t0, 4),
+            "pieces": len(tr.pieces),
+            "splits": len(tr.splits),
+            "piece_compile_failures": dict(tr.piece_errors),
+            "inductor_cache": {k: counters.get(k, 0) - counters_before.get(k, 0) for k in counters},
+        }
+        if "cache_key" in holder:
+            info["cache_key"] = holder["cache_key"]
+            info["cache_warm"] = holder["warm"]
+            info["cache_dir"] = _cache.entry_dir(holder["cache_key"])
+            _cache.record_start(holder["cache_key"], holder["cache_parts"], info)
+        self.stats["startup"] = info
+        self.stats["pieces"] = len(tr.pieces)
+        self.stats["splits"] = len(tr.splits)
+        kinds: dict[str, int] = {}
+        for k in tr.splits.values():
+            kinds[k] = kinds.get(k, 0) + 1
+        self.stats["split_kinds"] = kinds
+        return result
+
+
+def _inductor_counters() -> dict:
+    try:
+        from torch._dynamo.utils import counters
+        return {k: v for k, v in counters["inductor"].items()
+                if "cache" in k and isinstance(v, int)}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _fresh_function(fn: Callable, tag: int) -> Callable:
+    """A new function object *and code object* calling ``fn``: dynamo caches
+    compiled frames per code object, so every trace gets its own (no shared
+    recompile budget between wrapped models)."""
+    def pcg_forward(ids, positions):
+        return fn(ids, positions)
+    code = pcg_forward.__code__.replace(co_name=f"pcg_forward_{tag}",
+                                        co_qualname=f"pcg_forward_{tag}")
+    return types.FunctionType(code, pcg_forward.__globals__, f"pcg_forward_{tag}", None,
+                              pcg_forward.__closure__)
+
+
+def compile_forward(forward_fn: Callable, registry: LayerRegistry, compiler: str = "eager",
+                    check: bool = False, check_rtol: Optional[float] = None,
+                    cache: bool = True) -> CompiledForward:
+    """The forward of compile mode (see the module docstring).
+
+    Args:
+        forward_fn: ``forward_fn(ids [N], positions [N])`` of the wrapped model.
+        registry: the wrapped model's layer registry (split MoE layers).
+        compiler: ``"eager"`` (FX pieces) or ``"inductor"``.
+        check: compare compiled pieces with their eager versions (debug).
+        check_rtol: tolerance of ``check`` (default 1e-4 fp32, 2e-2 otherwise).
+        cache: keep inductor's artifacts in pcg's on-disk cache (inductor only).
+    Returns:
+        a :class:`CompiledForward`, called like ``forward_fn``.
+    """
+    return CompiledForward(forward_fn, registry, compiler, check=check, check_rtol=check_rtol,
+                           cache=cache)
+
+
+def _cut_rows(out: Any, padded: int, n: int) -> Any:
+    """Outputs of a padded run cut back to ``n`` token rows (token dim 0, or 1
+    under a leading batch dim of 1), shapes otherwise unchanged."""
+    flat, spec = tree_flatten(out)
+    res = []
+    for t in flat:
+        if isinstance(t, torch.Tensor):
+            if t.dim() >= 2 and t.shape[0] == 1 and t.shape[1] == padded:
+                t = t[:, :n]
+            elif t.dim() >= 1 and t.shape[0] == padded:
+                t = t[:n]
+        res.append(t)
+    return tree_unflatten(res, spec)

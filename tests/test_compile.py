@@ -1,0 +1,375 @@
+"""Compile mode (pcg.wrap(model, compiler=...)) on CPU, fp32: the traced,
+split graph (FX pieces, or inductor-compiled pieces) gives the unwrapped
+model's outputs at many token counts (one symbolic trace), for [1, T], packed
+and padded [B, S] inputs; the split is at the right places; calls the graph
+cannot take run the model's own forward and are counted; the inductor cache
+makes a second start faster.
+
+Inductor compiles C++ on CPU, so its set is small (qwen3_moe, deepseek_v3,
+MoETransformer); the other families' inductor runs are marked slow.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+import pcg
+from pcg.compile import CompiledForward, compile_forward
+from pcg.models import MoETransformer, MoETransformerConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hf_models import FAMILIES, VOCAB, build  # noqa: E402
+
+RTOL = 1e-4
+INDUCTOR_FAST = ("moe", "qwen3_moe", "deepseek_v3")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_dir():
+    """A fresh pcg cache for this module (no stale artifacts, honest timings)."""
+    old = os.environ.get("PCG_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="pcg-cache-") as d:
+        os.environ["PCG_CACHE_DIR"] = d
+        yield d
+        if old is None:
+            os.environ.pop("PCG_CACHE_DIR", None)
+        else:
+            os.environ["PCG_CACHE_DIR"] = old
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _build(name: str) -> torch.nn.Module:
+    if name == "moe":
+        torch.manual_seed(0)
+        return MoETransformer().eval()
+    return build(name)
+
+
+def _vocab(name: str) -> int:
+    return MoETransformerConfig().vocab_size if name == "moe" else VOCAB
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@torch.inference_mode()
+def ref_logits(name: str, ref, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The unwrapped model on one sequence ids [T] -> [T, V]."""
+    pos = positions[None] if positions is not None else torch.arange(ids.shape[0])[None]
+    if name == "moe":
+        return ref(ids[None], pos)[0]
+    return ref(input_ids=ids[None], position_ids=pos, use_cache=False).logits[0]
+
+
+_CASES = [pytest.param((name, "eager"), id=f"{name}-eager") for name in ["moe", *FAMILIES]]
+_CASES += [pytest.param((name, "inductor"), id=f"{name}-inductor",
+                        marks=() if name in INDUCTOR_FAST else pytest.mark.slow)
+           for name in ["moe", *FAMILIES]]
+
+
+@pytest.fixture(scope="module", params=_CASES)
+def case(request):
+    """(name, compiler, reference model, wrapped model)."""
+    name, compiler = request.param
+    model = _build(name)
+    ref = copy.deepcopy(model)
+    # debug=True: compiled pieces are checked against their eager FX versions.
+    wrapped = pcg.wrap(model, compiler=compiler, debug=compiler == "inductor", progress=False)
+    return name, compiler, ref, wrapped
+
+
+def _fn(wrapped) -> CompiledForward:
+    fn = wrapped._forward_fn
+    assert isinstance(fn, CompiledForward)
+    return fn
+
+
+def _no_fallbacks(wrapped):
+    fn = _fn(wrapped)
+    assert fn.trace_error is None, fn.trace_error
+    assert fn.stats["compile_fallbacks"] == {}, fn.stats["compile_fallbacks"]
+    assert wrapped.report().compile_fallbacks == {}
+
+
+@torch.inference_mode()
+def test_single_sequence_many_lengths(case):
+    """[1, T] at several T: one trace serves them all (dynamic token dim), T=1 included."""
+    name, compiler, ref, wrapped = case
+    g = torch.Generator().manual_seed(0)
+    for t in (7, 2, 33, 1, 12, 64):
+        ids = torch.randint(0, VOCAB, (1, t), generator=g)
+        out = _logits(wrapped(ids))
+        assert out.shape == (1, t, _vocab(name))
+        err = rel_err(out[0], ref_logits(name, ref, ids[0]))
+        assert err <= RTOL, f"{name}/{compiler} T={t}: relative error {err:.3g}"
+    _no_fallbacks(wrapped)
+    fn = _fn(wrapped)
+    assert fn.stats["startup"]["pieces"] >= 2
+    if compiler == "inductor":
+        assert fn.stats["checks"] > 0 and fn.stats["check_max_rel_err"] <= RTOL
+        assert not fn.stats["startup"]["piece_compile_failures"]
+
+
+@torch.inference_mode()
+def test_packed_sequences(case):
+    name, compiler, ref, wrapped = case
+    g = torch.Generator().manual_seed(1)
+    lens = [5, 9, 1, 12]
+    ids = torch.randint(0, VOCAB, (sum(lens),), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    out = _logits(wrapped(ids[None], position_ids=pos[None]))[0]
+    expect, start = [], 0
+    for n in lens:
+        expect.append(ref_logits(name, ref, ids[start:start + n]))
+        start += n
+    err = rel_err(out, torch.cat(expect))
+    assert err <= RTOL, f"{name}/{compiler} packed: relative error {err:.3g}"
+    _no_fallbacks(wrapped)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@torch.inference_mode()
+def test_padded_batch(case, side):
+    name, compiler, ref, wrapped = case
+    g = torch.Generator().manual_seed(2)
+    b, s = 3, 11
+    lens = [11, 6, 2]
+    ids = torch.randint(0, VOCAB, (b, s), generator=g)
+    mask = torch.zeros(b, s, dtype=torch.long)
+    for i, n in enumerate(lens):
+        if side == "right":
+            mask[i, :n] = 1
+        else:
+            mask[i, s - n:] = 1
+    out = _logits(wrapped(ids, attention_mask=mask))
+    assert out.shape == (b, s, _vocab(name))
+    for i, n in enumerate(lens):
+        rows = mask[i].bool()
+        # real tokens at the positions the caller's row gives them (arange(S))
+        expect = ref_logits(name, ref, ids[i][rows], rows.nonzero().flatten())
+        err = rel_err(out[i][rows], expect)
+        assert err <= RTOL, f"{name}/{compiler} padded {side} row {i}: relative error {err:.3g}"
+        assert torch.all(out[i][~rows] == 0)
+    _no_fallbacks(wrapped)
+
+
+# ---- structure ------------------------------------------------------------------------
+
+def _moe_model(layers: int = 2):
+    torch.manual_seed(0)
+    return MoETransformer(MoETransformerConfig(num_layers=layers)).eval()
+
+
+@torch.inference_mode()
+def test_split_counts_moetransformer():
+    """2 layers: piece, attention, piece, attention, piece."""
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, compiler="eager", progress=False)
+    ids = torch.randint(0, 256, (1, 9))
+    out = wrapped(ids)
+    assert rel_err(out, ref(ids)) <= RTOL
+    fn = _fn(wrapped)
+    assert fn.num_pieces == 3 and fn.num_splits == 2
+    assert fn.stats["split_kinds"] == {"attention": 2}
+    tr = fn.traced
+    mods = [n for n in tr.split_gm.graph.nodes if n.op == "call_module"]
+    kinds = ["split" if n.target in tr.splits else "piece" for n in mods]
+    assert kinds == ["piece", "split", "piece", "split", "piece"]
+    # each split submodule holds exactly the one op
+    for name in tr.splits:
+        calls = [n for n in getattr(tr.split_gm, name).graph.nodes if n.op == "call_function"]
+        assert len(calls) == 1 and "pcg.attention" in str(calls[0].target)
+    # no pcg::attention left inside the pieces; pcg::moe stays inside (not split)
+    for name in tr.pieces:
+        targets = [str(n.target) for n in getattr(tr.split_gm, name).graph.nodes]
+        assert not any("pcg.attention" in t for t in targets)
+    assert sum(any("pcg.moe" in str(n.target) for n in getattr(tr.split_gm, p).graph.nodes)
+               for p in tr.pieces) == 2
+
+
+@torch.inference_mode()
+def test_split_counts_with_split_moe():
+    """MoE layers marked split (an EP mode that cannot be captured) are split ops too."""
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, compiler="eager", progress=False)
+    for layer in wrapped.registry.moe_layers:
+        layer.split, layer.split_reason = True, "test"
+    ids = torch.randint(0, 256, (1, 9))
+    assert rel_err(wrapped(ids), ref(ids)) <= RTOL
+    fn = _fn(wrapped)
+    assert fn.num_pieces == 5 and fn.num_splits == 4
+    assert fn.stats["split_kinds"] == {"attention": 2, "moe": 2}
+    tr = fn.traced
+    mods = [n.target for n in tr.split_gm.graph.nodes if n.op == "call_module"]
+    assert [tr.splits.get(m, "piece") for m in mods] == [
+        "piece", "attention", "piece", "moe", "piece", "attention", "piece", "moe", "piece"]
+
+
+@torch.inference_mode()
+def test_split_counts_hf():
+    """qwen3_moe (2 layers): 3 pieces, 2 attention splits; deepseek_v3 (3 layers): 4 and 3."""
+    for family, pieces, splits in (("qwen3_moe", 3, 2), ("deepseek_v3", 4, 3)):
+        wrapped = pcg.wrap(build(family), compiler="eager", progress=False)
+        wrapped(torch.randint(0, VOCAB, (1, 5)))
+        fn = _fn(wrapped)
+        assert (fn.num_pieces, fn.num_splits) == (pieces, splits), family
+
+
+# ---- fallbacks -------------------------------------------------------------------------
+
+@torch.inference_mode()
+def test_fallback_run_error_counted():
+    """The traced graph raising (outside a capture) runs the model's own forward."""
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, compiler="eager", progress=False)
+    ids = torch.randint(0, 256, (1, 6))
+    wrapped(ids)
+    fn = _fn(wrapped)
+
+    def boom(*args):
+        raise RuntimeError("forced failure")
+    fn.traced.split_gm.__dict__["forward"] = boom
+    out = wrapped(ids)
+    assert rel_err(out, ref(ids)) <= RTOL
+    assert fn.stats["compile_fallbacks"] == {"run_error:RuntimeError": 1}
+    rep = wrapped.report()
+    assert rep.compile_fallbacks == {"run_error:RuntimeError": 1}
+    assert "compile fallbacks" in str(rep)
+
+
+@torch.inference_mode()
+def test_fallback_trace_failure_counted():
+    """A forward dynamo cannot trace as one graph: every call runs it eagerly, counted."""
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    from pcg import nn as pcg_nn
+    registry, forward_fn = pcg_nn.prepare(model)
+
+    def breaking_forward(ids, positions):
+        torch._dynamo.graph_break()
+        return forward_fn(ids, positions)
+
+    fn = compile_forward(breaking_forward, registry, "eager")
+    from pcg.batch import BatchMeta
+    from pcg.registry import RunContext, running
+    for t in (4, 7):
+        ids, pos = torch.randint(0, 256, (t,)), torch.arange(t)
+        with pytest.warns(UserWarning, match="tracing the forward failed") if t == 4 else _null():
+            with running(RunContext(registry, BatchMeta(t, [0, t], pos, t), None)):
+                out = fn(ids, pos)
+        assert rel_err(out, ref(ids[None], pos[None])) <= RTOL
+    assert fn.traced is None and fn.trace_error
+    assert fn.stats["compile_fallbacks"] == {"trace_failed": 2}
+
+
+@torch.inference_mode()
+def test_fallback_shape_guard_counted():
+    """A call whose shapes fail the trace's shape guards runs the model's forward."""
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, compiler="eager", progress=False)
+    wrapped(torch.randint(0, 256, (1, 6)))
+    fn = _fn(wrapped)
+    assert fn.traced.accepts(torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long))
+    # int32 ids were not traced: guarded by pcg, the forward runs the original code.
+    ids = torch.randint(0, 256, (8,))
+    from pcg.batch import BatchMeta
+    from pcg.registry import RunContext, running
+    with running(RunContext(wrapped.registry, BatchMeta(8, [0, 8], torch.arange(8), 8), None)):
+        out = fn(ids.to(torch.int32), torch.arange(8))
+    assert rel_err(out, ref(ids[None])) <= RTOL
+    assert fn.stats["compile_fallbacks"] == {"guard": 1}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_bad_compiler():
+    with pytest.raises(ValueError, match="compiler"):
+        pcg.wrap(_moe_model(1), compiler="tvm")
+
+
+# ---- cache --------------------------------------------------------------------------------
+
+def test_cache_key_and_atomic_manifest(tmp_path, monkeypatch):
+    from pcg import compile_cache as cc
+    monkeypatch.setenv("PCG_CACHE_DIR", str(tmp_path))
+    parts = {"graph": "x", "torch": torch.__version__, "rank": 0}
+    assert cc.make_key(parts) == cc.make_key(dict(parts))
+    assert cc.make_key(parts) != cc.make_key(dict(parts, rank=1))
+    key = cc.make_key(parts)
+    m = cc.record_start(key, parts, {"total_seconds": 1.0})
+    m = cc.record_start(key, parts, {"total_seconds": 0.5})
+    assert [s["total_seconds"] for s in m["starts"]] == [1.0, 0.5]
+    d = cc.entry_dir(key)
+    assert d.startswith(str(tmp_path))
+    assert sorted(os.listdir(d)) == ["pcg.json"]  # no temp files left behind
+    with cc.inductor_cache_dir(key) as path:
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == path
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") != path
+
+
+_STARTUP_SCRIPT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch, pcg
+from pcg.models import MoETransformer
+torch.manual_seed(0)
+model = MoETransformer().eval()
+wrapped = pcg.wrap(model, compiler="inductor", progress=False)
+t1 = time.perf_counter()
+with torch.inference_mode():
+    out = wrapped(torch.arange(9)[None] % 256)
+t2 = time.perf_counter()
+info = dict(wrapped._forward_fn.stats["startup"], first_call_seconds=t2 - t1,
+            import_and_build_seconds=t1 - t0, checksum=float(out.double().sum()))
+print("PCG_STARTUP " + json.dumps(info))
+"""
+
+
+def _start(cache: str) -> dict:
+    env = dict(os.environ, PCG_CACHE_DIR=cache)
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    res = subprocess.run([sys.executable, "-c", _STARTUP_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("PCG_STARTUP ")][-1]
+    return json.loads(line[len("PCG_STARTUP "):])
+
+
+@pytest.mark.slow
+def test_startup_time_with_cache(tmp_path):
+    """Two process starts on one pcg cache: the second compiles from inductor's
+    cached artifacts (FX graph cache hits), and is faster."""
+    cold = _start(str(tmp_path))
+    warm = _start(str(tmp_path))
+    print(f"\ncold start: {cold['first_call_seconds']:.2f} s first call "
+          f"(trace {cold['trace_seconds']:.2f}, compile {cold['compile_seconds']:.2f}); "
+          f"warm start: {warm['first_call_seconds']:.2f} s (trace {warm['trace_seconds']:.2f}, "
+          f"compile {warm['compile_seconds']:.2f}); cache {warm['inductor_cache']}")
+    assert cold["cache_key"] == warm["cache_key"]
+    assert not cold["cache_warm"] and warm["cache_warm"]
+    assert warm["inductor_cache"].get("fxgraph_cache_hit", 0) == warm["pieces"]
+    assert warm["compile_seconds"] < cold["compile_seconds"]
+    assert warm["checksum"] == cold["checksum"]
+    manifest = json.load(open(os.path.join(warm["cache_dir"], "pcg.json")))
+    assert len(manifest["starts"]) == 2
