@@ -186,6 +186,8 @@ class _Traced:
         self._last_flat: Any = None
         self._accepts: dict[int, bool] = {}
         self._guard_code: Optional[str] = None
+        self._args_template: Optional[list] = None
+        self._slots: list = []
         self.piece_errors: dict[str, str] = {}
         self.device_type = ids.device.type
         self.ids_dtype, self.pos_dtype = ids.dtype, positions.dtype
@@ -206,12 +208,13 @@ class _Traced:
                 spec.append(("pos",))
                 self.fake_pos = node.meta.get("example_value")
             else:
+                # Parameters, buffers and other state the forward read: the
+                # same objects every call (the engine relies on that too).
                 spec.append(("const", ex))
         for i, (node, ex) in enumerate(zip(placeholders, example_inputs)):
             val = node.meta.get("example_value")
-            if isinstance(val, torch.SymInt) or (spec[i][0] == "const" and isinstance(ex, int)
-                                                 and "size" in str(node.meta.get("grapharg", ""))):
-                spec[i] = self._sym_source(node, val)
+            if isinstance(val, torch.SymInt) or isinstance(ex, torch.SymInt):
+                spec[i] = self._sym_source(node, val if isinstance(val, torch.SymInt) else ex)
         self.spec = spec
         self.shape_env = getattr(getattr(self.fake_ids, "fake_mode", None), "shape_env", None)
         t0 = time.perf_counter()
@@ -284,17 +287,18 @@ class _Traced:
 
     # ---- run ------------------------------------------------------------------
     def args_for(self, ids: torch.Tensor, positions: torch.Tensor) -> list:
-        args = []
-        for s in self.spec:
-            k = s[0]
+        if self._args_template is None:
+            self._args_template = [s[1] if s[0] == "const" else None for s in self.spec]
+            self._slots = [(i,) + s for i, s in enumerate(self.spec) if s[0] != "const"]
+        args = list(self._args_template)
+        for slot in self._slots:
+            i, k = slot[0], slot[1]
             if k == "ids":
-                args.append(ids)
+                args[i] = ids
             elif k == "pos":
-                args.append(positions)
-            elif k == "size":
-                args.append(int((ids if s[1] == "ids" else positions).shape[s[2]]))
-            else:
-                args.append(s[1])
+                args[i] = positions
+            else:  # ("size", which, dim)
+                args[i] = int((ids if slot[2] == "ids" else positions).shape[slot[3]])
         return args
 
     def first_call(self, *args: Any) -> Any:
@@ -513,6 +517,8 @@ class CompiledForward:
 
         fresh = _fresh_function(self.forward_fn, next(_counter))
         t0 = time.perf_counter()
+        mode = torch.inference_mode()  # compiled for inference (as pcg.wrap runs it)
+        mode.__enter__()
         try:
             torch._dynamo.mark_dynamic(ids, 0)
             torch._dynamo.mark_dynamic(positions, 0)
@@ -534,6 +540,7 @@ class CompiledForward:
         finally:
             for cm in cache_cm:
                 cm.__exit__(None, None, None)
+            mode.__exit__(None, None, None)
         t_end = time.perf_counter()
         self.traced = tr
         counters = _inductor_counters()
