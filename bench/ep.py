@@ -148,6 +148,8 @@ def bench_comm(args, rank: int, world: int, device: torch.device) -> list[dict]:
                 for name, fn in (("dispatch", dispatch), ("combine", combine), ("a2a", a2a),
                                  ("pcg", full)):
                     res[name + "_ms"] = timed(graphed(fn, device), device, grp)
+                if device.type == "cuda" and args.peer:
+                    res["peer_ms"] = bench_peer(grp, w, rank, T, hidden, wts, ids, er, el, nv, k)
                 # correctness of the exchange: combine(identity experts) = hidden * #dest ranks
                 full()
                 if device.type == "cuda":
@@ -159,12 +161,45 @@ def bench_comm(args, rank: int, world: int, device: torch.device) -> list[dict]:
                 res["useful_GBps"] = 2 * sent * Hh * elem / (res["pcg_ms"] * 1e-3) / 1e9
                 res["buffer_GBps"] = (w - 1) * T * Hh * elem / (res["a2a_ms"] * 1e-3) / 1e9
                 rows.append(res)
+                peer = (f"  peer {res['peer_ms']:.3f} ms" if isinstance(res.get("peer_ms"), float)
+                        else "")
                 log(rank, f"  ep={w:2d} T={T:6d}  dispatch {res['dispatch_ms']:.3f} ms  combine "
                           f"{res['combine_ms']:.3f} ms  a2a {res['a2a_ms']:.3f} ms  pcg "
-                          f"{res['pcg_ms']:.3f} ms  useful {res['useful_GBps']:.1f} GB/s  "
+                          f"{res['pcg_ms']:.3f} ms{peer}  useful {res['useful_GBps']:.1f} GB/s  "
                           f"a2a buffer {res['buffer_GBps']:.1f} GB/s  err {res['max_rel_err']:.2g}")
             dist.barrier()
     return rows
+
+
+_PEER_CFG: dict = {}
+
+
+def bench_peer(grp, w: int, rank: int, T: int, hidden, wts, ids, er, el, nv, k: int):
+    """The alltoall_peer exchange (experimental): dispatch_peer + barrier +
+    return_peer (identity experts) + barrier + combine, captured. Returns ms,
+    or the reason it could not run."""
+    from pcg.distributed import EPConfig
+    from pcg.ops.ep import ep_dispatch_peer, ep_return_peer
+    try:
+        cfg = _PEER_CFG.get(w)
+        if cfg is None:
+            cfg = _PEER_CFG[w] = EPConfig(group=grp, mode="alltoall_peer")
+        Hh = hidden.shape[1]
+        ws = cfg.peer_workspace(T, Hh * hidden.element_size(), k, hidden.device)
+        recv_h = ws.region(ws.hidden_offset, (w * T, Hh), hidden.dtype)
+        recv_m = ws.region(ws.meta_offset, (w, T, 2 * k), torch.int32)
+        back = ws.region(ws.back_offset, (w, T, Hh), hidden.dtype)
+
+        def fn():
+            slot_map, _ = ep_dispatch_peer(hidden, wts, ids, er, el, ws.peer_ptrs, rank, T,
+                                           ws.hidden_offset, ws.meta_offset, nv)
+            ws.barrier()
+            ep_return_peer(recv_h, recv_m, ws.peer_ptrs, rank, ws.back_offset)
+            ws.barrier()
+            return ep_combine(back, slot_map)
+        return timed(graphed(fn, hidden.device), hidden.device, grp)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return f"unavailable: {type(exc).__name__}: {exc}"
 
 
 def bench_e2e(args, rank: int, world: int, device: torch.device) -> list[dict]:
@@ -216,7 +251,10 @@ def main() -> None:
     ap.add_argument("--part", choices=["comm", "e2e", "all"], default="all")
     ap.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per rank")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--modes", nargs="+", default=["allreduce", "alltoall"])
+    ap.add_argument("--modes", nargs="+", default=["allreduce", "alltoall"],
+                    help="e2e EP modes (add alltoall_peer for the experimental peer-mapped path)")
+    ap.add_argument("--no-peer", dest="peer", action="store_false",
+                    help="skip the experimental peer-mapped exchange in the comm part")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     ap.add_argument("--cpu-smoke", action="store_true", help="gloo/CPU, tiny sizes and model, eager")
     args = ap.parse_args()

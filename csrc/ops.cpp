@@ -33,6 +33,15 @@ TORCH_LIBRARY(pcg, m) {
       "Tensor(c!) slot_map, Tensor(d!) counts) -> ()");
   // out[t] = sum over ranks r of recv[r, slot_map[t, r]] (fp32 accumulation).
   m.def("ep_combine(Tensor recv, Tensor slot_map, Tensor(a!) out) -> ()");
+  // Intranode peer-mapped variants: write straight into every rank's mapped
+  // workspace (addresses in peer_ptrs) instead of local send buffers; the
+  // workspaces are written through raw addresses, so no argument aliases them.
+  m.def(
+      "ep_dispatch_peer(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor expert_rank, "
+      "Tensor expert_local, Tensor? num_valid, Tensor peer_ptrs, int rank, int capacity, "
+      "int hidden_offset, int meta_offset, Tensor(a!) slot_map, Tensor(b!) counts) -> ()");
+  m.def(
+      "ep_return_peer(Tensor y, Tensor meta, Tensor peer_ptrs, int rank, int back_offset) -> ()");
 
   // ---- graph ---------------------------------------------------------------
   // A tensor viewing t's memory that does not keep t's storage alive.

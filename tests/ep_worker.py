@@ -58,6 +58,10 @@ def check_sharding(wrapped, world: int, rank: int) -> None:
         assert layer.expert_map.tolist() == exp, (layer.expert_map.tolist(), exp)
         assert layer.expert_map.device == layer.w13.device
         assert not layer.split
+        # the module itself keeps only the local slice (the full tensors are dropped)
+        m = layer.module
+        mod_w13 = m.w13 if hasattr(m, "w13") else m.gate_up_proj
+        assert mod_w13.shape[0] == len(mine) and mod_w13.data_ptr() == layer.w13.data_ptr()
 
 
 def compare(model, vocab, world, rank, modes, placement, results, tag):
@@ -91,6 +95,13 @@ def scenario_hf(world, rank, args, results):
 def scenario_nn(world, rank, args, results):
     from pcg.models import MoETransformer, MoETransformerConfig
     modes = args[0].split(",")
+    torch.manual_seed(0)
+    try:  # the peer-mapped mode needs CUDA: a CPU model is refused at wrap time
+        pcg.wrap(MoETransformer(MoETransformerConfig()).eval(), ep=dist.group.WORLD,
+                 ep_mode="alltoall_peer")
+        raise AssertionError("alltoall_peer accepted a CPU model")
+    except ValueError as exc:
+        assert "alltoall_peer" in str(exc), exc
     for num_experts, placement in ((8, "contiguous"), (6, "round_robin"), (6, "contiguous")):
         torch.manual_seed(0)
         model = MoETransformer(MoETransformerConfig(num_experts=num_experts)).eval()

@@ -254,6 +254,82 @@ def test_combine_errors_name_the_argument():
         torch.ops.pcg.ep_combine(recv, sm, torch.zeros(5, 2).t())
 
 
+# ---- peer-mapped variants, simulated in one process (W workspaces) -------------------------
+
+def _simulate_peer_exchange(device, dtype, T=13, H=20, k=3, E=12, W=3, C=None, placement="round_robin"):
+    """Every "rank" dispatches into the others' workspaces, "experts" double the
+    received rows, outputs go back, combine: must equal 2 * hidden * #owners and
+    match what the send-buffer path puts on the wire."""
+    from pcg.ops.ep import ep_dispatch_peer, ep_return_peer, peer_layout
+    C = T if C is None else C
+    R = H * torch.empty((), dtype=dtype).element_size()
+    off_h, off_m, off_b, nbytes = peer_layout(W, C, R, k)
+    ws = [torch.full((nbytes,), 0x7F, dtype=torch.uint8, device=device) for _ in range(W)]
+    ptrs = torch.tensor([w.data_ptr() for w in ws], dtype=torch.int64, device=device)
+
+    def region(w, off, shape, dt):
+        n = 1
+        for d in shape:
+            n *= d
+        return w[off:off + n * torch.empty((), dtype=dt).element_size()].view(dt).view(shape)
+    inputs, maps = [], []
+    for r in range(W):
+        hidden, weights, ids, er, el = make_inputs(T, H, k, E, W, dtype, device, placement, seed=r,
+                                                  bad_ids=(r == 1))
+        nv = torch.tensor([T - r], dtype=torch.int32, device=device)
+        slot_map, counts = ep_dispatch_peer(hidden, weights, ids, er, el, ptrs, r, C, off_h, off_m, nv)
+        send_h, send_m, slot_ref, counts_ref = ep_dispatch(hidden, weights, ids, er, el, W, nv, C)
+        assert torch.equal(slot_map, slot_ref) and torch.equal(counts, counts_ref)
+        for d in range(W):
+            recv_m = region(ws[d], off_m, (W, C, 2 * k), torch.int32)
+            assert torch.equal(recv_m[r], send_m[d])  # metadata incl. the unused-slot tail
+            recv_h = region(ws[d], off_h, (W, C, H), dtype)
+            n = int(counts[d])
+            assert torch.equal(recv_h[r, :n], send_h[d, :n])
+        inputs.append(hidden)
+        maps.append(slot_map)
+    for d in range(W):
+        recv_h = region(ws[d], off_h, (W * C, H), dtype)
+        recv_m = region(ws[d], off_m, (W, C, 2 * k), torch.int32)
+        ep_return_peer(recv_h * 2, recv_m, ptrs, d, off_b)
+    for r in range(W):
+        back = region(ws[r], off_b, (W, C, H), dtype)
+        out = ep_combine(back, maps[r])
+        dests = (maps[r] >= 0).sum(1, keepdim=True).to(torch.float32)
+        torch.testing.assert_close(out.float(), (inputs[r].float() * 2 * dests).to(dtype).float(),
+                                   rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peer_dispatch_return_simulated_cpu(dtype):
+    _simulate_peer_exchange("cpu", dtype)
+    _simulate_peer_exchange("cpu", dtype, T=5, H=7, k=1, E=4, W=4, C=9, placement="contiguous")
+
+
+def test_peer_errors_name_the_argument():
+    hidden, weights, ids, er, el = make_inputs(4, 8, 2, 4, 2)
+    ptrs = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises((ValueError, RuntimeError), match="pcg::ep_dispatch_peer: argument 'rank'"):
+        torch.ops.pcg.ep_dispatch_peer(hidden, weights, ids, er, el, None, ptrs, 2, 4, 0, 256,
+                                       torch.empty(4, 2, dtype=torch.int32),
+                                       torch.empty(2, dtype=torch.int32))
+    with pytest.raises((ValueError, RuntimeError), match="pcg::ep_dispatch_peer: argument 'capacity'"):
+        torch.ops.pcg.ep_dispatch_peer(hidden, weights, ids, er, el, None, ptrs, 0, 3, 0, 256,
+                                       torch.empty(4, 2, dtype=torch.int32),
+                                       torch.empty(2, dtype=torch.int32))
+    with pytest.raises((ValueError, RuntimeError), match="pcg::ep_dispatch_peer: argument 'meta_offset'"):
+        torch.ops.pcg.ep_dispatch_peer(hidden, weights, ids, er, el, None, ptrs, 0, 4, 0, 250,
+                                       torch.empty(4, 2, dtype=torch.int32),
+                                       torch.empty(2, dtype=torch.int32))
+    with pytest.raises((ValueError, RuntimeError), match="pcg::ep_dispatch_peer: argument 'peer_ptrs'"):
+        torch.ops.pcg.ep_dispatch_peer(hidden, weights, ids, er, el, None, ptrs.int(), 0, 4, 0, 256,
+                                       torch.empty(4, 2, dtype=torch.int32),
+                                       torch.empty(2, dtype=torch.int32))
+    with pytest.raises((ValueError, RuntimeError), match="pcg::ep_return_peer: argument 'y'"):
+        torch.ops.pcg.ep_return_peer(torch.zeros(5, 8), torch.zeros(2, 3, 4, dtype=torch.int32),
+                                     ptrs, 0, 0)
+
+
 # ---- CUDA kernels (single process) ------------------------------------------------------
 
 @GPU
@@ -273,6 +349,15 @@ def test_dispatch_cuda_large_and_unaligned():
     _check_dispatch(case, torch.bfloat16, "cuda")
     case = (2048, 64, 8, 128, 8, "contiguous", None, None, True, False)
     _check_dispatch(case, torch.bfloat16, "cuda")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peer_dispatch_return_simulated_cuda(dtype):
+    # W "ranks" in one process: workspaces are plain device buffers, so the
+    # peer kernels' addressing is checked without multi-GPU peer mappings
+    _simulate_peer_exchange("cuda", dtype)
+    _simulate_peer_exchange("cuda", dtype, T=300, H=40, k=4, E=16, W=4, placement="contiguous")
 
 
 @GPU

@@ -22,6 +22,8 @@ namespace {
 
 constexpr const char* kDispatch = "ep_dispatch";
 constexpr const char* kCombine = "ep_combine";
+constexpr const char* kDispatchPeer = "ep_dispatch_peer";
+constexpr const char* kReturnPeer = "ep_return_peer";
 
 bool is_float_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -44,14 +46,17 @@ constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
 
 }  // namespace
 
-ep::DispatchParams ep_dispatch_prepare(const at::Tensor& hidden, const at::Tensor& topk_weights,
-                                       const at::Tensor& topk_ids, const at::Tensor& expert_rank,
-                                       const at::Tensor& expert_local,
-                                       const std::optional<at::Tensor>& num_valid,
-                                       const at::Tensor& send_hidden, const at::Tensor& send_meta,
-                                       const at::Tensor& slot_map, const at::Tensor& counts,
-                                       std::vector<at::Tensor>& keep) {
-  const char* op = kDispatch;
+namespace {
+
+// Inputs and the slot_map / counts outputs, shared by both dispatch variants;
+// W comes from the send buffers or from peer_ptrs.
+ep::DispatchParams check_dispatch_common(const char* op, const at::Tensor& hidden,
+                                         const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                         const at::Tensor& expert_rank,
+                                         const at::Tensor& expert_local,
+                                         const std::optional<at::Tensor>& num_valid,
+                                         const at::Tensor& slot_map, const at::Tensor& counts,
+                                         int64_t W, std::vector<at::Tensor>& keep) {
   // Device.
   const c10::Device dev = hidden.device();
   check_device(op, "topk_weights", topk_weights, dev);
@@ -59,8 +64,6 @@ ep::DispatchParams ep_dispatch_prepare(const at::Tensor& hidden, const at::Tenso
   check_device(op, "expert_rank", expert_rank, dev);
   check_device(op, "expert_local", expert_local, dev);
   if (num_valid) check_device(op, "num_valid", *num_valid, dev);
-  check_device(op, "send_hidden", send_hidden, dev);
-  check_device(op, "send_meta", send_meta, dev);
   check_device(op, "slot_map", slot_map, dev);
   check_device(op, "counts", counts, dev);
   // Dtype.
@@ -72,8 +75,6 @@ ep::DispatchParams ep_dispatch_prepare(const at::Tensor& hidden, const at::Tenso
   check_dtype(op, "expert_rank", expert_rank, at::kInt);
   check_dtype(op, "expert_local", expert_local, at::kInt);
   if (num_valid) check_dtype(op, "num_valid", *num_valid, at::kInt);
-  check_dtype(op, "send_hidden", send_hidden, hidden.scalar_type());
-  check_dtype(op, "send_meta", send_meta, at::kInt);
   check_dtype(op, "slot_map", slot_map, at::kInt);
   check_dtype(op, "counts", counts, at::kInt);
   // Shape.
@@ -82,12 +83,10 @@ ep::DispatchParams ep_dispatch_prepare(const at::Tensor& hidden, const at::Tenso
   check_dim(op, "topk_weights", topk_weights, 2);
   check_dim(op, "expert_rank", expert_rank, 1);
   check_dim(op, "expert_local", expert_local, 1);
-  check_dim(op, "send_hidden", send_hidden, 3);
-  check_dim(op, "send_meta", send_meta, 3);
   check_dim(op, "slot_map", slot_map, 2);
   check_dim(op, "counts", counts, 1);
   const int64_t T = hidden.size(0), H = hidden.size(1), k = topk_ids.size(1);
-  const int64_t E = expert_rank.size(0), W = send_hidden.size(0), C = send_hidden.size(1);
+  const int64_t E = expert_rank.size(0);
   check_size(op, "topk_ids", topk_ids, 0, T, "T = hidden.size(0)");
   check_size(op, "topk_weights", topk_weights, 0, T, "T = hidden.size(0)");
   check_size(op, "topk_weights", topk_weights, 1, k, "top_k = topk_ids.size(1)");
@@ -95,24 +94,11 @@ ep::DispatchParams ep_dispatch_prepare(const at::Tensor& hidden, const at::Tenso
   if (num_valid)
     PCG_CHECK_ARG(op, "num_valid", num_valid->numel() == 1,
                   "must hold exactly one element, got shape ", num_valid->sizes());
-  PCG_CHECK_ARG(op, "send_hidden", W >= 1, "dim 0 must be the number of ranks W >= 1, got shape ",
-                send_hidden.sizes());
-  PCG_CHECK_ARG(op, "send_hidden", C >= T, "dim 1 (capacity per rank) must be >= T = ", T,
-                " (the worst case: every token goes to one rank), got shape ", send_hidden.sizes());
-  check_size(op, "send_hidden", send_hidden, 2, H, "H = hidden.size(1)");
-  check_size(op, "send_meta", send_meta, 0, W, "W = send_hidden.size(0)");
-  check_size(op, "send_meta", send_meta, 1, C, "C = send_hidden.size(1)");
-  check_size(op, "send_meta", send_meta, 2, 2 * k, "2 * top_k: local ids, then weight bits");
   check_size(op, "slot_map", slot_map, 0, T, "T = hidden.size(0)");
-  check_size(op, "slot_map", slot_map, 1, W, "W = send_hidden.size(0)");
-  check_size(op, "counts", counts, 0, W, "W = send_hidden.size(0)");
-  PCG_CHECK_ARG(op, "send_hidden", C < kI32Max && W < kI32Max,
-                "W and the capacity must be < 2^31, got shape ", send_hidden.sizes());
+  check_size(op, "slot_map", slot_map, 1, W, "W, the number of ranks");
+  check_size(op, "counts", counts, 0, W, "W, the number of ranks");
   PCG_CHECK_ARG(op, "topk_ids", T * k < kI32Max, "T*top_k must be < 2^31, got shape ",
                 topk_ids.sizes());
-  // Outputs are written in place.
-  check_out_contiguous(op, "send_hidden", send_hidden);
-  check_out_contiguous(op, "send_meta", send_meta);
   check_out_contiguous(op, "slot_map", slot_map);
   check_out_contiguous(op, "counts", counts);
 
@@ -133,11 +119,120 @@ ep::DispatchParams ep_dispatch_prepare(const at::Tensor& hidden, const at::Tenso
   p.k = k;
   p.E = E;
   p.W = W;
+  p.slot_map = slot_map.data_ptr<int32_t>();
+  p.counts = counts.data_ptr<int32_t>();
+  return p;
+}
+
+}  // namespace
+
+ep::DispatchParams ep_dispatch_prepare(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                                       const at::Tensor& topk_ids, const at::Tensor& expert_rank,
+                                       const at::Tensor& expert_local,
+                                       const std::optional<at::Tensor>& num_valid,
+                                       const at::Tensor& send_hidden, const at::Tensor& send_meta,
+                                       const at::Tensor& slot_map, const at::Tensor& counts,
+                                       std::vector<at::Tensor>& keep) {
+  const char* op = kDispatch;
+  const c10::Device dev = hidden.device();
+  check_device(op, "send_hidden", send_hidden, dev);
+  check_device(op, "send_meta", send_meta, dev);
+  check_dtype(op, "send_hidden", send_hidden, hidden.scalar_type());
+  check_dtype(op, "send_meta", send_meta, at::kInt);
+  check_dim(op, "send_hidden", send_hidden, 3);
+  check_dim(op, "send_meta", send_meta, 3);
+  const int64_t W = send_hidden.size(0), C = send_hidden.size(1);
+  PCG_CHECK_ARG(op, "send_hidden", W >= 1, "dim 0 must be the number of ranks W >= 1, got shape ",
+                send_hidden.sizes());
+  ep::DispatchParams p = check_dispatch_common(op, hidden, topk_weights, topk_ids, expert_rank,
+                                               expert_local, num_valid, slot_map, counts, W, keep);
+  const int64_t T = p.T, H = hidden.size(1), k = p.k;
+  PCG_CHECK_ARG(op, "send_hidden", C >= T, "dim 1 (capacity per rank) must be >= T = ", T,
+                " (the worst case: every token goes to one rank), got shape ", send_hidden.sizes());
+  check_size(op, "send_hidden", send_hidden, 2, H, "H = hidden.size(1)");
+  check_size(op, "send_meta", send_meta, 0, W, "W = send_hidden.size(0)");
+  check_size(op, "send_meta", send_meta, 1, C, "C = send_hidden.size(1)");
+  check_size(op, "send_meta", send_meta, 2, 2 * k, "2 * top_k: local ids, then weight bits");
+  PCG_CHECK_ARG(op, "send_hidden", C < kI32Max && W < kI32Max,
+                "W and the capacity must be < 2^31, got shape ", send_hidden.sizes());
+  check_out_contiguous(op, "send_hidden", send_hidden);
+  check_out_contiguous(op, "send_meta", send_meta);
   p.C = C;
   p.send_hidden = send_hidden.data_ptr();
   p.send_meta = send_meta.data_ptr<int32_t>();
-  p.slot_map = slot_map.data_ptr<int32_t>();
-  p.counts = counts.data_ptr<int32_t>();
+  return p;
+}
+
+ep::DispatchParams ep_dispatch_peer_prepare(
+    const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+    const at::Tensor& expert_rank, const at::Tensor& expert_local,
+    const std::optional<at::Tensor>& num_valid, const at::Tensor& peer_ptrs, int64_t rank,
+    int64_t capacity, int64_t hidden_offset, int64_t meta_offset, const at::Tensor& slot_map,
+    const at::Tensor& counts, std::vector<at::Tensor>& keep) {
+  const char* op = kDispatchPeer;
+  check_device(op, "peer_ptrs", peer_ptrs, hidden.device());
+  check_dtype(op, "peer_ptrs", peer_ptrs, at::kLong);
+  check_dim(op, "peer_ptrs", peer_ptrs, 1);
+  const int64_t W = peer_ptrs.size(0);
+  PCG_CHECK_ARG(op, "peer_ptrs", W >= 1 && W < kI32Max,
+                "must hold one workspace address per rank (W >= 1), got shape ", peer_ptrs.sizes());
+  ep::DispatchParams p = check_dispatch_common(op, hidden, topk_weights, topk_ids, expert_rank,
+                                               expert_local, num_valid, slot_map, counts, W, keep);
+  PCG_CHECK_ARG(op, "rank", rank >= 0 && rank < W, "must be in [0, W) = [0, ", W, "), got ", rank);
+  PCG_CHECK_ARG(op, "capacity", capacity >= p.T && capacity < kI32Max,
+                "must be >= T = ", p.T, " (and < 2^31), got ", capacity);
+  PCG_CHECK_ARG(op, "hidden_offset", hidden_offset >= 0 && hidden_offset % 16 == 0,
+                "must be a non-negative multiple of 16, got ", hidden_offset);
+  PCG_CHECK_ARG(op, "meta_offset", meta_offset >= 0 && meta_offset % 16 == 0,
+                "must be a non-negative multiple of 16, got ", meta_offset);
+  const at::Tensor pc = peer_ptrs.contiguous();
+  keep.push_back(pc);
+  p.C = capacity;
+  p.peer_base = pc.data_ptr<int64_t>();
+  p.rank = rank;
+  p.hidden_offset = hidden_offset;
+  p.meta_offset = meta_offset;
+  return p;
+}
+
+ep::ReturnParams ep_return_peer_prepare(const at::Tensor& y, const at::Tensor& meta,
+                                        const at::Tensor& peer_ptrs, int64_t rank,
+                                        int64_t back_offset, std::vector<at::Tensor>& keep) {
+  const char* op = kReturnPeer;
+  const c10::Device dev = y.device();
+  check_device(op, "meta", meta, dev);
+  check_device(op, "peer_ptrs", peer_ptrs, dev);
+  PCG_CHECK_ARG(op, "y", is_float_dtype(y.scalar_type()),
+                "must have dtype float32, float16 or bfloat16, got ", dtype_name(y.scalar_type()));
+  check_dtype(op, "meta", meta, at::kInt);
+  check_dtype(op, "peer_ptrs", peer_ptrs, at::kLong);
+  check_dim(op, "y", y, 2);
+  check_dim(op, "meta", meta, 3);
+  check_dim(op, "peer_ptrs", peer_ptrs, 1);
+  const int64_t W = peer_ptrs.size(0), C = meta.size(1);
+  PCG_CHECK_ARG(op, "peer_ptrs", W >= 1, "must hold one workspace address per rank, got shape ",
+                peer_ptrs.sizes());
+  check_size(op, "meta", meta, 0, W, "W = peer_ptrs.size(0)");
+  PCG_CHECK_ARG(op, "meta", meta.size(2) % 2 == 0, "dim 2 must be 2 * top_k, got shape ",
+                meta.sizes());
+  check_size(op, "y", y, 0, W * C, "W * C = meta.size(0) * meta.size(1)");
+  PCG_CHECK_ARG(op, "rank", rank >= 0 && rank < W, "must be in [0, W) = [0, ", W, "), got ", rank);
+  PCG_CHECK_ARG(op, "back_offset", back_offset >= 0 && back_offset % 16 == 0,
+                "must be a non-negative multiple of 16, got ", back_offset);
+  const at::Tensor yc = y.contiguous(), mc = meta.contiguous(), pc = peer_ptrs.contiguous();
+  keep.push_back(yc);
+  keep.push_back(mc);
+  keep.push_back(pc);
+  ep::ReturnParams p;
+  p.y = yc.data_ptr();
+  p.meta = mc.data_ptr<int32_t>();
+  p.peer_base = pc.data_ptr<int64_t>();
+  p.rank = rank;
+  p.W = W;
+  p.C = C;
+  p.k = meta.size(2) / 2;
+  p.row_bytes = y.size(1) * static_cast<int64_t>(y.element_size());
+  p.back_offset = back_offset;
   return p;
 }
 
@@ -206,7 +301,7 @@ void dispatch_cpu(const DispatchParams& p) {
       dest[r] = 0;
       const int32_t s = used[r]++;
       p.slot_map[t * W + r] = s;
-      int32_t* meta = p.send_meta + (r * C + s) * 2 * k;
+      int32_t* meta = dispatch_meta(p, r, s);
       for (int64_t j = 0; j < k; ++j) {
         const bool here = owner(ids[j]) == r;
         meta[j] = here ? p.expert_local[ids[j]] : -1;
@@ -218,7 +313,7 @@ void dispatch_cpu(const DispatchParams& p) {
   for (int64_t r = 0; r < W; ++r) {
     p.counts[r] = used[r];
     for (int64_t s = used[r]; s < C; ++s) {
-      int32_t* meta = p.send_meta + (r * C + s) * 2 * k;
+      int32_t* meta = dispatch_meta(p, r, s);
       for (int64_t j = 0; j < k; ++j) {
         meta[j] = -1;
         meta[k + j] = 0;  // bits of 0.0f
@@ -227,16 +322,31 @@ void dispatch_cpu(const DispatchParams& p) {
   }
   // Rows: parallel over tokens.
   const auto* src = static_cast<const char*>(p.hidden);
-  auto* dst = static_cast<char*>(p.send_hidden);
   const int64_t rb = p.row_bytes;
   at::parallel_for(0, nv, std::max<int64_t>(1, 262144 / std::max<int64_t>(1, rb * W)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t t = begin; t < end; ++t)
                        for (int64_t r = 0; r < W; ++r) {
                          const int32_t s = p.slot_map[t * W + r];
-                         if (s >= 0) std::memcpy(dst + (r * C + s) * rb, src + t * rb, rb);
+                         if (s >= 0) std::memcpy(dispatch_row(p, r, s), src + t * rb, rb);
                        }
                    });
+}
+
+void return_cpu(const ReturnParams& p) {
+  const auto* y = static_cast<const char*>(p.y);
+  const int64_t rb = p.row_bytes, k = p.k;
+  at::parallel_for(0, p.W * p.C, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int32_t* meta = p.meta + i * 2 * k;
+      bool used = false;
+      for (int64_t j = 0; j < k; ++j) used |= meta[j] >= 0;
+      if (!used) continue;
+      const int64_t src = i / p.C, s = i % p.C;
+      char* dst = reinterpret_cast<char*>(p.peer_base[src]) + p.back_offset + (p.rank * p.C + s) * rb;
+      std::memcpy(dst, y + i * rb, rb);
+    }
+  });
 }
 
 namespace {
@@ -286,6 +396,27 @@ void ep_dispatch_cpu_op(const at::Tensor& hidden, const at::Tensor& topk_weights
   ep::dispatch_cpu(p);
 }
 
+void ep_dispatch_peer_cpu_op(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                             const at::Tensor& topk_ids, const at::Tensor& expert_rank,
+                             const at::Tensor& expert_local,
+                             const std::optional<at::Tensor>& num_valid, const at::Tensor& peer_ptrs,
+                             int64_t rank, int64_t capacity, int64_t hidden_offset,
+                             int64_t meta_offset, const at::Tensor& slot_map,
+                             const at::Tensor& counts) {
+  std::vector<at::Tensor> keep;
+  const ep::DispatchParams p = ep_dispatch_peer_prepare(
+      hidden, topk_weights, topk_ids, expert_rank, expert_local, num_valid, peer_ptrs, rank,
+      capacity, hidden_offset, meta_offset, slot_map, counts, keep);
+  ep::dispatch_cpu(p);
+}
+
+void ep_return_peer_cpu_op(const at::Tensor& y, const at::Tensor& meta, const at::Tensor& peer_ptrs,
+                           int64_t rank, int64_t back_offset) {
+  std::vector<at::Tensor> keep;
+  const ep::ReturnParams p = ep_return_peer_prepare(y, meta, peer_ptrs, rank, back_offset, keep);
+  ep::return_cpu(p);
+}
+
 void ep_combine_cpu_op(const at::Tensor& recv, const at::Tensor& slot_map, const at::Tensor& out) {
   std::vector<at::Tensor> keep;
   const ep::CombineParams p = ep_combine_prepare(recv, slot_map, out, kI32Max, keep);
@@ -297,6 +428,8 @@ void ep_combine_cpu_op(const at::Tensor& recv, const at::Tensor& slot_map, const
 TORCH_LIBRARY_IMPL(pcg, CPU, m) {
   m.impl("ep_dispatch", &ep_dispatch_cpu_op);
   m.impl("ep_combine", &ep_combine_cpu_op);
+  m.impl("ep_dispatch_peer", &ep_dispatch_peer_cpu_op);
+  m.impl("ep_return_peer", &ep_return_peer_cpu_op);
 }
 
 }  // namespace pcg

@@ -33,6 +33,33 @@ void ep_dispatch_cuda_op(const at::Tensor& hidden, const at::Tensor& topk_weight
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void ep_dispatch_peer_cuda_op(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                              const at::Tensor& topk_ids, const at::Tensor& expert_rank,
+                              const at::Tensor& expert_local,
+                              const std::optional<at::Tensor>& num_valid,
+                              const at::Tensor& peer_ptrs, int64_t rank, int64_t capacity,
+                              int64_t hidden_offset, int64_t meta_offset,
+                              const at::Tensor& slot_map, const at::Tensor& counts) {
+  check_device("ep_dispatch_peer", "hidden", hidden, peer_ptrs.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  std::vector<at::Tensor> keep;
+  const ep::DispatchParams p = ep_dispatch_peer_prepare(
+      hidden, topk_weights, topk_ids, expert_rank, expert_local, num_valid, peer_ptrs, rank,
+      capacity, hidden_offset, meta_offset, slot_map, counts, keep);
+  ep::dispatch_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void ep_return_peer_cuda_op(const at::Tensor& y, const at::Tensor& meta, const at::Tensor& peer_ptrs,
+                            int64_t rank, int64_t back_offset) {
+  check_device("ep_return_peer", "y", y, peer_ptrs.device());
+  const c10::cuda::CUDAGuard guard(y.device());
+  std::vector<at::Tensor> keep;
+  const ep::ReturnParams p = ep_return_peer_prepare(y, meta, peer_ptrs, rank, back_offset, keep);
+  ep::return_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void ep_combine_cuda_op(const at::Tensor& recv, const at::Tensor& slot_map, const at::Tensor& out) {
   check_device("ep_combine", "recv", recv, out.device());
   const c10::cuda::CUDAGuard guard(recv.device());
@@ -48,6 +75,8 @@ void ep_combine_cuda_op(const at::Tensor& recv, const at::Tensor& slot_map, cons
 TORCH_LIBRARY_IMPL(pcg, CUDA, m) {
   m.impl("ep_dispatch", &ep_dispatch_cuda_op);
   m.impl("ep_combine", &ep_combine_cuda_op);
+  m.impl("ep_dispatch_peer", &ep_dispatch_peer_cuda_op);
+  m.impl("ep_return_peer", &ep_return_peer_cuda_op);
 }
 
 }  // namespace pcg

@@ -5,7 +5,10 @@
 // exactly as in the CPU loop, and writes slot_map, the metadata rows, the
 // rank's count and the unused-slot tail; (2) one block per token copies its
 // row into every destination slot it got (16-byte vectors when the row and
-// both buffers allow it). combine: one block per token sums its <= W
+// both buffers allow it; in peer mode the destination is the owner's mapped
+// workspace, so the copy is the NVLink transfer). return (peer mode): one
+// block per received slot writes used rows back into the source's workspace.
+// combine: one block per token sums its <= W
 // returned rows in rank order in fp32 (same order as the CPU kernel).
 // num_valid is read on the device; nothing synchronises with the host.
 #include <cuda_bf16.h>
@@ -75,7 +78,7 @@ __global__ void __launch_bounds__(kScanThreads) ep_scan_kernel(const DispatchPar
       if (flag) {
         const int s = base + excl;
         p.slot_map[t * W + r] = s;
-        int32_t* meta = p.send_meta + (r * C + s) * 2 * k;
+        int32_t* meta = dispatch_meta(p, r, s);
         const int32_t* ids = p.topk_ids + t * k;
         const float* w = p.topk_weights + t * k;
         for (int64_t j = 0; j < k; ++j) {
@@ -93,7 +96,7 @@ __global__ void __launch_bounds__(kScanThreads) ep_scan_kernel(const DispatchPar
   }
   const int64_t total = base_s;
   if (threadIdx.x == 0) p.counts[r] = static_cast<int32_t>(total);
-  int32_t* meta = p.send_meta + r * C * 2 * k;
+  int32_t* meta = dispatch_meta(p, r, 0);  // slots of this source are consecutive
   for (int64_t i = total * 2 * k + threadIdx.x; i < C * 2 * k; i += kScanThreads)
     meta[i] = (i % (2 * k)) < k ? -1 : 0;
 }
@@ -107,9 +110,27 @@ __global__ void __launch_bounds__(kCopyThreads) ep_copy_kernel(const DispatchPar
   for (int64_t r = 0; r < W; ++r) {
     const int32_t s = p.slot_map[t * W + r];
     if (s < 0) continue;
-    V* dst = reinterpret_cast<V*>(static_cast<char*>(p.send_hidden) + (r * p.C + s) * p.row_bytes);
+    V* dst = reinterpret_cast<V*>(dispatch_row(p, r, s));
     for (int64_t i = threadIdx.x; i < nvec; i += kCopyThreads) dst[i] = src[i];
   }
+}
+
+// One block per received slot (src, s): a slot the source really used (one
+// local id >= 0) goes back to rank src's workspace.
+template <typename V>
+__global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const ReturnParams p) {
+  const int64_t i = blockIdx.x;
+  const int64_t k = p.k;
+  const int32_t* meta = p.meta + i * 2 * k;
+  int used = 0;
+  for (int64_t j = threadIdx.x; j < k; j += kCopyThreads) used |= meta[j] >= 0;
+  if (!__syncthreads_or(used)) return;
+  const int64_t src = i / p.C, s = i % p.C;
+  const int64_t nvec = p.row_bytes / static_cast<int64_t>(sizeof(V));
+  const V* from = reinterpret_cast<const V*>(static_cast<const char*>(p.y) + i * p.row_bytes);
+  V* to = reinterpret_cast<V*>(reinterpret_cast<char*>(p.peer_base[src]) + p.back_offset +
+                               (p.rank * p.C + s) * p.row_bytes);
+  for (int64_t v = threadIdx.x; v < nvec; v += kCopyThreads) to[v] = from[v];
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -159,8 +180,10 @@ void dispatch_cuda(const DispatchParams& p, CUstream_st* stream) {
   ep_scan_kernel<<<static_cast<unsigned>(p.W), kScanThreads, 0, stream>>>(p);
   if (p.T == 0 || p.row_bytes == 0) return;
   const dim3 grid(static_cast<unsigned>(p.T));
+  // Peer workspaces are 16-byte aligned by contract; their offset must fit too.
   auto fits = [&](int64_t v) {
-    return p.row_bytes % v == 0 && aligned(p.hidden, v) && aligned(p.send_hidden, v);
+    return p.row_bytes % v == 0 && aligned(p.hidden, v) &&
+           (p.peer_base ? p.hidden_offset % v == 0 : aligned(p.send_hidden, v));
   };
   if (fits(16))
     ep_copy_kernel<uint4><<<grid, kCopyThreads, 0, stream>>>(p);
@@ -172,6 +195,24 @@ void dispatch_cuda(const DispatchParams& p, CUstream_st* stream) {
     ep_copy_kernel<uint16_t><<<grid, kCopyThreads, 0, stream>>>(p);
   else
     ep_copy_kernel<uint8_t><<<grid, kCopyThreads, 0, stream>>>(p);
+}
+
+void return_cuda(const ReturnParams& p, CUstream_st* stream) {
+  if (p.W == 0 || p.C == 0 || p.row_bytes == 0) return;
+  const dim3 grid(static_cast<unsigned>(p.W * p.C));
+  auto fits = [&](int64_t v) {
+    return p.row_bytes % v == 0 && aligned(p.y, v) && p.back_offset % v == 0;
+  };
+  if (fits(16))
+    ep_return_kernel<uint4><<<grid, kCopyThreads, 0, stream>>>(p);
+  else if (fits(8))
+    ep_return_kernel<uint2><<<grid, kCopyThreads, 0, stream>>>(p);
+  else if (fits(4))
+    ep_return_kernel<uint32_t><<<grid, kCopyThreads, 0, stream>>>(p);
+  else if (fits(2))
+    ep_return_kernel<uint16_t><<<grid, kCopyThreads, 0, stream>>>(p);
+  else
+    ep_return_kernel<uint8_t><<<grid, kCopyThreads, 0, stream>>>(p);
 }
 
 void combine_cuda(const CombineParams& p, CUstream_st* stream) {

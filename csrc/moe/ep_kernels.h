@@ -33,6 +33,13 @@ namespace pcg::ep {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Peer-mapped variant (ep_dispatch_peer / ep_return_peer): instead of local
+// send buffers [W, C, ...], rank `rank` writes straight into every rank r's
+// workspace, mapped into this process (symmetric memory): the row for slot s
+// goes to peer_base[r] + hidden_offset + (rank*C + s) * row_bytes and its
+// metadata to peer_base[r] + meta_offset + (rank*C + s) * 2k * 4, i.e. the
+// receiver's [W, C, ...] receive buffers indexed by source rank, exactly what
+// all_to_all_single would have delivered. Peer bases must be 16-byte aligned.
 struct DispatchParams {
   const void* hidden = nullptr;         // [T, H] contiguous
   int64_t row_bytes = 0;                // H * element size
@@ -46,6 +53,39 @@ struct DispatchParams {
   int32_t* send_meta = nullptr; // [W, C, 2k] contiguous
   int32_t* slot_map = nullptr;  // [T, W] contiguous
   int32_t* counts = nullptr;    // [W]
+  // Peer mode when peer_base != null (send_hidden / send_meta unused).
+  const int64_t* peer_base = nullptr;  // [W] workspace base addresses (device array on CUDA)
+  int64_t rank = 0;
+  int64_t hidden_offset = 0, meta_offset = 0;  // bytes into each workspace
+};
+
+// Destination of slot s of rank r (send buffers, or rank r's workspace).
+#ifdef __CUDACC__
+#define PCG_EP_HD __host__ __device__ __forceinline__
+#else
+#define PCG_EP_HD inline
+#endif
+PCG_EP_HD char* dispatch_row(const DispatchParams& p, int64_t r, int64_t s) {
+  if (p.peer_base == nullptr)
+    return static_cast<char*>(p.send_hidden) + (r * p.C + s) * p.row_bytes;
+  return reinterpret_cast<char*>(p.peer_base[r]) + p.hidden_offset +
+         (p.rank * p.C + s) * p.row_bytes;
+}
+PCG_EP_HD int32_t* dispatch_meta(const DispatchParams& p, int64_t r, int64_t s) {
+  if (p.peer_base == nullptr) return p.send_meta + (r * p.C + s) * 2 * p.k;
+  return reinterpret_cast<int32_t*>(reinterpret_cast<char*>(p.peer_base[r]) + p.meta_offset) +
+         (p.rank * p.C + s) * 2 * p.k;
+}
+
+// ep_return_peer: row (src, s) of the expert output y [W*C, H] goes back to
+// rank src's workspace at back_offset + (rank*C + s) * row_bytes, for every
+// slot whose received metadata holds at least one local expert id >= 0 (the
+// slots rank src really used; the others are skipped).
+struct ReturnParams {
+  const void* y = nullptr;           // [W*C, H] contiguous
+  const int32_t* meta = nullptr;     // [W, C, 2k] contiguous (this rank's received metadata)
+  const int64_t* peer_base = nullptr;  // [W]
+  int64_t rank = 0, W = 0, C = 0, k = 0, row_bytes = 0, back_offset = 0;
 };
 
 struct CombineParams {
@@ -64,5 +104,7 @@ void dispatch_cpu(const DispatchParams& p);
 void combine_cpu(const CombineParams& p);
 void dispatch_cuda(const DispatchParams& p, CUstream_st* stream);
 void combine_cuda(const CombineParams& p, CUstream_st* stream);
+void return_cpu(const ReturnParams& p);
+void return_cuda(const ReturnParams& p, CUstream_st* stream);
 
 }  // namespace pcg::ep

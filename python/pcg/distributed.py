@@ -28,7 +28,19 @@ Modes (``ep_mode=``):
   slots carry expert id -1), results come back with a second
   ``all_to_all_single`` and ``pcg::ep_combine`` sums them in token order.
 
-Both modes use fixed shapes derived from the bucket only (no host-side
+* ``"alltoall_peer"`` (intranode, CUDA only; experimental, untested on GPU
+  hardware so far): the same exchange without NCCL. Every rank's workspace
+  (receive rows, received metadata, returned rows) lives in torch symmetric
+  memory mapped into every rank of the node; ``pcg::ep_dispatch_peer`` writes
+  each token straight into its owners' workspaces (the copy is the NVLink
+  transfer), a symmetric-memory barrier orders the ranks, experts run on the
+  received rows, ``pcg::ep_return_peer`` writes the outputs straight back, a
+  second barrier, then ``pcg::ep_combine``. No collective runs per layer, so
+  it is captured with any group backend. The workspace is allocated (a
+  collective, host-blocking rendezvous) the first time a size is needed — the
+  engine's eager warm-up at the largest bucket, before any capture.
+
+All modes use fixed shapes derived from the bucket only (no host-side
 counts), so on NCCL they are captured inside the CUDA-graph pieces. A backend
 whose collectives cannot be captured (gloo with CUDA tensors, any other
 backend) makes each MoE layer a split op (``layer.split``, with
@@ -62,7 +74,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-MODES = ("allreduce", "alltoall")
+MODES = ("allreduce", "alltoall", "alltoall_peer")
 PLACEMENTS = ("contiguous", "round_robin")
 
 Placement = Union[str, Sequence[int]]
@@ -144,7 +156,7 @@ class EPConfig:
     """Expert-parallel settings of a wrapped model (``pcg.wrap(..., ep=group)``).
 
     ``group``: the process group (None: the default group); ``mode``:
-    ``"allreduce"`` or ``"alltoall"``; ``placement``: ``"contiguous"``,
+    ``"allreduce"``, ``"alltoall"`` or ``"alltoall_peer"``; ``placement``: ``"contiguous"``,
     ``"round_robin"`` or a list of owner ranks; ``timeout``: seconds the
     per-call token agreement may wait (None: ``$PCG_EP_TIMEOUT`` or the
     process group's timeout).
@@ -174,6 +186,7 @@ class EPConfig:
         if self.rank < 0:
             raise ValueError("pcg EP: this process is not a member of the given process group")
         self._synced_token: Any = None
+        self._peer_workspaces: list = []  # alltoall_peer; older ones stay alive for old graphs
 
     # ---- helpers ----------------------------------------------------------------
     def backend(self, device: torch.device) -> str:
@@ -204,6 +217,26 @@ class EPConfig:
             raise self._fail(what, exc) from exc
         if ok is False:
             raise self._fail(what, TimeoutError("wait returned False"))
+
+    def peer_workspace(self, capacity: int, row_bytes: int, top_k: int,
+                       device: torch.device) -> "_PeerWorkspace":
+        """This group's symmetric-memory workspace, large enough for ``capacity``
+        rows of ``row_bytes`` and ``2*top_k`` int32 metadata per rank (grown
+        with a collective rendezvous: every rank needs the same size at the
+        same layer, since the token count is agreed)."""
+        cur = self._peer_workspaces[-1] if self._peer_workspaces else None
+        if cur is not None and cur.fits(capacity, row_bytes, top_k):
+            return cur
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"pcg EP: the alltoall_peer workspace must grow to {capacity} rows during a CUDA "
+                "graph capture (its rendezvous cannot be captured); capture the largest bucket first")
+        if cur is not None:
+            capacity, row_bytes, top_k = (max(capacity, cur.capacity), max(row_bytes, cur.row_bytes),
+                                          max(top_k, cur.top_k))
+        ws = _PeerWorkspace(self, capacity, row_bytes, top_k, device)
+        self._peer_workspaces.append(ws)
+        return ws
 
     # ---- per-call agreement --------------------------------------------------------
     def agree_tokens(self, n: int, device: torch.device) -> int:
@@ -265,14 +298,49 @@ class EPConfig:
                                for t in flat], spec)
 
 
+class _PeerWorkspace:
+    """One rank's symmetric-memory workspace of the alltoall_peer mode, with
+    the fixed layout of :func:`pcg.ops.ep.peer_layout` (regions never move, so
+    a peer may fill my receive region while I still read my return region)."""
+
+    def __init__(self, cfg: EPConfig, capacity: int, row_bytes: int, top_k: int,
+                 device: torch.device) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from .ops.ep import peer_layout
+        self.capacity, self.row_bytes, self.top_k = capacity, row_bytes, top_k
+        W = cfg.world_size
+        self.hidden_offset, self.meta_offset, self.back_offset, nbytes = peer_layout(
+            W, capacity, row_bytes, top_k)
+        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, cfg.group)
+        self.peer_ptrs = torch.tensor([int(p) for p in self.handle.buffer_ptrs], dtype=torch.int64,
+                                      device=device)
+        self.timeout_ms = int((cfg.timeout or 300.0) * 1000)
+
+    def fits(self, capacity: int, row_bytes: int, top_k: int) -> bool:
+        return capacity <= self.capacity and row_bytes <= self.row_bytes and top_k <= self.top_k
+
+    def region(self, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A view of this rank's own workspace bytes [offset, ...) as ``shape``/``dtype``."""
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        return self.buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+    def barrier(self) -> None:
+        self.handle.barrier(channel=0, timeout_ms=self.timeout_ms)
+
+
 # ---- sharding ----------------------------------------------------------------------
 
 def split_reason(backend: str, device_type: str, mode: str) -> str:
     """Why an EP layer of ``mode`` on ``device_type`` tensors with a ``backend``
     group must run outside the CUDA graphs ("" when it can be captured).
     CPU models never capture, so they need no split."""
-    if device_type != "cuda" or backend == "nccl":
-        return ""
+    if device_type != "cuda" or backend == "nccl" or mode == "alltoall_peer":
+        return ""  # alltoall_peer: kernels and in-kernel barriers only
     return (f"ep_{mode}: {backend} collectives on cuda tensors cannot be captured in CUDA graphs "
             "(they run eagerly between replays, staged through host memory; use an NCCL group "
             "to capture them)")
@@ -294,6 +362,10 @@ def shard_layer(handle: Any, cfg: EPConfig) -> Any:
                            f"({handle.w13.shape[0]} of {num_global} experts)")
     device = handle.w13.device
     backend = cfg.backend(device)
+    if cfg.mode == "alltoall_peer" and device.type != "cuda":
+        raise ValueError(f"pcg EP: ep_mode 'alltoall_peer' maps peer GPU memory and needs a CUDA "
+                         f"model; MoE layer {handle.name or handle.layer_id} is on {device} (use "
+                         "'alltoall' or 'allreduce')")
     if backend == "nccl" and device.type != "cuda":
         raise ValueError(f"pcg EP: the process group uses NCCL but MoE layer "
                          f"{handle.name or handle.layer_id} is on {device}; move the model to its GPU "
@@ -388,6 +460,8 @@ class EPContext:
             return hidden.new_zeros((0, H))
         if self.mode == "allreduce":
             return self._run_allreduce(hidden, weights, ids, layer, num_valid)
+        if self.mode == "alltoall_peer" and self.world_size > 1:
+            return self._run_alltoall_peer(hidden, weights, ids, layer, num_valid)
         return self._run_alltoall(hidden, weights, ids, layer, num_valid)
 
     def _run_allreduce(self, hidden, weights, ids, layer, num_valid):
@@ -426,6 +500,27 @@ class EPContext:
             back = torch.empty_like(y)
             self.all_to_all(back, y)
         return ep_combine(back.view(W, T, H), slot_map)
+
+
+    def _run_alltoall_peer(self, hidden, weights, ids, layer, num_valid):
+        from .ops.ep import ep_combine, ep_dispatch_peer, ep_return_peer, split_meta
+        T, H = hidden.shape
+        W, k = self.world_size, ids.shape[1]
+        row_bytes = H * hidden.element_size()
+        ws = self.cfg.peer_workspace(T, row_bytes, k, hidden.device)
+        # Capacity C = T (the agreed bucket / padded count): same on every rank.
+        slot_map, _counts = ep_dispatch_peer(hidden, weights, ids, self.expert_rank, self.expert_local,
+                                             ws.peer_ptrs, self.rank, T, ws.hidden_offset,
+                                             ws.meta_offset, num_valid)
+        ws.barrier()  # every rank's rows have landed in every workspace
+        recv_h = ws.region(ws.hidden_offset, (W * T, H), hidden.dtype)
+        recv_m = ws.region(ws.meta_offset, (W, T, 2 * k), torch.int32)
+        r_ids, r_w = split_meta(recv_m.view(W * T, 2 * k))
+        y = self._experts(recv_h, r_w, r_ids, layer, mapped=False)
+        ep_return_peer(y, recv_m, ws.peer_ptrs, self.rank, ws.back_offset)
+        ws.barrier()  # every rank's outputs are back
+        back = ws.region(ws.back_offset, (W, T, H), hidden.dtype)
+        return ep_combine(back, slot_map)
 
 
 __all__ = ["EPConfig", "EPContext", "MODES", "PLACEMENTS", "expert_map", "expert_tables",

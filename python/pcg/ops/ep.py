@@ -67,6 +67,26 @@ def _ep_combine_fake(recv, slot_map, out):
     return None
 
 
+@torch.library.register_fake("pcg::ep_dispatch_peer")
+def _ep_dispatch_peer_fake(hidden, topk_weights, topk_ids, expert_rank, expert_local, num_valid,
+                           peer_ptrs, rank, capacity, hidden_offset, meta_offset, slot_map, counts):
+    op = "ep_dispatch_peer"
+    _check(hidden.dim() == 2, op, "hidden", f"must be 2-D [T, H], got shape {tuple(hidden.shape)}")
+    _check(peer_ptrs.dim() == 1 and peer_ptrs.dtype == torch.int64, op, "peer_ptrs",
+           f"must be a 1-D int64 tensor of W addresses, got {peer_ptrs.dtype} {tuple(peer_ptrs.shape)}")
+    torch._check(capacity >= hidden.shape[0],
+                 lambda: "pcg::ep_dispatch_peer: argument 'capacity' must be >= T")
+    return None
+
+
+@torch.library.register_fake("pcg::ep_return_peer")
+def _ep_return_peer_fake(y, meta, peer_ptrs, rank, back_offset):
+    op = "ep_return_peer"
+    _check(y.dim() == 2, op, "y", f"must be 2-D [W*C, H], got shape {tuple(y.shape)}")
+    _check(meta.dim() == 3, op, "meta", f"must be 3-D [W, C, 2k], got shape {tuple(meta.shape)}")
+    return None
+
+
 def ep_dispatch(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 expert_rank: torch.Tensor, expert_local: torch.Tensor, world_size: int,
                 num_valid: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
@@ -118,6 +138,49 @@ def ep_combine(recv: torch.Tensor, slot_map: torch.Tensor,
     return out
 
 
+def peer_layout(world_size: int, capacity: int, row_bytes: int, top_k: int) -> tuple[int, int, int, int]:
+    """Byte layout of one rank's peer workspace: (hidden_offset, meta_offset,
+    back_offset, total bytes) for receive rows [W, C, row_bytes], received
+    metadata [W, C, 2k] int32 and returned rows [W, C, row_bytes], 256-byte aligned."""
+    def up(x: int) -> int:
+        return (x + 255) // 256 * 256
+    rows = up(world_size * capacity * row_bytes)
+    meta = up(world_size * capacity * 2 * top_k * 4)
+    return 0, rows, rows + meta, rows + meta + rows
+
+
+def ep_dispatch_peer(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     expert_rank: torch.Tensor, expert_local: torch.Tensor, peer_ptrs: torch.Tensor,
+                     rank: int, capacity: int, hidden_offset: int, meta_offset: int,
+                     num_valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ep_dispatch` writing straight into every rank's mapped workspace.
+
+    ``peer_ptrs`` [W] int64 (on hidden's device): each rank's workspace base
+    address, mapped into this process (16-byte aligned). Rank ``rank``'s slot s
+    for rank r lands at ``peer_ptrs[r] + hidden_offset + (rank*capacity + s) *
+    row_bytes`` (metadata at ``meta_offset``, same indexing): rank r's
+    workspace then holds what ``all_to_all_single`` of the send buffers would
+    have delivered. Returns (slot_map [T, W], counts [W]). The caller orders
+    the writes with the peers (a barrier) before anyone reads them.
+    """
+    T = hidden.shape[0]
+    W = peer_ptrs.shape[0]
+    slot_map = torch.empty((T, W), dtype=torch.int32, device=hidden.device)
+    counts = torch.empty((W,), dtype=torch.int32, device=hidden.device)
+    torch.ops.pcg.ep_dispatch_peer(hidden, topk_weights, topk_ids, expert_rank, expert_local,
+                                   num_valid, peer_ptrs, rank, capacity, hidden_offset, meta_offset,
+                                   slot_map, counts)
+    return slot_map, counts
+
+
+def ep_return_peer(y: torch.Tensor, meta: torch.Tensor, peer_ptrs: torch.Tensor, rank: int,
+                   back_offset: int) -> None:
+    """Send expert outputs ``y`` [W*C, H] back: row (src, s) goes to rank src's
+    workspace at ``back_offset + (rank*C + s) * row_bytes`` when the received
+    metadata ``meta`` [W, C, 2k] of that slot holds a local expert id >= 0."""
+    torch.ops.pcg.ep_return_peer(y, meta, peer_ptrs, rank, back_offset)
+
+
 def split_meta(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[..., 2k]`` int32 metadata rows -> (local ids [..., k] int32, weights [..., k] float32),
     views of ``meta`` (no copy)."""
@@ -125,4 +188,4 @@ def split_meta(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return meta[..., :k], meta[..., k:].view(torch.float32)
 
 
-__all__ = ["ep_combine", "ep_dispatch", "split_meta"]
+__all__ = ["ep_combine", "ep_dispatch", "ep_dispatch_peer", "ep_return_peer", "peer_layout", "split_meta"]
