@@ -133,7 +133,37 @@ def scenario_timeout(world, rank, args, results):
     results["seconds"] = time.time() - t0
 
 
-SCENARIOS = {"hf": scenario_hf, "nn": scenario_nn, "timeout": scenario_timeout}
+def scenario_cuda(world, rank, args, results):
+    """GPU ranks (one device each): EP over NCCL is captured in the graphs; over
+    gloo the MoE layers become split ops. fp32 models, compared with the
+    single-process wrapped model (also captured)."""
+    from hf_models import VOCAB, build
+    backend, modes, families = args[0], args[1].split(","), args[2].split(",")
+    dev = torch.device("cuda", rank)
+    for family in families:
+        model = build(family, dtype=torch.float32, device=dev)
+        ref = pcg.wrap(copy.deepcopy(model), max_tokens=64, progress=False)
+        for mode in modes:
+            ep_model = pcg.wrap(copy.deepcopy(model), ep=dist.group.WORLD, ep_mode=mode,
+                                max_tokens=64, progress=False)
+            worst = 0.0
+            for ids, mask in calls(rank, VOCAB):
+                ids = ids.to(dev)
+                mask = mask.to(dev) if mask is not None else None
+                out = logits(ep_model(ids, attention_mask=mask))
+                if ids.numel() == 0:
+                    continue
+                worst = max(worst, rel(out, logits(ref(ids, attention_mask=mask))))
+            rep = ep_model.report()
+            split = set(rep.moe_split_layers)
+            want_split = backend != "nccl" and mode != "alltoall_peer"
+            assert split == (set(range(rep.moe_layers)) if want_split else set()), rep
+            assert sum(rep.replays.values()) == 3 and not rep.eager_fallbacks, str(rep)
+            results[f"{family}/{mode}"] = worst
+
+
+SCENARIOS = {"hf": scenario_hf, "nn": scenario_nn, "timeout": scenario_timeout,
+             "cuda": scenario_cuda}
 
 
 def main() -> None:
@@ -141,7 +171,11 @@ def main() -> None:
     rank, world = int(rank), int(world)
     torch.set_num_threads(1)
     store = dist.FileStore(store_file, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+    backend = "gloo"
+    if scenario == "cuda":
+        backend = args[0]
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     results: dict = {}
     try:

@@ -306,6 +306,21 @@ def test_peer_dispatch_return_simulated_cpu(dtype):
     _simulate_peer_exchange("cpu", dtype, T=5, H=7, k=1, E=4, W=4, C=9, placement="contiguous")
 
 
+def test_opcheck_peer_cpu():
+    from pcg.ops.ep import peer_layout
+    hidden, weights, ids, er, el = make_inputs(9, 12, 2, 6, 3, placement="round_robin", seed=4)
+    off_h, off_m, off_b, nbytes = peer_layout(3, 9, 12 * 4, 2)
+    ws = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(3)]
+    ptrs = torch.tensor([w.data_ptr() for w in ws], dtype=torch.int64)
+    nv = torch.tensor([7], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.pcg.ep_dispatch_peer.default,
+                          (hidden, weights, ids, er, el, nv, ptrs, 1, 9, off_h, off_m,
+                           torch.zeros(9, 3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)))
+    meta = ws[0][off_m:off_m + 3 * 9 * 4 * 4].view(torch.int32).view(3, 9, 4)
+    torch.library.opcheck(torch.ops.pcg.ep_return_peer.default,
+                          (torch.randn(27, 12), meta.clone(), ptrs, 0, off_b))
+
+
 def test_peer_errors_name_the_argument():
     hidden, weights, ids, er, el = make_inputs(4, 8, 2, 4, 2)
     ptrs = torch.zeros(2, dtype=torch.int64)
@@ -454,3 +469,21 @@ def test_ep_rank_gone_fails_clearly_in_bounded_time(how):
     assert r0["error"] is not None, "rank 0 ran although rank 1 never called the model"
     assert "pcg EP: rank 0 of 2" in r0["error"] and "token-count agreement" in r0["error"]
     assert r0["seconds"] < 30
+
+
+# ---- wrapped models over GPU processes (needs >= 2 CUDA devices) -----------------------------
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@GPU
+@pytest.mark.parametrize("backend,modes", [("nccl", "allreduce,alltoall,alltoall_peer"),
+                                           ("gloo", "alltoall")])
+def test_ep_cuda_multiprocess_captured(backend, modes):
+    if _gpus() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    # NCCL: the EP collectives are captured inside the pieces (no split layers);
+    # gloo: every MoE layer is a split op. Every call replays a graph.
+    results = run_ranks(2, "cuda", backend, modes, "qwen3_moe,gpt_oss,deepseek_v3", timeout=500)
+    _assert_all_close(results, rtol=1e-4)
