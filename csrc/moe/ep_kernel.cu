@@ -8,7 +8,7 @@
 // both buffers allow it; in peer mode the destination is the owner's mapped
 // workspace, so the copy is the NVLink transfer). return (peer mode): one
 // block per received slot writes used rows back into the source's workspace.
-// combine: one block per token sums its <= W
+// combine: one block per token (16-byte vectors when rows allow) sums its <= W
 // returned rows in rank order in fp32 (same order as the CPU kernel).
 // num_valid is read on the device; nothing synchronises with the host.
 #include <cuda_bf16.h>
@@ -169,6 +169,40 @@ __global__ void __launch_bounds__(kCombineThreads) ep_combine_kernel(const Combi
   }
 }
 
+// Same sums, 16-byte vectors: kVec elements of T per load (rows 16-byte aligned).
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) ep_combine_vec_kernel(const CombineParams p) {
+  constexpr int kVec = 16 / sizeof(T);
+  extern __shared__ int32_t slots[];
+  const int64_t t = blockIdx.x;
+  const int64_t W = p.W, C = p.C, H = p.H;
+  for (int64_t r = threadIdx.x; r < W; r += kCombineThreads) {
+    const int32_t s = p.slot_map[t * W + r];
+    slots[r] = (s >= 0 && s < C) ? s : -1;
+  }
+  __syncthreads();
+  const T* recv = static_cast<const T*>(p.recv);
+  T* out = static_cast<T*>(p.out) + t * H;
+  for (int64_t v = threadIdx.x; v < H / kVec; v += kCombineThreads) {
+    float acc[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
+    for (int64_t r = 0; r < W; ++r) {
+      const int32_t s = slots[r];
+      if (s < 0) continue;
+      const uint4 raw = *reinterpret_cast<const uint4*>(recv + (r * C + s) * H + v * kVec);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] = __fadd_rn(acc[i], to_float(e[i]));
+    }
+    uint4 packed;
+    T* o = reinterpret_cast<T*>(&packed);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) o[i] = from_float<T>(acc[i]);
+    *reinterpret_cast<uint4*>(out + v * kVec) = packed;
+  }
+}
+
 bool aligned(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
@@ -219,6 +253,20 @@ void combine_cuda(const CombineParams& p, CUstream_st* stream) {
   if (p.T == 0 || p.H == 0) return;
   const dim3 grid(static_cast<unsigned>(p.T));
   const size_t smem = static_cast<size_t>(p.W) * sizeof(int32_t);
+  const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
+  if ((p.H * elem) % 16 == 0 && aligned(p.recv, 16) && aligned(p.out, 16)) {
+    switch (p.dtype) {
+      case DType::kFloat16:
+        ep_combine_vec_kernel<__half><<<grid, kCombineThreads, smem, stream>>>(p);
+        return;
+      case DType::kBFloat16:
+        ep_combine_vec_kernel<__nv_bfloat16><<<grid, kCombineThreads, smem, stream>>>(p);
+        return;
+      default:
+        ep_combine_vec_kernel<float><<<grid, kCombineThreads, smem, stream>>>(p);
+        return;
+    }
+  }
   switch (p.dtype) {
     case DType::kFloat16:
       ep_combine_kernel<__half><<<grid, kCombineThreads, smem, stream>>>(p);
