@@ -64,11 +64,11 @@ def check_sharding(wrapped, world: int, rank: int) -> None:
         assert mod_w13.shape[0] == len(mine) and mod_w13.data_ptr() == layer.w13.data_ptr()
 
 
-def compare(model, vocab, world, rank, modes, placement, results, tag):
+def compare(model, vocab, world, rank, modes, placement, results, tag, compiler=None):
     ref = pcg.wrap(copy.deepcopy(model), progress=False)
     for mode in modes:
         ep_model = pcg.wrap(copy.deepcopy(model), ep=dist.group.WORLD, ep_mode=mode,
-                            placement=placement, progress=False)
+                            placement=placement, progress=False, compiler=compiler)
         check_sharding(ep_model, world, rank)
         worst = 0.0
         for ids, mask in calls(rank, vocab):
@@ -107,6 +107,9 @@ def scenario_nn(world, rank, args, results):
         model = MoETransformer(MoETransformerConfig(num_experts=num_experts)).eval()
         compare(model, model.config.vocab_size, world, rank, modes, placement, results,
                 f"nn_E{num_experts}_{placement}")
+    # FX pieces (compiler="eager") run the same EP layer op
+    compare(model, model.config.vocab_size, world, rank, modes[-1:], "contiguous", results,
+            "nn_compiler_eager", compiler="eager")
 
 
 def scenario_timeout(world, rank, args, results):
