@@ -92,6 +92,31 @@ def scenario_hf(world, rank, args, results):
         compare(model, VOCAB, world, rank, modes, placement, results, family)
 
 
+def check_pad_rows_never_reach_experts(model, world, rank, modes, results):
+    """EPContext.run straight: pad rows (>= num_valid, different per rank) hold
+    NaN; they must come out as zeros and leave the real rows exact."""
+    ref_layer = pcg.wrap(copy.deepcopy(model), progress=False).registry.moe_layers[0]
+    g = torch.Generator().manual_seed(7 + rank)
+    T, H = 12, ref_layer.w13.shape[2]
+    E, k = ref_layer.num_global_experts, 2
+    nv = [12, 0, 5, 9][rank % 4]
+    hidden = torch.randn(T, H, generator=g)
+    hidden[nv:] = float("nan")
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    weights = torch.rand(T, k, generator=g)
+    num_valid = torch.tensor([nv], dtype=torch.int32)
+    exp = torch.ops.pcg.fused_moe(hidden[:nv], ref_layer.w13, ref_layer.w2, weights[:nv], ids[:nv])
+    for mode in modes:
+        layer = pcg.wrap(copy.deepcopy(model), ep=dist.group.WORLD, ep_mode=mode,
+                         progress=False).registry.moe_layers[0]
+        with torch.inference_mode():
+            out = layer.ep.run(hidden, weights, ids, layer, num_valid)
+        assert out.shape == (T, H)
+        assert bool((out[nv:] == 0).all()), f"{mode}: pad rows not zero"
+        assert bool(torch.isfinite(out).all()), f"{mode}: NaN from a pad row reached an expert"
+        results[f"pad_rows/{mode}"] = rel(out[:nv], exp) if nv else 0.0
+
+
 def scenario_nn(world, rank, args, results):
     from pcg.models import MoETransformer, MoETransformerConfig
     modes = args[0].split(",")
@@ -107,6 +132,7 @@ def scenario_nn(world, rank, args, results):
         model = MoETransformer(MoETransformerConfig(num_experts=num_experts)).eval()
         compare(model, model.config.vocab_size, world, rank, modes, placement, results,
                 f"nn_E{num_experts}_{placement}")
+    check_pad_rows_never_reach_experts(model, world, rank, modes, results)
     # FX pieces (compiler="eager") run the same EP layer op
     compare(model, model.config.vocab_size, world, rank, modes[-1:], "contiguous", results,
             "nn_compiler_eager", compiler="eager")

@@ -54,8 +54,9 @@ to it, so every collective sees equal shapes; pad rows never reach an expert
 (``num_valid`` masking). A rank with no tokens still joins every collective.
 
 Failure handling (a rank died, hangs or stopped calling the model): the
-token agreement waits at most ``EPConfig.timeout`` seconds (environment
-``PCG_EP_TIMEOUT``; default: the process group's own timeout) and raises a
+token agreement waits at most ``EPConfig.timeout`` seconds (set
+``wrapped.ep.timeout``, or the environment variable ``PCG_EP_TIMEOUT``;
+default: the process group's own timeout) and raises a
 ``RuntimeError`` saying which rank gave up. Every other collective is bounded
 by the process group's timeout: pass ``timeout=timedelta(...)`` to
 ``dist.init_process_group`` / ``dist.new_group`` (that is the knob; gloo
