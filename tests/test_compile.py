@@ -118,7 +118,8 @@ def test_single_sequence_many_lengths(case):
     assert fn.stats["startup"]["pieces"] >= 2
     if compiler == "inductor":
         assert fn.stats["checks"] > 0 and fn.stats["check_max_rel_err"] <= RTOL
-        assert not fn.stats["startup"]["piece_compile_failures"]
+        if name in INDUCTOR_FAST:  # elsewhere inductor may fail on a piece: it stays eager, reported
+            assert not fn.stats["startup"]["piece_compile_failures"]
 
 
 @torch.inference_mode()
@@ -373,3 +374,31 @@ def test_startup_time_with_cache(tmp_path):
     assert warm["checksum"] == cold["checksum"]
     manifest = json.load(open(os.path.join(warm["cache_dir"], "pcg.json")))
     assert len(manifest["starts"]) == 2
+
+
+@torch.inference_mode()
+def test_piece_that_specialises_stays_eager(monkeypatch):
+    """A piece whose inductor compile turns the token count into a constant is
+    left as FX and the trace redone (simulated: the check reports a
+    specialisation right after the first piece's compile, once)."""
+    from pcg import compile as pc
+    calls = {"n": 0}
+    real = pc._Traced._specialized
+
+    def fake(self):
+        calls["n"] += 1
+        return True if calls["n"] == 2 else real(self)  # 1: after fake propagation; 2: piece 0
+    monkeypatch.setattr(pc._Traced, "_specialized", fake)
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, compiler="inductor", progress=False)
+    for t in (5, 9):
+        ids = torch.randint(0, 256, (1, t))
+        assert rel_err(wrapped(ids), ref(ids)) <= RTOL
+    fn = _fn(wrapped)
+    st = fn.stats["startup"]
+    assert st["attempts"] == 2 and st["eager_pieces"] == ["submod_0"], st
+    assert fn.stats["compile_fallbacks"] == {}
+    assert not isinstance(fn.traced.split_gm.__dict__.get("submod_0"), type(lambda: 0))
+    assert "submod_0" not in fn.traced.split_gm.__dict__  # the FX piece itself
+    assert "submod_2" in fn.traced.split_gm.__dict__  # compiled

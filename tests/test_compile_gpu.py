@@ -43,9 +43,10 @@ def _check_report(wrapped, buckets=BUCKETS):
     assert rep.integration.endswith("+inductor")
     assert not fn.stats["startup"]["piece_compile_failures"]
     # one CUDA graph per piece, one recorded call per split op, in every bucket
+    assert fn.num_pieces == fn.num_splits + 1
+    assert fn.num_splits == rep.attention_layers + len(rep.moe_split_layers)
     assert set(rep.segments_per_bucket.values()) == {fn.num_pieces}, (rep, fn.stats)
     assert set(rep.split_calls_per_bucket.values()) == {fn.num_splits}, (rep, fn.stats)
-    assert fn.num_splits == rep.attention_layers + len(rep.moe_split_layers)
     assert rep.graphs == fn.num_pieces * len(buckets)
     assert rep.compile_fallbacks == {}, rep.compile_fallbacks
     return rep

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 COMPILERS = ("eager", "inductor")
 MIN_TOKENS = 2  # the trace's smallest token count (dynamo specialises 0 and 1)
 _MISSING = object()
+_RETRY = object()
 _counter = itertools.count()
 
 # Inductor settings for pieces: no CUDA graphs of its own (pcg captures).
@@ -174,6 +175,10 @@ class _CheckedPiece:
 
 # ---- one trace --------------------------------------------------------------------
 
+class _Specializes(Exception):
+    """A piece's inductor compile fixed the token count (redo the trace without it)."""
+
+
 class _Traced:
     """The traced, split (and compiled) forward."""
 
@@ -217,6 +222,12 @@ class _Traced:
                 spec[i] = self._sym_source(node, val if isinstance(val, torch.SymInt) else ex)
         self.spec = spec
         self.shape_env = getattr(getattr(self.fake_ids, "fake_mode", None), "shape_env", None)
+        self._token_syms = set()
+        for fake in (self.fake_ids, self.fake_pos):
+            size = fake.shape[0] if isinstance(fake, torch.Tensor) and fake.dim() else None
+            if isinstance(size, torch.SymInt):
+                self._token_syms |= set(size.node.expr.free_symbols)
+        self.eager_pieces: list[str] = []  # left eager: inductor specialised the token count
         t0 = time.perf_counter()
         self.split_gm, self.pieces, self.splits = split_graph(gm, owner.registry)
         self.split_seconds = time.perf_counter() - t0
@@ -251,26 +262,16 @@ class _Traced:
         owner = self.owner
         pieces = set(self.pieces)
         split_gm = self.split_gm
-        compiled: dict[str, Callable] = {}
-        traced = self
+
+        todo: list[tuple[str, list]] = []
 
         class _Interp(torch.fx.Interpreter):
+            """Fake propagation through the split graph: each piece's (symbolic) inputs."""
+
             def call_module(self, target, args, kwargs):
-                out = super().call_module(target, args, kwargs)
                 if target in pieces:
-                    sub = getattr(split_gm, target)
-                    eager = copy.deepcopy(sub) if owner.check else None
-                    try:
-                        fn = compile_fx(sub, list(args), config_patches=dict(INDUCTOR_CONFIG))
-                    except Exception as exc:  # noqa: BLE001 - the piece stays eager, reported
-                        traced.piece_errors[target] = f"{type(exc).__name__}: {exc}"[:500]
-                        log.warning("pcg compile: inductor failed on %s; it runs eagerly: %s",
-                                    target, exc)
-                        return out
-                    if owner.check:
-                        fn = _CheckedPiece(target, fn, eager, owner, owner.check_rtol)
-                    compiled[target] = fn
-                return out
+                    todo.append((target, list(args)))
+                return super().call_module(target, args, kwargs)
 
         # The backend's fake mode (dynamo gives the backend its own); fakes of
         # the real example inputs made by it share the trace's symbols.
@@ -279,11 +280,50 @@ class _Traced:
             raise RuntimeError("pcg compile: no fake mode in the backend's tracing context")
         fake_args = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                      for a in self.example_inputs]
-        with fake_mode:
+        from torch._dispatch.python import enable_python_dispatcher
+        with fake_mode, enable_python_dispatcher():  # as dynamo traced (symbolic-friendly metas)
             _Interp(split_gm).run(*fake_args)
-        for name, fn in compiled.items():
+        if self._specialized():
+            raise RuntimeError("pcg compile: the token count became a constant in the split graph")
+        for target, args in todo:
+            if target in owner._eager_pieces:
+                self.eager_pieces.append(target)
+                continue
+            sub = getattr(split_gm, target)
+            eager = copy.deepcopy(sub) if owner.check else None
+            try:
+                with fake_mode:
+                    fn = compile_fx(sub, args, config_patches=dict(INDUCTOR_CONFIG))
+            except Exception as exc:  # noqa: BLE001 - the piece stays eager, reported
+                self.piece_errors[target] = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("pcg compile: inductor failed on %s; it runs eagerly: %s", target, exc)
+                if self._specialized():
+                    owner._respecialize = target
+                    raise _Specializes(target) from exc
+                continue
+            if self._specialized():
+                # Inductor fixed the token count while compiling this piece:
+                # the trace's shape environment now holds that guard, so the
+                # trace is redone with this piece left eager.
+                owner._respecialize = target
+                raise _Specializes(target)
+            if owner.check:
+                fn = _CheckedPiece(target, fn, eager, owner, owner.check_rtol)
             # Instance attribute: found before nn.Module's submodule lookup.
-            split_gm.__dict__[name] = fn
+            split_gm.__dict__[target] = fn
+
+    def _specialized(self) -> bool:
+        """Whether the token count's symbol has become a constant."""
+        env = self.shape_env
+        if env is None:
+            return False
+        for sym in self._token_syms:
+            try:
+                if env.replace(sym).is_number:
+                    return True
+            except Exception:  # noqa: BLE001
+                return True
+        return False
 
     # ---- run ------------------------------------------------------------------
     def args_for(self, ids: torch.Tensor, positions: torch.Tensor) -> list:
@@ -317,6 +357,7 @@ class _Traced:
             flat_out = (flat_out,)
         leaves, spec = tree_flatten(result)
         template = []
+        used: set = set()
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 if leaf is ids:
@@ -327,7 +368,14 @@ class _Traced:
                     continue
                 idx = next((i for i, o in enumerate(flat_out) if o is leaf), None)
                 if idx is None:
+                    # Dynamo may hand back a new tensor object over the same
+                    # memory (an alias of a graph output): match the alias.
+                    key = _alias_key(leaf)
+                    idx = next((i for i, o in enumerate(flat_out) if i not in used
+                                and isinstance(o, torch.Tensor) and _alias_key(o) == key), None)
+                if idx is None:
                     return False
+                used.add(idx)
                 template.append(("out", idx))
             else:
                 template.append(("const", leaf))
@@ -395,6 +443,8 @@ class CompiledForward:
         self.cache = cache and compiler == "inductor"
         self.traced: Any = _MISSING  # _Traced once traced; None when the trace failed
         self.trace_error: Optional[str] = None
+        self._eager_pieces: set = set()  # pieces inductor specialises: kept as FX
+        self._respecialize: Optional[str] = None
         self._current_n = 0
         self.stats: dict[str, Any] = {"compile_fallbacks": {}, "pieces": 0, "splits": 0,
                                       "split_kinds": {}, "startup": {}, "check_max_rel_err": 0.0,
@@ -491,7 +541,29 @@ class CompiledForward:
                 "split_moe": [m.layer_id for m in self.registry.moe_layers if m.split]}
 
     def _trace(self, ids: torch.Tensor, positions: torch.Tensor) -> Any:
-        """Trace, split, compile and run the first call; ``_MISSING`` on failure."""
+        """Trace, split, compile and run the first call; ``_MISSING`` on failure.
+        A piece whose compile specialises the token count is left eager and
+        the trace redone (pieces compiled before it hit inductor's cache)."""
+        t0 = time.perf_counter()
+        for attempt in range(1, 65):
+            out = self._trace_once(ids, positions)
+            if out is not _RETRY:
+                break
+        else:
+            out = self._fallback_trace_failed("too many pieces specialise the token count")
+        if self.traced not in (None, _MISSING):
+            self.stats["startup"]["attempts"] = attempt
+            self.stats["startup"]["total_seconds"] = round(time.perf_counter() - t0, 4)
+        return out
+
+    def _fallback_trace_failed(self, msg: str) -> Any:
+        self.traced = None
+        self.trace_error = msg
+        warnings.warn(f"pcg compile: tracing the forward failed ({msg[:300]}); calls run the model's "
+                      "own forward", stacklevel=4)
+        return _MISSING
+
+    def _trace_once(self, ids: torch.Tensor, positions: torch.Tensor) -> Any:
         self._current_n = int(ids.shape[0])
         holder: dict[str, Any] = {}
         times: dict[str, float] = {}
@@ -532,11 +604,13 @@ class CompiledForward:
             if not tr.bind_outputs(result, ids, positions):
                 raise RuntimeError("pcg compile: cannot map the forward's outputs to the graph's")
         except Exception as exc:  # noqa: BLE001 - reported; calls run the model's own forward
-            self.traced = None
-            self.trace_error = f"{type(exc).__name__}: {exc}"[:2000]
-            warnings.warn(f"pcg compile: tracing the forward failed ({type(exc).__name__}: "
-                          f"{str(exc)[:300]}); calls run the model's own forward", stacklevel=3)
-            return _MISSING
+            if self._respecialize is not None:
+                log.info("pcg compile: inductor specialises the token count in %s; it stays eager",
+                         self._respecialize)
+                self._eager_pieces.add(self._respecialize)
+                self._respecialize = None
+                return _RETRY
+            return self._fallback_trace_failed(f"{type(exc).__name__}: {exc}"[:2000])
         finally:
             for cm in cache_cm:
                 cm.__exit__(None, None, None)
@@ -553,6 +627,7 @@ class CompiledForward:
             "pieces": len(tr.pieces),
             "splits": len(tr.splits),
             "piece_compile_failures": dict(tr.piece_errors),
+            "eager_pieces": list(tr.eager_pieces),
             "inductor_cache": {k: counters.get(k, 0) - counters_before.get(k, 0) for k in counters},
         }
         if "cache_key" in holder:
@@ -568,6 +643,10 @@ class CompiledForward:
             kinds[k] = kinds.get(k, 0) + 1
         self.stats["split_kinds"] = kinds
         return result
+
+
+def _alias_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
 def _inductor_counters() -> dict:
