@@ -184,6 +184,9 @@ def test_split_counts_moetransformer():
     fn = _fn(wrapped)
     assert fn.num_pieces == 3 and fn.num_splits == 2
     assert fn.stats["split_kinds"] == {"attention": 2}
+    from pcg.compile import compile_stats
+    assert compile_stats(wrapped) is fn.stats
+    assert compile_stats(pcg.wrap(_moe_model(1), progress=False)) is None
     tr = fn.traced
     mods = [n for n in tr.split_gm.graph.nodes if n.op == "call_module"]
     kinds = ["split" if n.target in tr.splits else "piece" for n in mods]
@@ -332,38 +335,46 @@ def test_cache_key_and_atomic_manifest(tmp_path, monkeypatch):
 _STARTUP_SCRIPT = r"""
 import json, sys, time
 t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[2])
 import torch, pcg
 from pcg.models import MoETransformer
+name = sys.argv[1]
 torch.manual_seed(0)
-model = MoETransformer().eval()
+if name == "moe":
+    model = MoETransformer().eval()
+else:
+    from hf_models import build
+    model = build(name)
 wrapped = pcg.wrap(model, compiler="inductor", progress=False)
 t1 = time.perf_counter()
 with torch.inference_mode():
-    out = wrapped(torch.arange(9)[None] % 256)
+    out = wrapped(torch.arange(9)[None] % 100)
 t2 = time.perf_counter()
+out = out if isinstance(out, torch.Tensor) else out.logits
 info = dict(wrapped._forward_fn.stats["startup"], first_call_seconds=t2 - t1,
             import_and_build_seconds=t1 - t0, checksum=float(out.double().sum()))
 print("PCG_STARTUP " + json.dumps(info))
 """
 
 
-def _start(cache: str) -> dict:
+def _start(cache: str, name: str) -> dict:
     env = dict(os.environ, PCG_CACHE_DIR=cache)
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    res = subprocess.run([sys.executable, "-c", _STARTUP_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=900)
+    res = subprocess.run([sys.executable, "-c", _STARTUP_SCRIPT, name, os.path.dirname(__file__)],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("PCG_STARTUP ")][-1]
     return json.loads(line[len("PCG_STARTUP "):])
 
 
 @pytest.mark.slow
-def test_startup_time_with_cache(tmp_path):
+@pytest.mark.parametrize("name", ["moe", "qwen3_moe"])
+def test_startup_time_with_cache(tmp_path, name):
     """Two process starts on one pcg cache: the second compiles from inductor's
     cached artifacts (FX graph cache hits), and is faster."""
-    cold = _start(str(tmp_path))
-    warm = _start(str(tmp_path))
-    print(f"\ncold start: {cold['first_call_seconds']:.2f} s first call "
+    cold = _start(str(tmp_path), name)
+    warm = _start(str(tmp_path), name)
+    print(f"\n{name}: cold start: {cold['first_call_seconds']:.2f} s first call "
           f"(trace {cold['trace_seconds']:.2f}, compile {cold['compile_seconds']:.2f}); "
           f"warm start: {warm['first_call_seconds']:.2f} s (trace {warm['trace_seconds']:.2f}, "
           f"compile {warm['compile_seconds']:.2f}); cache {warm['inductor_cache']}")

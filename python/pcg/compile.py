@@ -17,7 +17,11 @@ into a function with the same signature that runs a traced, split graph:
 3. Compile. ``"eager"``: the pieces run as FX GraphModules. ``"inductor"``:
    each piece is compiled by inductor (``compile_fx``) on the trace's symbolic
    fake inputs, so one compiled piece serves every token count; inductor's
-   own CUDA graphs are off (pcg captures the pieces itself).
+   own CUDA graphs are off (pcg captures the pieces itself). A piece inductor
+   fails on stays an FX piece (``stats["startup"]["piece_compile_failures"]``);
+   a piece whose compile fixes the token count to a constant stays an FX
+   piece and the trace is redone (``eager_pieces``); guards inductor adds
+   join the trace's shape guards.
 4. Run. Later calls call the split GraphModule directly, with the traced
    parameters and the new ``ids`` / ``positions`` (and their sizes for the
    symbolic placeholders); no dynamo frame, no guards but the shape guards of
@@ -114,8 +118,8 @@ def split_graph(gm: torch.fx.GraphModule, registry: LayerRegistry):
             pid += 1
         else:
             part[node] = pid
-    split = torch.fx.passes.split_module.split_module(
-        gm, None, lambda n: part[n], keep_original_order=True)
+    from torch.fx.passes.split_module import split_module
+    split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
     pieces, splits = [], {}
     for node in split.graph.nodes:
         if node.op != "call_module":
@@ -652,8 +656,10 @@ def _alias_key(t: torch.Tensor) -> tuple:
 def _inductor_counters() -> dict:
     try:
         from torch._dynamo.utils import counters
-        return {k: v for k, v in counters["inductor"].items()
-                if "cache" in k and isinstance(v, int)}
+        out = {k: v for k, v in counters["inductor"].items() if "cache" in k and isinstance(v, int)}
+        out.update({f"aot_{k}": v for k, v in counters["aot_autograd"].items()
+                    if "cache" in k and isinstance(v, int)})
+        return out
     except Exception:  # noqa: BLE001
         return {}
 
@@ -664,8 +670,11 @@ def _fresh_function(fn: Callable, tag: int) -> Callable:
     recompile budget between wrapped models)."""
     def pcg_forward(ids, positions):
         return fn(ids, positions)
-    code = pcg_forward.__code__.replace(co_name=f"pcg_forward_{tag}",
-                                        co_qualname=f"pcg_forward_{tag}")
+    try:
+        code = pcg_forward.__code__.replace(co_name=f"pcg_forward_{tag}",
+                                            co_qualname=f"pcg_forward_{tag}")
+    except TypeError:  # Python < 3.11: no co_qualname
+        code = pcg_forward.__code__.replace(co_name=f"pcg_forward_{tag}")
     return types.FunctionType(code, pcg_forward.__globals__, f"pcg_forward_{tag}", None,
                               pcg_forward.__closure__)
 
@@ -702,3 +711,13 @@ def _cut_rows(out: Any, padded: int, n: int) -> Any:
                 t = t[:n]
         res.append(t)
     return tree_unflatten(res, spec)
+
+
+def compile_stats(wrapped: Any) -> Optional[dict]:
+    """The compile-mode stats of a wrapped model (None when it was wrapped
+    without ``compiler``): ``pieces``, ``splits``, ``split_kinds``,
+    ``compile_fallbacks`` (reason -> calls), ``startup`` (``trace_seconds``,
+    ``compile_seconds``, ``total_seconds``, ``cache_warm``, ``inductor_cache``
+    hits/misses, ``cache_dir``, ...), ``check_max_rel_err``."""
+    fn = getattr(wrapped, "_forward_fn", wrapped)
+    return fn.stats if isinstance(fn, CompiledForward) else None
