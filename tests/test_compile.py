@@ -413,3 +413,19 @@ def test_piece_that_specialises_stays_eager(monkeypatch):
     assert not isinstance(fn.traced.split_gm.__dict__.get("submod_0"), type(lambda: 0))
     assert "submod_0" not in fn.traced.split_gm.__dict__  # the FX piece itself
     assert "submod_2" in fn.traced.split_gm.__dict__  # compiled
+
+
+@torch.inference_mode()
+def test_warmup_before_first_call():
+    from pcg.compile import warmup
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, compiler="eager", max_tokens=32, progress=False)
+    st = warmup(wrapped)
+    assert st["pieces"] == 3 and st["total_seconds"] > 0
+    tr = _fn(wrapped).traced
+    assert warmup(wrapped) is st  # traced once
+    ids = torch.randint(0, 256, (1, 11))
+    assert rel_err(wrapped(ids), ref(ids)) <= RTOL
+    assert _fn(wrapped).traced is tr and _fn(wrapped).stats["compile_fallbacks"] == {}
+    assert warmup(pcg.wrap(_moe_model(1), progress=False)) is None

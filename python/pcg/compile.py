@@ -721,3 +721,17 @@ def compile_stats(wrapped: Any) -> Optional[dict]:
     hits/misses, ``cache_dir``, ...), ``check_max_rel_err``."""
     fn = getattr(wrapped, "_forward_fn", wrapped)
     return fn.stats if isinstance(fn, CompiledForward) else None
+
+
+def warmup(wrapped: Any, num_tokens: Optional[int] = None) -> Optional[dict]:
+    """Trace and compile a wrapped model's forward now (before ``capture()``,
+    so the engine's capture time does not include compilation), with
+    ``num_tokens`` (default: the largest bucket) zero ids as the example.
+    Returns the startup stats (None without ``compiler``)."""
+    fn = getattr(wrapped, "_forward_fn", None)
+    if not isinstance(fn, CompiledForward):
+        return None
+    if fn.traced is _MISSING:
+        n = int(num_tokens or max(wrapped.ladder))
+        fn.warmup(torch.zeros(max(n, MIN_TOKENS), dtype=torch.long, device=wrapped.device))
+    return fn.stats["startup"]
