@@ -429,3 +429,64 @@ def test_warmup_before_first_call():
     assert rel_err(wrapped(ids), ref(ids)) <= RTOL
     assert _fn(wrapped).traced is tr and _fn(wrapped).stats["compile_fallbacks"] == {}
     assert warmup(pcg.wrap(_moe_model(1), progress=False)) is None
+
+
+class _Recorder:
+    """What CaptureEngine's SegmentRecorder does at a split op, minus the CUDA
+    graphs: run the out= variant for real and record the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def split(self, op_name, args, out):
+        ns, name = op_name.split("::")
+        getattr(getattr(torch.ops, ns), name)(*args)
+        self.calls.append(op_name)
+        return out
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@torch.inference_mode()
+def test_split_ops_reach_the_recorder_inside_a_capture(compiler):
+    """Inside a capture session (a recorder in the running context) the split
+    graph's split ops go to the recorder, one call per split op, pieces run
+    around them (no debug comparisons inside), a one-token bucket included."""
+    from pcg.batch import BatchMeta
+    from pcg.compile import warmup
+    from pcg.registry import RunContext, running
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, compiler=compiler, debug=True, max_tokens=16, progress=False)
+    warmup(wrapped)  # as the engine's eager warm-up: traced outside the capture
+    fn = _fn(wrapped)
+    checks = fn.stats["checks"]
+    for n in (16, 8, 1):
+        rec = _Recorder()
+        ids = torch.randint(0, 256, (n,))
+        pos = torch.arange(n)
+        ctx = RunContext(wrapped.registry, BatchMeta(n, [0, n], pos, n),
+                         torch.tensor([n], dtype=torch.int32), rec)
+        with running(ctx):
+            out = fn(ids, pos)
+        assert rec.calls == ["pcg::attention_out"] * fn.num_splits
+        assert out.shape == (1, n, 256)
+        assert rel_err(out, ref(ids[None], pos[None])) <= RTOL
+    assert fn.stats["checks"] == checks  # no checks inside captures
+    assert fn.stats["compile_fallbacks"] == {}
+
+
+@torch.inference_mode()
+def test_first_call_inside_a_capture_falls_back():
+    from pcg.batch import BatchMeta
+    from pcg.registry import RunContext, running
+    model = _moe_model(2)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, compiler="eager", progress=False)
+    fn = _fn(wrapped)
+    rec = _Recorder()
+    ids, pos = torch.randint(0, 256, (6,)), torch.arange(6)
+    with running(RunContext(wrapped.registry, BatchMeta(6, [0, 6], pos, 6), None, rec)):
+        out = fn(ids, pos)
+    assert rel_err(out, ref(ids[None])) <= RTOL
+    assert fn.stats["compile_fallbacks"] == {"first_call_in_capture": 1}
+    assert rec.calls == ["pcg::attention_out"] * 2
