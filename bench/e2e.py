@@ -7,6 +7,8 @@
                    kernels pcg runs (pcg's MoE, SDPA attention, one sequence):
                    the floor for what piecewise capture may cost
   pcg              pcg.wrap(model): piecewise graphs, attention between replays
+  pcg-inductor     pcg.wrap(model, compiler="inductor"): inductor-compiled pieces,
+                   same capture engine (opt-in: --modes ... pcg-inductor)
 
 The default model is Qwen3-30B-A3B-shaped (128 experts, top-8, H=2048, I=768,
 32/4 heads) with --layers layers and random weights. Prints a table (ms and
@@ -135,6 +137,16 @@ def run_gpu(args) -> dict:
     ms["pcg"] = {t: time_ms(lambda t=t: wrapped(input_ids=ids[t])) for t in ts}
     res["rel_err"]["pcg"] = max(rel(wrapped(input_ids=ids[t]).logits, ref[t]) for t in ts)
     ms["moe-op"] = {t: moe_only_ms(wrapped, t) for t in ts}
+    if "pcg-inductor" in args.modes:  # compile mode: inductor pieces, same capture engine
+        import pcg.compile
+        wi = pcg.wrap(model, max_tokens=max(ts), compiler="inductor")
+        t0 = time.perf_counter()
+        pcg.compile.warmup(wi)
+        wi.capture()
+        res["startup_s"]["pcg-inductor"] = time.perf_counter() - t0
+        ms["pcg-inductor"] = {t: time_ms(lambda t=t: wi(input_ids=ids[t])) for t in ts}
+        res["rel_err"]["pcg-inductor"] = max(rel(wi(input_ids=ids[t]).logits, ref[t]) for t in ts)
+        print(wi.report(), flush=True)
     rep = wrapped.report()
     res["report"] = rep.as_dict()
     print(rep, flush=True)
@@ -143,7 +155,7 @@ def run_gpu(args) -> dict:
 
 def print_table(res: dict) -> None:
     ms = res["ms"]
-    modes = [m for m in ("eager", "compile", "compile-ro", "whole-graph", "pcg") if m in ms]
+    modes = [m for m in ("eager", "compile", "compile-ro", "whole-graph", "pcg", "pcg-inductor") if m in ms]
     head = f"{'T':>6} " + " ".join(f"{m:>11}" for m in modes) + f" {'moe share':>9}"
     if "whole-graph" in ms:
         head += f" {'pcg/graph':>9}"
@@ -212,7 +224,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="*", default=DEFAULT_T)
     ap.add_argument("--max-t", type=int, default=8192)
     ap.add_argument("--modes", nargs="*", default=["compile", "compile-ro", "whole-graph"],
-                    help="baselines besides eager and pcg")
+                    help="modes besides eager and pcg: compile, compile-ro, whole-graph, pcg-inductor")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     if not torch.cuda.is_available():
