@@ -78,18 +78,8 @@ def grouped_mm_moe(hidden, w13, w2, topk_weights, topk_ids):
 
 def time_us(fns, iters):
     """Median microseconds of fns[i % len(fns)]() over iters calls (events per call)."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    times = []
-    for i in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fns[i % len(fns)]()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
+    from pcg.timing import cuda_time_ms
+    return cuda_time_ms(fns, warmup=1, reps=iters) * 1e3
 
 
 def capture(fn):

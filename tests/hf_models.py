@@ -177,3 +177,15 @@ def llama(dtype: torch.dtype = torch.float32, device: Any = "cpu", seed: int = 0
     from transformers import LlamaConfig
     config = LlamaConfig(**dict(_BASE, intermediate_size=96))
     return build_from_config(config, dtype=dtype, device=device, seed=seed)
+
+
+def padding_mask(lens: list, seq_len: int, side: str) -> torch.Tensor:
+    """[B, S] attention mask (1 = real token) for rows of the given lengths,
+    padded on the ``side`` ("left" or "right")."""
+    mask = torch.zeros(len(lens), seq_len, dtype=torch.long)
+    for i, n in enumerate(lens):
+        if side == "left":
+            mask[i, seq_len - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return mask

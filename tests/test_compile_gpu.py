@@ -17,7 +17,7 @@ from pcg.compile import CompiledForward, warmup
 from pcg.models import MoETransformer, MoETransformerConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_models import VOCAB, build  # noqa: E402
+from hf_models import VOCAB, build, padding_mask  # noqa: E402
 from test_hf_gpu import Reference, rel_err  # noqa: E402  (bf16 vs fp32 reference with flip slack)
 
 pytest.importorskip("transformers")
@@ -96,12 +96,7 @@ def test_padded_batch(captured, side):
     b, s = 3, 11
     lens = [11, 6, 2]
     ids = _ids(g, b, s)
-    mask = torch.zeros(b, s, dtype=torch.long)
-    for i, n in enumerate(lens):
-        if side == "left":
-            mask[i, s - n:] = 1
-        else:
-            mask[i, :n] = 1
+    mask = padding_mask(lens, s, side)
     mask = mask.cuda()
     out = wrapped(ids, attention_mask=mask).logits
     keep = mask.bool()

@@ -13,7 +13,7 @@ import torch
 import pcg
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_models import FAMILIES, VOCAB, build, llama  # noqa: E402
+from hf_models import FAMILIES, VOCAB, build, llama, padding_mask  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -77,12 +77,7 @@ def test_padded_batch(pair, side):
     b, s = 3, 11
     lens = [11, 6, 2]
     ids = _ids(g, b, s)
-    mask = torch.zeros(b, s, dtype=torch.long)
-    for i, n in enumerate(lens):
-        if side == "left":
-            mask[i, s - n:] = 1
-        else:
-            mask[i, :n] = 1
+    mask = padding_mask(lens, s, side)
     out = wrapped(ids, attention_mask=mask).logits
     assert out.shape == (b, s, VOCAB)
     keep = mask.bool()

@@ -1,7 +1,7 @@
 """Measuring helpers shared by the demo and the benchmarks."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -11,17 +11,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 10) -> float:
+def cuda_time_ms(fn: Union[Callable[[], object], Sequence[Callable[[], object]]],
+                 warmup: int = 2, reps: int = 10) -> float:
     """Median of CUDA-event timings of ``fn()``; each call is synchronised, so
-    host work before its first kernel counts (as it does for a single prefill)."""
+    host work before its first kernel counts (as it does for a single prefill).
+    A sequence of functions is called in rotation (e.g. one per input set, so
+    repeated calls do not just measure the L2 cache)."""
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
     for _ in range(warmup):
-        fn()
+        for f in fns:
+            f()
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
+    for i in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        fns[i % len(fns)]()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
