@@ -268,3 +268,11 @@ def test_runtime_attention_impl_replaces_the_split_op():
     assert rel(w(ids, position_ids=pos), expect) < 1e-4
     with pytest.raises(KeyError, match="no attention layer"):
         w.registry.register_attention_impl(5, my_attention)
+
+
+def test_empty_and_all_padding_batches_give_empty_or_zero_outputs():
+    w = pcg.wrap(tiny(10))
+    out = w(torch.zeros(1, 0, dtype=torch.long))
+    assert out.shape == (1, 0, 256)
+    out = w(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.zeros(2, 3, dtype=torch.long))
+    assert out.shape == (2, 3, 256) and bool((out == 0).all())

@@ -213,16 +213,33 @@ class CaptureEngine:
                 for t in g.outputs]
         return tree_unflatten(flat, g.out_spec)
 
-    def eager(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int]) -> Any:
-        """The same split path without graphs (CPU, or above the largest bucket)."""
+    def eager(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
+              padded_to: Optional[int] = None) -> Any:
+        """The same split path without graphs (CPU, or above the largest bucket).
+
+        ``padded_to`` > n runs that many rows, the pad rows masked by a device
+        ``num_valid`` = n (expert parallelism needs equal shapes on every rank;
+        an empty batch runs one masked row so its outputs still get shapes).
+        Outputs are trimmed to the n real rows.
+        """
         n = int(ids.shape[0])
-        if positions is None:
+        run = n if padded_to is None else padded_to
+        if run < n:
+            raise RuntimeError(f"pcg: cannot pad {n} tokens to {run}")
+        num_valid = None
+        if run > n:
+            ids = torch.cat([ids, ids.new_zeros(run - n)])
+            pad_pos = torch.zeros(run - n, dtype=torch.int64, device=ids.device)
+            positions = (torch.arange(run, device=ids.device) if positions is None
+                         else torch.cat([positions, pad_pos]))
+            num_valid = torch.tensor([n], dtype=torch.int32, device=ids.device)
+        elif positions is None:
             positions = torch.arange(n, device=ids.device)
-        batch = BatchMeta(n, cu_seqlens, positions, n)
-        with running(RunContext(self.registry, batch, None)):
+        batch = BatchMeta(n, cu_seqlens, positions[:n], run)
+        with running(RunContext(self.registry, batch, num_valid)):
             out = self.forward_fn(ids, positions)
         flat, spec = tree_flatten(out)
-        return tree_unflatten([_slice_tokens(t, n, n) if isinstance(t, torch.Tensor) else t
+        return tree_unflatten([_slice_tokens(t, run, n) if isinstance(t, torch.Tensor) else t
                                for t in flat], spec)
 
     def check_params_unchanged(self) -> None:

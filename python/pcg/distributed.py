@@ -275,28 +275,9 @@ class EPConfig:
               cu_seqlens: list[int], n_run: int) -> Any:
         """The split path without graphs, padded to the agreed ``n_run`` tokens
         (pad rows masked by a device ``num_valid`` = this rank's real n)."""
-        from torch.utils._pytree import tree_flatten, tree_unflatten
-
-        from .batch import BatchMeta
-        from .capture import _slice_tokens
-        from .registry import RunContext, running
-        n = int(ids.shape[0])
-        dev = ids.device
-        if n_run < n:
-            raise RuntimeError(f"pcg EP: agreed token count {n_run} < this rank's {n}")
-        ids_p = ids.new_zeros(n_run)
-        ids_p[:n] = ids
-        pos_p = torch.arange(n_run, dtype=torch.int64, device=dev)
-        if positions is not None:
-            pos_p[:n] = positions
-            pos_p[n:] = 0
-        num_valid = torch.tensor([n], dtype=torch.int32, device=dev)
-        batch = BatchMeta(n, cu_seqlens, pos_p[:n], n_run)
-        with running(RunContext(engine.registry, batch, num_valid)):
-            out = engine.forward_fn(ids_p, pos_p)
-        flat, spec = tree_flatten(out)
-        return tree_unflatten([_slice_tokens(t, n_run, n) if isinstance(t, torch.Tensor) else t
-                               for t in flat], spec)
+        if n_run < int(ids.shape[0]):
+            raise RuntimeError(f"pcg EP: agreed token count {n_run} < this rank's {int(ids.shape[0])}")
+        return engine.eager(ids, positions, cu_seqlens, padded_to=n_run)
 
 
 class _PeerWorkspace:

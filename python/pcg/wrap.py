@@ -118,8 +118,9 @@ class WrappedModel(nn.Module):
         bucket = _buckets.pick(self.ladder, n_run)
         if reason is None and bucket is None:
             reason = "above_max_tokens"
-        if reason is None and n_run == 0:
-            reason = "empty_batch"
+        if n_run == 0:  # nothing real anywhere: one masked pad row gives the outputs their shapes
+            reason = reason or "empty_batch"
+            n_run = 1
         if reason is None:
             eng.capture()
             if self.ep is not None:
@@ -140,7 +141,7 @@ class WrappedModel(nn.Module):
     def _eager(self, eng: CaptureEngine, ids: torch.Tensor, pos: Optional[torch.Tensor],
                cu_seqlens: list[int], n_run: int) -> Any:
         if self.ep is None:
-            return eng.eager(ids, pos, cu_seqlens)
+            return eng.eager(ids, pos, cu_seqlens, padded_to=max(n_run, int(ids.shape[0])))
         return self.ep.eager(eng, ids, pos, cu_seqlens, n_run)  # padded to n_run, num_valid = n
 
     def _debug_compare(self, replayed: Any, eager: Any) -> None:
