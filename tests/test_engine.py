@@ -276,3 +276,20 @@ def test_empty_and_all_padding_batches_give_empty_or_zero_outputs():
     assert out.shape == (1, 0, 256)
     out = w(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.zeros(2, 3, dtype=torch.long))
     assert out.shape == (2, 3, 256) and bool((out == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pad_rows_never_change_real_rows(dtype):
+    """The padded run a bucket replay performs (pad rows masked by num_valid)
+    gives the real rows bit-identical results on CPU."""
+    w = pcg.wrap(tiny(11, dtype=dtype))
+    eng = w.engine()
+    ids = torch.randint(0, 256, (50,))
+    with torch.inference_mode():
+        plain = eng.eager(ids, None, [0, 50])
+        padded = eng.eager(ids, None, [0, 50], padded_to=64)
+        two_seqs = eng.eager(ids, torch.cat([torch.arange(20), torch.arange(30)]), [0, 20, 50],
+                             padded_to=64)
+    assert padded.shape == plain.shape == (50, 256)
+    assert torch.equal(padded, plain)
+    assert torch.isfinite(two_seqs).all()
