@@ -37,7 +37,6 @@ class SegmentRecorder:
     def __init__(self, chain: Any, pool: tuple[int, int]) -> None:
         self.chain = chain
         self.pool = pool
-        self.splits = 0
 
     def split(self, op_name: str, args: list, out: torch.Tensor) -> torch.Tensor:
         self.chain.capture_end()
@@ -46,7 +45,6 @@ class SegmentRecorder:
         weak = [torch.ops.pcg.weak_ref_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         self.chain.record_call(op_name, weak)
         self.chain.capture_begin(*self.pool)
-        self.splits += 1
         return out
 
 
@@ -60,7 +58,6 @@ class BucketGraphs:
     out_spec: Any
     capture_seconds: float
     memory_bytes: int
-    splits: list[str]
 
 
 @dataclass
@@ -182,8 +179,7 @@ class CaptureEngine:
         del out, flat
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        return BucketGraphs(n, chain, weak, spec, time.perf_counter() - t0, max(0, used),
-                            list(chain.call_names()))
+        return BucketGraphs(n, chain, weak, spec, time.perf_counter() - t0, max(0, used))
 
     # ---- run ----------------------------------------------------------------
     def replay(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
