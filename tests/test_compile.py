@@ -281,6 +281,66 @@ def test_fallback_trace_failure_counted():
 
 
 @torch.inference_mode()
+def test_warmup_after_a_failed_trace_reports_it():
+    """warmup() / compile_stats after a failed trace: the startup stats say
+    why (trace_error), with no pieces, instead of missing keys."""
+    from pcg.compile import compile_stats, warmup
+    wrapped = pcg.wrap(_moe_model(2), compiler="eager", max_tokens=8, progress=False)
+    fn = _fn(wrapped)
+    real = fn.forward_fn
+
+    def breaking_forward(ids, positions):
+        torch._dynamo.graph_break()
+        return real(ids, positions)
+    fn.forward_fn = breaking_forward
+    with pytest.warns(UserWarning, match="tracing the forward failed"):
+        st = warmup(wrapped)
+    assert fn.traced is None and st["trace_error"] == fn.trace_error
+    assert st["pieces"] == 0 and st["splits"] == 0 and fn.num_pieces == 0
+    assert warmup(wrapped) is st and compile_stats(wrapped)["startup"] is st
+    assert fn.stats["compile_fallbacks"] == {"trace_failed": 1}
+
+
+@torch.inference_mode()
+def test_trace_reads_the_running_context_without_contextvar_get():
+    """Dynamo < 2.12 cannot trace ContextVar.get (the layers' _RUNNING.get()):
+    during the trace registry._RUNNING is a plain stand-in returning the
+    running context, and the ContextVar is back afterwards."""
+    import contextvars
+
+    from pcg import registry as reg
+    from pcg.compile import _running_for_trace, _TraceRunning, warmup
+    var = reg._RUNNING
+    wrapped = pcg.wrap(_moe_model(2), compiler="eager", max_tokens=8, progress=False)
+    fn = _fn(wrapped)
+    seen = []
+    real = fn.forward_fn
+
+    def forward(ids, positions):
+        seen.append(type(reg._RUNNING))
+        return real(ids, positions)
+    fn.forward_fn = forward
+    st = warmup(wrapped)
+    assert st["trace_error"] is None and st["pieces"] == 3
+    assert seen and all(t is _TraceRunning for t in seen), seen
+    assert reg._RUNNING is var and isinstance(var, contextvars.ContextVar)
+    # the stand-in: get() -> the context it was made in; set/reset reach the ContextVar
+    ctx = reg.RunContext(wrapped.registry)
+    with reg.running(ctx), _running_for_trace():
+        stand_in = reg._RUNNING
+        assert isinstance(stand_in, _TraceRunning) and stand_in.get() is ctx
+        assert reg.current() is ctx
+        token = stand_in.set(None)
+        assert var.get() is None
+        stand_in.reset(token)
+        assert var.get() is ctx
+    assert reg._RUNNING is var and var.get() is None
+    with _running_for_trace():
+        assert reg._RUNNING.get() is None and reg._RUNNING.get("d") == "d"
+    assert reg._RUNNING is var
+
+
+@torch.inference_mode()
 def test_fallback_shape_guard_counted():
     """A call whose shapes fail the trace's shape guards runs the model's forward."""
     model = _moe_model(2)

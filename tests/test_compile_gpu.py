@@ -60,7 +60,9 @@ def captured(request):
     wrapped = pcg.wrap(model, buckets=BUCKETS, compiler="inductor", progress=False)
     startup = warmup(wrapped)  # trace + compile outside the engine's capture timing
     print(f"\n{request.param}: compile startup {startup}")
-    assert startup["pieces"] == wrapped._forward_fn.num_pieces
+    assert startup.get("trace_error") is None, \
+        f"{request.param}: tracing the forward failed: {startup['trace_error']}"
+    assert startup["pieces"] == wrapped._forward_fn.num_pieces > 0
     wrapped.capture()
     yield request.param, ref, wrapped
     del wrapped, ref, model

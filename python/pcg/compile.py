@@ -7,9 +7,11 @@ into a function with the same signature that runs a traced, split graph:
    (``torch.compile(fullgraph=True)`` and a pcg backend that receives the FX
    graph), the token dim of ``ids`` / ``positions`` marked dynamic. The layer
    ops ``pcg::attention`` / ``pcg::moe`` have fake kernels, so they stay single
-   nodes. Dynamo specialises sizes 0 and 1, so the trace covers N >= 2; a
-   one-token call runs padded to two tokens (a pad row, as in the engine's
-   buckets) and its outputs are cut back to one row.
+   nodes. The layers' reads of pcg's running context (a ContextVar, which
+   dynamo of torch <= 2.11 cannot trace) see a plain stand-in during the
+   trace (:class:`_TraceRunning`). Dynamo specialises sizes 0 and 1, so the
+   trace covers N >= 2; a one-token call runs padded to two tokens (a pad
+   row, as in the engine's buckets) and its outputs are cut back to one row.
 2. Split. The graph is cut at the split ops (every ``pcg::attention``; the
    ``pcg::moe`` of registry layers marked ``split``) with
    ``torch.fx.passes.split_module``, in the original order: piece, split op,
@@ -563,7 +565,10 @@ class CompiledForward:
     def _fallback_trace_failed(self, msg: str) -> Any:
         self.traced = None
         self.trace_error = msg
-        warnings.warn(f"pcg compile: tracing the forward failed ({msg[:300]}); calls run the model's "
+        # The startup stats say so too (same keys as a trace's, nothing split).
+        self.stats["startup"] = {"trace_error": msg, "pieces": 0, "splits": 0,
+                                 "piece_compile_failures": {}, "eager_pieces": []}
+        warnings.warn(f"pcg compile: tracing the forward failed ({msg[:600]}); calls run the model's "
                       "own forward", stacklevel=4)
         return _MISSING
 
@@ -599,7 +604,7 @@ class CompiledForward:
             torch._dynamo.mark_dynamic(ids, 0)
             torch._dynamo.mark_dynamic(positions, 0)
             compiled = torch.compile(fresh, backend=backend, fullgraph=True)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _running_for_trace():
                 warnings.simplefilter("ignore")
                 result = compiled(ids, positions)
             tr = holder.get("traced")
@@ -614,7 +619,7 @@ class CompiledForward:
                 self._eager_pieces.add(self._respecialize)
                 self._respecialize = None
                 return _RETRY
-            return self._fallback_trace_failed(f"{type(exc).__name__}: {exc}"[:2000])
+            return self._fallback_trace_failed(_clip(f"{type(exc).__name__}: {exc}", 3000))
         finally:
             for cm in cache_cm:
                 cm.__exit__(None, None, None)
@@ -623,6 +628,7 @@ class CompiledForward:
         self.traced = tr
         counters = _inductor_counters()
         info = {
+            "trace_error": None,
             "trace_seconds": round(times.get("backend_start", t0) - t0, 4),
             "split_seconds": round(tr.split_seconds, 4),
             "compile_seconds": round(tr.compile_seconds, 4),
@@ -649,6 +655,15 @@ class CompiledForward:
         return result
 
 
+def _clip(msg: str, limit: int) -> str:
+    """``msg`` cut to about ``limit`` characters, keeping its start (what
+    failed) and its end (dynamo's innermost user frame, where it failed)."""
+    if len(msg) <= limit:
+        return msg
+    half = limit // 2
+    return f"{msg[:half]}\n[...]\n{msg[-half:]}"
+
+
 def _alias_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
@@ -662,6 +677,56 @@ def _inductor_counters() -> dict:
         return out
     except Exception:  # noqa: BLE001
         return {}
+
+
+class _TraceRunning:
+    """Stands in for ``pcg.registry._RUNNING`` (a ``contextvars.ContextVar``)
+    while dynamo traces the forward.
+
+    The layer code the trace runs through (pcg.nn's layers, the transformers
+    integration's attention / experts functions, ``registry.current()``) reads
+    the running context with ``_RUNNING.get()``. Dynamo of torch 2.11 (and
+    older) cannot trace ``ContextVar.get`` ("Unsupported method call"), so for the
+    trace the module global is this plain object, whose ``get`` returns the
+    context the trace runs in (read from the ContextVar before the trace):
+    dynamo inlines it like any Python method. The value is only read at trace
+    time (layer ids, settings), and the traced graph runs without dynamo, so
+    nothing depends on dynamo's guards on it. ``set`` / ``reset`` go to the
+    real ContextVar (a ``running(...)`` block entered meanwhile still works).
+    """
+
+    def __init__(self, var: Any, ctx: Any) -> None:
+        self._var = var
+        self._ctx = ctx
+        self.name = var.name
+
+    def get(self, *default: Any) -> Any:
+        if self._ctx is None and default:
+            return default[0]
+        return self._ctx
+
+    def set(self, value: Any) -> Any:
+        return self._var.set(value)
+
+    def reset(self, token: Any) -> None:
+        self._var.reset(token)
+
+
+class _running_for_trace:
+    """Context manager: ``_reg._RUNNING`` is a :class:`_TraceRunning` inside."""
+
+    def __enter__(self) -> "_running_for_trace":
+        self.var = _reg._RUNNING
+        if isinstance(self.var, _TraceRunning):  # nested: leave the outer one
+            self.var = None
+            return self
+        _reg._RUNNING = _TraceRunning(self.var, self.var.get())
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self.var is not None:
+            _reg._RUNNING = self.var
+        return False
 
 
 def _fresh_function(fn: Callable, tag: int) -> Callable:
@@ -716,9 +781,11 @@ def _cut_rows(out: Any, padded: int, n: int) -> Any:
 def compile_stats(wrapped: Any) -> Optional[dict]:
     """The compile-mode stats of a wrapped model (None when it was wrapped
     without ``compiler``): ``pieces``, ``splits``, ``split_kinds``,
-    ``compile_fallbacks`` (reason -> calls), ``startup`` (``trace_seconds``,
-    ``compile_seconds``, ``total_seconds``, ``cache_warm``, ``inductor_cache``
-    hits/misses, ``cache_dir``, ...), ``check_max_rel_err``."""
+    ``compile_fallbacks`` (reason -> calls), ``startup`` (``trace_error``:
+    None, or why the trace failed, then ``pieces`` is 0 and calls run the
+    model's own forward; ``trace_seconds``, ``compile_seconds``,
+    ``total_seconds``, ``cache_warm``, ``inductor_cache`` hits/misses,
+    ``cache_dir``, ...), ``check_max_rel_err``."""
     fn = getattr(wrapped, "_forward_fn", wrapped)
     return fn.stats if isinstance(fn, CompiledForward) else None
 
@@ -727,7 +794,8 @@ def warmup(wrapped: Any, num_tokens: Optional[int] = None) -> Optional[dict]:
     """Trace and compile a wrapped model's forward now (before ``capture()``,
     so the engine's capture time does not include compilation), with
     ``num_tokens`` (default: the largest bucket) zero ids as the example.
-    Returns the startup stats (None without ``compiler``)."""
+    Returns the startup stats (None without ``compiler``); when the trace
+    failed, their ``trace_error`` says why (and ``pieces`` is 0)."""
     fn = getattr(wrapped, "_forward_fn", None)
     if not isinstance(fn, CompiledForward):
         return None
