@@ -324,16 +324,23 @@ def test_trace_reads_the_running_context_without_contextvar_get():
     assert st["trace_error"] is None and st["pieces"] == 3
     assert seen and all(t is _TraceRunning for t in seen), seen
     assert reg._RUNNING is var and isinstance(var, contextvars.ContextVar)
-    # the stand-in: get() -> the context it was made in; set/reset reach the ContextVar
+    # the stand-in: get() under dynamo -> the context it was made in; outside
+    # dynamo get() and set/reset use the ContextVar (other threads see theirs)
     ctx = reg.RunContext(wrapped.registry)
     with reg.running(ctx), _running_for_trace():
         stand_in = reg._RUNNING
         assert isinstance(stand_in, _TraceRunning) and stand_in.get() is ctx
         assert reg.current() is ctx
         token = stand_in.set(None)
-        assert var.get() is None
+        assert var.get() is None and stand_in.get() is None
         stand_in.reset(token)
         assert var.get() is ctx
+        import threading
+        other = []
+        th = threading.Thread(target=lambda: other.append(reg._RUNNING.get()))
+        th.start()
+        th.join()
+        assert other == [None]
     assert reg._RUNNING is var and var.get() is None
     with _running_for_trace():
         assert reg._RUNNING.get() is None and reg._RUNNING.get("d") == "d"

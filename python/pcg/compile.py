@@ -691,8 +691,9 @@ class _TraceRunning:
     context the trace runs in (read from the ContextVar before the trace):
     dynamo inlines it like any Python method. The value is only read at trace
     time (layer ids, settings), and the traced graph runs without dynamo, so
-    nothing depends on dynamo's guards on it. ``set`` / ``reset`` go to the
-    real ContextVar (a ``running(...)`` block entered meanwhile still works).
+    nothing depends on dynamo's guards on it. Outside dynamo (the first run of
+    the split graph, other threads meanwhile) ``get`` reads the real
+    ContextVar, and ``set`` / ``reset`` always go to it.
     """
 
     def __init__(self, var: Any, ctx: Any) -> None:
@@ -701,6 +702,8 @@ class _TraceRunning:
         self.name = var.name
 
     def get(self, *default: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            return self._var.get(*default)
         if self._ctx is None and default:
             return default[0]
         return self._ctx
