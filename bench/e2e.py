@@ -31,6 +31,7 @@ import torch
 import pcg
 from pcg.models import qwen3_moe_model
 from pcg.registry import RunContext, running
+from pcg.timing import capture_graph
 from pcg.timing import cuda_time_ms as time_ms
 from pcg.timing import rel_err as rel
 
@@ -48,14 +49,8 @@ def whole_graph_ms(wrapped, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     static = ids[0].clone()
     ctx = RunContext(wrapped.registry, None, None)  # batch None: one sequence, SDPA
     with torch.inference_mode(), running(ctx):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            eng.forward_fn(static, pos)  # warm-up
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = eng.forward_fn(static, pos)
+        g, out = capture_graph(lambda: eng.forward_fn(static, pos))
+
         def step():
             static.copy_(ids[0])
             g.replay()

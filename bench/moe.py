@@ -84,15 +84,8 @@ def time_us(fns, iters):
 
 def capture(fn):
     """Captures fn() (after a warm-up on a side stream); returns (graph, output)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
+    from pcg.timing import capture_graph
+    return capture_graph(fn)
 
 
 def floor_us(sets, E, k, H, I, T):

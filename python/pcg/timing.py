@@ -1,7 +1,7 @@
 """Measuring helpers shared by the demo and the benchmarks."""
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
@@ -32,3 +32,16 @@ def cuda_time_ms(fn: Union[Callable[[], object], Sequence[Callable[[], object]]]
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2]
+
+
+def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Warm ``fn`` up once on a side stream, then capture it; returns (graph, output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
