@@ -246,6 +246,42 @@ def bench_e2e(args, rank: int, world: int, device: torch.device) -> list[dict]:
     return rows
 
 
+def plot(result: dict, path: str) -> None:
+    """Exchange latency per EP size and end-to-end prefill vs T (one PNG)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    comm = result.get("comm", [])
+    for w in sorted({r["ep"] for r in comm}):
+        rs = [r for r in comm if r["ep"] == w]
+        for key, style in (("pcg_ms", "-o"), ("a2a_ms", "--s"), ("peer_ms", ":^")):
+            pts = [(r["T"], r[key] * 1e3) for r in rs if isinstance(r.get(key), float)]
+            if pts:
+                axes[0].plot(*zip(*pts), style, label=f"EP={w} {key[:-3]}")
+    axes[0].set_title("token exchange (us)")
+    e2e = result.get("e2e", [])
+    if e2e:
+        ts = [r["T_per_rank"] for r in e2e]
+        axes[1].plot(ts, [r["no_ep_ms"] for r in e2e], "-o", label="no EP")
+        for key in [k for k in e2e[0] if k.endswith("_ms") and k != "no_ep_ms"]:
+            axes[1].plot(ts, [r[key] for r in e2e], "-s", label=key[:-3])
+    axes[1].set_title("prefill per rank (ms)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per rank")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["comm", "e2e", "all"], default="all")
@@ -294,6 +330,7 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {path}")
+        plot(result, path[:-len(".json")] + ".png")
     dist.barrier()
     dist.destroy_process_group()
 

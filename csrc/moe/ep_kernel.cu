@@ -1,7 +1,8 @@
 // pcg::ep_dispatch / pcg::ep_combine CUDA kernels (contract in ep_kernels.h).
 //
-// dispatch: (1) one block per destination rank scans the tokens in chunks of
-// kScanThreads with a block-wide prefix sum, so slots come out in token order
+// dispatch: (1) one block per destination rank scans the tokens in tiles of
+// kScanThreads x kScanItems (each thread owns consecutive tokens) with a
+// block-wide prefix sum, so slots come out in token order
 // exactly as in the CPU loop, and writes slot_map, the metadata rows, the
 // rank's count and the unused-slot tail; (2) one block per token copies its
 // row into every destination slot it got (16-byte vectors when the row and
@@ -23,8 +24,10 @@ namespace pcg::ep {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kScanThreads = 256;
+constexpr int kScanThreads = 1024;
 constexpr int kScanWarps = kScanThreads / 32;
+constexpr int kScanItems = 8;  // consecutive tokens per thread (bits of a mask)
+constexpr int64_t kScanTile = int64_t{kScanThreads} * kScanItems;
 constexpr int kCopyThreads = 128;
 constexpr int kCombineThreads = 256;
 
@@ -49,14 +52,25 @@ __global__ void __launch_bounds__(kScanThreads) ep_scan_kernel(const DispatchPar
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (threadIdx.x == 0) base_s = 0;
   __syncthreads();
-  for (int64_t t0 = 0; t0 < T; t0 += kScanThreads) {
-    const int64_t t = t0 + threadIdx.x;
-    int flag = 0;
-    if (t < nv) {
-      for (int64_t j = 0; j < k; ++j)
-        if (owner(p, p.topk_ids[t * k + j]) == r) flag = 1;
+  // Each thread owns kScanItems consecutive tokens of a tile, so one pass of
+  // the block-wide scan covers kScanThreads * kScanItems tokens.
+  for (int64_t t0 = 0; t0 < T; t0 += kScanTile) {
+    const int64_t first = t0 + static_cast<int64_t>(threadIdx.x) * kScanItems;
+    unsigned flags = 0;
+    int mine = 0;
+#pragma unroll
+    for (int it = 0; it < kScanItems; ++it) {
+      const int64_t t = first + it;
+      if (t < nv) {
+        bool hit = false;
+        for (int64_t j = 0; j < k; ++j) hit |= owner(p, p.topk_ids[t * k + j]) == r;
+        if (hit) {
+          flags |= 1u << it;
+          ++mine;
+        }
+      }
     }
-    int x = flag;  // inclusive scan within the warp
+    int x = mine;  // inclusive scan of the per-thread counts within the warp
     for (int off = 1; off < 32; off <<= 1) {
       const int y = __shfl_up_sync(kFull, x, off);
       if (lane >= off) x += y;
@@ -73,25 +87,28 @@ __global__ void __launch_bounds__(kScanThreads) ep_scan_kernel(const DispatchPar
     }
     __syncthreads();
     const int base = base_s;
-    const int excl = x - flag + (warp > 0 ? warp_sums[warp - 1] : 0);
-    if (t < T) {
-      if (flag) {
-        const int s = base + excl;
-        p.slot_map[t * W + r] = s;
-        int32_t* meta = dispatch_meta(p, r, s);
-        const int32_t* ids = p.topk_ids + t * k;
-        const float* w = p.topk_weights + t * k;
-        for (int64_t j = 0; j < k; ++j) {
-          const bool here = owner(p, ids[j]) == r;
-          meta[j] = here ? p.expert_local[ids[j]] : -1;
-          meta[k + j] = here ? __float_as_int(w[j]) : 0;
-        }
-      } else {
+    int s = base + x - mine + (warp > 0 ? warp_sums[warp - 1] : 0);
+#pragma unroll
+    for (int it = 0; it < kScanItems; ++it) {
+      const int64_t t = first + it;
+      if (t >= T) break;
+      if (!(flags >> it & 1u)) {
         p.slot_map[t * W + r] = -1;
+        continue;
       }
+      p.slot_map[t * W + r] = s;
+      int32_t* meta = dispatch_meta(p, r, s);
+      const int32_t* ids = p.topk_ids + t * k;
+      const float* w = p.topk_weights + t * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const bool here = owner(p, ids[j]) == r;
+        meta[j] = here ? p.expert_local[ids[j]] : -1;
+        meta[k + j] = here ? __float_as_int(w[j]) : 0;
+      }
+      ++s;
     }
     __syncthreads();  // every thread has read base_s and warp_sums
-    if (threadIdx.x == kScanThreads - 1) base_s = base + excl + flag;
+    if (threadIdx.x == 0) base_s = base + warp_sums[kScanWarps - 1];  // the tile's total
     __syncthreads();
   }
   const int64_t total = base_s;
