@@ -148,6 +148,23 @@ def run_gpu(args) -> dict:
     return res
 
 
+def startup_only(args) -> None:
+    from pcg import compile as pcg_compile
+    from pcg.compile_cache import cache_root
+    ts = [t for t in args.tokens if t <= args.max_t]
+    model = qwen3_moe_model(args.layers, dtype=torch.bfloat16, device="cuda")
+    t0 = time.perf_counter()
+    wi = pcg.wrap(model, max_tokens=max(ts), compiler="inductor", progress=False)
+    stats = pcg_compile.warmup(wi)
+    wi.capture()
+    total = time.perf_counter() - t0
+    print(f"pcg-inductor start-up in a fresh process (cache {cache_root()}): {total:.1f} s; "
+          f"trace/compile stats: {stats}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "e2e_startup.json"), "w") as f:
+        json.dump({"startup_s": total, "stats": stats, "cache": cache_root()}, f, indent=1, default=str)
+
+
 def print_table(res: dict) -> None:
     ms = res["ms"]
     modes = [m for m in ("eager", "compile", "compile-ro", "whole-graph", "pcg", "pcg-inductor") if m in ms]
@@ -221,9 +238,16 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", default=["compile", "compile-ro", "whole-graph"],
                     help="modes besides eager and pcg: compile, compile-ro, whole-graph, pcg-inductor")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--startup-only", action="store_true",
+                    help="only time pcg.wrap(compiler='inductor') start-up (trace, compile, capture) "
+                         "in this fresh process; run it after a full run to measure a start with the "
+                         "compile cache ($PCG_CACHE_DIR) filled")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         run_cpu(args)
+        return
+    if args.startup_only:
+        startup_only(args)
         return
     os.makedirs(args.out, exist_ok=True)
     res = run_gpu(args)
