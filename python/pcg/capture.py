@@ -82,6 +82,10 @@ def _slice_tokens(t: torch.Tensor, padded: int, n: int) -> torch.Tensor:
     return t
 
 
+def _finish(t: torch.Tensor, leaf: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    return t if leaf is None else leaf(t)
+
+
 class CaptureEngine:
     """Captures and replays the bucketed piecewise graphs of one forward."""
 
@@ -183,8 +187,10 @@ class CaptureEngine:
 
     # ---- run ----------------------------------------------------------------
     def replay(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
-               bucket: int) -> Any:
-        """Replay bucket ``bucket`` for n = len(ids) real tokens; outputs trimmed to n rows.
+               bucket: int, leaf: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Any:
+        """Replay bucket ``bucket`` for n = len(ids) real tokens; outputs trimmed to n rows
+        (copies, not views of the graph's buffers), then passed through ``leaf``
+        (e.g. the caller's unpacking; one pytree pass for both).
 
         ``positions`` None means arange(n). Pad rows keep whatever ids and
         positions the buffers hold (valid values from earlier batches): their
@@ -205,18 +211,19 @@ class CaptureEngine:
         with running(RunContext(self.registry, batch, self.num_valid)):
             g.chain.replay()
         self.stats.replays[bucket] = self.stats.replays.get(bucket, 0) + 1
-        flat = [_slice_tokens(t, bucket, n).clone() if isinstance(t, torch.Tensor) else t
-                for t in g.outputs]
+        flat = [_finish(_slice_tokens(t, bucket, n).clone(), leaf) if isinstance(t, torch.Tensor)
+                else t for t in g.outputs]
         return tree_unflatten(flat, g.out_spec)
 
     def eager(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
-              padded_to: Optional[int] = None) -> Any:
+              padded_to: Optional[int] = None,
+              leaf: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Any:
         """The same split path without graphs (CPU, or above the largest bucket).
 
         ``padded_to`` > n runs that many rows, the pad rows masked by a device
         ``num_valid`` = n (expert parallelism needs equal shapes on every rank;
         an empty batch runs one masked row so its outputs still get shapes).
-        Outputs are trimmed to the n real rows.
+        Outputs are trimmed to the n real rows, then passed through ``leaf``.
         """
         n = int(ids.shape[0])
         run = n if padded_to is None else padded_to
@@ -235,8 +242,8 @@ class CaptureEngine:
         with running(RunContext(self.registry, batch, num_valid)):
             out = self.forward_fn(ids, positions)
         flat, spec = tree_flatten(out)
-        return tree_unflatten([_slice_tokens(t, run, n) if isinstance(t, torch.Tensor) else t
-                               for t in flat], spec)
+        return tree_unflatten([_finish(_slice_tokens(t, run, n), leaf) if isinstance(t, torch.Tensor)
+                               else t for t in flat], spec)
 
     def check_params_unchanged(self) -> None:
         """Debug: the graphs read parameters at their capture-time addresses."""

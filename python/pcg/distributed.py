@@ -272,12 +272,13 @@ class EPConfig:
                               tuple(id(g) for g in engine.graphs.values()))
 
     def eager(self, engine: Any, ids: torch.Tensor, positions: Optional[torch.Tensor],
-              cu_seqlens: list[int], n_run: int) -> Any:
+              cu_seqlens: list[int], n_run: int, leaf: Any = None) -> Any:
         """The split path without graphs, padded to the agreed ``n_run`` tokens
-        (pad rows masked by a device ``num_valid`` = this rank's real n)."""
+        (pad rows masked by a device ``num_valid`` = this rank's real n);
+        ``leaf`` as in :meth:`pcg.capture.CaptureEngine.eager`."""
         if n_run < int(ids.shape[0]):
             raise RuntimeError(f"pcg EP: agreed token count {n_run} < this rank's {int(ids.shape[0])}")
-        return engine.eager(ids, positions, cu_seqlens, padded_to=n_run)
+        return engine.eager(ids, positions, cu_seqlens, padded_to=n_run, leaf=leaf)
 
 
 class _PeerWorkspace:

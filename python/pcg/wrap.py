@@ -127,22 +127,24 @@ class WrappedModel(nn.Module):
                 self.ep.sync_captured(eng)
             if bucket not in eng.graphs:
                 reason = "capture_failed"
+        def unpack(t: torch.Tensor) -> torch.Tensor:  # [n, ...] rows -> the caller's layout
+            return packed.unpack(t) if t.dim() >= 1 and t.shape[0] == n else t
+
         if reason is not None:
             eng.stats.fallback(reason)
-            out = self._eager(eng, ids, pos, packed.cu_seqlens, n_run)
-        else:
-            if self.options.debug:
-                eng.check_params_unchanged()
-            out = eng.replay(ids, pos, packed.cu_seqlens, bucket)
-            if self.options.debug:
-                self._debug_compare(out, self._eager(eng, ids, pos, packed.cu_seqlens, n_run))
-        return _unpack_outputs(out, packed, n)
+            return self._eager(eng, ids, pos, packed.cu_seqlens, n_run, unpack)
+        if self.options.debug:
+            eng.check_params_unchanged()
+        out = eng.replay(ids, pos, packed.cu_seqlens, bucket, leaf=unpack)
+        if self.options.debug:
+            self._debug_compare(out, self._eager(eng, ids, pos, packed.cu_seqlens, n_run, unpack))
+        return out
 
     def _eager(self, eng: CaptureEngine, ids: torch.Tensor, pos: Optional[torch.Tensor],
-               cu_seqlens: list[int], n_run: int) -> Any:
+               cu_seqlens: list[int], n_run: int, leaf: Any = None) -> Any:
         if self.ep is None:
-            return eng.eager(ids, pos, cu_seqlens, padded_to=max(n_run, int(ids.shape[0])))
-        return self.ep.eager(eng, ids, pos, cu_seqlens, n_run)  # padded to n_run, num_valid = n
+            return eng.eager(ids, pos, cu_seqlens, padded_to=max(n_run, int(ids.shape[0])), leaf=leaf)
+        return self.ep.eager(eng, ids, pos, cu_seqlens, n_run, leaf=leaf)  # padded to n_run, num_valid = n
 
     def _debug_compare(self, replayed: Any, eager: Any) -> None:
         from torch.utils._pytree import tree_flatten
@@ -157,18 +159,6 @@ class WrappedModel(nn.Module):
                 if not err <= tol:
                     raise RuntimeError(f"pcg debug: replay differs from eager (relative error {err:.3g} "
                                        f"> {tol:g}) for an output of shape {tuple(x.shape)}")
-
-
-def _unpack_outputs(out: Any, packed, n: int) -> Any:
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-    flat, spec = tree_flatten(out)
-    res = []
-    for t in flat:
-        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n:
-            res.append(packed.unpack(t))
-        else:
-            res.append(t)
-    return tree_unflatten(res, spec)
 
 
 def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable[int]] = None,
