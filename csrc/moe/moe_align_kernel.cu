@@ -1,8 +1,11 @@
 // CUDA kernel of pcg::moe_align (layout: moe_align.h). One CTA of 1024
 // threads: counts in shared memory, a block-wide scan of the padded counts,
-// then a scatter with shared-memory cursors. Loops cover any number of pairs.
+// then a scatter with shared-memory cursors. Loops cover any number of pairs
+// (vector loads of the ids: the single CTA is latency-bound at large T).
 // Everything (including num_valid) is read on the device: capturable.
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "moe/moe_align.h"
 
@@ -15,6 +18,37 @@ __device__ __forceinline__ int64_t read_num_valid(const int32_t* num_valid, int6
   if (num_valid == nullptr) return T;
   int64_t nv = *num_valid;
   return nv < 0 ? 0 : (nv > T ? T : nv);
+}
+
+// Calls f(p, e) for every valid pair p < P with its local expert e. Ids are
+// read 4 at a time (16-byte loads, 2 in flight per thread) when aligned: one
+// CTA does all the work, so it is bound by load latency, not bandwidth.
+template <typename F>
+__device__ __forceinline__ void for_each_pair(const int32_t* __restrict__ topk_ids, int64_t P,
+                                              const int32_t* __restrict__ expert_map,
+                                              int64_t num_global, int num_experts, F&& f) {
+  const int tid = threadIdx.x;
+  int64_t done = 0;
+  if ((reinterpret_cast<uintptr_t>(topk_ids) & 15u) == 0) {
+    constexpr int64_t kStep = 2 * 4 * kThreads;
+    const int4* v = reinterpret_cast<const int4*>(topk_ids);
+    for (int64_t base = 0; base + kStep <= P; base += kStep) {
+      const int64_t q0 = base / 4 + tid, q1 = q0 + kThreads;
+      const int4 a = v[q0], b = v[q1];
+      const int ids[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int64_t p = (i < 4 ? q0 : q1) * 4 + (i & 3);
+        const int e = local_expert(ids[i], expert_map, num_global, num_experts);
+        if (e >= 0) f(p, e);
+      }
+      done = base + kStep;
+    }
+  }
+  for (int64_t p = done + tid; p < P; p += kThreads) {
+    const int e = local_expert(topk_ids[p], expert_map, num_global, num_experts);
+    if (e >= 0) f(p, e);
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -34,13 +68,17 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t slots = max_blocks * block_m;
 
   for (int e = tid; e < num_experts; e += kThreads) count[e] = 0;
-  for (int64_t s = tid; s < slots; s += kThreads) sorted_pairs[s] = -1;
+  if ((reinterpret_cast<uintptr_t>(sorted_pairs) & 15u) == 0) {
+    int4* v = reinterpret_cast<int4*>(sorted_pairs);
+    for (int64_t q = tid; q < slots / 4; q += kThreads) v[q] = make_int4(-1, -1, -1, -1);
+    for (int64_t s = slots / 4 * 4 + tid; s < slots; s += kThreads) sorted_pairs[s] = -1;
+  } else {
+    for (int64_t s = tid; s < slots; s += kThreads) sorted_pairs[s] = -1;
+  }
   __syncthreads();
 
-  for (int64_t p = tid; p < P; p += kThreads) {
-    const int e = local_expert(topk_ids[p], expert_map, num_global, num_experts);
-    if (e >= 0) atomicAdd(&count[e], 1);
-  }
+  for_each_pair(topk_ids, P, expert_map, num_global, num_experts,
+                [&](int64_t, int e) { atomicAdd(&count[e], 1); });
   __syncthreads();
 
   // Scan of blocks per expert: thread tid owns experts [lo, hi).
@@ -93,13 +131,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // Scatter (sorted_pairs' -1 fill above is ordered before by the barriers).
-  for (int64_t p = tid; p < P; p += kThreads) {
-    const int e = local_expert(topk_ids[p], expert_map, num_global, num_experts);
-    if (e >= 0) {
-      const int pos = atomicAdd(&count[e], 1);
-      sorted_pairs[pos] = static_cast<int32_t>(p);
-    }
-  }
+  for_each_pair(topk_ids, P, expert_map, num_global, num_experts, [&](int64_t p, int e) {
+    sorted_pairs[atomicAdd(&count[e], 1)] = static_cast<int32_t>(p);
+  });
 }
 
 }  // namespace
