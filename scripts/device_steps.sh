@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One device call: build against the machine's torch, then run the named steps
+# in order, each with a time limit, inside an overall budget ($BUDGET_S,
+# default 560 s, counted from the start of the build). Logs are packed into
+# $OUT/logs.tar.gz (few files come back from the device); JSON/PNG results of
+# the benchmarks land in $OUT.
+#   bash scripts/device_steps.sh STEP...
+# Steps:
+#   ep_bench        torchrun bench/ep.py on every GPU ($EP_ARGS)
+#   test_ep         tests/test_ep.py GPU/capture/opcheck tests (2-GPU ones need 2 GPUs)
+#   memcheck, racecheck   compute-sanitizer over scripts/sanitize_kernels.py
+#   tests/X.py      one pytest file
+#   profile         bench/profile_moe.py ($PROFILE_ARGS)
+#   tune            bench/tune_moe.py ($TUNE_ARGS): rewrites csrc/moe/fused_moe_tuning.h, copied to $OUT
+#   rebuild         pip install -e . again (e.g. after tune wrote a new table)
+#   moe             bench/moe.py ($MOE_ARGS)
+#   e2e             bench/e2e.py ($E2E_ARGS)
+#   e2e_startup     bench/e2e.py --startup-only (a fresh process; run after e2e)
+#   accuracy        bench/accuracy.py ($ACC_ARGS)
+set -uo pipefail
+OUT=${OUT:-/tmp/pcg_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PCG_BUILD_TESTS=1 MAX_JOBS=${MAX_JOBS:-32} PCG_CUDA_ARCHS=${PCG_CUDA_ARCHS:-9.0a}
+export PCG_CACHE_DIR=${PCG_CACHE_DIR:-/tmp/pcg_cache}
+py=python3
+ngpu=$($py -c 'import torch; print(torch.cuda.device_count())')
+echo "gpus: $ngpu"
+t0=$(date +%s)
+deadline=$(( t0 + ${BUDGET_S:-560} ))
+build() {
+  local s=$(date +%s)
+  $py -m pip install -q --no-build-isolation --no-deps -e . > "$L/build.log" 2>&1 || { tail -60 "$L/build.log"; return 1; }
+  echo "build: $(( $(date +%s) - s )) s"
+}
+step() {  # step NAME LIMIT TAIL CMD...
+  local name=$1 limit=$2 tl=$3; shift 3
+  local s=$(date +%s) left=$(( deadline - $(date +%s) - 10 ))
+  if [ "$left" -lt 20 ]; then echo "== $name skipped (out of time)"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  timeout "$limit" "$@" > "$L/$name.log" 2>&1
+  echo "== $name rc=$? $(( $(date +%s) - s )) s"; tail -"$tl" "$L/$name.log"
+}
+build || exit 1
+for st in "$@"; do
+  case $st in
+    ep_bench) [ "$ngpu" -ge 2 ] && step ep_bench 300 40 torchrun --nproc-per-node "$ngpu" bench/ep.py --out "$OUT" ${EP_ARGS:-} ;;
+    test_ep) step test_ep 240 4 $py -m pytest -q tests/test_ep.py -k "cuda or opcheck or capture" ;;
+    memcheck|racecheck) step "$st" 150 12 compute-sanitizer --tool "$st" $py scripts/sanitize_kernels.py ;;
+    tests/*.py) step "pytest_$(basename "$st" .py)" 300 4 $py -m pytest -q "$st" ;;
+    profile) step profile 150 40 $py bench/profile_moe.py ${PROFILE_ARGS:-} ;;
+    tune) step tune 400 60 $py bench/tune_moe.py --out-json "$OUT/tune.json" ${TUNE_ARGS:-}; cp csrc/moe/fused_moe_tuning.h "$OUT/" ;;
+    rebuild) build ;;
+    moe) step moe 400 70 $py bench/moe.py --out "$OUT" ${MOE_ARGS:-} ;;
+    e2e) step e2e 400 40 $py bench/e2e.py --out "$OUT" ${E2E_ARGS:-} ;;
+    e2e_startup) step e2e_startup 200 4 $py bench/e2e.py --out "$OUT" --startup-only ${E2E_ARGS:-} ;;
+    accuracy) step accuracy 200 40 $py bench/accuracy.py --out "$OUT" ${ACC_ARGS:-} ;;
+    *) echo "unknown step $st" ;;
+  esac
+done
+grep -hE "^(FAILED|ERROR)" "$L"/pytest_*.log 2>/dev/null | head -30
+tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$L"
