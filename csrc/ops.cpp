@@ -13,10 +13,18 @@ TORCH_LIBRARY(pcg, m) {
       "Tensor? correction_bias=None, int num_groups=1, int topk_groups=1, float scale=1.0) "
       "-> (Tensor, Tensor)");
   // Fused expert MLP over the routed pairs; rows >= num_valid are exact zeros.
+  // config = [block_m, tile1, tile2] forces a kernel configuration (default:
+  // the tuning table's, csrc/moe/fused_moe.h).
   m.def(
       "fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, Tensor? num_valid=None, Tensor? b13=None, Tensor? b2=None, "
-      "str activation=\"silu\", float alpha=1.702, float limit=7.0) -> Tensor");
+      "str activation=\"silu\", float alpha=1.702, float limit=7.0, int[]? config=None) "
+      "-> Tensor");
+  // fused_moe's kernel configuration for these shapes: [block_m, tile1, tile2];
+  // and its list of tiles (9 ints per tile: id, BM, BN, BK, warps_m, warps_n,
+  // stages, gated, shared memory bytes; and the names).
+  m.def("fused_moe_config(int E_local, int top_k, int H, int I, int T, ScalarType dtype) -> int[]");
+  m.def("fused_moe_tiles() -> (int[], str[])");
   // Internal: sort (token, k) pairs by local expert and pad each expert's run
   // to a multiple of block_m. See csrc/moe/moe_align.h for the exact layout.
   m.def(

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import pcg
-from pcg.ops.fused_moe import moe_align_max_blocks
+from pcg.ops.fused_moe import (fused_moe_candidates, fused_moe_config, fused_moe_tiles,
+                               moe_align_max_blocks)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_cpu_thread():
@@ -45,15 +46,19 @@ def _act(gate, up, activation, alpha, limit):
 
 
 def reference(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, num_valid=None,
-              b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0):
-    """Loops over local experts in float64; rounds the intermediate to hidden's dtype."""
+              b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0, config=None,
+              compute_device="cpu"):
+    """Loops over local experts in float64; rounds the intermediate to hidden's dtype.
+    ``config`` (a kernel configuration) does not change the math and is ignored;
+    ``compute_device`` runs the float64 products there (large shapes on a GPU)."""
+    dev = torch.device(compute_device)
     dt = hidden.dtype
     T, H = hidden.shape
     E, I2, _ = w13.shape
     I = I2 // 2
-    x = hidden.detach().cpu().double()
+    x = hidden.detach().to(dev).double()
     ids = topk_ids.detach().cpu().long()
-    wts = topk_weights.detach().cpu().double()
+    wts = topk_weights.detach().to(dev).double()
     nv = T if num_valid is None else max(0, min(int(num_valid.cpu().reshape(-1)[0]), T))
     if expert_map is not None:
         m = expert_map.detach().cpu().long()
@@ -62,21 +67,22 @@ def reference(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, num_vali
     else:
         local = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, -1))
     local[nv:] = -1
-    out = torch.zeros(T, H, dtype=torch.float64)
+    out = torch.zeros(T, H, dtype=torch.float64, device=dev)
     for e in range(E):
         toks, js = (local == e).nonzero(as_tuple=True)
         if toks.numel() == 0:
             continue
-        gu = x[toks] @ w13[e].detach().cpu().double().T
+        toks, js = toks.to(dev), js.to(dev)
+        gu = x[toks] @ w13[e].detach().to(dev).double().T
         if b13 is not None:
-            gu = gu + b13[e].detach().cpu().double()
+            gu = gu + b13[e].detach().to(dev).double()
         h = _act(gu[:, :I], gu[:, I:], activation, alpha, limit)
         h = h.to(dt).double()
-        y = h @ w2[e].detach().cpu().double().T
+        y = h @ w2[e].detach().to(dev).double().T
         if b2 is not None:
-            y = y + b2[e].detach().cpu().double()
+            y = y + b2[e].detach().to(dev).double()
         out.index_add_(0, toks, y * wts[toks, js].unsqueeze(1))
-    return out
+    return out.cpu()
 
 
 def rel_err(out, ref):
@@ -160,7 +166,7 @@ CASES = [
 
 def _split_extra(extra):
     case_kw = {k: v for k, v in extra.items() if k in ("e_global", "bias", "noncontig", "scale")}
-    op_kw = {k: v for k, v in extra.items() if k in ("activation", "alpha", "limit")}
+    op_kw = {k: v for k, v in extra.items() if k in ("activation", "alpha", "limit", "config")}
     return case_kw, op_kw
 
 
@@ -317,6 +323,155 @@ def test_compile_fullgraph():
     @torch.compile(fullgraph=True, backend="eager")
     def f(*a):
         return torch.ops.pcg.fused_moe(*a, **kw) * 2
+
+    assert torch.equal(f(*args), 2 * torch.ops.pcg.fused_moe(*args, **kw))
+
+
+# ---------------------------------------------------------------------------
+# Kernel configurations (block_m, GEMM1 tile, GEMM2 tile)
+
+def _heuristic_block_m(T, k, E):
+    """Reference of the pre-tuning rule: rows per block from the pairs per expert."""
+    per_expert = T * k // E if E > 0 else T * k
+    return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64 if per_expert <= 256 else 128
+
+
+def _default_tiles(block_m):
+    """The default tiles of a block_m: the first GEMM1 / GEMM2 tile of the list with that BM."""
+    tiles = fused_moe_tiles()
+    t1 = next(t.id for t in tiles if t.gated and t.block_m == block_m)
+    t2 = next(t.id for t in tiles if not t.gated and t.block_m == block_m)
+    return t1, t2
+
+
+def test_tiles_list():
+    tiles = fused_moe_tiles()
+    assert [t.id for t in tiles] == list(range(len(tiles)))
+    assert len({t.name for t in tiles}) == len(tiles)
+    for t in tiles:
+        assert t.block_m in (16, 32, 64, 128)
+        assert t.block_m % (16 * t.warps_m) == 0 and t.bn % (16 * t.warps_n) == 0
+        assert t.bk % 16 == 0 and t.stages >= 2
+        b_rows = 2 * t.bn if t.gated else t.bn
+        assert t.smem == t.stages * (t.block_m + b_rows) * (t.bk + 8) * 2 + 12 * t.block_m
+        assert t.smem <= 227 * 1024
+        assert t.name.startswith("g" if t.gated else "d")
+        assert t.name.startswith(f"{t.name[0]}{t.block_m}x{t.bn}x{t.bk}_w{t.warps_m}x{t.warps_n}")
+    for bm in (16, 32, 64, 128):
+        assert any(t.gated and t.block_m == bm for t in tiles)
+        assert any(not t.gated and t.block_m == bm for t in tiles)
+    # Today's defaults keep their ids (the tuning table names tiles by id).
+    assert [_default_tiles(bm) for bm in (16, 32, 64, 128)] == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    cands = fused_moe_candidates()
+    assert {c[1] for c in cands} | {c[2] for c in cands} == {t.id for t in tiles}
+
+
+# Shapes no tuning table will hold (odd sizes).
+@pytest.mark.parametrize("E,k,H,I", [(6, 2, 72, 40), (37, 3, 101, 75), (1, 1, 8, 8)])
+def test_config_op_heuristic_for_unknown_shapes(E, k, H, I):
+    for T in [0, 1, 3, 17, 100, 128, 1000, 5000, 100000]:
+        bm = _heuristic_block_m(T, k, E)
+        for dt in (torch.bfloat16, torch.float16):
+            assert fused_moe_config(E, k, H, I, T, dt) == (bm, *_default_tiles(bm))
+        assert fused_moe_config(E, k, H, I, T, torch.float32) == (bm, -1, -1)
+
+
+def test_config_op_table_choices_are_valid():
+    """Whatever the checked-in table holds (bench shapes), each choice is a valid config."""
+    tiles = {t.id: t for t in fused_moe_tiles()}
+    for E, k, H, I in [(128, 8, 2048, 768), (8, 2, 4096, 14336), (64, 6, 2048, 1408),
+                       (32, 4, 2880, 2880)]:
+        for T in [1, 2, 5, 16, 100, 256, 1000, 4096, 16384, 10 ** 6]:
+            bm, t1, t2 = fused_moe_config(E, k, H, I, T)
+            assert tiles[t1].gated and not tiles[t2].gated
+            assert tiles[t1].block_m == bm == tiles[t2].block_m
+            assert fused_moe_config(E, k, H, I, T, torch.float16) == (bm, t1, t2)
+            assert fused_moe_config(E, k, H, I, T, torch.float32) == (
+                _heuristic_block_m(T, k, E), -1, -1)
+
+
+def test_config_op_errors():
+    with pytest.raises(ValueError, match="pcg::fused_moe_config: argument 'dtype'"):
+        torch.ops.pcg.fused_moe_config(8, 2, 64, 32, 10, torch.int32)
+    with pytest.raises(ValueError, match="pcg::fused_moe_config: argument 'T'"):
+        torch.ops.pcg.fused_moe_config(8, 2, 64, 32, -1, torch.bfloat16)
+
+
+def _bad_configs():
+    """(config, dtype, what the message says)."""
+    bf = torch.bfloat16
+    return [
+        ([16, 0], bf, "3 ints"),
+        ([16, 0, 4, 0], bf, "3 ints"),
+        ([], bf, "3 ints"),
+        ([48, -1, -1], bf, "block_m"),
+        ([0, -1, -1], bf, "block_m"),
+        ([16, 10 ** 6, 4], bf, "tile1"),
+        ([16, -2, 4], bf, "tile1"),
+        ([16, 0, 10 ** 6], bf, "tile2"),
+        ([16, 4, 4], bf, "GEMM1"),     # a GEMM2 tile as tile1
+        ([16, 0, 0], bf, "GEMM2"),     # a GEMM1 tile as tile2
+        ([32, 0, -1], bf, "BM"),       # tile of block_m 16
+        ([128, -1, 4], bf, "BM"),
+        ([16, 0, 4], torch.float32, "float32"),
+        ([16, -1, 4], torch.float32, "float32"),
+    ]
+
+
+def _config_case(dtype, device="cpu"):
+    return make_case(13, 5, 2, 24, 16, dtype=dtype, device=device, e_global=7, bias=True)
+
+
+def test_config_errors_name_the_argument_cpu():
+    for config, dtype, what in _bad_configs():
+        args, kw = _config_case(dtype)
+        with pytest.raises(ValueError, match=f"pcg::fused_moe: argument 'config'.*{what}"):
+            pcg.fused_moe(*args, **kw, config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_config_none_equals_default_cpu(dtype):
+    """The CPU kernel validates config and otherwise ignores it."""
+    args, kw = _config_case(dtype)
+    E, k, H, I = 5, 2, 24, 16
+    default = pcg.fused_moe(*args, **kw)
+    assert torch.equal(pcg.fused_moe(*args, **kw, config=None), default)
+    assert torch.equal(torch.ops.pcg.fused_moe(*args, **kw, config=None), default)
+    assert torch.equal(pcg.fused_moe(*args, **kw, config=fused_moe_config(E, k, H, I, 13, dtype)),
+                       default)
+    if dtype == torch.float32:
+        configs = [(bm, -1, -1) for bm in (16, 32, 64, 128)]
+    else:
+        configs = fused_moe_candidates() + [(bm, -1, -1) for bm in (16, 32, 64, 128)]
+    for config in configs:
+        assert torch.equal(pcg.fused_moe(*args, **kw, config=config), default), config
+    ref = reference(*args, **kw)
+    assert rel_err(default, ref) < TOL[dtype]
+
+
+def test_opcheck_fused_moe_config_cpu():
+    args, kw = _opcheck_args("cpu")
+    torch.library.opcheck(torch.ops.pcg.fused_moe.default, args, dict(kw, config=[32, -1, -1]))
+    args, kw = _opcheck_args("cpu", torch.bfloat16)
+    torch.library.opcheck(torch.ops.pcg.fused_moe.default, args, dict(kw, config=[128, 18, 20]))
+
+
+def test_fake_config_length():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    args, kw = _opcheck_args("cpu", torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = torch.ops.pcg.fused_moe(*args, **kw, config=[16, 8, 11])
+        assert out.shape == args[0].shape
+        with pytest.raises(ValueError, match="'config'"):
+            torch.ops.pcg.fused_moe(*args, **kw, config=[16, 8])
+
+
+def test_compile_fullgraph_config():
+    args, kw = _opcheck_args("cpu", torch.bfloat16)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(*a):
+        return torch.ops.pcg.fused_moe(*a, **kw, config=[64, 14, 15]) * 2
 
     assert torch.equal(f(*args), 2 * torch.ops.pcg.fused_moe(*args, **kw))
 
@@ -527,3 +682,152 @@ def test_cuda_graph_capture_replay(dtype, T):
         ref = reference(hidden, w13, w2, wts, ids, num_valid=num_valid, **kw)
         if nv > 0:
             assert rel_err(out, ref) < GPU_TOL[dtype]
+
+
+# ---------------------------------------------------------------------------
+# CUDA: kernel configurations
+
+# Every valid (block_m, tile1, tile2) of the list (each tile id at least once).
+_CANDIDATES = fused_moe_candidates()
+
+
+def _skip_unless_fits(config):
+    """Tiles needing more shared memory than this GPU has are refused (sm_80: 163 KB)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    limit = props.shared_memory_per_block_optin
+    tiles = {t.id: t for t in fused_moe_tiles()}
+    big = [tiles[t].name for t in config[1:] if t >= 0 and tiles[t].smem > limit]
+    if big:
+        pytest.skip(f"tiles {big} need more than this device's {limit} B of shared memory")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# H, I not multiples of 64 (N and K tails of every tile); 101/75 not multiples of 8
+# (element loads); T gives several row blocks per expert at every block_m.
+@pytest.mark.parametrize("H,I,act", [(200, 136, "swigluoai"), (101, 75, "silu")])
+@pytest.mark.parametrize("config", _CANDIDATES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_every_tile_config(config, H, I, act, dtype):
+    _skip_unless_fits(config)
+    T, E, k = 150, 6, 2
+    _check_case(T, E, k, H, I, {"e_global": 9, "bias": True, "activation": act,
+                                "config": config}, dtype, "cuda", GPU_TOL[dtype],
+                num_valid=T - 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_config_default_tiles_and_fp32(dtype):
+    """-1 picks block_m's default tiles (bitwise the same kernels); fp32 takes block_m."""
+    args, kw = make_case(300, 6, 2, 72, 40, dtype=dtype, device="cuda", bias=True)
+    for bm in (16, 32, 64, 128):
+        a = pcg.fused_moe(*args, **kw, config=[bm, -1, -1])
+        assert torch.equal(a, pcg.fused_moe(*args, **kw, config=[bm, *_default_tiles(bm)]))
+        assert rel_err(a, reference(*args, **kw)) < GPU_TOL[dtype]
+    args, kw = make_case(300, 6, 2, 72, 40, device="cuda", bias=True)
+    for bm in (16, 32, 64, 128):
+        out = pcg.fused_moe(*args, **kw, config=[bm, -1, -1])
+        assert rel_err(out, reference(*args, **kw)) < GPU_TOL[torch.float32]
+
+
+@pytest.mark.gpu
+def test_cuda_config_none_is_the_table_choice():
+    E, k, H, I, T = 8, 2, 72, 40, 500
+    args, kw = make_case(T, E, k, H, I, dtype=torch.bfloat16, device="cuda")
+    chosen = fused_moe_config(E, k, H, I, T)
+    assert torch.equal(pcg.fused_moe(*args, **kw), pcg.fused_moe(*args, **kw, config=chosen))
+
+
+@pytest.mark.gpu
+def test_cuda_config_errors_name_the_argument():
+    for config, dtype, what in _bad_configs():
+        args, kw = _config_case(dtype, "cuda")
+        with pytest.raises(ValueError, match=f"pcg::fused_moe: argument 'config'.*{what}"):
+            pcg.fused_moe(*args, **kw, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(128, 18, 20), (128, 17, 19), (16, 9, 12)])
+def test_cuda_graph_capture_replay_forced_config(config):
+    _skip_unless_fits(config)
+    E, k, H, I, EG, T = 4, 2, 136, 200, 6, 700
+    dtype = torch.bfloat16
+    args, kw = make_case(T, E, k, H, I, dtype=dtype, device="cuda", e_global=EG, bias=True)
+    hidden, w13, w2, wts, ids = args
+    num_valid = torch.tensor([T], dtype=torch.int32, device="cuda")
+
+    def run():
+        return pcg.fused_moe(hidden, w13, w2, wts, ids, num_valid=num_valid, config=config, **kw)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+
+    for trial in range(3):
+        g = torch.Generator().manual_seed(200 + trial)
+        hidden.copy_(torch.randn(T, H, generator=g).to(dtype))
+        ids.copy_(torch.randint(-1, EG + 2, (T, k), generator=g, dtype=torch.int32))
+        wts.copy_(torch.rand(T, k, generator=g))
+        nv = [T, T // 3, 0][trial]
+        num_valid.fill_(nv)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, run()), f"trial {trial}: replay != eager"
+        assert (out[nv:] == 0).all()
+        if nv > 0:
+            ref = reference(hidden, w13, w2, wts, ids, num_valid=num_valid, **kw)
+            assert rel_err(out, ref) < GPU_TOL[dtype]
+
+
+def _bench_shapes():
+    """bench/moe.py's SHAPES (the shapes the checked-in table is tuned for)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "moe.py")
+    spec = importlib.util.spec_from_file_location("_pcg_bench_moe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.SHAPES
+
+
+_TABLE_T = sorted({2 ** i for i in range(15)} | {3 * 2 ** i for i in range(1, 13)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(_bench_shapes()))
+def test_cuda_table_choices_on_bench_shapes(name):
+    """Every config the table chooses for a bench shape, run on that shape at the
+    smallest T mapping to it (capped at 1024 tokens, the config forced there)."""
+    E, k, H, I = _bench_shapes()[name]
+    first_t = {}
+    for T in _TABLE_T:
+        first_t.setdefault(fused_moe_config(E, k, H, I, T), T)
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w13 = (torch.randn(E, 2 * I, H, generator=g, device="cuda") * H ** -0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g, device="cuda") * I ** -0.5).to(dtype)
+    for config, T in first_t.items():
+        T = min(T, 1024)
+        hidden = torch.randn(T, H, generator=g, device="cuda").to(dtype)
+        wts = torch.rand(T, k, generator=g, device="cuda") + 0.1
+        ids = torch.rand(T, E, generator=g, device="cuda").topk(k).indices.to(torch.int32)
+        out = pcg.fused_moe(hidden, w13, w2, wts, ids, config=config)
+        ref = reference(hidden, w13, w2, wts, ids, compute_device="cuda")
+        err = rel_err(out, ref)
+        assert err < GPU_TOL[dtype], f"config {config} at T={T}: rel err {err:.3g}"
+    del w13, w2
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_config():
+    args, kw = _opcheck_args("cuda", torch.bfloat16)
+    torch.library.opcheck(torch.ops.pcg.fused_moe.default, args, dict(kw, config=[128, 17, 20]))
+    torch.library.opcheck(torch.ops.pcg.fused_moe.default, args, dict(kw, config=[16, 8, 11]))
+    args, kw = _opcheck_args("cuda")
+    torch.library.opcheck(torch.ops.pcg.fused_moe.default, args, dict(kw, config=[64, -1, -1]))

@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/check.h"
@@ -110,6 +112,58 @@ FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w
   return s;
 }
 
+moe::DType to_moe_dtype(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return moe::DType::kFloat32;
+    case at::kHalf: return moe::DType::kFloat16;
+    default: return moe::DType::kBFloat16;
+  }
+}
+
+namespace {
+std::string tile_label(int64_t id) {
+  const moe::TileInfo* t = moe::find_tile(id);
+  return std::to_string(id) + (t ? std::string(" (") + t->name + ")" : std::string());
+}
+}  // namespace
+
+std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef config,
+                                                     c10::ScalarType dtype) {
+  if (!config.has_value()) return std::nullopt;
+  const c10::IntArrayRef c = *config;
+  PCG_CHECK_ARG(kOp, "config", c.size() == 3,
+                "must be [block_m, tile1, tile2] (3 ints; tile -1: block_m's default), got ", c);
+  const int64_t block_m = c[0], tile1 = c[1], tile2 = c[2];
+  PCG_CHECK_ARG(kOp, "config", moe::is_supported_block_m(block_m),
+                "block_m (config[0]) must be 16, 32, 64 or 128, got ", c);
+  moe::MoeConfig out;
+  out.block_m = static_cast<int>(block_m);
+  if (dtype == at::kFloat) {
+    PCG_CHECK_ARG(kOp, "config", tile1 == -1 && tile2 == -1,
+                  "tile ids (config[1], config[2]) must be -1 for float32 (the fp32 kernel has "
+                  "no tiles to choose, only block_m), got ", c);
+    return out;
+  }
+  const int64_t tiles[2] = {tile1, tile2};
+  for (int g = 0; g < 2; ++g) {
+    const bool gated = g == 0;
+    const char* which = gated ? "tile1 (config[1], GEMM1)" : "tile2 (config[2], GEMM2)";
+    const int64_t id = tiles[g];
+    if (id == -1) continue;
+    const moe::TileInfo* t = moe::find_tile(id);
+    PCG_CHECK_ARG(kOp, "config", t != nullptr, which, " must be -1 or a tile id in [0, ",
+                  moe::kNumTiles, ") (pcg.ops.fused_moe.fused_moe_tiles()), got ", c);
+    PCG_CHECK_ARG(kOp, "config", t->gated == gated, which, " must be a ",
+                  gated ? "GEMM1 (gated, g...)" : "GEMM2 (d...)", " tile, got tile ",
+                  tile_label(id), " in ", c);
+    PCG_CHECK_ARG(kOp, "config", t->bm == block_m, which, " must have BM = block_m = ",
+                  block_m, ", got tile ", tile_label(id), " with BM ", t->bm, " in ", c);
+  }
+  out.tile1 = static_cast<int>(tile1 == -1 ? moe::default_tile(out.block_m, true) : tile1);
+  out.tile2 = static_cast<int>(tile2 == -1 ? moe::default_tile(out.block_m, false) : tile2);
+  return out;
+}
+
 int64_t check_moe_align_args(const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,
                              const std::optional<at::Tensor>& num_valid, int64_t num_local_experts,
                              int64_t block_m, const at::Tensor& sorted_pairs,
@@ -185,9 +239,12 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
                          const std::optional<at::Tensor>& expert_map,
                          const std::optional<at::Tensor>& num_valid,
                          const std::optional<at::Tensor>& b13, const std::optional<at::Tensor>& b2,
-                         c10::string_view activation, double alpha, double limit) {
+                         c10::string_view activation, double alpha, double limit,
+                         at::OptionalIntArrayRef config) {
   const FusedMoeShape s = check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids,
                                                expert_map, num_valid, b13, b2, activation);
+  // Validated like on CUDA; the CPU result does not depend on the config.
+  (void)check_fused_moe_config(config, hidden.scalar_type());
   const auto dt = hidden.scalar_type();
   at::Tensor out = at::zeros({s.T, s.H}, hidden.options().dtype(at::kFloat));
   const int64_t nv = host_num_valid(num_valid, s.T);
@@ -248,11 +305,45 @@ void moe_align_cpu(const at::Tensor& topk_ids, const std::optional<at::Tensor>& 
   num_blocks.data_ptr<int32_t>()[0] = nb;
 }
 
+// pcg::fused_moe_config: the config pcg::fused_moe picks for these shapes
+// (moe::choose_config), as [block_m, tile1, tile2].
+std::vector<int64_t> fused_moe_config_op(int64_t E_local, int64_t top_k, int64_t H, int64_t I,
+                                         int64_t T, c10::ScalarType dtype) {
+  constexpr const char* op = "fused_moe_config";
+  PCG_CHECK_ARG(op, "dtype", is_float_dtype(dtype),
+                "must be float32, float16 or bfloat16, got ", dtype_name(dtype));
+  PCG_CHECK_ARG(op, "E_local", E_local >= 0, "must be >= 0, got ", E_local);
+  PCG_CHECK_ARG(op, "top_k", top_k >= 0, "must be >= 0, got ", top_k);
+  PCG_CHECK_ARG(op, "T", T >= 0, "must be >= 0, got ", T);
+  const moe::MoeConfig c = moe::choose_config(E_local, top_k, H, I, T, to_moe_dtype(dtype));
+  return {c.block_m, c.tile1, c.tile2};
+}
+
+// pcg::fused_moe_tiles: the tile list of fused_moe_tiles.h, kTileFields ints
+// per tile (id, BM, BN, BK, warps_m, warps_n, stages, gated, smem bytes), and
+// the names.
+std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_tiles_op() {
+  std::vector<int64_t> info;
+  std::vector<std::string> names;
+  for (const moe::TileInfo& t : moe::kTiles) {
+    info.insert(info.end(), {t.id, t.bm, t.bn, t.bk, t.warps_m, t.warps_n, t.stages,
+                             t.gated ? 1 : 0, t.smem_total()});
+    names.emplace_back(t.name);
+  }
+  return {info, names};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pcg, CPU, m) {
   m.impl("fused_moe", &fused_moe_cpu);
   m.impl("moe_align", &moe_align_cpu);
+}
+
+// No tensor arguments: one kernel for every backend.
+TORCH_LIBRARY_IMPL(pcg, CompositeExplicitAutograd, m) {
+  m.impl("fused_moe_config", &fused_moe_config_op);
+  m.impl("fused_moe_tiles", &fused_moe_tiles_op);
 }
 
 }  // namespace pcg

@@ -16,13 +16,27 @@
 //   4. Reduce: out[t] = sum over the valid j of pair_out[t*k+j] in fixed j
 //      order (deterministic, no atomics); rows >= num_valid are zeros and
 //      dropped pairs are skipped (pair_out is never read for them).
-// bf16/fp16 use tensor cores (mma.sync m16n8k16, fp32 accumulation, 4-stage
-// cp.async pipeline; tiles per block_m in fused_moe_kernel.cu); fp32 uses a
-// SIMT kernel. Any H and I are handled (16-byte loads when the row is
-// a multiple of 8 elements and aligned, element loads otherwise).
+// bf16/fp16 use tensor cores (mma.sync m16n8k16, fp32 accumulation, a
+// multi-stage cp.async pipeline); fp32 uses a SIMT kernel. Any H and I are
+// handled (16-byte loads when the row is a multiple of 8 elements and aligned,
+// element loads otherwise).
+//
+// Configuration (MoeConfig): block_m (rows per GEMM block, 16/32/64/128) and
+// one tile per GEMM (ids of the list in fused_moe_tiles.h; a tile's BM must be
+// block_m). choose_config picks it as a pure function of the shapes (a
+// captured graph and its replays agree): the tuning table (fused_moe_tuning.h,
+// generated on a GPU by bench/tune_moe.py, keyed by (E_local, top_k, H, I) and
+// ranges of T), else heuristic_config (block_m from the average pairs per
+// expert, default tiles). fp32 uses only block_m (tile ids -1). Callers may
+// force a config (the op's `config` argument); the CUDA launcher checks that
+// the tiles' shared memory fits the device (a table choice that does not fit
+// falls back to the default tiles of its block_m).
 #pragma once
 
 #include <cstdint>
+
+#include "moe/fused_moe_tiles.h"
+#include "moe/fused_moe_tuning.h"
 
 namespace pcg::moe {
 
@@ -41,6 +55,87 @@ inline int choose_block_m(int64_t num_tokens, int64_t top_k, int64_t num_experts
   return 128;
 }
 
+// Rows per GEMM block and the tiles of the two GEMMs (ids in fused_moe_tiles.h;
+// -1: the default tile of block_m, and always -1 for fp32).
+struct MoeConfig {
+  int block_m = 64;
+  int tile1 = -1;  // GEMM1 (GATED tile)
+  int tile2 = -1;  // GEMM2
+};
+
+constexpr bool operator==(const MoeConfig& a, const MoeConfig& b) {
+  return a.block_m == b.block_m && a.tile1 == b.tile1 && a.tile2 == b.tile2;
+}
+
+// The behaviour before tuning: choose_block_m and the default tiles.
+inline MoeConfig heuristic_config(int64_t num_tokens, int64_t top_k, int64_t num_experts,
+                                  DType dtype) {
+  MoeConfig c;
+  c.block_m = choose_block_m(num_tokens, top_k, num_experts);
+  if (dtype != DType::kFloat32) {
+    c.tile1 = default_tile(c.block_m, true);
+    c.tile2 = default_tile(c.block_m, false);
+  }
+  return c;
+}
+
+// A config the kernels can run (any device; shared memory is checked at launch).
+// tile ids must be concrete here (no -1) except for fp32, where they must be -1.
+constexpr bool config_is_valid(const MoeConfig& c, DType dtype) {
+  if (!is_supported_block_m(c.block_m)) return false;
+  if (dtype == DType::kFloat32) return c.tile1 == -1 && c.tile2 == -1;
+  const TileInfo* t1 = find_tile(c.tile1);
+  const TileInfo* t2 = find_tile(c.tile2);
+  return t1 != nullptr && t2 != nullptr && t1->gated && !t2->gated && t1->bm == c.block_m &&
+         t2->bm == c.block_m;
+}
+
+// Every row of the generated table names a valid bf16/fp16 config, rows of a
+// shape are sorted by t_max, and no shape appears twice.
+constexpr bool tuning_table_is_valid() {
+  constexpr int n = static_cast<int>(sizeof(tuning::kShapes) / sizeof(tuning::kShapes[0]));
+  for (int s = 0; s < n; ++s) {
+    const TuningShape& sh = tuning::kShapes[s];
+    for (int r = 0; r < sh.num_entries; ++r) {
+      const TuningEntry& e = sh.entries[r];
+      if (!config_is_valid(MoeConfig{e.block_m, e.tile1, e.tile2}, DType::kBFloat16)) return false;
+      if (r > 0 && e.t_max <= sh.entries[r - 1].t_max) return false;
+    }
+    for (int o = 0; o < s; ++o) {
+      const TuningShape& p = tuning::kShapes[o];
+      if (p.num_entries > 0 && p.E == sh.E && p.k == sh.k && p.H == sh.H && p.I == sh.I) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+static_assert(tuning_table_is_valid(), "fused_moe_tuning.h: invalid table (regenerate it)");
+
+// The config pcg::fused_moe uses for these shapes (E_local = w13.size(0)):
+// the tuning table's row for (E_local, top_k, H, I) and T (the first row with
+// T <= t_max, the last row above every t_max); heuristic_config for shapes
+// not in the table and for fp32. A pure function of its arguments.
+inline MoeConfig choose_config(int64_t E_local, int64_t top_k, int64_t H, int64_t I,
+                               int64_t num_tokens, DType dtype) {
+  if (dtype != DType::kFloat32) {
+    for (const TuningShape& sh : tuning::kShapes) {
+      if (sh.num_entries <= 0 || sh.E != E_local || sh.k != top_k || sh.H != H || sh.I != I) {
+        continue;
+      }
+      const TuningEntry* e = &sh.entries[sh.num_entries - 1];
+      for (int r = 0; r < sh.num_entries; ++r) {
+        if (num_tokens <= sh.entries[r].t_max) {
+          e = &sh.entries[r];
+          break;
+        }
+      }
+      return MoeConfig{e->block_m, e->tile1, e->tile2};
+    }
+  }
+  return heuristic_config(num_tokens, top_k, E_local, dtype);
+}
+
 struct FusedMoeParams {
   DType dtype = DType::kBFloat16;
   // Inputs (contiguous).
@@ -57,13 +152,14 @@ struct FusedMoeParams {
   int64_t T = 0, H = 0, I = 0, E = 0, k = 0;
   Activation act = Activation::kSilu;
   float alpha = 1.702f, limit = 7.0f;
+  // Configuration: block_m and concrete tile ids (fp32: tile ids unused).
+  MoeConfig config;
   // Workspaces (fixed worst-case sizes).
-  int block_m = 64;
-  int64_t max_blocks = 0;                // moe_align_max_blocks(T*k, E, block_m)
-  int32_t* sorted_pairs = nullptr;       // [max_blocks * block_m]
+  int64_t max_blocks = 0;                // moe_align_max_blocks(T*k, E, config.block_m)
+  int32_t* sorted_pairs = nullptr;       // [max_blocks * config.block_m]
   int32_t* block_expert = nullptr;       // [max_blocks]
   int32_t* num_blocks = nullptr;         // [1]
-  void* inter = nullptr;                 // [max_blocks * block_m, I], dtype
+  void* inter = nullptr;                 // [max_blocks * config.block_m, I], dtype
   float* pair_out = nullptr;             // [T * k, H]
   // Output.
   void* out = nullptr;                   // [T, H], dtype

@@ -28,6 +28,15 @@ FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w
                                    const std::optional<at::Tensor>& b2,
                                    c10::string_view activation);
 
+// Validates fused_moe's optional `config` override [block_m, tile1, tile2]
+// (errors name the argument 'config'); returns the config to use for `dtype`
+// (tile ids -1 resolved to block_m's default tiles; fp32: tile ids -1), or
+// nullopt without an override.
+std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef config,
+                                                     c10::ScalarType dtype);
+
+moe::DType to_moe_dtype(c10::ScalarType t);
+
 // Validates moe_align's arguments; returns the number of global ids (map size
 // or num_local_experts).
 int64_t check_moe_align_args(const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,

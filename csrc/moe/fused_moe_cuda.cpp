@@ -16,15 +16,22 @@
 namespace pcg {
 namespace {
 
-moe::DType to_moe_dtype(c10::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return moe::DType::kFloat32;
-    case at::kHalf: return moe::DType::kFloat16;
-    default: return moe::DType::kBFloat16;
-  }
+const void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// Shared memory one block may use on the current device (opt-in maximum).
+int64_t smem_optin() {
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }
 
-const void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+// A chosen (table) config whose tiles need more shared memory than the device
+// has falls back to the default tiles of its block_m (deterministic per device).
+moe::MoeConfig fit_to_device(moe::MoeConfig c, moe::DType dtype) {
+  if (dtype == moe::DType::kFloat32) return c;
+  const int64_t limit = smem_optin();
+  if (moe::find_tile(c.tile1)->smem_total() > limit) c.tile1 = moe::default_tile(c.block_m, true);
+  if (moe::find_tile(c.tile2)->smem_total() > limit) c.tile2 = moe::default_tile(c.block_m, false);
+  return c;
+}
 
 at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& topk_weights, const at::Tensor& topk_ids,
@@ -32,13 +39,26 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
                           const std::optional<at::Tensor>& num_valid,
                           const std::optional<at::Tensor>& b13,
                           const std::optional<at::Tensor>& b2, c10::string_view activation,
-                          double alpha, double limit) {
+                          double alpha, double limit, at::OptionalIntArrayRef config) {
   const FusedMoeShape s = check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids,
                                                expert_map, num_valid, b13, b2, activation);
+  const std::optional<moe::MoeConfig> forced = check_fused_moe_config(config, hidden.scalar_type());
   PCG_CHECK_ARG("fused_moe", "w13", s.E <= moe::kMoeAlignMaxExperts,
                 "the CUDA kernel supports at most ", moe::kMoeAlignMaxExperts,
                 " local experts, got shape ", w13.sizes());
   const c10::cuda::CUDAGuard guard(hidden.device());
+  const moe::DType dtype = to_moe_dtype(hidden.scalar_type());
+  const moe::MoeConfig cfg =
+      forced ? *forced : fit_to_device(moe::choose_config(s.E, s.k, s.H, s.I, s.T, dtype), dtype);
+  if (forced && dtype != moe::DType::kFloat32) {
+    const int64_t limit_smem = smem_optin();
+    for (const int id : {cfg.tile1, cfg.tile2}) {
+      const moe::TileInfo* t = moe::find_tile(id);
+      PCG_CHECK_ARG("fused_moe", "config", t->smem_total() <= limit_smem, "tile ", id, " (",
+                    t->name, ") needs ", t->smem_total(), " bytes of shared memory, this device ",
+                    "allows ", limit_smem, " per block, got ", *config);
+    }
+  }
   at::Tensor out = at::empty({s.T, s.H}, hidden.options());
   if (s.T == 0 || s.H == 0) return out;
 
@@ -53,7 +73,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
   const at::Tensor b2c = b2 ? b2->contiguous() : at::Tensor();
 
   moe::FusedMoeParams p;
-  p.dtype = to_moe_dtype(hidden.scalar_type());
+  p.dtype = dtype;
   p.hidden = x.data_ptr();
   p.w13 = w13c.data_ptr();
   p.w2 = w2c.data_ptr();
@@ -72,11 +92,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
   p.act = s.act;
   p.alpha = static_cast<float>(alpha);
   p.limit = static_cast<float>(limit);
-  p.block_m = moe::choose_block_m(s.T, s.k, s.E);
-  p.max_blocks = moe::moe_align_max_blocks(s.T * s.k, s.E, p.block_m);
+  p.config = cfg;
+  p.max_blocks = moe::moe_align_max_blocks(s.T * s.k, s.E, cfg.block_m);
 
   const auto i32 = hidden.options().dtype(at::kInt);
-  const int64_t slots = p.max_blocks * p.block_m;
+  const int64_t slots = p.max_blocks * cfg.block_m;
   at::Tensor sorted_pairs = at::empty({slots}, i32);
   at::Tensor block_expert = at::empty({p.max_blocks}, i32);
   at::Tensor num_blocks = at::empty({1}, i32);

@@ -6,6 +6,9 @@
 
 #include <optional>
 #include <string>
+#include <vector>
+
+#include "moe/fused_moe.h"
 
 namespace {
 
@@ -13,7 +16,7 @@ using FusedMoeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Te
                               const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                              c10::string_view, double, double);
+                              c10::string_view, double, double, at::OptionalIntArrayRef);
 
 at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                      const at::Tensor& weights, const at::Tensor& ids,
@@ -21,11 +24,12 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
                      const std::optional<at::Tensor>& num_valid = std::nullopt,
                      const std::optional<at::Tensor>& b13 = std::nullopt,
                      const std::optional<at::Tensor>& b2 = std::nullopt,
-                     c10::string_view activation = "silu") {
+                     c10::string_view activation = "silu",
+                     at::OptionalIntArrayRef config = std::nullopt) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pcg::fused_moe", "").typed<FusedMoeFn>();
   return op.call(hidden, w13, w2, weights, ids, expert_map, num_valid, b13, b2, activation, 1.702,
-                 7.0);
+                 7.0, config);
 }
 
 // Unfused ATen reference (fp32 everything): loops over tokens and k.
@@ -91,6 +95,45 @@ TEST(FusedMoe, ErrorNamesArgument) {
   EXPECT_THROW(fused_moe(c.hidden, c.w13, c.w2, c.weights, c.ids, std::nullopt, std::nullopt,
                          std::nullopt, std::nullopt, "relu"),
                c10::Error);
+}
+
+TEST(FusedMoe, ConfigOverride) {
+  Case c = make_case();
+  auto ref = fused_moe(c.hidden, c.w13, c.w2, c.weights, c.ids, c.map, c.num_valid, c.b13, c.b2);
+  const std::vector<int64_t> ok = {32, -1, -1};  // fp32: block_m only
+  auto out = fused_moe(c.hidden, c.w13, c.w2, c.weights, c.ids, c.map, c.num_valid, c.b13, c.b2,
+                       "silu", ok);
+  EXPECT_TRUE(at::equal(out, ref));
+  for (const std::vector<int64_t>& bad :
+       {std::vector<int64_t>{16, 0}, {48, -1, -1}, {16, 0, 4} /* tiles on fp32 */}) {
+    try {
+      fused_moe(c.hidden, c.w13, c.w2, c.weights, c.ids, c.map, c.num_valid, c.b13, c.b2, "silu",
+                bad);
+      FAIL() << "expected an error";
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("pcg::fused_moe: argument 'config'"), std::string::npos)
+          << e.what();
+    }
+  }
+}
+
+// Torch-free selection: shapes outside the table get the heuristic; every
+// tile's defaults are consistent.
+TEST(FusedMoe, ChooseConfig) {
+  using namespace pcg::moe;
+  for (int64_t T : {1, 7, 100, 1000, 100000}) {
+    const MoeConfig c = choose_config(3, 2, 12, 5, T, DType::kBFloat16);
+    EXPECT_EQ(c.block_m, choose_block_m(T, 2, 3));
+    EXPECT_EQ(c.tile1, default_tile(c.block_m, true));
+    EXPECT_EQ(c.tile2, default_tile(c.block_m, false));
+    EXPECT_TRUE(config_is_valid(c, DType::kBFloat16));
+    const MoeConfig f = choose_config(3, 2, 12, 5, T, DType::kFloat32);
+    EXPECT_EQ(f.block_m, c.block_m);
+    EXPECT_EQ(f.tile1, -1);
+    EXPECT_TRUE(config_is_valid(f, DType::kFloat32));
+  }
+  EXPECT_FALSE(config_is_valid(MoeConfig{16, 4, 0}, DType::kBFloat16));  // swapped GEMMs
+  EXPECT_FALSE(config_is_valid(MoeConfig{32, 0, 4}, DType::kBFloat16));  // BM != block_m
 }
 
 #ifdef PCG_WITH_CUDA

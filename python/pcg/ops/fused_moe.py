@@ -1,7 +1,7 @@
 """pcg::fused_moe (the expert MLPs of an MoE layer) and its helper pcg::moe_align."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,7 +15,7 @@ def _check(cond: bool, arg: str, msg: str) -> None:
 
 @torch.library.register_fake("pcg::fused_moe")
 def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, num_valid=None,
-                    b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0):
+                    b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0, config=None):
     _check(hidden.dim() == 2, "hidden", f"must be 2-D [T, H], got shape {tuple(hidden.shape)}")
     _check(w13.dim() == 3, "w13", f"must be 3-D [E, 2I, H], got shape {tuple(w13.shape)}")
     _check(w2.dim() == 3, "w2", f"must be 3-D [E, H, I], got shape {tuple(w2.shape)}")
@@ -35,6 +35,9 @@ def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, nu
                  lambda: "pcg::fused_moe: argument 'topk_weights' must have topk_ids' shape")
     _check(activation in _ACTIVATIONS, "activation",
            f"must be one of {_ACTIVATIONS}, got {activation!r}")
+    # The tile ids are checked by the real kernels (they own the tile list).
+    _check(config is None or len(config) == 3, "config",
+           f"must be [block_m, tile1, tile2] (3 ints), got {config!r}")
     return hidden.new_empty((T, H))
 
 
@@ -51,11 +54,76 @@ def moe_align_max_blocks(num_pairs: int, num_local_experts: int, block_m: int) -
     return (num_pairs + min(num_local_experts, num_pairs) * (block_m - 1)) // block_m
 
 
+class MoeTile(NamedTuple):
+    """One tensor-core tile of pcg::fused_moe (csrc/moe/fused_moe_tiles.h).
+
+    ``gated`` tiles are GEMM1's (gate and up columns, activation in the
+    epilogue), the others GEMM2's. A tile runs only with ``block_m == block_m``
+    (its BM). ``smem``: shared memory per block in bytes.
+    """
+    id: int
+    name: str
+    block_m: int
+    bn: int
+    bk: int
+    warps_m: int
+    warps_n: int
+    stages: int
+    gated: bool
+    smem: int
+
+
+_TILE_FIELDS = 9
+
+
+def fused_moe_tiles() -> List[MoeTile]:
+    """Every tile id of pcg::fused_moe's bf16/fp16 kernels, read from the native
+    library (``torch.ops.pcg.fused_moe_tiles``), so Python and C++ agree."""
+    info, names = torch.ops.pcg.fused_moe_tiles()
+    tiles = []
+    for i, name in enumerate(names):
+        tid, bm, bn, bk, wm, wn, st, gated, smem = info[i * _TILE_FIELDS:(i + 1) * _TILE_FIELDS]
+        tiles.append(MoeTile(tid, name, bm, bn, bk, wm, wn, st, bool(gated), smem))
+    return tiles
+
+
+def fused_moe_config(num_local_experts: int, top_k: int, hidden_size: int,
+                     intermediate_size: int, num_tokens: int,
+                     dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int, int]:
+    """The ``[block_m, tile1, tile2]`` that pcg::fused_moe uses for these shapes
+    (``torch.ops.pcg.fused_moe_config``): the tuning table's choice, else the
+    heuristic. ``num_local_experts`` is ``w13.size(0)``. Tile ids are -1 for
+    float32 (its kernel has only block_m)."""
+    c = torch.ops.pcg.fused_moe_config(num_local_experts, top_k, hidden_size,
+                                       intermediate_size, num_tokens, dtype)
+    return (c[0], c[1], c[2])
+
+
+def fused_moe_candidates(block_m: Optional[int] = None,
+                         max_smem: Optional[int] = None) -> List[Tuple[int, int, int]]:
+    """Every valid bf16/fp16 ``(block_m, tile1, tile2)`` (optionally for one
+    block_m, and only tiles needing at most ``max_smem`` bytes of shared
+    memory), in tile-id order."""
+    tiles = [t for t in fused_moe_tiles() if max_smem is None or t.smem <= max_smem]
+    out = []
+    for bm in (16, 32, 64, 128):
+        if block_m is not None and bm != block_m:
+            continue
+        for t1 in tiles:
+            if not (t1.gated and t1.block_m == bm):
+                continue
+            for t2 in tiles:
+                if not t2.gated and t2.block_m == bm:
+                    out.append((bm, t1.id, t2.id))
+    return out
+
+
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               expert_map: Optional[torch.Tensor] = None, num_valid: Optional[torch.Tensor] = None,
               b13: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
-              activation: str = "silu", alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+              activation: str = "silu", alpha: float = 1.702, limit: float = 7.0,
+              config: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Fused expert MLPs of an MoE layer over routed (token, k) pairs.
 
     ``out[t] = sum_j topk_weights[t, j] * (w2[e] @ act(w13[e] @ hidden[t] + b13[e]) + b2[e])``
@@ -76,6 +144,15 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             "swigluoai" (gpt-oss: gate = min(gate, limit), up = clamp(up, -limit, limit),
             (up + 1) * gate * sigmoid(alpha * gate)).
         alpha, limit: parameters of "swigluoai".
+        config: optional ``[block_m, tile1, tile2]`` forcing the kernel configuration
+            (for tuning and tests; the default is ``fused_moe_config(...)`` of the shapes:
+            the checked-in tuning table, else a heuristic). block_m is 16, 32, 64 or 128
+            (rows per GEMM block); tile1 / tile2 are ids from ``fused_moe_tiles()`` of a
+            GEMM1 (gated) / GEMM2 tile whose ``block_m`` equals block_m, or -1 for
+            block_m's default tile. float32 takes only block_m (tile ids must be -1). The
+            CPU kernel validates it and otherwise ignores it; on CUDA a tile needing more
+            shared memory than the device has is an error. Results differ between
+            configs only by fp32 summation order.
 
     Pairs whose id is outside [0, E_global), or maps to -1 / outside [0, E_local),
     contribute nothing. Products accumulate in fp32; the intermediate
@@ -88,7 +165,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         [T, H] contiguous tensor in hidden's dtype.
     """
     return torch.ops.pcg.fused_moe(hidden, w13, w2, topk_weights, topk_ids, expert_map,
-                                   num_valid, b13, b2, activation, alpha, limit)
+                                   num_valid, b13, b2, activation, alpha, limit,
+                                   None if config is None else [int(c) for c in config])
 
 
-__all__ = ["fused_moe", "moe_align_max_blocks"]
+__all__ = ["MoeTile", "fused_moe", "fused_moe_candidates", "fused_moe_config", "fused_moe_tiles",
+           "moe_align_max_blocks"]
