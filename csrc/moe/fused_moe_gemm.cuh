@@ -247,24 +247,20 @@ __device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4]
 }
 
 // Element loads of row[kk .. kk+8) (kk < K), zero past K: the path of rows that
-// are not 16-byte loadable (K % 8 != 0 or a misaligned base; rare). A rolled
-// loop without arrays: its unrolled copies in the unrolled load loops made up
-// a third of the kernels' build time.
+// are not 16-byte loadable (K % 8 != 0 or a misaligned base). Kept inline and
+// unrolled as before (a rolled loop or a call builds faster but left small
+// spills or more registers in the default tiles).
 __device__ __forceinline__ void load_chunk16_elementwise(uint16_t* dst, const uint16_t* row,
                                                          int64_t kk, int64_t K) {
-  uint64_t lo = 0, hi = 0;
-#pragma unroll 1
-  for (int j = 0; j < 8; ++j) {
-    const uint64_t v = (kk + j < K) ? row[kk + j] : uint16_t{0};
-    if (j < 4) {
-      lo |= v << (16 * j);
-    } else {
-      hi |= v << (16 * (j - 4));
-    }
-  }
-  *reinterpret_cast<uint4*>(dst) =
-      make_uint4(static_cast<uint32_t>(lo), static_cast<uint32_t>(lo >> 32),
-                 static_cast<uint32_t>(hi), static_cast<uint32_t>(hi >> 32));
+  uint16_t v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = (kk + j < K) ? row[kk + j] : uint16_t{0};
+  uint4 packed;
+  packed.x = v[0] | (static_cast<uint32_t>(v[1]) << 16);
+  packed.y = v[2] | (static_cast<uint32_t>(v[3]) << 16);
+  packed.z = v[4] | (static_cast<uint32_t>(v[5]) << 16);
+  packed.w = v[6] | (static_cast<uint32_t>(v[7]) << 16);
+  *reinterpret_cast<uint4*>(dst) = packed;
 }
 
 // Loads 8 consecutive 16-bit elements row[kk .. kk+8) into dst (16-byte
