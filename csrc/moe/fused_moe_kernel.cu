@@ -221,7 +221,9 @@ cudaError_t run(const FusedMoeParams& p, cudaStream_t stream) {
   }
   if (p.T > 0 && p.H > 0) {
     const unsigned threads = p.H >= 1024 ? 256 : 128;
-    const size_t smem = sizeof(int) * static_cast<size_t>(p.k);
+    // 4 spare ints: the compiler may read valid[j..j+3] in one shared load
+    // while j < k (compute-sanitizer memcheck flagged the 12-byte over-read).
+    const size_t smem = sizeof(int) * (static_cast<size_t>(p.k) + 4);
     const bool vec4 = p.H % 4 == 0 && aligned16(p.pair_out) &&
                       (reinterpret_cast<uintptr_t>(p.out) % (4 * sizeof(T))) == 0;
     if (vec4) {
