@@ -269,7 +269,8 @@ void return_cuda(const ReturnParams& p, CUstream_st* stream) {
 void combine_cuda(const CombineParams& p, CUstream_st* stream) {
   if (p.T == 0 || p.H == 0) return;
   const dim3 grid(static_cast<unsigned>(p.T));
-  const size_t smem = static_cast<size_t>(p.W) * sizeof(int32_t);
+  // 4 spare entries: the compiler may read slots[r..r+3] in one shared load.
+  const size_t smem = (static_cast<size_t>(p.W) + 4) * sizeof(int32_t);
   const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
   if ((p.H * elem) % 16 == 0 && aligned(p.recv, 16) && aligned(p.out, 16)) {
     switch (p.dtype) {
