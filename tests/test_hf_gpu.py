@@ -31,18 +31,23 @@ class Reference:
     """The unwrapped model in bf16 and in fp32 (same weights).
 
     These tiny random models amplify rounding: the unwrapped model's own bf16
-    logits are 1-10% away from its fp32 logits, and a single token whose
-    near-tied routing flips under a different (equally valid) rounding moves a
-    call's error by several percent. So each call passes when pcg is within
-    RTOL of the unwrapped bf16 model, or when pcg's distance to the fp32 logits
-    is within the unwrapped bf16 model's own distance plus FLIP_SLACK; and over
-    all calls of a family, pcg's aggregate error against fp32 must not exceed
-    the unwrapped bf16 model's (x1.1 + 2e-3), which random flips cannot hide a
-    systematic error behind. Real bugs (wrong tokens, positions, experts, masks,
-    stale pad rows) are O(1) errors and fail both.
+    logits are 1-10% away from its fp32 logits, and a token whose near-tied
+    routing flips under a different (equally valid) rounding (fp32 vs bf16
+    accumulation of the experts, another attention kernel) moves by 15-50%
+    while the other tokens stay within ~1% (measured on CPU, where pcg's split
+    path and the unwrapped model run the same kernels but for the MoE: per
+    call median token error 0.6-0.8%, single tokens up to 0.47). So a call
+    passes when pcg is within RTOL of the unwrapped bf16 model overall, or on
+    at least TOKEN_QUANTILE of its tokens (flips are local; a wrong position,
+    mask, expert or stale pad row moves most tokens). Over many calls of a
+    family, pcg's aggregate error against fp32 must not exceed the unwrapped
+    bf16 model's by more than AGG_RATIO (bench/accuracy.py: 0.95x over 112 calls,
+    0.56-1.04x per family), which flips cannot hide a systematic error behind.
+    The fp32 tests hold every logic error to 1e-3.
     """
 
-    FLIP_SLACK = 0.05
+    TOKEN_QUANTILE = 0.8
+    AGG_RATIO = 1.2
 
     def __init__(self, model32):
         self.fp32 = model32
@@ -65,8 +70,22 @@ class Reference:
         direct = rel_err(got, hf16)
         if direct <= RTOL:
             return direct
-        own, ours = rel_err(hf16, hf32), rel_err(got, hf32)
-        return RTOL if ours <= own + self.FLIP_SLACK else max(direct, ours)
+        per_token = (got - hf16).norm(dim=-1) / hf16.norm(dim=-1).clamp_min(1e-30)
+        return RTOL if per_token.quantile(self.TOKEN_QUANTILE).item() <= RTOL else direct
+
+    def sample(self, wrapped, calls: int = 16, seed: int = 99) -> None:
+        """Adds ``calls`` random single-sequence calls (bucket and non-bucket
+        sizes) to the aggregate, without per-call checks."""
+        g = torch.Generator().manual_seed(seed)
+        for i in range(calls):
+            t = (3, 8, 13, 32, 41, 64, 50, 24)[i % 8]
+            ids = torch.randint(0, VOCAB, (t,), generator=g).cuda()
+            self.error(wrapped(ids[None]).logits[0], ids)
+
+    def check_aggregate(self, family: str) -> None:
+        ours, own = self.aggregate()
+        assert ours <= self.AGG_RATIO * own + 2e-3, \
+            f"{family}: pcg bf16 error {ours:.4f} vs unwrapped bf16 {own:.4f} (aggregate vs fp32)"
 
     def aggregate(self) -> tuple[float, float]:
         """(pcg, unwrapped bf16) relative errors against fp32 over every call so far."""
@@ -197,8 +216,6 @@ def test_fp32_capture_matches_unwrapped_tightly(family):
 def test_zz_aggregate_accuracy_matches_unwrapped_bf16(captured):
     """Runs after the other tests of its family (pytest keeps file order within a
     module-scoped fixture's parameter)."""
-    family, ref, _ = captured
-    if ref.sq["ref"] == 0:
-        pytest.skip("no calls recorded for this family (test run in isolation)")
-    ours, own = ref.aggregate()
-    assert ours <= 1.1 * own + 2e-3, f"{family}: pcg bf16 error {ours:.4f} vs unwrapped bf16 {own:.4f}"
+    family, ref, wrapped = captured
+    ref.sample(wrapped)
+    ref.check_aggregate(family)
