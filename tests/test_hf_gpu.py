@@ -39,7 +39,9 @@ class Reference:
     call median token error 0.6-0.8%, single tokens up to 0.47). So a call
     passes when pcg is within RTOL of the unwrapped bf16 model overall, or on
     at least TOKEN_QUANTILE of its tokens (flips are local; a wrong position,
-    mask, expert or stale pad row moves most tokens). Over many calls of a
+    mask, expert or stale pad row moves most tokens), or (short calls, where
+    one token is the call) when pcg's distance to the fp32 logits is within
+    the unwrapped bf16 model's own distance plus FLIP_SLACK. Over many calls of a
     family, pcg's aggregate error against fp32 must not exceed the unwrapped
     bf16 model's by more than AGG_RATIO (bench/accuracy.py: 0.95x over 112 calls,
     0.56-1.04x per family), which flips cannot hide a systematic error behind.
@@ -47,6 +49,7 @@ class Reference:
     """
 
     TOKEN_QUANTILE = 0.8
+    FLIP_SLACK = 0.05
     AGG_RATIO = 1.2
 
     def __init__(self, model32):
@@ -71,7 +74,10 @@ class Reference:
         if direct <= RTOL:
             return direct
         per_token = (got - hf16).norm(dim=-1) / hf16.norm(dim=-1).clamp_min(1e-30)
-        return RTOL if per_token.quantile(self.TOKEN_QUANTILE).item() <= RTOL else direct
+        if per_token.quantile(self.TOKEN_QUANTILE).item() <= RTOL:
+            return RTOL  # only a few tokens moved: local routing flips
+        own, ours = rel_err(hf16, hf32), rel_err(got, hf32)
+        return RTOL if ours <= own + self.FLIP_SLACK else direct  # short calls: flips, fp32-anchored
 
     def sample(self, wrapped, calls: int = 16, seed: int = 99) -> None:
         """Adds ``calls`` random single-sequence calls (bucket and non-bucket
