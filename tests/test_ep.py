@@ -359,8 +359,11 @@ def test_dispatch_combine_cuda_match_cpu(case, dtype):
 
 @GPU
 def test_dispatch_cuda_large_and_unaligned():
-    # many scan chunks, rows whose byte size is not a multiple of 16
+    # rows whose byte size is not a multiple of 16; several scan tiles of 8192
+    # tokens (the slot base carried from tile to tile), num_valid inside the last
     case = (5000, 37, 8, 64, 8, "round_robin", 4321, None, False, False)
+    _check_dispatch(case, torch.bfloat16, "cuda")
+    case = (20000, 8, 4, 32, 4, "contiguous", 19001, None, False, True)
     _check_dispatch(case, torch.bfloat16, "cuda")
     case = (2048, 64, 8, 128, 8, "contiguous", None, None, True, False)
     _check_dispatch(case, torch.bfloat16, "cuda")
