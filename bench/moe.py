@@ -131,14 +131,16 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
                 del ggraphs
             except Exception as exc:
                 print(f"[{name}] grouped_mm T={T} failed: {exc}", file=sys.stderr)
-        row = dict(shape=name, E=E, topk=k, H=H, I=I, T=T, experts_hit=hit, floor_us=fl_us,
+        from pcg.ops.fused_moe import fused_moe_config
+        config = list(fused_moe_config(E, k, H, I, T, torch.bfloat16))
+        row = dict(shape=name, E=E, topk=k, H=H, I=I, T=T, config=config, experts_hit=hit, floor_us=fl_us,
                    pcg_eager_us=eager_us, pcg_graph_us=graph_us, grouped_mm_us=gmm_us,
                    pcg_over_floor=graph_us / fl_us, pcg_over_grouped_mm=graph_us / gmm_us,
                    tflops=flops / (graph_us * 1e-6) / 1e12, check_rel_err=err)
         rows.append(row)
         print(f"{name:17s} {T:6d} {fl_us:9.1f} {eager_us:9.1f} {graph_us:9.1f} {gmm_us:9.1f} "
               f"{row['pcg_over_floor']:8.2f} {row['pcg_over_grouped_mm']:8.2f} "
-              f"{row['tflops']:8.1f}", flush=True)
+              f"{row['tflops']:8.1f}   {config}", flush=True)
         del sets
         torch.cuda.empty_cache()
     del w13, w2
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(f"{'shape':17s} {'T':>6s} {'floor':>9s} {'eager':>9s} {'graph':>9s} {'gmm':>9s} "
-          f"{'pcg/flr':>8s} {'pcg/gmm':>8s} {'TFLOP/s':>8s}   (us)")
+          f"{'pcg/flr':>8s} {'pcg/gmm':>8s} {'TFLOP/s':>8s}   config [block_m, tile1, tile2]   (us)")
     rows = []
     for name in names:
         E, k, H, I = SHAPES[name]
