@@ -172,6 +172,20 @@ def test_wrapped_rejects_unsupported_arguments():
         w.capture()
 
 
+def test_wrapped_rejects_bad_token_ids():
+    w = pcg.wrap(tiny())
+    vocab = w.model.get_input_embeddings().num_embeddings
+    with pytest.raises(TypeError, match="integer token ids"):
+        w(torch.zeros(1, 3))
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"input_ids must be in \[0, {vocab}\).*\[{min(bad, 0)}, {max(bad, 0)}\]"):
+            w(torch.tensor([[0, bad]]))
+    # padding positions are never embedded: their ids are not checked
+    ids = torch.tensor([[vocab + 7, 1, 2]])
+    out = w(ids, attention_mask=torch.tensor([[0, 1, 1]]))
+    assert out.shape[:2] == (1, 3) and bool((out[0, 0] == 0).all())
+
+
 # ---- GPU: capture and replay ------------------------------------------------------------
 @pytest.mark.gpu
 def test_capture_counts_and_replay_matches_eager():

@@ -88,6 +88,9 @@ class MoETransformer(nn.Module):
         self.norm = _RMSNorm(c.hidden_size, c.rms_eps, **kw)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, **kw)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"MoETransformer takes one packed row input_ids [1, T], got {tuple(input_ids.shape)}")

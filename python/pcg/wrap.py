@@ -47,6 +47,7 @@ class WrappedModel(nn.Module):
         self._forward_fn = forward_fn
         self.ladder = _buckets.make_ladder(options.buckets, options.max_tokens)
         self._engine: Optional[CaptureEngine] = None
+        self._vocab: Optional[int] = None  # input embedding rows (0: unknown), read on first use
 
     # ---- helpers --------------------------------------------------------------
     @property
@@ -61,6 +62,22 @@ class WrappedModel(nn.Module):
             tensors += [t for t in (layer.w13, layer.w2, layer.b13, layer.b2, layer.expert_map)
                         if t is not None]
         return tensors
+
+    def _check_token_range(self, ids: torch.Tensor) -> None:
+        """Out-of-vocabulary ids would fault the embedding kernel inside a graph
+        (a device-side assert ends the CUDA context). Checked when the real
+        tokens are still on the host (or in debug mode): a device tensor would
+        cost a synchronisation per call."""
+        if ids.numel() == 0 or not (ids.device.type == "cpu" or self.options.debug):
+            return
+        if self._vocab is None:
+            emb = getattr(self.model, "get_input_embeddings", lambda: None)()
+            self._vocab = int(getattr(emb, "num_embeddings", 0) or 0)
+        if self._vocab > 0:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self._vocab:
+                raise ValueError(f"pcg: input_ids must be in [0, {self._vocab}) (the input embedding's "
+                                 f"size), got values in [{lo}, {hi}]")
 
     def engine(self) -> CaptureEngine:
         if self._engine is None:
@@ -106,7 +123,11 @@ class WrappedModel(nn.Module):
                             "takes input_ids, attention_mask and position_ids")
         if inputs_embeds is not None:
             raise NotImplementedError("pcg: inputs_embeds is not supported yet; pass input_ids")
+        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()
+                                      or input_ids.dtype == torch.bool):
+            raise TypeError(f"pcg: input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         packed = pack(input_ids, attention_mask, position_ids)
+        self._check_token_range(packed.input_ids)
         ids = packed.input_ids.to(self.device)
         pos = packed.positions.to(self.device) if packed.positions is not None else None
         eng = self.engine()
