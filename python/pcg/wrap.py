@@ -148,6 +148,7 @@ class WrappedModel(nn.Module):
                 self.ep.sync_captured(eng)
             if bucket not in eng.graphs:
                 reason = "capture_failed"
+
         def unpack(t: torch.Tensor) -> torch.Tensor:  # [n, ...] rows -> the caller's layout
             return packed.unpack(t) if t.dim() >= 1 and t.shape[0] == n else t
 
