@@ -4,8 +4,11 @@ gap to the floor is: which of align / GEMM1 / GEMM2 / reduce dominates at each
 
     python bench/profile_moe.py                         # default grid
     python bench/profile_moe.py --shapes qwen3 --tokens 1 1024
+    ncu --kernel-name regex:moe_ --section SpeedOfLight --section Occupancy \
+        python bench/profile_moe.py --plain --shapes qwen3 --tokens 1 16384   # hardware counters
 
-Prints one table (us per call, averaged over --iters graph replays).
+Prints one table (us per call, averaged over --iters graph replays). --plain
+only calls the op eagerly --iters times (no profiler, no graphs: for ncu).
 Without a CUDA device it says so and exits 0.
 """
 from __future__ import annotations
@@ -51,11 +54,24 @@ def profile_one(E, k, H, I, T, iters, device):
     return dict(per)
 
 
+def plain_calls(E, k, H, I, T, iters, device):
+    import pcg
+    g = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
+    hidden, wts, ids = make_inputs(T, E, k, H, 5, device)
+    for _ in range(iters):
+        pcg.fused_moe(hidden, w13, w2, wts, ids)
+    torch.cuda.synchronize()
+    print(f"E={E} k={k} H={H} I={I} T={T}: {iters} eager calls", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--tokens", nargs="*", type=int, default=[1, 16, 128, 1024, 4096, 16384])
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--plain", action="store_true", help="eager calls only (run under ncu)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/profile_moe.py needs a CUDA GPU; nothing to do.")
@@ -65,6 +81,9 @@ def main() -> int:
         name = next(n for n in SHAPES if n.startswith(s))
         E, k, H, I = SHAPES[name]
         for T in args.tokens:
+            if args.plain:
+                plain_calls(E, k, H, I, T, args.iters, device)
+                continue
             per = profile_one(E, k, H, I, T, args.iters, device)
             total = sum(per.values())
             parts = "  ".join(f"{n} {v:.1f}" for n, v in sorted(per.items(), key=lambda x: -x[1]))

@@ -11,6 +11,7 @@
 #   memcheck, racecheck   compute-sanitizer over scripts/sanitize_kernels.py
 #   tests/X.py      one pytest file
 #   profile         bench/profile_moe.py ($PROFILE_ARGS)
+#   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments)
 #   tune            bench/tune_moe.py ($TUNE_ARGS): rewrites csrc/moe/fused_moe_tuning.h, copied to $OUT
 #   rebuild         pip install -e . again (e.g. after tune wrote a new table)
 #   moe             bench/moe.py ($MOE_ARGS)
@@ -48,6 +49,9 @@ for st in "$@"; do
     memcheck|racecheck) step "$st" 150 12 compute-sanitizer --tool "$st" $py scripts/sanitize_kernels.py ;;
     tests/*.py) step "pytest_$(basename "$st" .py)" 300 4 $py -m pytest -q "$st" ;;
     profile) step profile 150 40 $py bench/profile_moe.py ${PROFILE_ARGS:-} ;;
+    ncu) step ncu 240 80 ncu --kernel-name regex:moe_ --section SpeedOfLight --section Occupancy \
+           --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
+           $py bench/profile_moe.py --plain --iters 1 ${NCU_ARGS:---shapes qwen3 --tokens 1 16384} ;;
     tune) step tune 400 60 $py bench/tune_moe.py --out-json "$OUT/tune.json" ${TUNE_ARGS:-}; cp csrc/moe/fused_moe_tuning.h "$OUT/" ;;
     rebuild) build ;;
     moe) step moe 400 70 $py bench/moe.py --out "$OUT" ${MOE_ARGS:-} ;;
