@@ -8,7 +8,7 @@
                    the floor for what piecewise capture may cost
   pcg              pcg.wrap(model): piecewise graphs, attention between replays
   pcg-inductor     pcg.wrap(model, compiler="inductor"): inductor-compiled pieces,
-                   same capture engine (opt-in: --modes ... pcg-inductor)
+                   same capture engine
 
 The default model is Qwen3-30B-A3B-shaped (128 experts, top-8, H=2048, I=768,
 32/4 heads) with --layers layers and random weights. Prints a table (ms and
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, nargs="*", default=DEFAULT_T)
     ap.add_argument("--max-t", type=int, default=8192)
-    ap.add_argument("--modes", nargs="*", default=["compile", "compile-ro", "whole-graph"],
+    ap.add_argument("--modes", nargs="*", default=["compile", "compile-ro", "whole-graph", "pcg-inductor"],
                     help="modes besides eager and pcg: compile, compile-ro, whole-graph, pcg-inductor")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--startup-only", action="store_true",
