@@ -16,6 +16,7 @@ import torch
 import pcg
 from pcg.ops.fused_moe import (fused_moe_candidates, fused_moe_config, fused_moe_tiles,
                                moe_align_max_blocks)
+from pcg.timing import capture_graph
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_cpu_thread():
@@ -646,42 +647,38 @@ def test_errors_name_the_argument_cuda():
             _call_with(args, kw, override)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("T", [1, 24, 600])
-def test_cuda_graph_capture_replay(dtype, T):
-    E, k, H, I, EG = 12, 4, 72, 40, 16
+def _check_capture_replay(T, E, k, H, I, EG, dtype, num_valids, seed, config=None):
+    """Captures fused_moe once, then per trial writes new inputs and num_valid in
+    place and replays: bitwise equal to an eager call, zero rows >= num_valid,
+    close to the reference."""
     args, kw = make_case(T, E, k, H, I, dtype=dtype, device="cuda", e_global=EG, bias=True)
     hidden, w13, w2, wts, ids = args
     num_valid = torch.tensor([T], dtype=torch.int32, device="cuda")
 
     def run():
-        return pcg.fused_moe(hidden, w13, w2, wts, ids, num_valid=num_valid, **kw)
+        return pcg.fused_moe(hidden, w13, w2, wts, ids, num_valid=num_valid, config=config, **kw)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-
-    for trial in range(4):
-        g = torch.Generator().manual_seed(100 + trial)
+    graph, out = capture_graph(run)
+    for trial, nv in enumerate(num_valids):
+        g = torch.Generator().manual_seed(seed + trial)
         hidden.copy_(torch.randn(T, H, generator=g).to(dtype))
         ids.copy_(torch.randint(-1, EG + 2, (T, k), generator=g, dtype=torch.int32))
         wts.copy_(torch.rand(T, k, generator=g))
-        nv = [T, max(T // 2, 1), 0, T + 3][trial]
         num_valid.fill_(nv)
         graph.replay()
         torch.cuda.synchronize()
-        eager = run()
-        assert torch.equal(out, eager), f"trial {trial}: replay != eager"
+        assert torch.equal(out, run()), f"trial {trial}: replay != eager"
         assert (out[min(nv, T):] == 0).all()
-        ref = reference(hidden, w13, w2, wts, ids, num_valid=num_valid, **kw)
         if nv > 0:
+            ref = reference(hidden, w13, w2, wts, ids, num_valid=num_valid, **kw)
             assert rel_err(out, ref) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [1, 24, 600])
+def test_cuda_graph_capture_replay(dtype, T):
+    _check_capture_replay(T, 12, 4, 72, 40, 16, dtype, [T, max(T // 2, 1), 0, T + 3], seed=100)
 
 
 # ---------------------------------------------------------------------------
@@ -750,38 +747,9 @@ def test_cuda_config_errors_name_the_argument():
 @pytest.mark.parametrize("config", [(128, 18, 20), (128, 17, 19), (16, 9, 12)])
 def test_cuda_graph_capture_replay_forced_config(config):
     _skip_unless_fits(config)
-    E, k, H, I, EG, T = 4, 2, 136, 200, 6, 700
-    dtype = torch.bfloat16
-    args, kw = make_case(T, E, k, H, I, dtype=dtype, device="cuda", e_global=EG, bias=True)
-    hidden, w13, w2, wts, ids = args
-    num_valid = torch.tensor([T], dtype=torch.int32, device="cuda")
-
-    def run():
-        return pcg.fused_moe(hidden, w13, w2, wts, ids, num_valid=num_valid, config=config, **kw)
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-
-    for trial in range(3):
-        g = torch.Generator().manual_seed(200 + trial)
-        hidden.copy_(torch.randn(T, H, generator=g).to(dtype))
-        ids.copy_(torch.randint(-1, EG + 2, (T, k), generator=g, dtype=torch.int32))
-        wts.copy_(torch.rand(T, k, generator=g))
-        nv = [T, T // 3, 0][trial]
-        num_valid.fill_(nv)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, run()), f"trial {trial}: replay != eager"
-        assert (out[nv:] == 0).all()
-        if nv > 0:
-            ref = reference(hidden, w13, w2, wts, ids, num_valid=num_valid, **kw)
-            assert rel_err(out, ref) < GPU_TOL[dtype]
+    T = 700
+    _check_capture_replay(T, 4, 2, 136, 200, 6, torch.bfloat16, [T, T // 3, 0], seed=200,
+                          config=config)
 
 
 def _bench_shapes():

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "common/float_convert.cuh"
 #include "moe/ep_kernels.h"
 
 namespace pcg::ep {
@@ -150,20 +151,6 @@ __global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const ReturnPar
   for (int64_t v = threadIdx.x; v < nvec; v += kCopyThreads) to[v] = from[v];
 }
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) ep_combine_kernel(const CombineParams p) {
   extern __shared__ int32_t slots[];
@@ -224,6 +211,22 @@ bool aligned(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
 
+// Calls launch(W{}) with the widest copy word W (16, 8, 4, 2 or 1 bytes) for
+// which fits(sizeof(W)) holds.
+template <typename Fits, typename Launch>
+void with_copy_width(const Fits& fits, const Launch& launch) {
+  if (fits(16))
+    launch(uint4{});
+  else if (fits(8))
+    launch(uint2{});
+  else if (fits(4))
+    launch(uint32_t{});
+  else if (fits(2))
+    launch(uint16_t{});
+  else
+    launch(uint8_t{});
+}
+
 }  // namespace
 
 void dispatch_cuda(const DispatchParams& p, CUstream_st* stream) {
@@ -236,16 +239,9 @@ void dispatch_cuda(const DispatchParams& p, CUstream_st* stream) {
     return p.row_bytes % v == 0 && aligned(p.hidden, v) &&
            (p.peer_base ? p.hidden_offset % v == 0 : aligned(p.send_hidden, v));
   };
-  if (fits(16))
-    ep_copy_kernel<uint4><<<grid, kCopyThreads, 0, stream>>>(p);
-  else if (fits(8))
-    ep_copy_kernel<uint2><<<grid, kCopyThreads, 0, stream>>>(p);
-  else if (fits(4))
-    ep_copy_kernel<uint32_t><<<grid, kCopyThreads, 0, stream>>>(p);
-  else if (fits(2))
-    ep_copy_kernel<uint16_t><<<grid, kCopyThreads, 0, stream>>>(p);
-  else
-    ep_copy_kernel<uint8_t><<<grid, kCopyThreads, 0, stream>>>(p);
+  with_copy_width(fits, [&](auto word) {
+    ep_copy_kernel<decltype(word)><<<grid, kCopyThreads, 0, stream>>>(p);
+  });
 }
 
 void return_cuda(const ReturnParams& p, CUstream_st* stream) {
@@ -254,16 +250,9 @@ void return_cuda(const ReturnParams& p, CUstream_st* stream) {
   auto fits = [&](int64_t v) {
     return p.row_bytes % v == 0 && aligned(p.y, v) && p.back_offset % v == 0;
   };
-  if (fits(16))
-    ep_return_kernel<uint4><<<grid, kCopyThreads, 0, stream>>>(p);
-  else if (fits(8))
-    ep_return_kernel<uint2><<<grid, kCopyThreads, 0, stream>>>(p);
-  else if (fits(4))
-    ep_return_kernel<uint32_t><<<grid, kCopyThreads, 0, stream>>>(p);
-  else if (fits(2))
-    ep_return_kernel<uint16_t><<<grid, kCopyThreads, 0, stream>>>(p);
-  else
-    ep_return_kernel<uint8_t><<<grid, kCopyThreads, 0, stream>>>(p);
+  with_copy_width(fits, [&](auto word) {
+    ep_return_kernel<decltype(word)><<<grid, kCopyThreads, 0, stream>>>(p);
+  });
 }
 
 void combine_cuda(const CombineParams& p, CUstream_st* stream) {

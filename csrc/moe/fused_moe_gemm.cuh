@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/float_convert.cuh"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_tiles.h"
 #include "moe/moe_align.h"
@@ -66,26 +67,6 @@ namespace {
 
 // ---------------------------------------------------------------------------
 // Scalar helpers
-
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Two adjacent elements, stored with one instruction.
 template <typename T>
@@ -151,12 +132,12 @@ __device__ __forceinline__ void store_out(const GemmArgs& a, int e, int64_t slot
   const T* bias = static_cast<const T*>(a.bias);
   if constexpr (GATED) {
     if (bias) {
-      g += to_f(bias[static_cast<int64_t>(e) * 2 * a.N + n]);
-      u += to_f(bias[static_cast<int64_t>(e) * 2 * a.N + a.N + n]);
+      g += to_float(bias[static_cast<int64_t>(e) * 2 * a.N + n]);
+      u += to_float(bias[static_cast<int64_t>(e) * 2 * a.N + a.N + n]);
     }
-    static_cast<T*>(a.C)[slot * a.N + n] = from_f<T>(apply_act(g, u, a.act, a.alpha, a.limit));
+    static_cast<T*>(a.C)[slot * a.N + n] = from_float<T>(apply_act(g, u, a.act, a.alpha, a.limit));
   } else {
-    if (bias) g += to_f(bias[static_cast<int64_t>(e) * a.N + n]);
+    if (bias) g += to_float(bias[static_cast<int64_t>(e) * a.N + n]);
     static_cast<float*>(a.C)[static_cast<int64_t>(pair) * a.N + n] = g * a.topk_weights[pair];
   }
 }
@@ -171,11 +152,11 @@ __device__ __forceinline__ void store_out2(const GemmArgs& a, int e, int64_t slo
   if constexpr (GATED) {
     if (bias) {
       const T* bg = bias + static_cast<int64_t>(e) * 2 * a.N + n;
-      g0 += to_f(bg[0]);
-      u0 += to_f(bg[a.N]);
+      g0 += to_float(bg[0]);
+      u0 += to_float(bg[a.N]);
       if (two) {
-        g1 += to_f(bg[1]);
-        u1 += to_f(bg[a.N + 1]);
+        g1 += to_float(bg[1]);
+        u1 += to_float(bg[a.N + 1]);
       }
     }
     const float v0 = apply_act(g0, u0, a.act, a.alpha, a.limit);
@@ -185,14 +166,14 @@ __device__ __forceinline__ void store_out2(const GemmArgs& a, int e, int64_t slo
       using V = Vec2<T>;
       *reinterpret_cast<typename V::type*>(dst) = V::make(v0, v1);
     } else {
-      dst[0] = from_f<T>(v0);
-      if (two) dst[1] = from_f<T>(v1);
+      dst[0] = from_float<T>(v0);
+      if (two) dst[1] = from_float<T>(v1);
     }
   } else {
     if (bias) {
       const T* b = bias + static_cast<int64_t>(e) * a.N + n;
-      g0 += to_f(b[0]);
-      if (two) g1 += to_f(b[1]);
+      g0 += to_float(b[0]);
+      if (two) g1 += to_float(b[1]);
     }
     const float w = a.topk_weights[pair];
     float* dst = static_cast<float*>(a.C) + static_cast<int64_t>(pair) * a.N + n;
@@ -394,26 +375,13 @@ __global__ void __launch_bounds__(Cfg::THREADS) moe_gemm_tc(const GemmArgs args)
 #pragma unroll
       for (int i = 0; i < MT; ++i)
         ldmatrix_x4(af[i], as + (wm * WTM + i * 16 + (lane & 15)) * LDS + ks * 16 + (lane >> 4) * 8);
-      uint32_t bf[NT][2];
-#pragma unroll
-      for (int j = 0; j < NT; j += 2) {
-        uint32_t r[4];
-        ldmatrix_x4(r, bs + (wn * WTN + j * 8 + (lane & 7) + ((lane >> 4) << 3)) * LDS + ks * 16 +
-                           ((lane >> 3) & 1) * 8);
-        bf[j][0] = r[0];
-        bf[j][1] = r[1];
-        bf[j + 1][0] = r[2];
-        bf[j + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mma16816<T>(accg[i][j], af[i], bf[j]);
-      if constexpr (GATED) {
+      // B fragments of the tile rows [row0 + wn * WTN, + WTN) times af, into acc.
+      auto mma_rows = [&](int row0, float (&acc)[MT][NT][4]) {
+        uint32_t bf[NT][2];
 #pragma unroll
         for (int j = 0; j < NT; j += 2) {
           uint32_t r[4];
-          ldmatrix_x4(r, bs + (BN + wn * WTN + j * 8 + (lane & 7) + ((lane >> 4) << 3)) * LDS +
+          ldmatrix_x4(r, bs + (row0 + wn * WTN + j * 8 + (lane & 7) + ((lane >> 4) << 3)) * LDS +
                              ks * 16 + ((lane >> 3) & 1) * 8);
           bf[j][0] = r[0];
           bf[j][1] = r[1];
@@ -423,8 +391,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) moe_gemm_tc(const GemmArgs args)
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
-          for (int j = 0; j < NT; ++j) mma16816<T>(accu[i][j], af[i], bf[j]);
-      }
+          for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], af[i], bf[j]);
+      };
+      mma_rows(0, accg);
+      if constexpr (GATED) mma_rows(BN, accu);  // the up half of the w13 tile
     }
   }
   cp_async_wait<0>();

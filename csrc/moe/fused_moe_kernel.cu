@@ -44,14 +44,14 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
     for (int idx = tid; idx < BM * BK; idx += 256) {
       const int r = idx / BK, kk = idx % BK;
       const int64_t off = a_off[r];
-      As[kk][r] = (off >= 0 && k0 + kk < K) ? to_f(A[off + k0 + kk]) : 0.f;
+      As[kk][r] = (off >= 0 && k0 + kk < K) ? to_float(A[off + k0 + kk]) : 0.f;
     }
     for (int idx = tid; idx < NB * BN * BK; idx += 256) {
       const int r = idx / BK, kk = idx % BK;
       const int half = r / BN, nn = r % BN;
       const int64_t n = n0 + nn;
       Bs[half][kk][nn] =
-          (n < N && k0 + kk < K) ? to_f(B[(half * N + n) * K + k0 + kk]) : 0.f;
+          (n < N && k0 + kk < K) ? to_float(B[(half * N + n) * K + k0 + kk]) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(256)
   const int64_t t = blockIdx.x;
   T* o = out + t * H;
   if (t >= read_num_valid(num_valid, num_tokens)) {
-    for (int64_t n = threadIdx.x; n < H; n += blockDim.x) o[n] = from_f<T>(0.f);
+    for (int64_t n = threadIdx.x; n < H; n += blockDim.x) o[n] = from_float<T>(0.f);
     return;
   }
   for (int j = threadIdx.x; j < top_k; j += blockDim.x)
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(256)
       float s = 0.f;
       for (int j = 0; j < top_k; ++j)
         if (valid[j]) s += src[j * H + n];
-      o[n] = from_f<T>(s);
+      o[n] = from_float<T>(s);
     }
   }
 }
