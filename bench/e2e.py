@@ -38,10 +38,9 @@ from pcg.timing import rel_err as rel
 DEFAULT_T = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
-def whole_graph_ms(wrapped, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """One CUDA graph of the whole forward (pcg's kernels, SDPA attention).
-
-    Timed like an engine would run it: copy the ids into the static input,
+def whole_graph_step(wrapped, ids: torch.Tensor):
+    """One CUDA graph of the whole forward (pcg's kernels, SDPA attention);
+    returns the step an engine would run: copy the ids into the static input,
     replay, copy the logits out (pcg's timing includes the same steps)."""
     eng = wrapped.engine()
     t = ids.shape[1]
@@ -51,14 +50,20 @@ def whole_graph_ms(wrapped, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     with torch.inference_mode(), running(ctx):
         g, out = capture_graph(lambda: eng.forward_fn(static, pos))
 
-        def step():
-            static.copy_(ids[0])
-            g.replay()
-            return out.logits.clone()
+    def step():
+        static.copy_(ids[0])
+        g.replay()
+        return out.logits.clone()
 
-        ms = time_ms(step)
-        logits = step()
-    del g, out
+    return step
+
+
+def whole_graph_ms(wrapped, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Time and logits of :func:`whole_graph_step`."""
+    step = whole_graph_step(wrapped, ids)
+    ms = time_ms(step)
+    logits = step()
+    del step
     return ms, logits
 
 
