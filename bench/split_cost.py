@@ -5,7 +5,12 @@ kernels (bench/e2e.py's ``whole-graph``) side by side, then traces one call of
 each with torch.profiler and splits the wall time into: host latency before
 the first GPU activity, GPU busy time (union of kernels, copies, memsets),
 and idle gaps between GPU activities, listing the largest gaps with the
-activities on either side. Also reports the host time to enqueue one pcg call.
+activities on either side (the profiler slows host work, so gaps are inflated).
+
+Without the profiler it then peels pcg's call apart (CUDA-event time and host
+enqueue time of each): the wrapped call, the engine's replay (no input
+checks/packing), the C++ segment chain alone, the chain with attention a no-op
+(graph boundaries only), and one attention split call on its own.
 
     python bench/split_cost.py --layers 8 --tokens 1 4 16
 """
@@ -24,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e import whole_graph_step  # noqa: E402
 
 import pcg  # noqa: E402
+from pcg.batch import BatchMeta  # noqa: E402
 from pcg.models import qwen3_moe_model  # noqa: E402
+from pcg.registry import RunContext, running  # noqa: E402
 from pcg.timing import cuda_time_ms  # noqa: E402
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -74,6 +81,58 @@ def trace(fn, label: str) -> dict:
             "top_gaps": [(round(g, 1), a, b) for g, a, b in gaps[:8]]}
 
 
+def host_us(fn, reps: int = 20) -> float:
+    """Median host time to enqueue one call (the GPU idle before it)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peel(wrapped, ids: torch.Tensor, reps: int) -> dict:
+    """Event and host times of pcg's call, layer by layer of its software."""
+    eng = wrapped.engine()
+    t = ids.shape[1]
+    chain = eng.graphs[t].chain
+    reg = wrapped.registry
+
+    def chain_only():
+        batch = BatchMeta(t, [0, t], eng.static_pos[:t], t)
+        with running(RunContext(reg, batch, eng.num_valid)):
+            chain.replay()
+
+    variants = {"wrapped": lambda: wrapped(input_ids=ids),
+                "engine.replay": lambda: eng.replay(ids[0], None, [0, t], t),
+                "chain": chain_only}
+    out = {name: {"ms": cuda_time_ms(fn, reps=reps), "host_us": host_us(fn)} for name, fn in variants.items()}
+    saved = [layer.impl for layer in reg.attention_layers]
+    for layer in reg.attention_layers:
+        layer.impl = lambda *a: None  # the split call's Python runs; no attention kernels
+    try:
+        out["chain, attention no-op"] = {"ms": cuda_time_ms(chain_only, reps=reps), "host_us": host_us(chain_only)}
+    finally:
+        for layer, impl in zip(reg.attention_layers, saved):
+            layer.impl = impl
+    layer = reg.attention_layers[0]
+    c = wrapped.model.config
+    q = torch.randn(t, c.num_attention_heads, c.head_dim, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(t, c.num_key_value_heads, c.head_dim, device="cuda", dtype=torch.bfloat16)
+    o = torch.empty_like(q)
+
+    def one_split():
+        batch = BatchMeta(t, [0, t], eng.static_pos[:t], t)
+        with running(RunContext(reg, batch, eng.num_valid)):
+            torch.ops.pcg.attention_out(q, kv, kv, o, layer.layer_id)
+
+    out["one attention split"] = {"ms": cuda_time_ms(one_split, reps=reps), "host_us": host_us(one_split)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
@@ -115,6 +174,10 @@ def main() -> None:
                   f"{r['gpu_activities']} GPU activities, {r['host_launch_calls']} launch calls")
             for g in r["top_gaps"]:
                 print(f"         gap {g[0]:>6} us: {g[1]}  ->  {g[2]}")
+        row["peel"] = peel(wrapped, ids, args.reps)
+        print(f"  without the profiler ({args.layers} attention splits per call):")
+        for name, v in row["peel"].items():
+            print(f"    {name:<24} {v['ms'] * 1e3:8.1f} us (events)   host enqueue {v['host_us']:7.1f} us")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "split_cost.json"), "w") as f:
         json.dump(res, f, indent=1)

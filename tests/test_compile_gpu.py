@@ -84,7 +84,7 @@ def test_single_sequence_bucket_and_non_bucket_sizes(captured):
         out = wrapped(ids).logits
         assert out.shape == (1, t, VOCAB)
         err = ref.error(out[0], ids[0])
-        assert err <= RTOL, f"{family} T={t}: relative error {err:.3g}"
+        assert err <= RTOL, f"{family} T={t}: relative error {err:.3g}: {ref.last}"
     rep = _check_report(wrapped)
     assert sum(rep.replays.values()) - before == len(sizes)
     ref.sample(wrapped)
@@ -106,7 +106,7 @@ def test_padded_batch(captured, side):
     for i in range(b):
         real = keep[i].nonzero().flatten()
         err = ref.error(out[i, real], ids[i, real], real)
-        assert err <= RTOL, f"{family} {side} padding row {i}: relative error {err:.3g}"
+        assert err <= RTOL, f"{family} {side} padding row {i}: relative error {err:.3g}: {ref.last}"
     _check_report(wrapped)
 
 
@@ -115,7 +115,7 @@ def test_above_largest_bucket_runs_the_compiled_graph_eagerly(captured):
     g = torch.Generator().manual_seed(3)
     ids = _ids(g, 1, 70)
     err = ref.error(wrapped(ids).logits[0], ids[0])
-    assert err <= RTOL, f"{family} eager T=70: relative error {err:.3g}"
+    assert err <= RTOL, f"{family} eager T=70: relative error {err:.3g}: {ref.last}"
     rep = _check_report(wrapped)
     assert rep.eager_fallbacks.get("above_max_tokens", 0) >= 1
 

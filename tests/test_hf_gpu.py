@@ -37,9 +37,10 @@ class Reference:
     while the other tokens stay within ~1% (measured on CPU, where pcg's split
     path and the unwrapped model run the same kernels but for the MoE: per
     call median token error 0.6-0.8%, single tokens up to 0.47). So a call
-    passes when pcg is within RTOL of the unwrapped bf16 model overall, or on
-    at least TOKEN_QUANTILE of its tokens (flips are local; a wrong position,
-    mask, expert or stale pad row moves most tokens), or (short calls, where
+    passes when pcg is within RTOL of the unwrapped bf16 model overall, or when
+    at most MOVED_FRACTION of its tokens (at least one) are further than RTOL
+    (flips are local; a wrong position, mask, expert or stale pad row moves
+    most tokens), or (short calls, where
     one token is the call) when pcg's distance to the fp32 logits is within
     the unwrapped bf16 model's own distance plus FLIP_SLACK. Over many calls of a
     family, pcg's aggregate error against fp32 must not exceed the unwrapped
@@ -48,7 +49,7 @@ class Reference:
     The fp32 tests hold every logic error to 1e-3.
     """
 
-    TOKEN_QUANTILE = 0.8
+    MOVED_FRACTION = 0.2
     FLIP_SLACK = 0.05
     AGG_RATIO = 1.2
 
@@ -56,6 +57,7 @@ class Reference:
         self.fp32 = model32
         self.bf16 = copy.deepcopy(model32).to(torch.bfloat16)
         self.sq = {"pcg": 0.0, "hf": 0.0, "ref": 0.0}
+        self.last = ""  # how the last checked call compared (for assertion messages)
 
     @torch.inference_mode()
     def logits(self, model, ids, positions=None):
@@ -71,12 +73,15 @@ class Reference:
         self.sq["hf"] += (hf16 - hf32).norm().item() ** 2
         self.sq["ref"] += hf32.norm().item() ** 2
         direct = rel_err(got, hf16)
+        per_token = (got - hf16).norm(dim=-1) / hf16.norm(dim=-1).clamp_min(1e-30)
+        moved = int((per_token > RTOL).sum())
+        own, ours = rel_err(hf16, hf32), rel_err(got, hf32)
+        self.last = (f"direct {direct:.3g}, {moved}/{per_token.numel()} tokens beyond {RTOL:g} "
+                     f"(worst {per_token.max().item():.3g}), vs fp32: pcg {ours:.3g}, unwrapped bf16 {own:.3g}")
         if direct <= RTOL:
             return direct
-        per_token = (got - hf16).norm(dim=-1) / hf16.norm(dim=-1).clamp_min(1e-30)
-        if per_token.quantile(self.TOKEN_QUANTILE).item() <= RTOL:
+        if moved <= max(1, int(self.MOVED_FRACTION * per_token.numel())):
             return RTOL  # only a few tokens moved: local routing flips
-        own, ours = rel_err(hf16, hf32), rel_err(got, hf32)
         return RTOL if ours <= own + self.FLIP_SLACK else direct  # short calls: flips, fp32-anchored
 
     def sample(self, wrapped, calls: int = 16, seed: int = 99) -> None:
@@ -136,7 +141,7 @@ def test_single_sequence_bucket_and_non_bucket_sizes(captured):
         out = wrapped(ids).logits
         assert out.shape == (1, t, VOCAB)
         err = ref.error(out[0], ids[0])
-        assert err <= RTOL, f"{family} T={t}: relative error {err:.3g}"
+        assert err <= RTOL, f"{family} T={t}: relative error {err:.3g}: {ref.last}"
     rep = wrapped.report()
     assert sum(rep.replays.values()) - before == len(sizes)
     assert rep.capture_failures == {}
@@ -153,7 +158,7 @@ def test_packed_sequences(captured):
     for n in lens:
         err = ref.error(out[start:start + n], ids[start:start + n])
         start += n
-        assert err <= RTOL, f"{family} packed: relative error {err:.3g}"
+        assert err <= RTOL, f"{family} packed: relative error {err:.3g}: {ref.last}"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -173,7 +178,7 @@ def test_padded_batch(captured, side):
     for i in range(b):
         real = keep[i].nonzero().flatten()
         err = ref.error(out[i, real], ids[i, real], real)
-        assert err <= RTOL, f"{family} {side} padding row {i}: relative error {err:.3g}"
+        assert err <= RTOL, f"{family} {side} padding row {i}: relative error {err:.3g}: {ref.last}"
 
 
 def test_above_largest_bucket_runs_eagerly(captured):
@@ -182,7 +187,7 @@ def test_above_largest_bucket_runs_eagerly(captured):
     ids = _ids(g, 1, 70)
     before = dict(wrapped.report().eager_fallbacks)
     err = ref.error(wrapped(ids).logits[0], ids[0])
-    assert err <= RTOL, f"{family} eager T=70: relative error {err:.3g}"
+    assert err <= RTOL, f"{family} eager T=70: relative error {err:.3g}: {ref.last}"
     after = wrapped.report().eager_fallbacks
     assert after.get("above_max_tokens", 0) == before.get("above_max_tokens", 0) + 1
 
@@ -197,7 +202,7 @@ def test_two_wrapped_models_capture_independently():
     for t in (16, 9, 3):
         for w, r in zip(wrapped, refs):
             ids = _ids(g, 1, t)
-            assert r.error(w(ids).logits[0], ids[0]) <= RTOL
+            assert r.error(w(ids).logits[0], ids[0]) <= RTOL, r.last
     for w in wrapped:
         rep = w.report()
         assert rep.capture_failures == {} and rep.graphs > 0 and rep.replays == {16: 3}

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import os
 import time
@@ -69,8 +70,22 @@ _MISSING = object()
 _RETRY = object()
 _counter = itertools.count()
 
-# Inductor settings for pieces: no CUDA graphs of its own (pcg captures).
-INDUCTOR_CONFIG = {"triton.cudagraphs": False}
+# Inductor settings of every compiled piece (pcg captures the pieces itself, so
+# inductor's own CUDA graphs stay off). $PCG_INDUCTOR_CONFIG (a JSON object)
+# adds or overrides settings, e.g. '{"emulate_precision_casts": true}' to round
+# fused intermediates to bf16 exactly where eager PyTorch does.
+def _inductor_config() -> dict:
+    extra = os.environ.get("PCG_INDUCTOR_CONFIG") or "{}"
+    try:
+        patch = json.loads(extra)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"pcg: $PCG_INDUCTOR_CONFIG must be a JSON object, got {extra!r}: {exc}") from None
+    if not isinstance(patch, dict):
+        raise ValueError(f"pcg: $PCG_INDUCTOR_CONFIG must be a JSON object, got {extra!r}")
+    return {"triton.cudagraphs": False, **patch}
+
+
+INDUCTOR_CONFIG = _inductor_config()
 
 
 # ---- split ops -------------------------------------------------------------------
@@ -543,7 +558,7 @@ class CompiledForward:
                 break
         return {"graph": gm.code, "inputs": shapes, "config": config, "compiler": self.compiler,
                 "pcg": getattr(pcg, "__version__", "?"), "torch": torch.__version__,
-                "rank": _cache.rank(), "check": self.check,
+                "rank": _cache.rank(), "check": self.check, "inductor_config": INDUCTOR_CONFIG,
                 "split_moe": [m.layer_id for m in self.registry.moe_layers if m.split]}
 
     def _trace(self, ids: torch.Tensor, positions: torch.Tensor) -> Any:
