@@ -94,6 +94,7 @@ def host_us(fn, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
+@torch.inference_mode()
 def peel(wrapped, ids: torch.Tensor, reps: int) -> dict:
     """Event and host times of pcg's call, layer by layer of its software."""
     eng = wrapped.engine()
