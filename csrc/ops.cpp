@@ -55,6 +55,16 @@ TORCH_LIBRARY(pcg, m) {
   // A tensor viewing t's memory that does not keep t's storage alive.
   m.def("weak_ref_tensor(Tensor t) -> Tensor");
 
+  // ---- attention -------------------------------------------------------------
+  // Causal attention over packed sequences into out[rows, Hq, Dv]; rows past
+  // num_tokens are zeroed. meta: CPU int64 [num_tokens, num_seqs, max_seqlen,
+  // flags, cu_seqlens...] (flags bit 0: one varlen launch for several
+  // sequences), read at every call; window_left: keys left of the query it may
+  // see (-1: all). The split call a captured forward replays for standard layers.
+  m.def(
+      "causal_attention_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor meta, "
+      "float? scale=None, int window_left=-1) -> ()");
+
   // ---- layer ops (kernels in python/pcg; the layer is found by id) ----------
   // Split op: causal attention over the packed batch of the running forward.
   m.def("attention(Tensor q, Tensor k, Tensor v, int layer) -> Tensor");

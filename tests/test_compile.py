@@ -535,7 +535,7 @@ def test_split_ops_reach_the_recorder_inside_a_capture(compiler):
                          torch.tensor([n], dtype=torch.int32), rec)
         with running(ctx):
             out = fn(ids, pos)
-        assert rec.calls == ["pcg::attention_out"] * fn.num_splits
+        assert rec.calls == ["pcg::causal_attention_out"] * fn.num_splits
         assert out.shape == (1, n, 256)
         assert rel_err(out, ref(ids[None], pos[None])) <= RTOL
     assert fn.stats["checks"] == checks  # no checks inside captures
@@ -556,4 +556,4 @@ def test_first_call_inside_a_capture_falls_back():
         out = fn(ids, pos)
     assert rel_err(out, ref(ids[None])) <= RTOL
     assert fn.stats["compile_fallbacks"] == {"first_call_in_capture": 1}
-    assert rec.calls == ["pcg::attention_out"] * 2
+    assert rec.calls == ["pcg::causal_attention_out"] * 2

@@ -245,6 +245,26 @@ def test_two_wrapped_models_capture_independently():
 
 
 @pytest.mark.gpu
+def test_attention_impl_registered_after_capture_recaptures():
+    """Standard layers replay the C++ attention op; registering a runtime's
+    attention afterwards must not be bypassed by the recorded calls."""
+    model = tiny(11, device="cuda", dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    w = pcg.wrap(model, buckets=[8], progress=False).capture()
+    chain = w.engine().graphs[8].chain
+    assert chain.call_names() == ["pcg::causal_attention_out"] * 2
+    ids = torch.randint(0, 256, (1, 6), device="cuda")
+    assert rel(w(ids), ref(ids)) < 1e-4
+    w.registry.register_attention_impl(1, lambda q, k, v, out, batch, layer: out.fill_(0.5))
+    assert rel(w(ids), ref(ids)) > 1e-2  # the impl runs at replay
+    rep = w.report()
+    assert w.engine().stats.recaptures == 1 and rep.replays == {8: 2}
+    assert w.engine().graphs[8].chain.call_names() == ["pcg::causal_attention_out", "pcg::attention_out"]
+    w.registry.register_attention_impl(1, None)
+    assert rel(w(ids), ref(ids)) < 1e-4
+
+
+@pytest.mark.gpu
 def test_segment_chain_misuse_is_an_error():
     chain = torch.classes.pcg.SegmentChain()
     with pytest.raises(RuntimeError, match="capture_end without"):

@@ -2,14 +2,17 @@
 the running forward. It is a split op: it runs eagerly between graph replays,
 so it reads the real per-batch metadata (sequence boundaries) every time.
 
+Standard layers (causal, optional sliding window and scale, GQA) run the C++
+op ``pcg::causal_attention_out`` (flash on CUDA bf16/fp16, SDPA otherwise); a
+capture records that op itself, so replays never enter Python for attention.
+Layers with attention sinks or logit soft-capping go through the model's own
+attention function, and a runtime's registered implementation replaces both.
+
 q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] -> out [N, Hq, Dv] where N is the
 padded token count of the bucket; only the first ``batch.num_tokens`` rows are
 real and the pad rows of ``out`` are written as zeros.
 """
 from __future__ import annotations
-
-import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +23,9 @@ from .registry import AttentionLayer
 
 _lib = torch.library.Library("pcg", "IMPL")
 
-# Packed batches on CUDA go through torch's flash varlen kernel when True;
-# False runs SDPA per sequence (for debugging and accuracy comparisons).
+# Packed batches on CUDA share one flash varlen launch when True; False runs
+# one launch per sequence (for debugging and accuracy comparisons). Read when
+# a batch's metadata is written (each call; at replay by the engine).
 USE_VARLEN = True
 
 
@@ -49,63 +53,6 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLay
     return o[0].transpose(0, 1)
 
 
-_VARLEN_ARGS = {"window_size", "scale"}
-
-
-@functools.cache
-def _has_gqa(fn) -> bool:
-    return "enable_gqa" in inspect.signature(fn).parameters
-
-
-@functools.cache
-def _varlen_attn():
-    """torch's flash varlen kernel, when this torch has the form pcg needs."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn if _VARLEN_ARGS <= set(inspect.signature(varlen_attn).parameters) else None
-
-
-@functools.cache
-def _varlen_attn_out():
-    """The out= variant (writes the split op's output buffer directly), if any."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn_out
-    except ImportError:
-        return None
-    return varlen_attn_out if _VARLEN_ARGS <= set(inspect.signature(varlen_attn_out).parameters) else None
-
-
-def _varlen_ok(q: torch.Tensor, v: torch.Tensor, layer: AttentionLayer) -> bool:
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == v.shape[-1]
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and not layer.needs_fallback()
-            and USE_VARLEN and _varlen_attn() is not None)
-
-
-def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            layer: AttentionLayer, batch: BatchMeta) -> None:
-    """All sequences of the batch in one flash varlen launch."""
-    n = batch.num_tokens
-    cu = batch.cu_seqlens_tensor(q.device)
-    left = -1 if layer.sliding_window is None else layer.sliding_window - 1
-    kq, vq = k[:n], v[:n]
-    kw = dict(scale=layer.scaling, window_size=(left, 0))
-    fn_out = _varlen_attn_out()
-    if k.shape[1] != q.shape[1]:
-        if _has_gqa(_varlen_attn()):
-            kw["enable_gqa"] = True
-        else:  # older torch: expand the kv heads (prefill-sized copies only)
-            rep = q.shape[1] // k.shape[1]
-            kq, vq = kq.repeat_interleave(rep, dim=1), vq.repeat_interleave(rep, dim=1)
-    args = (q[:n], kq, vq, cu, cu, batch.max_seqlen, batch.max_seqlen)
-    if fn_out is not None and out.is_contiguous() and (
-            "enable_gqa" not in kw or _has_gqa(fn_out)):
-        fn_out(out[:n], *args, **kw)
-    else:
-        out[:n] = _varlen_attn()(*args, **kw)
-
-
 def _model_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     layer: AttentionLayer) -> torch.Tensor:
     """One sequence through the model's own attention function, with an
@@ -119,23 +66,34 @@ def _model_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out[0]
 
 
+def window_left(layer: AttentionLayer) -> int:
+    """Keys a query may see to its left (-1: all): q_pos - k_pos < sliding_window."""
+    return -1 if layer.sliding_window is None else max(0, layer.sliding_window - 1)
+
+
+def native(layer: AttentionLayer) -> bool:
+    """True when the layer runs ``pcg::causal_attention_out`` (C++ end to end)."""
+    return layer.impl is None and not layer.needs_fallback()
+
+
 def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             layer: AttentionLayer, batch: BatchMeta | None) -> None:
-    n = q.shape[0] if batch is None else batch.num_tokens
-    cu = [0, n] if batch is None else batch.cu_seqlens
+    if batch is None:
+        batch = BatchMeta(q.shape[0], [0, q.shape[0]], None, q.shape[0])
+    if native(layer):
+        torch.ops.pcg.causal_attention_out(q, k, v, out, batch.host_meta(USE_VARLEN), layer.scaling,
+                                           window_left(layer))
+        return
+    n, cu = batch.num_tokens, batch.cu_seqlens
     if layer.impl is not None:
         layer.impl(q[:n], k[:n], v[:n], out[:n], batch, layer)
-    elif batch is not None and batch.num_seqs > 1 and _varlen_ok(q, v, layer):
-        # several sequences: one varlen launch instead of a launch per sequence
-        _varlen(q, k, v, out, layer, batch)
     else:
-        if layer.needs_fallback() and layer.fallback is None:
+        if layer.fallback is None:
             raise RuntimeError(f"pcg: attention layer {layer.layer_id} ({layer.name}) uses sinks or "
                                "soft-capping but has no fallback attention function")
-        fn = _model_fallback if layer.needs_fallback() else _sdpa
         for a, b in zip(cu, cu[1:]):
             if b > a:
-                out[a:b] = fn(q[a:b], k[a:b], v[a:b], layer)
+                out[a:b] = _model_fallback(q[a:b], k[a:b], v[a:b], layer)
     if n < out.shape[0]:
         out[n:].zero_()
 
@@ -164,10 +122,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> 
     _check(q, k, v)
     ctx = _reg.current()
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    spec = ctx.registry.attention(layer)
     if ctx.recorder is not None:
         # Inside a capture: end the segment here, run and record the split call.
+        # Standard layers record the C++ op itself (no Python at replay); its
+        # batch metadata is the engine's static host tensor, rewritten per replay.
+        if native(spec):
+            meta = ctx.batch.host_meta(USE_VARLEN)
+            return ctx.recorder.split("pcg::causal_attention_out",
+                                      [q, k, v, out, meta, spec.scaling, window_left(spec)], out)
         return ctx.recorder.split("pcg::attention_out", [q, k, v, out, layer], out)
-    compute(q, k, v, out, ctx.registry.attention(layer), ctx.batch)
+    compute(q, k, v, out, spec, ctx.batch)
     return out
 
 

@@ -18,12 +18,15 @@ class BatchMeta:
     row (0, len0, len0+len1, ...). ``positions``: [num_tokens] int64 positions
     (device of the inputs). ``padded_tokens``: the bucket size the graphs were
     captured for (>= num_tokens); rows past ``num_tokens`` are padding.
+    ``meta``: optional CPU int64 buffer :meth:`host_meta` writes into (a
+    capture engine's static one, which recorded attention calls read).
     """
 
     num_tokens: int
     cu_seqlens: list[int]
-    positions: torch.Tensor
+    positions: Optional[torch.Tensor]
     padded_tokens: int
+    meta: Optional[torch.Tensor] = None
     _cu_dev: Optional[torch.Tensor] = None
 
     @property
@@ -34,6 +37,21 @@ class BatchMeta:
     def max_seqlen(self) -> int:
         return max((b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])), default=0)
 
+    def host_meta(self, varlen: bool = True) -> torch.Tensor:
+        """The batch as ``pcg::causal_attention_out`` reads it: CPU int64
+        [num_tokens, num_seqs, max_seqlen, flags, cu_seqlens...], written into
+        ``meta`` (allocated on first use). ``varlen``: flags bit 0."""
+        need = META_HEAD + len(self.cu_seqlens)
+        if self.meta is None:
+            self.meta = torch.empty(need, dtype=torch.int64)
+        elif self.meta.numel() < need:
+            raise ValueError(f"pcg: a batch of {self.num_seqs} sequences needs {need} metadata "
+                             f"values; the buffer holds {self.meta.numel()}")
+        m = self.meta.numpy()
+        m[0], m[1], m[2], m[3] = self.num_tokens, self.num_seqs, self.max_seqlen, int(varlen)
+        m[META_HEAD:need] = self.cu_seqlens
+        return self.meta
+
     def cu_seqlens_tensor(self, device: torch.device) -> torch.Tensor:
         """``cu_seqlens`` as int32 on ``device``, without a blocking copy."""
         if self._cu_dev is None or self._cu_dev.device != device:
@@ -41,6 +59,7 @@ class BatchMeta:
         return self._cu_dev
 
 
+META_HEAD = 4  # num_tokens, num_seqs, max_seqlen, flags; then cu_seqlens
 _CU_CACHE: dict = {}
 
 

@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .batch import BatchMeta
+from . import attention as _attention
+from .batch import META_HEAD, BatchMeta
 from .registry import LayerRegistry, RunContext, running
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], Any]  # (ids [N], positions [N]) -> outputs
@@ -68,6 +69,7 @@ class CaptureStats:
     fallbacks: dict = field(default_factory=dict)  # reason -> count
     failures: dict = field(default_factory=dict)  # bucket -> error text
     debug_max_rel_err: float = 0.0
+    recaptures: int = 0  # captures redone after a layer's implementation changed
 
     def fallback(self, reason: str) -> None:
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
@@ -109,6 +111,9 @@ class CaptureEngine:
         self.static_pos = torch.arange(max_n, dtype=torch.int64, device=device)
         self._pos_is_arange = True
         self.num_valid = torch.zeros(1, dtype=torch.int32, device=device)
+        # The batch metadata the recorded attention calls read (rewritten per replay).
+        self.host_meta = torch.zeros(META_HEAD + max_n + 1, dtype=torch.int64)
+        self.registry_version = -1  # the registry's version the graphs were captured with
         self.pool: Optional[tuple[int, int]] = None
         self.stream: Optional[torch.cuda.Stream] = None
 
@@ -151,11 +156,12 @@ class CaptureEngine:
         self.stats.capture_seconds = time.perf_counter() - t0
         self.stats.graph_memory_bytes = sum(g.memory_bytes for g in self.graphs.values())
         self._param_ptrs = [p.data_ptr() for p in self.params()]
+        self.registry_version = self.registry.version
         self.captured = True
 
     def _eager_static(self, n: int) -> Any:
         self.num_valid.fill_(n)
-        batch = BatchMeta(n, [0, n], self.static_pos[:n], n)
+        batch = BatchMeta(n, [0, n], self.static_pos[:n], n, meta=self.host_meta)
         with running(RunContext(self.registry, batch, self.num_valid)):
             return self.forward_fn(self.static_ids[:n], self.static_pos[:n])
 
@@ -166,7 +172,8 @@ class CaptureEngine:
         self.num_valid.fill_(n)
         chain = torch.classes.pcg.SegmentChain()
         recorder = SegmentRecorder(chain, self.pool)
-        batch = BatchMeta(n, [0, n], self.static_pos[:n], n)
+        batch = BatchMeta(n, [0, n], self.static_pos[:n], n, meta=self.host_meta)
+        batch.host_meta(_attention.USE_VARLEN)
         ctx = RunContext(self.registry, batch, self.num_valid, recorder)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with running(ctx), torch.cuda.stream(self.stream):
@@ -207,7 +214,8 @@ class CaptureEngine:
             self.static_pos[:n].copy_(positions, non_blocking=True)
             self._pos_is_arange = False
         self.num_valid.fill_(n)
-        batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket)
+        batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket, meta=self.host_meta)
+        batch.host_meta(_attention.USE_VARLEN)  # what the recorded attention calls read
         with running(RunContext(self.registry, batch, self.num_valid)):
             g.chain.replay()
         self.stats.replays[bucket] = self.stats.replays.get(bucket, 0) + 1
@@ -257,3 +265,4 @@ class CaptureEngine:
     def reset(self) -> None:
         self.graphs.clear()
         self.captured = False
+        self.registry_version = -1

@@ -81,6 +81,7 @@ class LayerRegistry:
     def __init__(self) -> None:
         self.attention_layers: list[AttentionLayer] = []
         self.moe_layers: list[MoELayer] = []
+        self.version = 0  # bumped when a layer's implementation changes (captures go stale)
 
     def add_attention(self, **kwargs: Any) -> AttentionLayer:
         layer = AttentionLayer(layer_id=len(self.attention_layers), **kwargs)
@@ -113,9 +114,11 @@ class LayerRegistry:
         boundaries (``cu_seqlens``) and positions of the current batch; a
         runtime with a KV cache reads its own cache state there or in its closure.
         Attention is a split op, so ``impl`` runs eagerly between graph replays
-        and may use host-side metadata freely.
+        and may use host-side metadata freely. Graphs captured before the
+        change are recaptured on the next call.
         """
         self.attention(layer_id).impl = impl
+        self.version += 1
 
 
 @dataclass

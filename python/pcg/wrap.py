@@ -143,6 +143,9 @@ class WrappedModel(nn.Module):
             reason = reason or "empty_batch"
             n_run = 1
         if reason is None:
+            if eng.captured and eng.registry_version != self.registry.version:
+                eng.reset()  # a layer's attention implementation changed: its recorded calls are stale
+                eng.stats.recaptures += 1
             eng.capture()
             if self.ep is not None:
                 self.ep.sync_captured(eng)

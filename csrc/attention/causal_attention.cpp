@@ -1,0 +1,172 @@
+// pcg::causal_attention_out: causal attention over a packed batch of
+// variable-length sequences, written into a preallocated output. It is the
+// split call a captured forward replays between its graphs, so it is C++ end
+// to end: the replay loop calls it through the dispatcher without Python.
+//
+// The batch comes in `meta`, a CPU int64 tensor the caller rewrites before
+// each call (the recorded call keeps pointing at it):
+//   meta = [num_tokens, num_seqs, max_seqlen, flags, cu_seqlens[0..num_seqs]]
+// flags bit 0: several sequences may share one flash varlen launch (else one
+// launch per sequence). Rows of q past num_tokens are padding; their output
+// rows are written as zeros.
+//
+// CUDA bf16/fp16 with equal q/v head sizes (multiple of 8, <= 256) runs
+// torch's flash kernel: batch form for one sequence, varlen form for several.
+// Everything else (CPU, fp32, other head sizes) runs scaled_dot_product_attention
+// per sequence, with an explicit mask when a sliding window applies.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "common/check.h"
+
+namespace pcg {
+namespace {
+
+constexpr const char* kOp = "causal_attention_out";
+constexpr int64_t kMetaHead = 4;  // num_tokens, num_seqs, max_seqlen, flags
+constexpr int64_t kFlagVarlen = 1;
+
+struct Batch {
+  int64_t num_tokens, num_seqs, max_seqlen, flags;
+  const int64_t* cu;  // num_seqs + 1 sequence starts
+};
+
+Batch read_meta(const at::Tensor& meta, int64_t rows) {
+  PCG_CHECK_ARG(kOp, "meta", meta.device().is_cpu() && meta.scalar_type() == at::kLong &&
+                    meta.dim() == 1 && meta.is_contiguous(),
+                "must be a contiguous 1-D int64 CPU tensor, got ", meta.scalar_type(), " on ",
+                meta.device(), " with shape ", meta.sizes());
+  PCG_CHECK_ARG(kOp, "meta", meta.numel() >= kMetaHead + 1, "must hold at least ",
+                kMetaHead + 1, " values, got ", meta.numel());
+  const int64_t* m = meta.data_ptr<int64_t>();
+  Batch b{m[0], m[1], m[2], m[3], m + kMetaHead};
+  PCG_CHECK_ARG(kOp, "meta", b.num_tokens >= 0 && b.num_tokens <= rows, "num_tokens ",
+                b.num_tokens, " must be in [0, ", rows, "] (the rows of q)");
+  PCG_CHECK_ARG(kOp, "meta", b.num_seqs >= 0 && meta.numel() >= kMetaHead + b.num_seqs + 1,
+                "num_seqs ", b.num_seqs, " needs ", kMetaHead + b.num_seqs + 1,
+                " values, meta has ", meta.numel());
+  PCG_CHECK_ARG(kOp, "meta", b.cu[0] == 0 && b.cu[b.num_seqs] == b.num_tokens,
+                "cu_seqlens must run from 0 to num_tokens ", b.num_tokens, ", got ", b.cu[0],
+                " .. ", b.cu[b.num_seqs]);
+  int64_t longest = 0;
+  for (int64_t i = 0; i < b.num_seqs; ++i) {
+    PCG_CHECK_ARG(kOp, "meta", b.cu[i + 1] >= b.cu[i], "cu_seqlens must not decrease (at ", i,
+                  ")");
+    longest = std::max(longest, b.cu[i + 1] - b.cu[i]);
+  }
+  PCG_CHECK_ARG(kOp, "meta", b.max_seqlen == longest, "max_seqlen ", b.max_seqlen,
+                " must be the longest sequence, ", longest);
+  return b;
+}
+
+void validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, int64_t window_left) {
+  check_dim(kOp, "q", q, 3);
+  check_dim(kOp, "k", k, 3);
+  check_dim(kOp, "v", v, 3);
+  check_dim(kOp, "out", out, 3);
+  const int64_t rows = q.size(0);
+  check_size(kOp, "k", k, 0, rows, "tokens, as q");
+  check_size(kOp, "v", v, 0, rows, "tokens, as q");
+  check_size(kOp, "k", k, 2, q.size(2), "head size, as q");
+  check_size(kOp, "v", v, 1, k.size(1), "kv heads, as k");
+  PCG_CHECK_ARG(kOp, "k", k.size(1) > 0 && q.size(1) % k.size(1) == 0, "heads (", k.size(1),
+                ") must divide the q heads (", q.size(1), ")");
+  check_size(kOp, "out", out, 0, rows, "tokens, as q");
+  check_size(kOp, "out", out, 1, q.size(1), "heads, as q");
+  check_size(kOp, "out", out, 2, v.size(2), "head size, as v");
+  for (auto [name, t] : {std::pair{"k", &k}, {"v", &v}, {"out", &out}}) {
+    check_dtype(kOp, name, *t, q.scalar_type());
+    check_device(kOp, name, *t, q.device());
+  }
+  PCG_CHECK_ARG(kOp, "window_left", window_left >= -1, "must be -1 (no window) or >= 0, got ",
+                window_left);
+}
+
+bool use_flash(const at::Tensor& q, const at::Tensor& v) {
+  const int64_t d = q.size(2);
+  return q.is_cuda() && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
+         v.size(2) == d && d % 8 == 0 && d <= 256;
+}
+
+// Flash wants unit stride along the head dimension.
+at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// One sequence [s, H, D] with SDPA ([1, H, s, D] layout), causal (+ window).
+at::Tensor sdpa_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    std::optional<double> scale, int64_t window_left) {
+  const int64_t s = q.size(0);
+  auto qh = q.transpose(0, 1).unsqueeze(0);
+  auto kh = k.transpose(0, 1).unsqueeze(0);
+  auto vh = v.transpose(0, 1).unsqueeze(0);
+  const bool gqa = q.size(1) != k.size(1);
+  at::Tensor o;
+  if (window_left >= 0 && window_left < s - 1) {
+    auto i = at::arange(s, q.options().dtype(at::kLong)).unsqueeze(1);
+    auto j = at::arange(s, q.options().dtype(at::kLong)).unsqueeze(0);
+    auto keep = (j <= i).logical_and_((i - j) <= window_left);
+    o = at::scaled_dot_product_attention(qh, kh, vh, keep, 0.0, false, scale, gqa);
+  } else {
+    o = at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, true, scale, gqa);
+  }
+  return o.squeeze(0).transpose(0, 1);  // [s, H, Dv]
+}
+
+void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+           const Batch& b, std::optional<double> scale, int64_t window_left) {
+  const int64_t n = b.num_tokens;
+  auto qn = unit_last(q.narrow(0, 0, n));
+  auto kn = unit_last(k.narrow(0, 0, n));
+  auto vn = unit_last(v.narrow(0, 0, n));
+  std::optional<int64_t> left, right;
+  if (window_left >= 0) {
+    left = window_left;
+    right = 0;
+  }
+  if (b.num_seqs == 1) {
+    auto res = at::_flash_attention_forward(qn.unsqueeze(0), kn.unsqueeze(0), vn.unsqueeze(0),
+                                            std::nullopt, std::nullopt, n, n, 0.0, true, false,
+                                            scale, left, right);
+    out.narrow(0, 0, n).copy_(std::get<0>(res).squeeze(0));
+    return;
+  }
+  // Pinned staging: the copy is asynchronous and the staging block is not
+  // reused before it ran (the caching host allocator records the stream).
+  auto host = at::empty({b.num_seqs + 1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  int32_t* h = host.data_ptr<int32_t>();
+  for (int64_t i = 0; i <= b.num_seqs; ++i) h[i] = static_cast<int32_t>(b.cu[i]);
+  auto cu = host.to(q.device(), /*non_blocking=*/true);
+  auto res = at::_flash_attention_forward(qn, kn, vn, cu, cu, b.max_seqlen, b.max_seqlen, 0.0,
+                                          true, false, scale, left, right);
+  out.narrow(0, 0, n).copy_(std::get<0>(res));
+}
+
+}  // namespace
+
+void causal_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          at::Tensor& out, const at::Tensor& meta, std::optional<double> scale,
+                          int64_t window_left) {
+  validate(q, k, v, out, window_left);
+  const int64_t rows = q.size(0);
+  const Batch b = read_meta(meta, rows);
+  if (b.num_tokens > 0) {
+    if (use_flash(q, v) && (b.num_seqs == 1 || (b.flags & kFlagVarlen))) {
+      flash(q, k, v, out, b, scale, window_left);
+    } else {
+      for (int64_t i = 0; i < b.num_seqs; ++i) {
+        const int64_t a = b.cu[i], len = b.cu[i + 1] - b.cu[i];
+        if (len == 0) continue;
+        out.narrow(0, a, len).copy_(sdpa_one(q.narrow(0, a, len), k.narrow(0, a, len),
+                                             v.narrow(0, a, len), scale, window_left));
+      }
+    }
+  }
+  if (b.num_tokens < rows) out.narrow(0, b.num_tokens, rows - b.num_tokens).zero_();
+}
+
+TORCH_LIBRARY_IMPL(pcg, CPU, m) { m.impl("causal_attention_out", &causal_attention_out); }
+TORCH_LIBRARY_IMPL(pcg, CUDA, m) { m.impl("causal_attention_out", &causal_attention_out); }
+
+}  // namespace pcg

@@ -1,0 +1,186 @@
+"""pcg::causal_attention_out against a pure-PyTorch reference (CPU; CUDA marked gpu),
+its errors, opcheck, and its replay as a recorded split call of a segment chain."""
+import math
+
+import pytest
+import torch
+
+import pcg  # noqa: F401
+from pcg.batch import BatchMeta
+from pcg.ops import causal_attention_out
+
+
+def reference(q, k, v, cu, scale=None, window_left=-1, rows=None):
+    """fp64 softmax attention per sequence, causal (+ window); pad rows zero."""
+    rows = q.shape[0] if rows is None else rows
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(rows, hq, v.shape[2], dtype=torch.float64)
+    for a, b in zip(cu, cu[1:]):
+        s = b - a
+        if s == 0:
+            continue
+        qs, ks, vs = (x[a:b].double() for x in (q, k, v))
+        ks = ks.repeat_interleave(hq // hkv, dim=1)
+        vs = vs.repeat_interleave(hq // hkv, dim=1)
+        logits = torch.einsum("ihd,jhd->hij", qs, ks) * scale
+        i = torch.arange(s)[:, None]
+        j = torch.arange(s)[None, :]
+        keep = j <= i
+        if window_left >= 0:
+            keep &= (i - j) <= window_left
+        logits = logits.masked_fill(~keep, float("-inf"))
+        out[a:b] = torch.einsum("hij,jhd->ihd", logits.softmax(-1), vs)
+    return out
+
+
+def make(rows, hq, hkv, d, dv=None, dtype=torch.float32, device="cpu", seed=0, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    if strided:  # heads-major storage seen through a transpose: non-contiguous q/k/v
+        q = rnd(hq, rows, d).transpose(0, 1)
+        k = rnd(hkv, rows, d).transpose(0, 1)
+        v = rnd(hkv, rows, dv).transpose(0, 1)
+    else:
+        q, k, v = rnd(rows, hq, d), rnd(rows, hkv, d), rnd(rows, hkv, dv)
+    return q, k, v
+
+
+CASES = [  # rows, cu_seqlens, hq, hkv, d, dv, scale, window_left
+    (7, [0, 7], 4, 2, 16, 16, None, -1),
+    (13, [0, 5, 6, 13], 6, 3, 8, 8, 0.3, -1),
+    (20, [0, 9, 17], 4, 1, 32, 24, None, -1),  # pad rows 17..19, Dv != D (MLA-like)
+    (11, [0, 11], 2, 2, 16, 16, None, 3),  # sliding window
+    (9, [0, 4, 9], 4, 2, 16, 16, None, 0),  # window 1: each query sees itself
+    (5, [0, 0, 5], 2, 1, 8, 8, None, -1),  # an empty sequence
+    (6, [0], 2, 1, 8, 8, None, -1),  # no tokens at all: zeros
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_matches_reference_cpu(case, strided):
+    rows, cu, hq, hkv, d, dv, scale, wl = case
+    q, k, v = make(rows, hq, hkv, d, dv, strided=strided)
+    out = torch.full((rows, hq, dv), float("nan"))
+    causal_attention_out(q, k, v, out, cu if len(cu) > 1 else [0, 0], scale=scale, window_left=wl)
+    ref = reference(q, k, v, cu if len(cu) > 1 else [0, 0], scale, wl, rows)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_flag_and_fp16_cpu():
+    q, k, v = make(12, 4, 2, 16, dtype=torch.bfloat16)
+    cu = [0, 3, 12]
+    a, b = torch.empty(12, 4, 16, dtype=torch.bfloat16), torch.empty(12, 4, 16, dtype=torch.bfloat16)
+    causal_attention_out(q, k, v, a, cu, varlen=True)
+    causal_attention_out(q, k, v, b, cu, varlen=False)
+    ref = reference(q, k, v, cu)
+    assert torch.equal(a, b)  # on the CPU both run per sequence
+    torch.testing.assert_close(a.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_meta_is_read_at_every_call():
+    """The recorded call keeps the same meta tensor; rewriting it changes the batch."""
+    q, k, v = make(10, 2, 1, 8)
+    out = torch.empty(10, 2, 8)
+    meta = torch.zeros(4 + 11, dtype=torch.int64)
+    for cu in ([0, 10], [0, 4, 10], [0, 3]):
+        BatchMeta(cu[-1], cu, None, 10, meta=meta).host_meta()
+        torch.ops.pcg.causal_attention_out(q, k, v, out, meta)
+        torch.testing.assert_close(out.double(), reference(q, k, v, cu, rows=10), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = make(6, 4, 2, 8)
+    out = torch.empty(6, 4, 8)
+    meta = BatchMeta(6, [0, 6], None, 6).host_meta()
+    op = torch.ops.pcg.causal_attention_out
+    with pytest.raises(ValueError, match="'meta'.*int64 CPU"):
+        op(q, k, v, out, meta.int())
+    with pytest.raises(ValueError, match="num_tokens 7"):
+        op(q, k, v, out, BatchMeta(7, [0, 7], None, 7).host_meta())
+    bad = meta.clone()
+    bad[2] = 3  # max_seqlen wrong
+    with pytest.raises(ValueError, match="max_seqlen"):
+        op(q, k, v, out, bad)
+    bad = torch.tensor([6, 2, 6, 1, 0, 5, 4], dtype=torch.int64)  # cu runs backwards / wrong end
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        op(q, k, v, out, bad)
+    bad = torch.tensor([6, 3, 6, 1, 0, 6], dtype=torch.int64)  # too short for 3 sequences
+    with pytest.raises(ValueError, match="num_seqs 3"):
+        op(q, k, v, out, bad)
+    with pytest.raises(ValueError, match="'k' heads"):
+        op(q, make(6, 4, 3, 8)[1], make(6, 4, 3, 8)[2], out, meta)
+    with pytest.raises(ValueError, match="'out'"):
+        op(q, k, v, torch.empty(6, 4, 7), meta)
+    with pytest.raises(ValueError, match="'v'.*dtype"):
+        op(q, k, v.double(), out, meta)
+    with pytest.raises(ValueError, match="window_left"):
+        op(q, k, v, out, meta, None, -2)
+
+
+def test_opcheck():
+    q, k, v = make(9, 4, 2, 8)
+    out = torch.empty(9, 4, 8)
+    meta = BatchMeta(8, [0, 5, 8], None, 9).host_meta()
+    torch.library.opcheck(torch.ops.pcg.causal_attention_out.default, (q, k, v, out, meta, 0.5, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- CUDA ---------------------------------------------------------------------------
+GPU_CASES = [  # rows, cu_seqlens, hq, hkv, d, window_left
+    (1, [0, 1], 32, 4, 128, -1),
+    (37, [0, 37], 8, 2, 64, -1),
+    (50, [0, 7, 20, 45], 8, 8, 128, -1),  # pad rows 45..49
+    (33, [0, 1, 33], 4, 1, 96, 7),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("varlen", [True, False])
+def test_matches_reference_cuda(case, dtype, varlen):
+    rows, cu, hq, hkv, d, wl = case
+    q, k, v = make(rows, hq, hkv, d, dtype=dtype, device="cuda", strided=True)
+    out = torch.full((rows, hq, d), float("nan"), dtype=dtype, device="cuda")
+    causal_attention_out(q, k, v, out, cu, window_left=wl, varlen=varlen)
+    ref = reference(q.cpu(), k.cpu(), v.cpu(), cu, None, wl, rows)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_replayed_as_a_recorded_split_call():
+    """graph (q = x * 2) -> causal_attention_out -> graph (y = out + 1), replayed with
+    the meta rewritten between replays: each replay sees its own batch."""
+    rows, hq, hkv, d = 24, 8, 2, 64
+    x, k, v = make(rows, hq, hkv, d, dtype=torch.bfloat16, device="cuda")
+    meta = torch.zeros(4 + rows + 1, dtype=torch.int64)
+    BatchMeta(rows, [0, rows], None, rows, meta=meta).host_meta()
+    pool = torch.cuda.graph_pool_handle()
+    chain = torch.classes.pcg.SegmentChain()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain.capture_begin(*pool)
+        q = x * 2
+        out = torch.empty(rows, hq, d, dtype=torch.bfloat16, device="cuda")
+        chain.capture_end()
+        torch.ops.pcg.causal_attention_out(q, k, v, out, meta)
+        chain.record_call("pcg::causal_attention_out", [q, k, v, out, meta, None, -1])
+        chain.capture_begin(*pool)
+        y = out + 1
+        chain.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    for cu in ([0, 24], [0, 5, 19], [0, 1], [0, 3, 4, 10, 24]):
+        x.copy_(torch.randn_like(x))
+        BatchMeta(cu[-1], cu, None, rows, meta=meta).host_meta()
+        chain.replay()
+        ref = reference((x * 2).cpu(), k.cpu(), v.cpu(), cu, rows=rows) + 1
+        ref[cu[-1]:] = 1  # pad rows: zeros + 1
+        torch.testing.assert_close(y.double().cpu(), ref, rtol=2e-2, atol=2e-2)
