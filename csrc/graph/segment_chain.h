@@ -90,6 +90,27 @@ class SegmentChain : public torch::CustomClassHolder {
     }
   }
 
+  // One forward on new inputs, without a round trip to Python per step: copy
+  // each source into the leading rows of its static buffer, write n into
+  // num_valid (int32 [1] on the device; the graphs mask rows >= n), replay.
+  void replay_with(const std::vector<at::Tensor>& sources, const std::vector<at::Tensor>& buffers,
+                   const at::Tensor& num_valid, int64_t n) {
+    TORCH_CHECK(sources.size() == buffers.size(), "pcg::SegmentChain.replay_with: ", sources.size(),
+                " sources for ", buffers.size(), " buffers");
+    for (size_t i = 0; i < sources.size(); ++i) {
+      TORCH_CHECK(sources[i].dim() >= 1 && buffers[i].dim() == sources[i].dim() &&
+                      sources[i].size(0) <= buffers[i].size(0),
+                  "pcg::SegmentChain.replay_with: source ", i, " of shape ", sources[i].sizes(),
+                  " does not fit buffer of shape ", buffers[i].sizes());
+    }
+    TORCH_CHECK(num_valid.numel() == 1, "pcg::SegmentChain.replay_with: num_valid must have one element");
+    for (size_t i = 0; i < sources.size(); ++i) {
+      buffers[i].narrow(0, 0, sources[i].size(0)).copy_(sources[i], /*non_blocking=*/true);
+    }
+    const_cast<at::Tensor&>(num_valid).fill_(n);
+    replay();
+  }
+
   int64_t num_graphs() const { return static_cast<int64_t>(graphs_.size()); }
   int64_t num_calls() const { return static_cast<int64_t>(calls_.size()); }
 

@@ -13,6 +13,7 @@ TORCH_LIBRARY_FRAGMENT(pcg, m) {
       .def("abort", &SegmentChain::abort)
       .def("record_call", &SegmentChain::record_call)
       .def("replay", &SegmentChain::replay)
+      .def("replay_with", &SegmentChain::replay_with)
       .def("num_graphs", &SegmentChain::num_graphs)
       .def("num_calls", &SegmentChain::num_calls)
       .def("call_names", &SegmentChain::call_names)

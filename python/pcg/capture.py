@@ -205,19 +205,20 @@ class CaptureEngine:
         """
         n = int(ids.shape[0])
         g = self.graphs[bucket]
-        self.static_ids[:n].copy_(ids, non_blocking=True)
+        sources, buffers = [ids], [self.static_ids]
         if positions is None:
             if not self._pos_is_arange:
                 torch.arange(self.static_pos.shape[0], out=self.static_pos)
                 self._pos_is_arange = True
         else:
-            self.static_pos[:n].copy_(positions, non_blocking=True)
+            sources.append(positions)
+            buffers.append(self.static_pos)
             self._pos_is_arange = False
-        self.num_valid.fill_(n)
         batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket, meta=self.host_meta)
         batch.host_meta(_attention.USE_VARLEN)  # what the recorded attention calls read
         with running(RunContext(self.registry, batch, self.num_valid)):
-            g.chain.replay()
+            # inputs staged and every graph and split call launched from C++
+            g.chain.replay_with(sources, buffers, self.num_valid, n)
         self.stats.replays[bucket] = self.stats.replays.get(bucket, 0) + 1
         flat = [_finish(_slice_tokens(t, bucket, n).clone(), leaf) if isinstance(t, torch.Tensor)
                 else t for t in g.outputs]

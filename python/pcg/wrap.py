@@ -48,13 +48,18 @@ class WrappedModel(nn.Module):
         self.ladder = _buckets.make_ladder(options.buckets, options.max_tokens)
         self._engine: Optional[CaptureEngine] = None
         self._vocab: Optional[int] = None  # input embedding rows (0: unknown), read on first use
+        self._device: Optional[torch.device] = None  # cached: read on every call
 
     # ---- helpers --------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
+        if self._device is None:
+            self._device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return self._device
+
+    def _apply(self, *args: Any, **kwargs: Any) -> "WrappedModel":
+        self._device = None  # .to() / .cuda() on the wrapper may move the model
+        return super()._apply(*args, **kwargs)
 
     def _params(self) -> list[torch.Tensor]:
         tensors = [p for p in self.model.parameters()] + [b for b in self.model.buffers()]
