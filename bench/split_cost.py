@@ -32,7 +32,7 @@ import pcg  # noqa: E402
 from pcg.batch import BatchMeta  # noqa: E402
 from pcg.models import qwen3_moe_model  # noqa: E402
 from pcg.registry import RunContext, running  # noqa: E402
-from pcg.timing import cuda_time_ms  # noqa: E402
+from pcg.timing import cuda_time_ms, paired_time_ms  # noqa: E402
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -154,7 +154,8 @@ def main() -> None:
         def piecewise():
             return wrapped(input_ids=ids)
 
-        row = {"whole_ms": cuda_time_ms(whole, reps=args.reps), "pcg_ms": cuda_time_ms(piecewise, reps=args.reps)}
+        w_ms, p_ms = paired_time_ms([whole, piecewise], reps=args.reps)
+        row = {"whole_ms": w_ms, "pcg_ms": p_ms}
         torch.cuda.synchronize()
         h0 = time.perf_counter()
         piecewise()

@@ -34,6 +34,26 @@ def cuda_time_ms(fn: Union[Callable[[], object], Sequence[Callable[[], object]]]
     return times[len(times) // 2]
 
 
+def paired_time_ms(fns: Sequence[Callable[[], object]], warmup: int = 5, reps: int = 30) -> list[float]:
+    """Median CUDA-event times of several functions measured in alternation
+    (a, b, a, b, ...), so drifts of the host (clock, other load) hit all of
+    them alike: for ratios between modes. Each call is synchronised."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    torch.cuda.synchronize()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            f()
+            end.record()
+            end.synchronize()
+            times[i].append(start.elapsed_time(end))
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
 def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Warm ``fn`` up once on a side stream, then capture it; returns (graph, output)."""
     side = torch.cuda.Stream()
