@@ -58,6 +58,8 @@ CASES = [  # rows, cu_seqlens, hq, hkv, d, dv, scale, window_left
     (9, [0, 4, 9], 4, 2, 16, 16, None, 0),  # window 1: each query sees itself
     (5, [0, 0, 5], 2, 1, 8, 8, None, -1),  # an empty sequence
     (6, [0], 2, 1, 8, 8, None, -1),  # no tokens at all: zeros
+    (1, [0, 1], 8, 2, 16, 16, None, -1),  # one token: out = v per kv group
+    (5, [0, 1, 2, 2, 3], 6, 3, 8, 12, None, 2),  # single-token sequences (+ an empty one), pad rows
 ]
 
 
@@ -70,6 +72,15 @@ def test_matches_reference_cpu(case, strided):
     causal_attention_out(q, k, v, out, cu if len(cu) > 1 else [0, 0], scale=scale, window_left=wl)
     ref = reference(q, k, v, cu if len(cu) > 1 else [0, 0], scale, wl, rows)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_out():
+    q, k, v = make(5, 4, 2, 8)
+    for cu in ([0, 5], [0, 1, 2, 3, 4, 5]):
+        store = torch.full((4, 5, 8), float("nan"))
+        out = store.transpose(0, 1)  # [5, 4, 8] seen through a transpose
+        causal_attention_out(q, k, v, out, cu)
+        torch.testing.assert_close(out.double(), reference(q, k, v, cu), rtol=1e-5, atol=1e-5)
 
 
 def test_varlen_flag_and_fp16_cpu():
@@ -134,6 +145,7 @@ def test_opcheck():
 # ---- CUDA ---------------------------------------------------------------------------
 GPU_CASES = [  # rows, cu_seqlens, hq, hkv, d, window_left
     (1, [0, 1], 32, 4, 128, -1),
+    (6, [0, 1, 2, 3], 8, 2, 64, -1),  # single-token sequences, pad rows
     (37, [0, 37], 8, 2, 64, -1),
     (50, [0, 7, 20, 45], 8, 8, 128, -1),  # pad rows 45..49
     (33, [0, 1, 33], 4, 1, 96, 7),

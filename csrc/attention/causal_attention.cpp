@@ -10,6 +10,7 @@
 // launch per sequence). Rows of q past num_tokens are padding; their output
 // rows are written as zeros.
 //
+// Batches whose sequences are all one token long need no softmax: out = v.
 // CUDA bf16/fp16 with equal q/v head sizes (multiple of 8, <= 256) runs
 // torch's flash kernel: batch form for one sequence, varlen form for several.
 // Everything else (CPU, fp32, other head sizes) runs scaled_dot_product_attention
@@ -151,7 +152,13 @@ void causal_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Te
   validate(q, k, v, out, window_left);
   const int64_t rows = q.size(0);
   const Batch b = read_meta(meta, rows);
-  if (b.num_tokens > 0) {
+  if (b.num_tokens > 0 && b.max_seqlen == 1) {
+    // Every sequence is one token: softmax over its single key is exactly 1,
+    // so each query head's output is its kv head's v row (one copy; flash
+    // would take its split-KV decode path: several kernels per call).
+    const int64_t n = b.num_tokens, hkv = k.size(1), group = q.size(1) / hkv;
+    out.narrow(0, 0, n).unflatten(1, {hkv, group}).copy_(v.narrow(0, 0, n).unsqueeze(2));
+  } else if (b.num_tokens > 0) {
     if (use_flash(q, v) && (b.num_seqs == 1 || (b.flags & kFlagVarlen))) {
       flash(q, k, v, out, b, scale, window_left);
     } else {
