@@ -10,6 +10,7 @@
 #   test_ep         tests/test_ep.py GPU/capture/opcheck tests (2-GPU ones need 2 GPUs)
 #   memcheck, racecheck   compute-sanitizer over scripts/sanitize_kernels.py
 #   tests/X.py      one pytest file
+#   scripts/X.py    one diagnostic script (e.g. scripts/diag_whole_graph.py)
 #   profile         bench/profile_moe.py ($PROFILE_ARGS)
 #   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments)
 #   tune            bench/tune_moe.py ($TUNE_ARGS): rewrites csrc/moe/fused_moe_tuning.h, copied to $OUT
@@ -48,6 +49,7 @@ for st in "$@"; do
     ep_bench) [ "$ngpu" -ge 2 ] && step ep_bench 300 40 torchrun --nproc-per-node "$ngpu" bench/ep.py --out "$OUT" ${EP_ARGS:-} ;;
     test_ep) step test_ep 240 4 $py -m pytest -q tests/test_ep.py -k "cuda or opcheck or capture" ;;
     memcheck|racecheck) step "$st" 150 12 compute-sanitizer --tool "$st" $py scripts/sanitize_kernels.py ;;
+    scripts/*.py) step "$(basename "$st" .py)" 300 40 $py "$st" ;;
     tests/*.py) step "pytest_$(basename "$st" .py)" 300 4 $py -m pytest -q "$st" ;;
     profile) step profile 150 40 $py bench/profile_moe.py ${PROFILE_ARGS:-} ;;
     ncu) step ncu 240 80 ncu --kernel-name regex:moe_ --section SpeedOfLight --section Occupancy \
