@@ -9,8 +9,9 @@ activities on either side (the profiler slows host work, so gaps are inflated).
 
 Without the profiler it then peels pcg's call apart (CUDA-event time and host
 enqueue time of each): the wrapped call, the engine's replay (no input
-checks/packing), the C++ segment chain alone, the chain with attention a no-op
-(graph boundaries only), and one attention split call on its own.
+checks/packing), the C++ segment chain alone (the recorded calls run the C++
+attention op), and one attention split on its own: through the layer op's
+Python (as a non-standard layer would) and the C++ op alone (as a replay does).
 
     python bench/split_cost.py --layers 8 --tokens 1 4 16
 """
@@ -111,14 +112,6 @@ def peel(wrapped, ids: torch.Tensor, reps: int) -> dict:
                 "engine.replay": lambda: eng.replay(ids[0], None, [0, t], t),
                 "chain": chain_only}
     out = {name: {"ms": cuda_time_ms(fn, reps=reps), "host_us": host_us(fn)} for name, fn in variants.items()}
-    saved = [layer.impl for layer in reg.attention_layers]
-    for layer in reg.attention_layers:
-        layer.impl = lambda *a: None  # the split call's Python runs; no attention kernels
-    try:
-        out["chain, attention no-op"] = {"ms": cuda_time_ms(chain_only, reps=reps), "host_us": host_us(chain_only)}
-    finally:
-        for layer, impl in zip(reg.attention_layers, saved):
-            layer.impl = impl
     layer = reg.attention_layers[0]
     c = wrapped.model.config
     q = torch.randn(t, c.num_attention_heads, c.head_dim, device="cuda", dtype=torch.bfloat16)
@@ -130,7 +123,14 @@ def peel(wrapped, ids: torch.Tensor, reps: int) -> dict:
         with running(RunContext(reg, batch, eng.num_valid)):
             torch.ops.pcg.attention_out(q, kv, kv, o, layer.layer_id)
 
-    out["one attention split"] = {"ms": cuda_time_ms(one_split, reps=reps), "host_us": host_us(one_split)}
+    meta = BatchMeta(t, [0, t], None, t).host_meta()
+
+    def one_native_call():
+        torch.ops.pcg.causal_attention_out(q, kv, kv, o, meta, layer.scaling, -1)
+
+    out["one split via Python"] = {"ms": cuda_time_ms(one_split, reps=reps), "host_us": host_us(one_split)}
+    out["one split, C++ op only"] = {"ms": cuda_time_ms(one_native_call, reps=reps),
+                                     "host_us": host_us(one_native_call)}
     return out
 
 
