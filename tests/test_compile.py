@@ -498,6 +498,11 @@ def test_warmup_before_first_call():
     assert warmup(pcg.wrap(_moe_model(1), progress=False)) is None
 
 
+def _meta_buffer(n):
+    """The static attention-metadata buffer a capture engine owns (recorded calls read it)."""
+    return torch.zeros(4 + n + 1, dtype=torch.int64)
+
+
 class _Recorder:
     """What CaptureEngine's SegmentRecorder does at a split op, minus the CUDA
     graphs: run the out= variant for real and record the call."""
@@ -531,7 +536,7 @@ def test_split_ops_reach_the_recorder_inside_a_capture(compiler):
         rec = _Recorder()
         ids = torch.randint(0, 256, (n,))
         pos = torch.arange(n)
-        ctx = RunContext(wrapped.registry, BatchMeta(n, [0, n], pos, n),
+        ctx = RunContext(wrapped.registry, BatchMeta(n, [0, n], pos, n, meta=_meta_buffer(n)),
                          torch.tensor([n], dtype=torch.int32), rec)
         with running(ctx):
             out = fn(ids, pos)
@@ -552,7 +557,7 @@ def test_first_call_inside_a_capture_falls_back():
     fn = _fn(wrapped)
     rec = _Recorder()
     ids, pos = torch.randint(0, 256, (6,)), torch.arange(6)
-    with running(RunContext(wrapped.registry, BatchMeta(6, [0, 6], pos, 6), None, rec)):
+    with running(RunContext(wrapped.registry, BatchMeta(6, [0, 6], pos, 6, meta=_meta_buffer(6)), None, rec)):
         out = fn(ids, pos)
     assert rel_err(out, ref(ids[None])) <= RTOL
     assert fn.stats["compile_fallbacks"] == {"first_call_in_capture": 1}

@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 
 #include "common/check.h"
@@ -86,10 +87,15 @@ void validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 window_left);
 }
 
+// Set once torch's flash kernel refused to run here (a GPU older than sm_80,
+// or a torch built without it): every later call takes the SDPA path.
+std::atomic<bool> flash_unavailable{false};
+
 bool use_flash(const at::Tensor& q, const at::Tensor& v) {
   const int64_t d = q.size(2);
   return q.is_cuda() && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) &&
-         v.size(2) == d && d % 8 == 0 && d <= 256;
+         v.size(2) == d && d % 8 == 0 && d <= 256 && at::globalContext().userEnabledFlashSDP() &&
+         !flash_unavailable.load(std::memory_order_relaxed);
 }
 
 // Flash wants unit stride along the head dimension.
@@ -159,9 +165,18 @@ void causal_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Te
     const int64_t n = b.num_tokens, hkv = k.size(1), group = q.size(1) / hkv;
     out.narrow(0, 0, n).unflatten(1, {hkv, group}).copy_(v.narrow(0, 0, n).unsqueeze(2));
   } else if (b.num_tokens > 0) {
+    bool flashed = false;
     if (use_flash(q, v) && (b.num_seqs == 1 || (b.flags & kFlagVarlen))) {
-      flash(q, k, v, out, b, scale, window_left);
-    } else {
+      try {
+        flash(q, k, v, out, b, scale, window_left);
+        flashed = true;
+      } catch (const c10::OutOfMemoryError&) {
+        throw;
+      } catch (const c10::Error&) {
+        flash_unavailable.store(true, std::memory_order_relaxed);  // SDPA below computes it
+      }
+    }
+    if (!flashed) {
       for (int64_t i = 0; i < b.num_seqs; ++i) {
         const int64_t a = b.cu[i], len = b.cu[i + 1] - b.cu[i];
         if (len == 0) continue;

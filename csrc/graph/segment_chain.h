@@ -107,7 +107,7 @@ class SegmentChain : public torch::CustomClassHolder {
     for (size_t i = 0; i < sources.size(); ++i) {
       buffers[i].narrow(0, 0, sources[i].size(0)).copy_(sources[i], /*non_blocking=*/true);
     }
-    const_cast<at::Tensor&>(num_valid).fill_(n);
+    num_valid.fill_(n);
     replay();
   }
 

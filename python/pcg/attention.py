@@ -128,6 +128,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> 
         # Standard layers record the C++ op itself (no Python at replay); its
         # batch metadata is the engine's static host tensor, rewritten per replay.
         if native(spec):
+            if ctx.batch is None or ctx.batch.meta is None:
+                raise RuntimeError("pcg: capturing attention needs the capture engine's batch metadata "
+                                   "buffer (BatchMeta.meta), which replays rewrite")
             meta = ctx.batch.host_meta(USE_VARLEN)
             return ctx.recorder.split("pcg::causal_attention_out",
                                       [q, k, v, out, meta, spec.scaling, window_left(spec)], out)

@@ -43,7 +43,10 @@ class SegmentRecorder:
         self.chain.capture_end()
         ns, name = op_name.split("::")
         getattr(getattr(torch.ops, ns), name)(*args)  # runs once for real: errors surface now
-        weak = [torch.ops.pcg.weak_ref_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        # Device tensors live in the graph pool: weak references. Host tensors
+        # (attention metadata) are tiny and must outlive the capture: kept.
+        weak = [torch.ops.pcg.weak_ref_tensor(a) if isinstance(a, torch.Tensor) and a.is_cuda else a
+                for a in args]
         self.chain.record_call(op_name, weak)
         self.chain.capture_begin(*self.pool)
         return out
