@@ -125,6 +125,20 @@ __device__ __forceinline__ void tile_coords(const GemmArgs& a, int64_t id, int64
   n = r / gm;
 }
 
+// The row table of row block `blk`: each row's (token, k) pair (-1: pad row)
+// and the element offset of its A row (-1: zero row). GEMM1 gathers hidden
+// rows by token; GEMM2 reads its own activation rows by slot.
+template <int BM, bool GATED>
+__device__ __forceinline__ void load_row_table(const GemmArgs& a, int64_t blk, int64_t K, int tid,
+                                               int threads, int32_t* s_pair, int64_t* a_off) {
+  for (int r = tid; r < BM; r += threads) {
+    const int64_t slot = blk * BM + r;
+    const int pair = a.sorted_pairs[slot];
+    s_pair[r] = pair;
+    a_off[r] = pair < 0 ? -1 : (GATED ? static_cast<int64_t>(pair / a.top_k) * K : slot * K);
+  }
+}
+
 // Epilogue of one element (column n < N) or two adjacent ones (n, n+1).
 template <typename T, bool GATED>
 __device__ __forceinline__ void store_out(const GemmArgs& a, int e, int64_t slot, int pair,
@@ -296,12 +310,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) moe_gemm_tc(const GemmArgs args)
   const int64_t n0 = ntile * BN;
   const int tid = threadIdx.x;
 
-  for (int r = tid; r < BM; r += THREADS) {
-    const int64_t slot = blk * BM + r;
-    const int pair = args.sorted_pairs[slot];
-    s_pair[r] = pair;
-    a_off[r] = pair < 0 ? -1 : (GATED ? static_cast<int64_t>(pair / args.top_k) * K : slot * K);
-  }
+  load_row_table<BM, GATED>(args, blk, K, tid, THREADS, s_pair, a_off);
   __syncthreads();
 
   const uint16_t* A = static_cast<const uint16_t*>(args.A);

@@ -28,12 +28,7 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
   const int64_t n0 = ntile * BN;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 
-  for (int r = tid; r < BM; r += 256) {
-    const int64_t slot = blk * BM + r;
-    const int pair = args.sorted_pairs[slot];
-    s_pair[r] = pair;
-    a_off[r] = pair < 0 ? -1 : (GATED ? static_cast<int64_t>(pair / args.top_k) * K : slot * K);
-  }
+  load_row_table<BM, GATED>(args, blk, K, tid, 256, s_pair, a_off);
   __syncthreads();
 
   const T* A = static_cast<const T*>(args.A);

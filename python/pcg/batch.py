@@ -27,7 +27,6 @@ class BatchMeta:
     positions: Optional[torch.Tensor]
     padded_tokens: int
     meta: Optional[torch.Tensor] = None
-    _cu_dev: Optional[torch.Tensor] = None
 
     @property
     def num_seqs(self) -> int:
@@ -52,30 +51,7 @@ class BatchMeta:
         m[META_HEAD:need] = self.cu_seqlens
         return self.meta
 
-    def cu_seqlens_tensor(self, device: torch.device) -> torch.Tensor:
-        """``cu_seqlens`` as int32 on ``device``, without a blocking copy."""
-        if self._cu_dev is None or self._cu_dev.device != device:
-            self._cu_dev = _device_cu_seqlens(tuple(self.cu_seqlens), device)
-        return self._cu_dev
-
-
 META_HEAD = 4  # num_tokens, num_seqs, max_seqlen, flags; then cu_seqlens
-_CU_CACHE: dict = {}
-
-
-def _device_cu_seqlens(cu: tuple, device: torch.device) -> torch.Tensor:
-    # Single-sequence batches repeat ([0, n]): cache those. Others go through
-    # pinned memory so the copy never waits for the GPU queue to drain.
-    key = (cu, str(device))
-    t = _CU_CACHE.get(key)
-    if t is None:
-        host = torch.tensor(cu, dtype=torch.int32)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        t = host.to(device, non_blocking=True)
-        if len(cu) == 2 and len(_CU_CACHE) < 65536:
-            _CU_CACHE[key] = t
-    return t
 
 
 @dataclass

@@ -22,16 +22,21 @@ def cuda_time_ms(fn: Union[Callable[[], object], Sequence[Callable[[], object]]]
         for f in fns:
             f()
     torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fns[i % len(fns)]()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return _median([_event_ms(fns[i % len(fns)]) for i in range(reps)])
+
+
+def _event_ms(f: Callable[[], object]) -> float:
+    """CUDA-event time of one synchronised call of ``f``."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    f()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
 
 
 def paired_time_ms(fns: Sequence[Callable[[], object]], warmup: int = 5, reps: int = 30) -> list[float]:
@@ -45,13 +50,8 @@ def paired_time_ms(fns: Sequence[Callable[[], object]], warmup: int = 5, reps: i
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
         for i, f in enumerate(fns):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            f()
-            end.record()
-            end.synchronize()
-            times[i].append(start.elapsed_time(end))
-    return [sorted(t)[len(t) // 2] for t in times]
+            times[i].append(_event_ms(f))
+    return [_median(t) for t in times]
 
 
 def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
