@@ -7,9 +7,11 @@
 #   bash scripts/device_steps.sh STEP...
 # Steps:
 #   ep_bench        torchrun bench/ep.py on every GPU ($EP_ARGS)
+#   ep_comm, ep_e2e one part of it ($EP_COMM_ARGS / $EP_E2E_ARGS); "ep_comm@A=1,B=2"
+#                   runs the comm part again with those environment settings (NCCL tuning)
 #   test_ep         tests/test_ep.py GPU/capture/opcheck tests (2-GPU ones need 2 GPUs)
 #   memcheck, racecheck   compute-sanitizer over scripts/sanitize_kernels.py
-#   tests/X.py      one pytest file
+#   tests/X.py      one pytest file (extra pytest arguments in $PYTEST_ARGS, e.g. "-k bf16")
 #   scripts/X.py    one diagnostic script (e.g. scripts/diag_whole_graph.py)
 #   profile         bench/profile_moe.py ($PROFILE_ARGS)
 #   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments)
@@ -44,13 +46,22 @@ step() {  # step NAME LIMIT TAIL CMD...
   echo "== $name rc=$? $(( $(date +%s) - s )) s"; tail -"$tl" "$L/$name.log"
 }
 build || exit 1
+ncomm=0
 for st in "$@"; do
   case $st in
     ep_bench) [ "$ngpu" -ge 2 ] && step ep_bench 300 40 torchrun --nproc-per-node "$ngpu" bench/ep.py --out "$OUT" ${EP_ARGS:-} ;;
-    test_ep) step test_ep 240 4 $py -m pytest -q tests/test_ep.py -k "cuda or opcheck or capture" ;;
+    ep_comm|ep_comm@*) envs=""; tag=ep_comm; extra=""
+               if [ "$st" != ep_comm ]; then
+                 envs=${st#ep_comm@}; envs=${envs//,/ }; ncomm=$(( ncomm + 1 )); tag=ep_comm_$ncomm; extra=--no-peer
+               fi
+               [ "$ngpu" -ge 2 ] && step "$tag" 300 40 env $envs torchrun --nproc-per-node "$ngpu" \
+               bench/ep.py --part comm $extra --out "$OUT/$tag" ${EP_COMM_ARGS:-} ;;
+    ep_e2e) [ "$ngpu" -ge 2 ] && step ep_e2e 300 40 torchrun --nproc-per-node "$ngpu" bench/ep.py --part e2e \
+               --out "$OUT/ep_e2e" ${EP_E2E_ARGS:-} ;;
+    test_ep) step test_ep 300 4 $py -m pytest -q tests/test_ep.py -k "cuda or opcheck or capture" ;;
     memcheck|racecheck) step "$st" 150 12 compute-sanitizer --tool "$st" $py scripts/sanitize_kernels.py ;;
     scripts/*.py) step "$(basename "$st" .py)" 300 40 $py "$st" ;;
-    tests/*.py) step "pytest_$(basename "$st" .py)" 300 4 $py -m pytest -q "$st" ;;
+    tests/*.py) step "pytest_$(basename "$st" .py)" 300 4 $py -m pytest -q "$st" ${PYTEST_ARGS:-} ;;
     profile) step profile 150 40 $py bench/profile_moe.py ${PROFILE_ARGS:-} ;;
     ncu) step ncu 240 80 ncu --kernel-name regex:moe_ --section SpeedOfLight --section Occupancy \
            --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \

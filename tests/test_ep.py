@@ -490,3 +490,14 @@ def test_ep_cuda_multiprocess_captured(backend, modes):
     # gloo: every MoE layer is a split op. Every call replays a graph.
     results = run_ranks(2, "cuda", backend, modes, "qwen3_moe,gpt_oss,deepseek_v3", timeout=500)
     _assert_all_close(results, rtol=1e-4)
+
+
+@GPU
+def test_ep_cuda_bf16_matches_one_gpu():
+    if _gpus() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    # bf16 over NCCL, captured: the built-in default model (2 layers) and every
+    # Hugging Face family, both modes; tests/ep_worker.py: bf16_call_error
+    results = run_ranks(2, "cuda", "nccl", "allreduce,alltoall", "default," + HF_FAMILIES,
+                        "bfloat16", timeout=500)
+    _assert_all_close(results, rtol=2e-2)
