@@ -56,6 +56,10 @@ def whole_graph_step(wrapped, ids: torch.Tensor):
         g.replay()
         return out.logits.clone()
 
+    # The graph reads `pos` (allocated outside it) at every replay: keep it
+    # alive with the step, or the allocator hands its memory to the next
+    # caller (pcg's replays did, and the baseline read garbage positions).
+    step.inputs = (static, pos)
     return step
 
 

@@ -332,7 +332,10 @@ def main() -> None:
         print(f"wrote {path}")
         plot(result, path[:-len(".json")] + ".png")
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    # No destroy_process_group: after graphs captured NCCL calls it has hung
+    # in teardown on the H200s (the launcher then killed the job at its limit).
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 #   test_ep         tests/test_ep.py GPU/capture/opcheck tests (2-GPU ones need 2 GPUs)
 #   memcheck, racecheck   compute-sanitizer over scripts/sanitize_kernels.py
 #   tests/X.py      one pytest file (extra pytest arguments in $PYTEST_ARGS, e.g. "-k bf16")
-#   scripts/X.py    one diagnostic script (e.g. scripts/diag_whole_graph.py)
+#   scripts/X.py    one diagnostic script (a diagnostic that reads the built library)
 #   profile         bench/profile_moe.py ($PROFILE_ARGS)
 #   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments)
 #   tune            bench/tune_moe.py ($TUNE_ARGS): rewrites csrc/moe/fused_moe_tuning.h, copied to $OUT

@@ -196,3 +196,33 @@ def test_replayed_as_a_recorded_split_call():
         ref = reference((x * 2).cpu(), k.cpu(), v.cpu(), cu, rows=rows) + 1
         ref[cu[-1]:] = 1  # pad rows: zeros + 1
         torch.testing.assert_close(y.double().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cu", [[0, 40], [0, 7, 20, 45], [0, 1, 2, 3]], ids=["one", "varlen", "tokens"])
+def test_captured_in_a_cuda_graph_keeps_its_batch(cu):
+    """The op captured inside a caller's CUDA graph replays the batch it was
+    captured with, also after eager calls with other batches (whose staging
+    buffers would reuse freed host memory) and with the meta rewritten."""
+    rows, hq, hkv, d = 48, 8, 2, 64
+    q, k, v = make(rows, hq, hkv, d, dtype=torch.bfloat16, device="cuda", seed=3)
+    meta = BatchMeta(cu[-1], cu, None, rows).host_meta()
+    out = torch.empty(rows, hq, d, dtype=torch.bfloat16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.pcg.causal_attention_out(q, k, v, out, meta)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        torch.ops.pcg.causal_attention_out(q, k, v, out, meta)
+    other = torch.empty_like(out)
+    for i, cu2 in enumerate(([0, 3, 30, 31, 48], [0, 48], [0, 10, 11])):
+        BatchMeta(cu2[-1], cu2, None, rows, meta=meta).host_meta()  # the caller rewrites it
+        torch.ops.pcg.causal_attention_out(q, k, v, other, meta)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = reference(q.cpu(), k.cpu(), v.cpu(), cu, rows=rows)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2,
+                                   msg=lambda m: f"replay after eager call {i}: {m}")

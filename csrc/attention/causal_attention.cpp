@@ -10,6 +10,9 @@
 // launch per sequence). Rows of q past num_tokens are padding; their output
 // rows are written as zeros.
 //
+// Captured inside a CUDA graph, the op replays the batch it saw at capture
+// (the metadata is host data, read when the call is made).
+//
 // Batches whose sequences are all one token long need no softmax: out = v.
 // CUDA bf16/fp16 with equal q/v head sizes (multiple of 8, <= 256) runs
 // torch's flash kernel: batch form for one sequence, varlen form for several.
@@ -19,7 +22,12 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <mutex>
 #include <optional>
+#include <vector>
+#ifdef PCG_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
 
 #include "common/check.h"
 
@@ -121,6 +129,22 @@ at::Tensor sdpa_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return o.squeeze(0).transpose(0, 1);  // [s, H, Dv]
 }
 
+// A host->device copy captured in a CUDA graph reads its source again at
+// every replay, for the graph's whole life: the staging block must never go
+// back to the host allocator. Captures are rare and the blocks tiny (one int
+// per sequence), so they are kept for the process's life.
+void keep_if_captured(const at::Tensor& host) {
+#ifdef PCG_WITH_CUDA
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) return;
+  static std::mutex mu;
+  static std::vector<at::Tensor>* kept = new std::vector<at::Tensor>();  // never destroyed
+  const std::lock_guard<std::mutex> lock(mu);
+  kept->push_back(host);
+#else
+  (void)host;
+#endif
+}
+
 void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
            const Batch& b, std::optional<double> scale, int64_t window_left) {
   const int64_t n = b.num_tokens;
@@ -140,11 +164,13 @@ void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Te
     return;
   }
   // Pinned staging: the copy is asynchronous and the staging block is not
-  // reused before it ran (the caching host allocator records the stream).
+  // reused before it ran (the caching host allocator records the stream);
+  // a captured copy re-reads it at every replay (keep_if_captured).
   auto host = at::empty({b.num_seqs + 1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
   int32_t* h = host.data_ptr<int32_t>();
   for (int64_t i = 0; i <= b.num_seqs; ++i) h[i] = static_cast<int32_t>(b.cu[i]);
   auto cu = host.to(q.device(), /*non_blocking=*/true);
+  keep_if_captured(host);
   auto res = at::_flash_attention_forward(qn, kn, vn, cu, cu, b.max_seqlen, b.max_seqlen, 0.0,
                                           true, false, scale, left, right);
   out.narrow(0, 0, n).copy_(std::get<0>(res));

@@ -17,6 +17,19 @@
 namespace pcg {
 namespace {
 
+// Per-tile slot counts the CUDA dispatch needs when T spans several tiles
+// (allocated on the current stream: inside a capture it comes from the
+// graph's pool, like every other buffer of the captured call).
+void attach_tile_counts(const char* op, ep::DispatchParams& p, const at::Tensor& like,
+                        std::vector<at::Tensor>& keep) {
+  PCG_CHECK_ARG(op, "expert_rank", p.W <= ep::kMaxRanksCuda,
+                "the CUDA kernels support up to ", ep::kMaxRanksCuda, " ranks, got W = ", p.W);
+  const int64_t tiles = ep::dispatch_tiles(p.T);
+  if (tiles == 1) return;
+  keep.push_back(at::empty({tiles * p.W}, like.options().dtype(at::kInt)));
+  p.tile_counts = keep.back().data_ptr<int32_t>();
+}
+
 void ep_dispatch_cuda_op(const at::Tensor& hidden, const at::Tensor& topk_weights,
                          const at::Tensor& topk_ids, const at::Tensor& expert_rank,
                          const at::Tensor& expert_local, const std::optional<at::Tensor>& num_valid,
@@ -26,9 +39,10 @@ void ep_dispatch_cuda_op(const at::Tensor& hidden, const at::Tensor& topk_weight
   check_device("ep_dispatch", "hidden", hidden, send_hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
   std::vector<at::Tensor> keep;
-  const ep::DispatchParams p =
+  ep::DispatchParams p =
       ep_dispatch_prepare(hidden, topk_weights, topk_ids, expert_rank, expert_local, num_valid,
                           send_hidden, send_meta, slot_map, counts, keep);
+  attach_tile_counts("ep_dispatch", p, slot_map, keep);
   ep::dispatch_cuda(p, at::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -43,9 +57,10 @@ void ep_dispatch_peer_cuda_op(const at::Tensor& hidden, const at::Tensor& topk_w
   check_device("ep_dispatch_peer", "hidden", hidden, peer_ptrs.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
   std::vector<at::Tensor> keep;
-  const ep::DispatchParams p = ep_dispatch_peer_prepare(
+  ep::DispatchParams p = ep_dispatch_peer_prepare(
       hidden, topk_weights, topk_ids, expert_rank, expert_local, num_valid, peer_ptrs, rank,
       capacity, hidden_offset, meta_offset, slot_map, counts, keep);
+  attach_tile_counts("ep_dispatch_peer", p, slot_map, keep);
   ep::dispatch_cuda(p, at::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,13 +1,17 @@
 // pcg::ep_dispatch / pcg::ep_combine CUDA kernels (contract in ep_kernels.h).
 //
-// dispatch: (1) one block per destination rank scans the tokens in tiles of
-// kScanThreads x kScanItems (each thread owns consecutive tokens) with a
-// block-wide prefix sum, so slots come out in token order
-// exactly as in the CPU loop, and writes slot_map, the metadata rows, the
-// rank's count and the unused-slot tail; (2) one block per token copies its
-// row into every destination slot it got (16-byte vectors when the row and
-// both buffers allow it; in peer mode the destination is the owner's mapped
-// workspace, so the copy is the NVLink transfer). return (peer mode): one
+// dispatch: slots come out in token order exactly as in the CPU loop. The
+// tokens are cut into tiles of kTile (one thread per token); (1) for more
+// than one tile, one block per tile counts its tokens per destination rank
+// into tile_counts; (2) one block per (tile, rank) adds up the earlier tiles'
+// counts, ranks its tokens with a block-wide ballot scan, writes slot_map and
+// the metadata rows, and the last tile writes the rank's count and the
+// unused-slot tail; (3) one block per token copies its row into every
+// destination slot it got (16-byte vectors when the row and both buffers
+// allow it; in peer mode the destination is the owner's mapped workspace, so
+// the copy is the NVLink transfer). Every thread makes O(k) independent
+// loads: none walks a long chain of dependent ones (one block per rank
+// walking all tokens took 260 us at 8192 tokens). return (peer mode): one
 // block per received slot writes used rows back into the source's workspace.
 // combine: one block per token (16-byte vectors when rows allow) sums its <= W
 // returned rows in rank order in fp32 (same order as the CPU kernel).
@@ -25,10 +29,8 @@ namespace pcg::ep {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kScanThreads = 1024;
-constexpr int kScanWarps = kScanThreads / 32;
-constexpr int kScanItems = 8;  // consecutive tokens per thread (bits of a mask)
-constexpr int64_t kScanTile = int64_t{kScanThreads} * kScanItems;
+constexpr int kTile = static_cast<int>(kDispatchTile);  // tokens (= threads) per block
+constexpr int kTileWarps = kTile / 32;
 constexpr int kCopyThreads = 128;
 constexpr int kCombineThreads = 256;
 
@@ -44,59 +46,70 @@ __device__ __forceinline__ int64_t owner(const DispatchParams& p, int32_t e) {
   return (r >= 0 && r < p.W) ? r : -1;
 }
 
-__global__ void __launch_bounds__(kScanThreads) ep_scan_kernel(const DispatchParams p) {
-  __shared__ int warp_sums[kScanWarps];
-  __shared__ int base_s;
-  const int64_t r = blockIdx.x;
-  const int64_t T = p.T, W = p.W, C = p.C, k = p.k;
-  const int64_t nv = valid_rows(p.num_valid, T);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x == 0) base_s = 0;
+// True when one of token t's experts lives on rank r.
+__device__ __forceinline__ bool sends_to(const DispatchParams& p, int64_t t, int64_t r) {
+  const int32_t* ids = p.topk_ids + t * p.k;
+  bool hit = false;
+#pragma unroll 8
+  for (int64_t j = 0; j < p.k; ++j) hit |= owner(p, ids[j]) == r;
+  return hit;
+}
+
+// (1) Tokens of tile blockIdx.x per destination rank -> tile_counts[tile, r].
+__global__ void __launch_bounds__(kTile) ep_count_kernel(const DispatchParams p) {
+  extern __shared__ int32_t rank_counts[];  // [W]
+  const int64_t W = p.W, k = p.k;
+  for (int64_t r = threadIdx.x; r < W; r += kTile) rank_counts[r] = 0;
   __syncthreads();
-  // Each thread owns kScanItems consecutive tokens of a tile, so one pass of
-  // the block-wide scan covers kScanThreads * kScanItems tokens.
-  for (int64_t t0 = 0; t0 < T; t0 += kScanTile) {
-    const int64_t first = t0 + static_cast<int64_t>(threadIdx.x) * kScanItems;
-    unsigned flags = 0;
-    int mine = 0;
-#pragma unroll
-    for (int it = 0; it < kScanItems; ++it) {
-      const int64_t t = first + it;
-      if (t < nv) {
-        bool hit = false;
-        for (int64_t j = 0; j < k; ++j) hit |= owner(p, p.topk_ids[t * k + j]) == r;
-        if (hit) {
-          flags |= 1u << it;
-          ++mine;
-        }
-      }
+  const int64_t t = blockIdx.x * int64_t{kTile} + threadIdx.x;
+  if (t < valid_rows(p.num_valid, p.T)) {
+    const int32_t* ids = p.topk_ids + t * k;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t r = owner(p, ids[j]);
+      bool first = r >= 0;  // each destination rank once per token
+      for (int64_t i = 0; i < j && first; ++i) first = owner(p, ids[i]) != r;
+      if (first) atomicAdd(&rank_counts[r], 1);
     }
-    int x = mine;  // inclusive scan of the per-thread counts within the warp
+  }
+  __syncthreads();
+  for (int64_t r = threadIdx.x; r < W; r += kTile)
+    p.tile_counts[blockIdx.x * W + r] = rank_counts[r];
+}
+
+// (2) Slots of tile blockIdx.x on rank blockIdx.y.
+__global__ void __launch_bounds__(kTile) ep_slot_kernel(const DispatchParams p) {
+  __shared__ int warp_sums[kTileWarps];
+  __shared__ int base_s;
+  const int64_t tile = blockIdx.x, r = blockIdx.y;
+  const int64_t T = p.T, W = p.W, C = p.C, k = p.k;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (warp == 0) {  // slots taken by the earlier tiles
+    int sum = 0;
+    for (int64_t b = lane; b < tile; b += 32) sum += p.tile_counts[b * W + r];
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
+    if (lane == 0) base_s = sum;
+  }
+  const int64_t t = tile * kTile + threadIdx.x;
+  const bool hit = t < valid_rows(p.num_valid, T) && sends_to(p, t, r);
+  const unsigned ballot = __ballot_sync(kFull, hit);
+  if (lane == 0) warp_sums[warp] = __popc(ballot);
+  __syncthreads();
+  if (warp == 0) {  // inclusive scan of the warp totals
+    int v = lane < kTileWarps ? warp_sums[lane] : 0;
     for (int off = 1; off < 32; off <<= 1) {
-      const int y = __shfl_up_sync(kFull, x, off);
-      if (lane >= off) x += y;
+      const int y = __shfl_up_sync(kFull, v, off);
+      if (lane >= off) v += y;
     }
-    if (lane == 31) warp_sums[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-      int v = lane < kScanWarps ? warp_sums[lane] : 0;
-      for (int off = 1; off < 32; off <<= 1) {
-        const int y = __shfl_up_sync(kFull, v, off);
-        if (lane >= off) v += y;
-      }
-      if (lane < kScanWarps) warp_sums[lane] = v;  // inclusive over warps
-    }
-    __syncthreads();
-    const int base = base_s;
-    int s = base + x - mine + (warp > 0 ? warp_sums[warp - 1] : 0);
-#pragma unroll
-    for (int it = 0; it < kScanItems; ++it) {
-      const int64_t t = first + it;
-      if (t >= T) break;
-      if (!(flags >> it & 1u)) {
-        p.slot_map[t * W + r] = -1;
-        continue;
-      }
+    if (lane < kTileWarps) warp_sums[lane] = v;
+  }
+  __syncthreads();
+  const int base = base_s;
+  if (t < T) {
+    if (!hit) {
+      p.slot_map[t * W + r] = -1;
+    } else {
+      const int s = base + (warp > 0 ? warp_sums[warp - 1] : 0) +
+                    __popc(ballot & ((1u << lane) - 1u));
       p.slot_map[t * W + r] = s;
       int32_t* meta = dispatch_meta(p, r, s);
       const int32_t* ids = p.topk_ids + t * k;
@@ -106,16 +119,14 @@ __global__ void __launch_bounds__(kScanThreads) ep_scan_kernel(const DispatchPar
         meta[j] = here ? p.expert_local[ids[j]] : -1;
         meta[k + j] = here ? __float_as_int(w[j]) : 0;
       }
-      ++s;
     }
-    __syncthreads();  // every thread has read base_s and warp_sums
-    if (threadIdx.x == 0) base_s = base + warp_sums[kScanWarps - 1];  // the tile's total
-    __syncthreads();
   }
-  const int64_t total = base_s;
+  if (tile != gridDim.x - 1) return;
+  // The last tile knows the rank's total: its count, and the unused slots.
+  const int64_t total = base + warp_sums[kTileWarps - 1];
   if (threadIdx.x == 0) p.counts[r] = static_cast<int32_t>(total);
   int32_t* meta = dispatch_meta(p, r, 0);  // slots of this source are consecutive
-  for (int64_t i = total * 2 * k + threadIdx.x; i < C * 2 * k; i += kScanThreads)
+  for (int64_t i = total * 2 * k + threadIdx.x; i < C * 2 * k; i += kTile)
     meta[i] = (i % (2 * k)) < k ? -1 : 0;
 }
 
@@ -231,7 +242,11 @@ void with_copy_width(const Fits& fits, const Launch& launch) {
 
 void dispatch_cuda(const DispatchParams& p, CUstream_st* stream) {
   if (p.W == 0) return;
-  ep_scan_kernel<<<static_cast<unsigned>(p.W), kScanThreads, 0, stream>>>(p);
+  const int64_t tiles = dispatch_tiles(p.T);
+  if (tiles > 1)
+    ep_count_kernel<<<static_cast<unsigned>(tiles), kTile, p.W * sizeof(int32_t), stream>>>(p);
+  ep_slot_kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.W)), kTile, 0,
+                   stream>>>(p);
   if (p.T == 0 || p.row_bytes == 0) return;
   const dim3 grid(static_cast<unsigned>(p.T));
   // Peer workspaces are 16-byte aligned by contract; their offset must fit too.

@@ -57,7 +57,15 @@ struct DispatchParams {
   const int64_t* peer_base = nullptr;  // [W] workspace base addresses (device array on CUDA)
   int64_t rank = 0;
   int64_t hidden_offset = 0, meta_offset = 0;  // bytes into each workspace
+  // CUDA scratch [dispatch_tiles(T), W]: slots each tile of tokens takes per rank.
+  int32_t* tile_counts = nullptr;
 };
+
+// The CUDA dispatch assigns slots in tiles of kDispatchTile tokens.
+constexpr int64_t kDispatchTile = 1024;
+inline int64_t dispatch_tiles(int64_t T) {
+  return T <= kDispatchTile ? 1 : (T + kDispatchTile - 1) / kDispatchTile;
+}
 
 // Destination of slot s of rank r (send buffers, or rank r's workspace).
 #ifdef __CUDACC__
@@ -96,7 +104,7 @@ struct CombineParams {
   int64_t T = 0, H = 0, W = 0, C = 0;
 };
 
-// Largest W the CUDA combine kernel keeps in shared memory.
+// Largest W the CUDA dispatch / combine kernels keep in shared memory.
 constexpr int64_t kMaxRanksCuda = 4096;
 
 // Validated params in, outputs written.

@@ -33,8 +33,9 @@ def causal_attention_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
 
     CUDA bf16/fp16 with D == Dv, D % 8 == 0, D <= 256 uses torch's flash
     kernel; everything else runs scaled_dot_product_attention per sequence.
-    It reads host metadata, so it is a split op (runs between graph replays),
-    not captured inside a graph.
+    It reads host metadata, so pcg runs it as a split op (between graph
+    replays, with the batch of each call). It may also be captured inside a
+    CUDA graph; the graph then replays the batch it was captured with.
     """
     n = int(cu_seqlens[-1]) if len(cu_seqlens) else 0
     meta = BatchMeta(n, list(cu_seqlens), None, q.shape[0]).host_meta(varlen)
