@@ -59,7 +59,7 @@ TORCH_LIBRARY(pcg, m) {
   // Causal attention over packed sequences into out[rows, Hq, Dv]; rows past
   // num_tokens are zeroed. meta: CPU int64 [num_tokens, num_seqs, max_seqlen,
   // flags, cu_seqlens...] (flags bit 0: one varlen launch for several
-  // sequences), read at every call; window_left: keys left of the query it may
+  // sequences; bit 1: skip the short-sequence kernel), read at every call; window_left: keys left of the query it may
   // see (-1: all). The split call a captured forward replays for standard layers.
   m.def(
       "causal_attention_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor meta, "

@@ -20,6 +20,7 @@
 #   moe             bench/moe.py ($MOE_ARGS)
 #   e2e             bench/e2e.py ($E2E_ARGS)
 #   split           bench/split_cost.py ($SPLIT_ARGS): where pcg loses time vs one whole graph
+#   attn            bench/attention.py ($ATTN_ARGS): one attention split, short kernel vs flash
 #   e2e_startup     bench/e2e.py --startup-only (a fresh process; run after e2e)
 #   accuracy        bench/accuracy.py ($ACC_ARGS)
 set -uo pipefail
@@ -71,6 +72,7 @@ for st in "$@"; do
     moe) step moe 400 70 $py bench/moe.py --out "$OUT" ${MOE_ARGS:-} ;;
     e2e) step e2e 400 40 $py bench/e2e.py --out "$OUT" ${E2E_ARGS:-} ;;
     split) step split 200 60 $py bench/split_cost.py --out "$OUT" ${SPLIT_ARGS:-} ;;
+    attn) step attn 200 30 $py bench/attention.py --out "$OUT" ${ATTN_ARGS:-} ;;
     e2e_startup) step e2e_startup 200 4 $py bench/e2e.py --out "$OUT" --startup-only ${E2E_ARGS:-} ;;
     accuracy) step accuracy 200 40 $py bench/accuracy.py --out "$OUT" ${ACC_ARGS:-} ;;
     *) echo "unknown step $st" ;;

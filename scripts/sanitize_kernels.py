@@ -7,13 +7,15 @@ CPU kernels; meant to be run under compute-sanitizer:
 Exits non-zero on a mismatch. Shapes cover every fused_moe block_m (16..128),
 unaligned H / I (element loads), expert maps with remote experts, num_valid,
 biases and each activation, route (softmax / grouped sigmoid) and EP
-dispatch/combine.
+dispatch/combine, and causal_attention_out's short-sequence kernel (packed
+batches with empty / one-token sequences, pad rows, windows, Dv != D).
 """
 import sys
 
 import torch
 
 import pcg
+from pcg.ops import causal_attention_out
 from pcg.ops.ep import ep_combine, ep_dispatch
 
 dev = torch.device("cuda")
@@ -94,6 +96,21 @@ print(f"ep_dispatch: {'equal' if same else 'DIFFER'}", flush=True)
 if not same:
     failures.append("ep_dispatch")
 close("ep_combine", ep_combine(gpu[0], gpu[2]), ep_combine(cpu[0], cpu[2]), 1e-6)
+
+# causal_attention_out: the CUDA call takes the short-sequence kernel; the CPU op is the reference.
+for rows, cu, hq, hkv, d, dv, wl in ((40, [0, 0, 1, 18, 18, 33], 8, 2, 96, 96, -1),
+                                     (64, [0, 64], 8, 1, 256, 64, 9),
+                                     (7, [0, 1, 2, 3], 4, 4, 8, 136, -1)):
+    g = torch.Generator().manual_seed(rows)
+    q, k, v = (torch.randn(rows, h, x, generator=g).to(torch.bfloat16)
+               for h, x in ((hq, d), (hkv, d), (hkv, dv)))
+    ref = torch.empty(rows, hq, dv, dtype=torch.bfloat16)
+    causal_attention_out(q, k, v, ref, cu, window_left=wl)
+    out = torch.full((rows, hq, dv), float("nan"), dtype=torch.bfloat16, device=dev)
+    causal_attention_out(q.to(dev), k.to(dev), v.to(dev), out, cu, window_left=wl)
+    torch.cuda.synchronize()
+    close(f"causal_attention_out short T={cu[-1]} rows={rows} Hq={hq} Hkv={hkv} D={d} Dv={dv} "
+          f"window={wl}", out, ref, 2e-2)
 
 print("FAILED: " + ", ".join(failures) if failures else "all kernels match the CPU kernels")
 sys.exit(1 if failures else 0)

@@ -156,11 +156,12 @@ GPU_CASES = [  # rows, cu_seqlens, hq, hkv, d, window_left
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("varlen", [True, False])
-def test_matches_reference_cuda(case, dtype, varlen):
+@pytest.mark.parametrize("short_kernel", [True, False])
+def test_matches_reference_cuda(case, dtype, varlen, short_kernel):
     rows, cu, hq, hkv, d, wl = case
     q, k, v = make(rows, hq, hkv, d, dtype=dtype, device="cuda", strided=True)
     out = torch.full((rows, hq, d), float("nan"), dtype=dtype, device="cuda")
-    causal_attention_out(q, k, v, out, cu, window_left=wl, varlen=varlen)
+    causal_attention_out(q, k, v, out, cu, window_left=wl, varlen=varlen, short_kernel=short_kernel)
     ref = reference(q.cpu(), k.cpu(), v.cpu(), cu, None, wl, rows)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
@@ -199,12 +200,13 @@ def test_replayed_as_a_recorded_split_call():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cu", [[0, 40], [0, 7, 20, 45], [0, 1, 2, 3]], ids=["one", "varlen", "tokens"])
+@pytest.mark.parametrize("cu", [[0, 100], [0, 7, 90, 150], [0, 7, 20, 45], [0, 1, 2, 3]],
+                         ids=["one", "varlen", "short", "tokens"])
 def test_captured_in_a_cuda_graph_keeps_its_batch(cu):
     """The op captured inside a caller's CUDA graph replays the batch it was
     captured with, also after eager calls with other batches (whose staging
     buffers would reuse freed host memory) and with the meta rewritten."""
-    rows, hq, hkv, d = 48, 8, 2, 64
+    rows, hq, hkv, d = 160, 8, 2, 64
     q, k, v = make(rows, hq, hkv, d, dtype=torch.bfloat16, device="cuda", seed=3)
     meta = BatchMeta(cu[-1], cu, None, rows).host_meta()
     out = torch.empty(rows, hq, d, dtype=torch.bfloat16, device="cuda")
@@ -217,7 +219,7 @@ def test_captured_in_a_cuda_graph_keeps_its_batch(cu):
     with torch.cuda.graph(g):
         torch.ops.pcg.causal_attention_out(q, k, v, out, meta)
     other = torch.empty_like(out)
-    for i, cu2 in enumerate(([0, 3, 30, 31, 48], [0, 48], [0, 10, 11])):
+    for i, cu2 in enumerate(([0, 3, 80, 81, 160], [0, 160], [0, 10, 11])):
         BatchMeta(cu2[-1], cu2, None, rows, meta=meta).host_meta()  # the caller rewrites it
         torch.ops.pcg.causal_attention_out(q, k, v, other, meta)
         out.fill_(float("nan"))
@@ -226,3 +228,127 @@ def test_captured_in_a_cuda_graph_keeps_its_batch(cu):
         ref = reference(q.cpu(), k.cpu(), v.cpu(), cu, rows=rows)
         torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2,
                                    msg=lambda m: f"replay after eager call {i}: {m}")
+
+
+# ---- CUDA: the short-sequence kernel (csrc/attention/short_attention_kernel.cu) ----
+SHORT_CASES = [  # rows, cu_seqlens, hq, hkv, d, dv, window_left
+    (1, [0, 1], 32, 4, 128, 128, -1),  # one token: out = v, through the kernel
+    (64, [0, 64], 32, 4, 128, 128, -1),  # the longest sequence it takes (Qwen3 shape)
+    (37, [0, 37], 8, 1, 64, 64, -1),  # odd length, group 8
+    (64, [0, 0, 1, 18, 18, 39, 40], 16, 4, 96, 96, -1),  # empty + one-token sequences, pad rows 40..63
+    (50, [0, 7, 20, 45], 8, 8, 256, 256, -1),  # group 1, D 256, pad rows
+    (33, [0, 1, 33], 4, 1, 96, 96, 7),  # window
+    (24, [0, 5, 24], 8, 2, 64, 64, 0),  # window 0: each query sees itself
+    (30, [0, 13, 29], 8, 2, 128, 64, -1),  # Dv < D
+    (17, [0, 17], 4, 4, 64, 256, 3),  # Dv > D, window
+    (9, [0, 1, 2, 3, 4, 5, 6, 7, 8], 8, 1, 128, 128, -1),  # decode-like batch + one pad row
+    (20, [0], 4, 2, 64, 64, -1),  # no tokens: all rows zero
+]
+LAYOUTS = ["contiguous", "strided", "strided_out"]
+
+
+def make_out(rows, hq, dv, dtype, layout):
+    if layout == "strided_out":  # [rows, hq, dv] seen through a transpose of heads-major storage
+        return torch.full((hq, rows, dv), float("nan"), dtype=dtype, device="cuda").transpose(0, 1)
+    return torch.full((rows, hq, dv), float("nan"), dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SHORT_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_short_kernel_matches_reference_and_flash(case, dtype, layout):
+    rows, cu, hq, hkv, d, dv, wl = case
+    cu = cu if len(cu) > 1 else [0, 0]
+    q, k, v = make(rows, hq, hkv, d, dv, dtype=dtype, device="cuda", strided=layout != "contiguous")
+    out = make_out(rows, hq, dv, dtype, layout)
+    causal_attention_out(q, k, v, out, cu, window_left=wl)
+    ref = reference(q.cpu(), k.cpu(), v.cpu(), cu, None, wl, rows)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
+    assert (out[cu[-1]:] == 0).all(), "pad rows must be exact zeros"
+    old = make_out(rows, hq, dv, dtype, layout)  # flash (D == Dv) or SDPA (Dv != D)
+    causal_attention_out(q, k, v, old, cu, window_left=wl, short_kernel=False)
+    torch.testing.assert_close(out, old, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [None, 0.05])
+def test_short_kernel_scale_and_all_lengths(scale):
+    """Every single-sequence length 1..64 (pad rows after it), GQA group 4."""
+    rows, hq, hkv, d = 64, 16, 4, 128
+    q, k, v = make(rows, hq, hkv, d, dtype=torch.bfloat16, device="cuda", seed=3)
+    for t in range(1, 65):
+        out = torch.full((rows, hq, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+        causal_attention_out(q, k, v, out, [0, t], scale=scale)
+        ref = reference(q.cpu(), k.cpu(), v.cpu(), [0, t], scale, -1, rows)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2, msg=f"T={t}")
+
+
+@pytest.mark.gpu
+def test_short_kernel_one_token_rows_are_v_exactly():
+    q, k, v = make(6, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+    out = torch.full((6, 8, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    causal_attention_out(q, k, v, out, [0, 1, 2, 3, 4])
+    assert torch.equal(out[:4], v[:4].repeat_interleave(4, dim=1))
+    assert (out[4:] == 0).all()
+
+
+def _kernel_names(fn) -> list[str]:
+    """Names of the GPU activities (kernels, copies, fills) of one call of fn."""
+    acts = torch.profiler.ProfilerActivity
+    with torch.profiler.profile(activities=[acts.CPU, acts.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.gpu
+def test_short_kernel_is_chosen_for_short_batches_only():
+    q, k, v = make(200, 32, 4, 128, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(200, 32, 128, dtype=torch.bfloat16, device="cuda")
+
+    def names(cu, **kw):
+        return " ".join(_kernel_names(lambda: causal_attention_out(q, k, v, out, cu, **kw)))
+
+    short = names([0, 16])  # 16 tokens + 184 pad rows: one launch, no fill kernel
+    assert "short_attention_kernel" in short and "flash" not in short.lower(), short
+    assert len(_kernel_names(lambda: causal_attention_out(q, k, v, out, [0, 16]))) == 1
+    assert "short_attention_kernel" in names([0, 1, 2, 3])  # all-one-token batch
+    assert "short_attention_kernel" not in names([0, 16], short_kernel=False)
+    assert "short_attention_kernel" not in names([0, 65])  # longer than 64 tokens
+    assert "short_attention_kernel" not in names([0, 100, 200])
+    assert "short_attention_kernel" not in names(list(range(0, 130)))  # 129 sequences
+    q32, k32, v32, out32 = (x.float() for x in (q, k, v, out))
+    assert "short_attention_kernel" not in " ".join(  # fp32 keeps the old path
+        _kernel_names(lambda: causal_attention_out(q32, k32, v32, out32, [0, 16])))
+
+
+@pytest.mark.gpu
+def test_short_kernel_declines_non_unit_head_stride():
+    """q/k/v whose head dim has stride 2 fall back to the old path (still correct)."""
+    rows, hq, hkv, d = 12, 4, 2, 64
+    cu = [0, 5, 12]
+    big = make(rows, hq, hkv, 2 * d, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (x[..., ::2] for x in big)
+    out = torch.full((rows, hq, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert "short_attention_kernel" not in " ".join(
+        _kernel_names(lambda: causal_attention_out(q, k, v, out, cu)))
+    ref = reference(q.cpu(), k.cpu(), v.cpu(), cu)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_short_kernel_in_a_cuda_graph():
+    """No host synchronisation and no staging copy: the call captures and replays."""
+    rows, cu = 16, [0, 3, 11]
+    q, k, v = make(rows, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
+    out = torch.full((rows, 8, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+    causal_attention_out(q, k, v, out, cu)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        causal_attention_out(q, k, v, out, cu)
+    out.fill_(float("nan"))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(out.double().cpu(), reference(q.cpu(), k.cpu(), v.cpu(), cu, rows=rows),
+                               rtol=2e-2, atol=2e-2)

@@ -7,11 +7,17 @@
 // each call (the recorded call keeps pointing at it):
 //   meta = [num_tokens, num_seqs, max_seqlen, flags, cu_seqlens[0..num_seqs]]
 // flags bit 0: several sequences may share one flash varlen launch (else one
-// launch per sequence). Rows of q past num_tokens are padding; their output
-// rows are written as zeros.
+// launch per sequence); bit 1: never take the short-sequence kernel (tests and
+// benchmarks compare the paths with it). Rows of q past num_tokens are
+// padding; their output rows are written as zeros.
 //
 // Captured inside a CUDA graph, the op replays the batch it saw at capture
 // (the metadata is host data, read when the call is made).
+//
+// CUDA builds first offer the batch to the short-sequence kernel
+// (short_attention_cuda.cpp: bf16/fp16, sequences <= 64 tokens, <= 128 of
+// them): one launch writes every row, pad rows included. Env
+// PCG_SHORT_ATTENTION=0 (read once) turns it off for the process.
 //
 // Batches whose sequences are all one token long need no softmax: out = v.
 // CUDA bf16/fp16 with equal q/v head sizes (multiple of 8, <= 256) runs
@@ -22,13 +28,16 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <vector>
 #ifdef PCG_WITH_CUDA
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #endif
 
+#include "attention/attention_hooks.h"
 #include "common/check.h"
 
 namespace pcg {
@@ -37,6 +46,7 @@ namespace {
 constexpr const char* kOp = "causal_attention_out";
 constexpr int64_t kMetaHead = 4;  // num_tokens, num_seqs, max_seqlen, flags
 constexpr int64_t kFlagVarlen = 1;
+constexpr int64_t kFlagNoShort = 2;
 
 struct Batch {
   int64_t num_tokens, num_seqs, max_seqlen, flags;
@@ -93,6 +103,18 @@ void validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   PCG_CHECK_ARG(kOp, "window_left", window_left >= -1, "must be -1 (no window) or >= 0, got ",
                 window_left);
+}
+
+// The CUDA build's short-sequence kernel; null in CPU-only builds. Constant-
+// initialised, so registration from another file's static initialiser is safe.
+std::atomic<ShortAttentionFn> short_attention{nullptr};
+
+bool short_attention_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("PCG_SHORT_ATTENTION");
+    return e == nullptr || std::string_view(e) != "0";
+  }();
+  return on;
 }
 
 // Set once torch's flash kernel refused to run here (a GPU older than sm_80,
@@ -184,6 +206,13 @@ void causal_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Te
   validate(q, k, v, out, window_left);
   const int64_t rows = q.size(0);
   const Batch b = read_meta(meta, rows);
+  // The kernel writes every row (pad rows too); all-one-token batches go there
+  // as well: one launch instead of the copy plus the pad-row fill below.
+  const ShortAttentionFn fast = short_attention.load(std::memory_order_relaxed);
+  if (fast != nullptr && !(b.flags & kFlagNoShort) && short_attention_enabled() &&
+      fast(q, k, v, out, AttnBatch{b.num_tokens, b.num_seqs, b.max_seqlen, b.cu}, scale,
+           window_left))
+    return;
   if (b.num_tokens > 0 && b.max_seqlen == 1) {
     // Every sequence is one token: softmax over its single key is exactly 1,
     // so each query head's output is its kv head's v row (one copy; flash
@@ -212,6 +241,10 @@ void causal_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Te
     }
   }
   if (b.num_tokens < rows) out.narrow(0, b.num_tokens, rows - b.num_tokens).zero_();
+}
+
+void register_short_attention(ShortAttentionFn fn) {
+  short_attention.store(fn, std::memory_order_relaxed);
 }
 
 TORCH_LIBRARY_IMPL(pcg, CPU, m) { m.impl("causal_attention_out", &causal_attention_out); }

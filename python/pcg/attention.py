@@ -27,6 +27,10 @@ _lib = torch.library.Library("pcg", "IMPL")
 # one launch per sequence (for debugging and accuracy comparisons). Read when
 # a batch's metadata is written (each call; at replay by the engine).
 USE_VARLEN = True
+# CUDA bf16/fp16 batches of short sequences (<= 64 tokens each) run pcg's
+# one-launch kernel when True; False keeps them on flash (comparisons). Read
+# like USE_VARLEN. Env PCG_SHORT_ATTENTION=0 turns the kernel off in C++.
+USE_SHORT_KERNEL = True
 
 
 def _window_mask(n: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -81,8 +85,8 @@ def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     if batch is None:
         batch = BatchMeta(q.shape[0], [0, q.shape[0]], None, q.shape[0])
     if native(layer):
-        torch.ops.pcg.causal_attention_out(q, k, v, out, batch.host_meta(USE_VARLEN), layer.scaling,
-                                           window_left(layer))
+        meta = batch.host_meta(USE_VARLEN, USE_SHORT_KERNEL)
+        torch.ops.pcg.causal_attention_out(q, k, v, out, meta, layer.scaling, window_left(layer))
         return
     n, cu = batch.num_tokens, batch.cu_seqlens
     if layer.impl is not None:
@@ -131,7 +135,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> 
             if ctx.batch is None or ctx.batch.meta is None:
                 raise RuntimeError("pcg: capturing attention needs the capture engine's batch metadata "
                                    "buffer (BatchMeta.meta), which replays rewrite")
-            meta = ctx.batch.host_meta(USE_VARLEN)
+            meta = ctx.batch.host_meta(USE_VARLEN, USE_SHORT_KERNEL)
             return ctx.recorder.split("pcg::causal_attention_out",
                                       [q, k, v, out, meta, spec.scaling, window_left(spec)], out)
         return ctx.recorder.split("pcg::attention_out", [q, k, v, out, layer], out)

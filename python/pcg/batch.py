@@ -36,10 +36,11 @@ class BatchMeta:
     def max_seqlen(self) -> int:
         return max((b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])), default=0)
 
-    def host_meta(self, varlen: bool = True) -> torch.Tensor:
+    def host_meta(self, varlen: bool = True, short_kernel: bool = True) -> torch.Tensor:
         """The batch as ``pcg::causal_attention_out`` reads it: CPU int64
         [num_tokens, num_seqs, max_seqlen, flags, cu_seqlens...], written into
-        ``meta`` (allocated on first use). ``varlen``: flags bit 0."""
+        ``meta`` (allocated on first use). ``varlen``: flags bit 0;
+        ``short_kernel=False`` sets bit 1 (skip the short-sequence CUDA kernel)."""
         need = META_HEAD + len(self.cu_seqlens)
         if self.meta is None:
             self.meta = torch.empty(need, dtype=torch.int64)
@@ -47,11 +48,13 @@ class BatchMeta:
             raise ValueError(f"pcg: a batch of {self.num_seqs} sequences needs {need} metadata "
                              f"values; the buffer holds {self.meta.numel()}")
         m = self.meta.numpy()
-        m[0], m[1], m[2], m[3] = self.num_tokens, self.num_seqs, self.max_seqlen, int(varlen)
+        flags = int(varlen) | (0 if short_kernel else FLAG_NO_SHORT)
+        m[0], m[1], m[2], m[3] = self.num_tokens, self.num_seqs, self.max_seqlen, flags
         m[META_HEAD:need] = self.cu_seqlens
         return self.meta
 
 META_HEAD = 4  # num_tokens, num_seqs, max_seqlen, flags; then cu_seqlens
+FLAG_NO_SHORT = 2  # flags bit 1: causal_attention_out skips its short-sequence kernel
 
 
 @dataclass

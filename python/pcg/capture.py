@@ -176,7 +176,7 @@ class CaptureEngine:
         chain = torch.classes.pcg.SegmentChain()
         recorder = SegmentRecorder(chain, self.pool)
         batch = BatchMeta(n, [0, n], self.static_pos[:n], n, meta=self.host_meta)
-        batch.host_meta(_attention.USE_VARLEN)
+        batch.host_meta(_attention.USE_VARLEN, _attention.USE_SHORT_KERNEL)
         ctx = RunContext(self.registry, batch, self.num_valid, recorder)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with running(ctx), torch.cuda.stream(self.stream):
@@ -218,7 +218,8 @@ class CaptureEngine:
             buffers.append(self.static_pos)
             self._pos_is_arange = False
         batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket, meta=self.host_meta)
-        batch.host_meta(_attention.USE_VARLEN)  # what the recorded attention calls read
+        # what the recorded attention calls read
+        batch.host_meta(_attention.USE_VARLEN, _attention.USE_SHORT_KERNEL)
         with running(RunContext(self.registry, batch, self.num_valid)):
             # inputs staged and every graph and split call launched from C++
             g.chain.replay_with(sources, buffers, self.num_valid, n)

@@ -15,7 +15,8 @@ def _causal_attention_out_fake(q, k, v, out, meta, scale=None, window_left=-1) -
 
 def causal_attention_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          cu_seqlens: Sequence[int], *, scale: Optional[float] = None,
-                         window_left: int = -1, varlen: bool = True) -> None:
+                         window_left: int = -1, varlen: bool = True,
+                         short_kernel: bool = True) -> None:
     """Causal attention of packed sequences, written into ``out``.
 
     Args:
@@ -30,13 +31,18 @@ def causal_attention_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
             window of W tokens is W - 1).
         varlen: several sequences share one flash varlen launch (CUDA bf16/fp16);
             False runs one launch per sequence.
+        short_kernel: allow pcg's short-sequence CUDA kernel (False: the
+            flash / SDPA paths below, for comparisons).
 
-    CUDA bf16/fp16 with D == Dv, D % 8 == 0, D <= 256 uses torch's flash
-    kernel; everything else runs scaled_dot_product_attention per sequence.
+    CUDA builds run bf16/fp16 batches of at most 128 sequences of at most 64
+    tokens (1024 tokens in all), head sizes multiples of 8 up to 256 and
+    16-byte aligned rows, with pcg's one-launch kernel (pad rows included).
+    Otherwise CUDA bf16/fp16 with D == Dv, D % 8 == 0, D <= 256 uses torch's
+    flash kernel; everything else runs scaled_dot_product_attention per sequence.
     It reads host metadata, so pcg runs it as a split op (between graph
     replays, with the batch of each call). It may also be captured inside a
     CUDA graph; the graph then replays the batch it was captured with.
     """
     n = int(cu_seqlens[-1]) if len(cu_seqlens) else 0
-    meta = BatchMeta(n, list(cu_seqlens), None, q.shape[0]).host_meta(varlen)
+    meta = BatchMeta(n, list(cu_seqlens), None, q.shape[0]).host_meta(varlen, short_kernel)
     torch.ops.pcg.causal_attention_out(q, k, v, out, meta, scale, window_left)
