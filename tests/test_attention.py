@@ -208,7 +208,8 @@ def test_captured_in_a_cuda_graph_keeps_its_batch(cu):
     buffers would reuse freed host memory) and with the meta rewritten."""
     rows, hq, hkv, d = 160, 8, 2, 64
     q, k, v = make(rows, hq, hkv, d, dtype=torch.bfloat16, device="cuda", seed=3)
-    meta = BatchMeta(cu[-1], cu, None, rows).host_meta()
+    meta = torch.zeros(4 + rows + 1, dtype=torch.int64)  # room for any batch of `rows` tokens
+    BatchMeta(cu[-1], cu, None, rows, meta=meta).host_meta()
     out = torch.empty(rows, hq, d, dtype=torch.bfloat16, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -243,8 +244,19 @@ SHORT_CASES = [  # rows, cu_seqlens, hq, hkv, d, dv, window_left
     (17, [0, 17], 4, 4, 64, 256, 3),  # Dv > D, window
     (9, [0, 1, 2, 3, 4, 5, 6, 7, 8], 8, 1, 128, 128, -1),  # decode-like batch + one pad row
     (20, [0], 4, 2, 64, 64, -1),  # no tokens: all rows zero
+    (4, [0, 4], 4, 2, 16, 16, -1),  # tests/test_engine.py's tiny model: D 16
+    (23, [0, 9, 23], 4, 2, 16, 16, -1),
 ]
-LAYOUTS = ["contiguous", "strided", "strided_out"]
+LAYOUTS = ["contiguous", "strided", "strided_out", "fused_qkv"]
+
+
+def make_fused_qkv(rows, hq, hkv, d, dv, dtype, seed=0):
+    """q, k, v as views into one [rows, (hq + hkv) * d + hkv * dv] projection
+    output (what a fused qkv Linear gives): row strides wider than the heads."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(rows, (hq + hkv) * d + hkv * dv, generator=g).to("cuda", dtype)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * dv], dim=1)
+    return q.view(rows, hq, d), k.view(rows, hkv, d), v.view(rows, hkv, dv)
 
 
 def make_out(rows, hq, dv, dtype, layout):
@@ -260,7 +272,10 @@ def make_out(rows, hq, dv, dtype, layout):
 def test_short_kernel_matches_reference_and_flash(case, dtype, layout):
     rows, cu, hq, hkv, d, dv, wl = case
     cu = cu if len(cu) > 1 else [0, 0]
-    q, k, v = make(rows, hq, hkv, d, dv, dtype=dtype, device="cuda", strided=layout != "contiguous")
+    if layout == "fused_qkv":
+        q, k, v = make_fused_qkv(rows, hq, hkv, d, dv, dtype)
+    else:
+        q, k, v = make(rows, hq, hkv, d, dv, dtype=dtype, device="cuda", strided=layout != "contiguous")
     out = make_out(rows, hq, dv, dtype, layout)
     causal_attention_out(q, k, v, out, cu, window_left=wl)
     ref = reference(q.cpu(), k.cpu(), v.cpu(), cu, None, wl, rows)

@@ -187,6 +187,22 @@ def test_wrapped_rejects_bad_token_ids():
 
 
 # ---- GPU: capture and replay ------------------------------------------------------------
+def close_to_unwrapped_bf16(got, exp, what, tol=2e-2):
+    """bf16 logits [1, n, V] of the wrapped model vs the unwrapped one: within
+    ``tol`` overall, or at most one token in five (at least one) beyond it. The
+    unwrapped model runs SDPA, pcg its own attention kernel: a near-tied
+    routing decision of this tiny random model can flip under the other
+    rounding and move that token far; a logic error moves most tokens."""
+    got, exp = got[0].float(), exp[0].float()
+    if rel(got, exp) <= tol:
+        return
+    per_token = (got - exp).norm(dim=-1) / exp.norm(dim=-1).clamp_min(1e-30)
+    moved = int((per_token > tol).sum())
+    assert moved <= max(1, per_token.numel() // 5), (
+        f"{what}: relative error {rel(got, exp):.3g}, {moved}/{per_token.numel()} tokens beyond "
+        f"{tol:g}: {[round(x, 4) for x in per_token.tolist()]}")
+
+
 @pytest.mark.gpu
 def test_capture_counts_and_replay_matches_eager():
     torch.manual_seed(0)
@@ -204,11 +220,16 @@ def test_capture_counts_and_replay_matches_eager():
     assert rep.capture_failures == {} and rep.graph_memory_bytes > 0 and rep.capture_seconds > 0
     for n in (1, 3, 4, 16, 50, 64, 3, 17):
         ids = torch.randint(0, 256, (1, n), device="cuda")
-        assert rel(w(ids), ref(ids)) < 2e-2
+        got = w(ids)
+        close_to_unwrapped_bf16(got, ref(ids), f"T={n}")
+        if n in rep.buckets:  # a whole bucket: the replay runs the eager split path's kernels
+            with torch.inference_mode():
+                split = w.engine().eager(ids[0], None, [0, n])
+            assert rel(got, split) < 1e-3, f"T={n}: replay vs eager split {rel(got, split):.3g}"
     rep = w.report()
     assert rep.replays == {4: 4, 16: 1, 64: 3}
     ids = torch.randint(0, 256, (1, 65), device="cuda")
-    assert rel(w(ids), ref(ids)) < 2e-2
+    close_to_unwrapped_bf16(w(ids), ref(ids), "T=65")
     assert w.report().eager_fallbacks == {"above_max_tokens": 1}
 
 
