@@ -177,7 +177,10 @@ def main() -> None:
             for g in r["top_gaps"]:
                 print(f"         gap {g[0]:>6} us: {g[1]}  ->  {g[2]}")
         row["peel"] = peel(wrapped, ids, args.reps)
-        print(f"  without the profiler ({args.layers} attention splits per call):")
+        splits = wrapped.report().split_calls_per_bucket.get(t, 0)
+        row["split_calls"] = splits
+        print(f"  without the profiler ({splits} attention splits per call"
+              f"{'; attention inside the graph' if splits == 0 else ''}):")
         for name, v in row["peel"].items():
             print(f"    {name:<24} {v['ms'] * 1e3:8.1f} us (events)   host enqueue {v['host_us']:7.1f} us")
     os.makedirs(args.out, exist_ok=True)

@@ -64,6 +64,12 @@ TORCH_LIBRARY(pcg, m) {
   m.def(
       "causal_attention_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor meta, "
       "float? scale=None, int window_left=-1) -> ()");
+  // The same for sequences of at most 64 tokens, the batch read on the device
+  // from int32 [num_tokens, num_seqs, cu_seqlens...] when the kernel runs:
+  // capturable, a graph follows the batch written there before each replay.
+  m.def(
+      "causal_attention_graph(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor batch, "
+      "float? scale=None, int window_left=-1) -> ()");
 
   // ---- layer ops (kernels in python/pcg; the layer is found by id) ----------
   // Split op: causal attention over the packed batch of the running forward.

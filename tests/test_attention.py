@@ -367,3 +367,105 @@ def test_short_kernel_in_a_cuda_graph():
     graph.replay()
     torch.testing.assert_close(out.double().cpu(), reference(q.cpu(), k.cpu(), v.cpu(), cu, rows=rows),
                                rtol=2e-2, atol=2e-2)
+
+
+# ---- pcg::causal_attention_graph: the batch in device memory -------------------------
+GRAPH_CASES = [  # rows, cu_seqlens, hq, hkv, d, dv, window_left (sequences <= 64 tokens)
+    (7, [0, 7], 4, 2, 16, 16, -1),
+    (13, [0, 5, 6, 13], 6, 3, 8, 8, -1),
+    (20, [0, 9, 17], 4, 1, 32, 24, -1),  # pad rows, Dv != D
+    (11, [0, 11], 2, 2, 16, 16, 3),  # window
+    (5, [0, 0, 5], 2, 1, 8, 8, -1),  # an empty sequence
+    (6, [0], 2, 1, 8, 8, -1),  # no tokens
+    (64, [0, 64], 4, 2, 16, 16, -1),  # the longest sequence it takes
+]
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES)
+def test_graph_op_matches_reference_cpu(case):
+    rows, cu, hq, hkv, d, dv, wl = case
+    q, k, v = make(rows, hq, hkv, d, dv, strided=True)
+    out = torch.full((rows, hq, dv), float("nan"))
+    pcg.ops.causal_attention_graph(q, k, v, out, pcg.ops.graph_batch(cu, capacity=8), window_left=wl)
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu, None, wl, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_op_bad_batches_raise_clear_errors():
+    q, k, v = make(70, 4, 2, 8)
+    out = torch.empty(70, 4, 8)
+    op = torch.ops.pcg.causal_attention_graph
+    gb = pcg.ops.graph_batch
+    with pytest.raises(ValueError, match="'batch'.*int32"):
+        op(q, k, v, out, gb([0, 5]).long())
+    with pytest.raises(ValueError, match="'batch'.*at least 3"):
+        op(q, k, v, out, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="at most 64 tokens, got one of 70"):
+        op(q, k, v, out, gb([0, 70]))
+    with pytest.raises(ValueError, match="num_seqs 3 must be in"):
+        op(q, k, v, out, gb([0, 1, 2, 3])[:5])  # room for 2 sequences only
+    with pytest.raises(ValueError, match="cu_seqlens must not decrease"):
+        op(q, k, v, out, torch.tensor([6, 2, 0, 7, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0"):
+        op(q, k, v, out, torch.tensor([6, 1, 1, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="num_tokens 71"):
+        op(q, k, v, out, gb([0, 71]))
+    with pytest.raises(ValueError, match="'out'"):
+        op(q, k, v, torch.empty(70, 4, 7), gb([0, 5]))
+
+
+def test_graph_op_opcheck():
+    q, k, v = make(9, 4, 2, 8)
+    out = torch.empty(9, 4, 8)
+    torch.library.opcheck(torch.ops.pcg.causal_attention_graph.default,
+                          (q, k, v, out, pcg.ops.graph_batch([0, 5, 8], 4), 0.5, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "fused_qkv"])
+def test_graph_op_captured_follows_the_device_batch(layout):
+    """Captured once; each replay reads the batch written into the device
+    buffer just before it (sequence boundaries, token counts, pad rows)."""
+    rows, hq, hkv, d = 64, 8, 2, 64
+    if layout == "fused_qkv":
+        q, k, v = make_fused_qkv(rows, hq, hkv, d, d, torch.bfloat16, seed=5)
+    else:
+        q, k, v = make(rows, hq, hkv, d, dtype=torch.bfloat16, device="cuda", seed=5,
+                       strided=layout == "strided")
+    out = torch.empty(rows, hq, d, dtype=torch.bfloat16, device="cuda")
+    batch = pcg.ops.graph_batch([0, rows], 64, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pcg.ops.causal_attention_graph(q, k, v, out, batch)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pcg.ops.causal_attention_graph(q, k, v, out, batch)
+    for cu in ([0, 64], [0, 5, 19], [0, 1], [0, 3, 4, 10, 64], [0], [0, 1, 2, 3, 4, 5],
+               list(range(0, 65, 2))):
+        batch[: len(cu) + 2].copy_(pcg.ops.graph_batch(cu))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = reference(q.cpu(), k.cpu(), v.cpu(), cu, rows=rows)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2, msg=lambda m: f"{cu}: {m}")
+
+
+@pytest.mark.gpu
+def test_graph_op_cuda_contract():
+    q, k, v = make(80, 4, 2, 16, dtype=torch.bfloat16, device="cuda")
+    out = torch.zeros(80, 4, 16, dtype=torch.bfloat16, device="cuda")
+    # a sequence longer than 64 breaks the contract: its rows come out NaN, never silently wrong
+    pcg.ops.causal_attention_graph(q, k, v, out, pcg.ops.graph_batch([0, 10, 80], device="cuda"))
+    assert torch.isnan(out[74:80]).all() and not torch.isnan(out[:74]).any()
+    ref = reference(q.cpu(), k.cpu(), v.cpu(), [0, 10], rows=10)
+    torch.testing.assert_close(out[:10].double().cpu(), ref, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="CUDA bf16/fp16"):
+        pcg.ops.causal_attention_graph(q.float(), k.float(), v.float(), out.float(),
+                                       pcg.ops.graph_batch([0, 5], device="cuda"))
+    with pytest.raises(ValueError, match="'batch'"):
+        pcg.ops.causal_attention_graph(q, k, v, out, pcg.ops.graph_batch([0, 5]))  # CPU batch
+    torch.library.opcheck(torch.ops.pcg.causal_attention_graph.default,
+                          (q, k, v, out, pcg.ops.graph_batch([0, 5, 8], 4, "cuda"), None, -1),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -210,15 +210,17 @@ def test_capture_counts_and_replay_matches_eager():
     model = tiny(5, device="cuda", dtype=torch.bfloat16, num_layers=layers, hidden_size=128,
                  intermediate_size=64, num_experts=16, top_k=4)
     ref = copy.deepcopy(model)
-    w = pcg.wrap(model, buckets=[4, 16, 64], progress=False).capture()
+    w = pcg.wrap(model, buckets=[4, 16, 64, 96], progress=False).capture()
     rep = w.report()
-    assert rep.buckets == [4, 16, 64]
-    # one split (attention) per layer: layers + 1 graphs per bucket
-    assert rep.segments_per_bucket == {4: layers + 1, 16: layers + 1, 64: layers + 1}
-    assert rep.split_calls_per_bucket == {4: layers, 16: layers, 64: layers}
-    assert rep.graphs == 3 * (layers + 1)
+    assert rep.buckets == [4, 16, 64, 96]
+    # buckets <= 64 tokens: attention inside the graph, one graph per bucket;
+    # above: one split (attention) per layer, layers + 1 graphs
+    assert rep.segments_per_bucket == {4: 1, 16: 1, 64: 1, 96: layers + 1}
+    assert rep.split_calls_per_bucket == {4: 0, 16: 0, 64: 0, 96: layers}
+    assert rep.graph_attention_buckets == [4, 16, 64]
+    assert rep.graphs == 3 + layers + 1
     assert rep.capture_failures == {} and rep.graph_memory_bytes > 0 and rep.capture_seconds > 0
-    for n in (1, 3, 4, 16, 50, 64, 3, 17):
+    for n in (1, 3, 4, 16, 50, 64, 3, 17, 80):
         ids = torch.randint(0, 256, (1, n), device="cuda")
         got = w(ids)
         close_to_unwrapped_bf16(got, ref(ids), f"T={n}")
@@ -227,10 +229,32 @@ def test_capture_counts_and_replay_matches_eager():
                 split = w.engine().eager(ids[0], None, [0, n])
             assert rel(got, split) < 1e-3, f"T={n}: replay vs eager split {rel(got, split):.3g}"
     rep = w.report()
-    assert rep.replays == {4: 4, 16: 1, 64: 3}
-    ids = torch.randint(0, 256, (1, 65), device="cuda")
-    close_to_unwrapped_bf16(w(ids), ref(ids), "T=65")
+    assert rep.replays == {4: 4, 16: 1, 64: 3, 96: 1}
+    ids = torch.randint(0, 256, (1, 97), device="cuda")
+    close_to_unwrapped_bf16(w(ids), ref(ids), "T=97")
     assert w.report().eager_fallbacks == {"above_max_tokens": 1}
+
+
+@pytest.mark.gpu
+def test_graph_attention_off_keeps_the_split(monkeypatch):
+    monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", False)
+    layers = 2
+    model = tiny(5, device="cuda", dtype=torch.bfloat16, num_layers=layers, hidden_size=128,
+                 intermediate_size=64, num_experts=16, top_k=4)
+    w = pcg.wrap(copy.deepcopy(model), buckets=[8, 32], progress=False).capture()
+    rep = w.report()
+    assert rep.segments_per_bucket == {8: layers + 1, 32: layers + 1}
+    assert rep.graph_attention_buckets == []
+    on = pcg.wrap(copy.deepcopy(model), buckets=[8, 32], progress=False)
+    monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", True)
+    on.capture()
+    assert on.report().segments_per_bucket == {8: 1, 32: 1}
+    g = torch.Generator().manual_seed(4)
+    for n, cu in ((5, [0, 5]), (8, [0, 3, 8]), (29, [0, 1, 2, 20, 29])):
+        ids = torch.randint(0, 256, (1, n), generator=g).to("cuda")
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(cu, cu[1:])])[None].to("cuda")
+        a, b = w(ids, position_ids=pos), on(ids, position_ids=pos)
+        assert rel(b, a) < 2e-2, f"T={n} {cu}: graph attention vs split {rel(b, a):.3g}"
 
 
 @pytest.mark.gpu

@@ -26,4 +26,12 @@ using ShortAttentionFn = bool (*)(const at::Tensor& q, const at::Tensor& k, cons
 // Called from a static initialiser (short_attention_cuda.cpp).
 void register_short_attention(ShortAttentionFn fn);
 
+// pcg::causal_attention_graph's CUDA launch: the batch is read on the device
+// from `batch` (int32 [num_tokens, num_seqs, cu_seqlens...]). Throws a
+// ValueError naming what does not fit the kernel (dtype, head sizes, strides).
+using GraphAttentionFn = void (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  at::Tensor& out, const at::Tensor& batch,
+                                  std::optional<double> scale, int64_t window_left);
+void register_graph_attention(GraphAttentionFn fn);
+
 }  // namespace pcg

@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -247,7 +248,79 @@ void register_short_attention(ShortAttentionFn fn) {
   short_attention.store(fn, std::memory_order_relaxed);
 }
 
-TORCH_LIBRARY_IMPL(pcg, CPU, m) { m.impl("causal_attention_out", &causal_attention_out); }
-TORCH_LIBRARY_IMPL(pcg, CUDA, m) { m.impl("causal_attention_out", &causal_attention_out); }
+// ---- pcg::causal_attention_graph: the batch in device memory ------------------
+// The same attention for batches whose sequences are at most
+// kGraphAttnMaxSeqlen tokens, reading [num_tokens, num_seqs, cu_seqlens...]
+// (int32, on q's device) when it runs, so a CUDA graph that captured it
+// follows the batch its owner writes there before each replay: attention stays
+// inside the graph. CUDA: the short-sequence kernel (it cannot check the batch
+// without a synchronisation: rows of a longer sequence come out NaN); CPU: the
+// batch is checked, then computed as causal_attention_out.
+namespace {
+
+constexpr const char* kGraphOp = "causal_attention_graph";
+constexpr int64_t kGraphAttnMaxSeqlen = 64;  // = kShortAttnMaxSeqlen (short_attention.h)
+std::atomic<GraphAttentionFn> graph_attention{nullptr};
+
+void check_graph_batch(const at::Tensor& q, const at::Tensor& batch) {
+  PCG_CHECK_ARG(kGraphOp, "batch", batch.scalar_type() == at::kInt && batch.dim() == 1 &&
+                    batch.is_contiguous() && batch.numel() >= 3,
+                "must be a contiguous 1-D int32 tensor [num_tokens, num_seqs, cu_seqlens...] "
+                "of at least 3 values, got ", batch.scalar_type(), " with shape ", batch.sizes());
+  check_device(kGraphOp, "batch", batch, q.device());
+}
+
+}  // namespace
+
+void causal_attention_graph(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::Tensor& out, const at::Tensor& batch,
+                            std::optional<double> scale, int64_t window_left) {
+  validate(q, k, v, out, window_left);
+  check_graph_batch(q, batch);
+  if (q.is_cuda()) {
+    const GraphAttentionFn fn = graph_attention.load(std::memory_order_relaxed);
+    PCG_CHECK_ARG(kGraphOp, "q", fn != nullptr, "CUDA tensors need pcg's CUDA build");
+    fn(q, k, v, out, batch, scale, window_left);
+    return;
+  }
+  // CPU: check the batch as the kernel assumes it, then the reference path.
+  const int32_t* b = batch.data_ptr<int32_t>();
+  const int64_t num_tokens = b[0], num_seqs = b[1];
+  const int32_t* cu = b + 2;
+  PCG_CHECK_ARG(kGraphOp, "batch", num_tokens >= 0 && num_tokens <= q.size(0), "num_tokens ",
+                num_tokens, " must be in [0, ", q.size(0), "] (the rows of q)");
+  PCG_CHECK_ARG(kGraphOp, "batch", num_seqs >= 0 && num_seqs <= batch.numel() - 3,
+                "num_seqs ", num_seqs, " must be in [0, ", batch.numel() - 3, "]");
+  PCG_CHECK_ARG(kGraphOp, "batch", cu[0] == 0 && cu[num_seqs] == num_tokens,
+                "cu_seqlens must run from 0 to num_tokens ", num_tokens, ", got ", cu[0], " .. ",
+                cu[num_seqs]);
+  auto meta = at::empty({kMetaHead + num_seqs + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* m = meta.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t i = 0; i <= num_seqs; ++i) {
+    m[kMetaHead + i] = cu[i];
+    if (i == 0) continue;
+    PCG_CHECK_ARG(kGraphOp, "batch", cu[i] >= cu[i - 1], "cu_seqlens must not decrease (at ",
+                  i - 1, ")");
+    longest = std::max<int64_t>(longest, cu[i] - cu[i - 1]);
+  }
+  PCG_CHECK_ARG(kGraphOp, "batch", longest <= kGraphAttnMaxSeqlen, "sequences must be at most ",
+                kGraphAttnMaxSeqlen, " tokens, got one of ", longest);
+  m[0] = num_tokens, m[1] = num_seqs, m[2] = longest, m[3] = 0;
+  causal_attention_out(q, k, v, out, meta, scale, window_left);
+}
+
+void register_graph_attention(GraphAttentionFn fn) {
+  graph_attention.store(fn, std::memory_order_relaxed);
+}
+
+TORCH_LIBRARY_IMPL(pcg, CPU, m) {
+  m.impl("causal_attention_out", &causal_attention_out);
+  m.impl("causal_attention_graph", &causal_attention_graph);
+}
+TORCH_LIBRARY_IMPL(pcg, CUDA, m) {
+  m.impl("causal_attention_out", &causal_attention_out);
+  m.impl("causal_attention_graph", &causal_attention_graph);
+}
 
 }  // namespace pcg

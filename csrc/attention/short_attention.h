@@ -49,6 +49,14 @@ struct ShortAttnParams {
   ShortAttnDtype dtype = ShortAttnDtype::kBFloat16;
   int32_t num_seqs = 0;                   // <= kShortAttnMaxSeqs
   int32_t cu[kShortAttnMaxSeqs + 1] = {};  // sequence starts, cu[0] = 0
+  // Device-side batch (pcg::causal_attention_graph): when set, the kernel
+  // reads [num_tokens, num_seqs, cu_seqlens...] from this int32 array (room
+  // for batch_capacity sequences) instead of num_tokens / num_seqs / cu above,
+  // so a captured launch follows whatever batch the array holds at replay.
+  // Values are clamped into range; a row whose sequence is longer than
+  // kShortAttnMaxSeqlen (or whose start is out of range) is written as NaN.
+  const int32_t* device_batch = nullptr;
+  int32_t batch_capacity = 0;
 };
 
 // Validated params in (see short_attention_cuda.cpp), one kernel on `stream`.

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -15,6 +16,7 @@
 
 #include "attention/attention_hooks.h"
 #include "attention/short_attention.h"
+#include "common/check.h"
 
 namespace pcg {
 namespace {
@@ -57,31 +59,37 @@ bool no_internal_overlap(const at::Tensor& out) {
   return s[1] == kNever || s[1] >= s[0] * n[0];
 }
 
-bool fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-          const AttnBatch& b) {
+// Why the tensors do not fit the kernel, or null (the batch aside).
+const char* misfit(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out) {
   const auto dt = q.scalar_type();
   const int64_t d = q.size(2), dv = v.size(2);
-  if (!q.is_cuda() || (dt != at::kBFloat16 && dt != at::kHalf)) return false;
+  if (!q.is_cuda() || (dt != at::kBFloat16 && dt != at::kHalf)) return "CUDA bf16/fp16 tensors";
+  if (d < kAlign || d % kAlign != 0 || d > kShortAttnMaxHeadDim || dv < kAlign ||
+      dv % kAlign != 0 || dv > kShortAttnMaxHeadDim)
+    return "q/v head sizes that are multiples of 8 up to 256";
+  if (q.size(0) == 0 || q.size(0) > std::numeric_limits<int32_t>::max() / 2 || q.size(1) == 0)
+    return "at least one row and head (and < 2^30 rows)";
+  for (const at::Tensor* t : {&q, &k, &v, &out})
+    if (!vector_friendly(*t))
+      return "unit stride along the head size, row/head strides multiples of 8, 16-byte aligned starts";
+  if (!no_internal_overlap(out)) return "an out whose (row, head) vectors do not overlap";
+  for (const at::Tensor* t : {&q, &k, &v})
+    if (!disjoint(out, *t)) return "an out sharing no memory with q, k or v";
+  return nullptr;
+}
+
+bool fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+          const AttnBatch& b) {
   if (b.max_seqlen > kShortAttnMaxSeqlen || b.num_seqs > kShortAttnMaxSeqs ||
       b.num_tokens > kShortAttnMaxTokens)
     return false;
-  if (d < kAlign || d % kAlign != 0 || d > kShortAttnMaxHeadDim || dv < kAlign ||
-      dv % kAlign != 0 || dv > kShortAttnMaxHeadDim)
-    return false;
-  if (q.size(0) == 0 || q.size(0) > std::numeric_limits<int32_t>::max() / 2 || q.size(1) == 0)
-    return false;
-  for (const at::Tensor* t : {&q, &k, &v, &out})
-    if (!vector_friendly(*t)) return false;
-  if (!no_internal_overlap(out)) return false;
-  for (const at::Tensor* t : {&q, &k, &v})
-    if (!disjoint(out, *t)) return false;
-  return true;
+  return misfit(q, k, v, out) == nullptr;
 }
 
-bool short_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         at::Tensor& out, const AttnBatch& b, std::optional<double> scale,
-                         int64_t window_left) {
-  if (!fits(q, k, v, out, b)) return false;
+// Everything but the batch.
+ShortAttnParams tensor_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              at::Tensor& out, std::optional<double> scale, int64_t window_left) {
   ShortAttnParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -92,7 +100,6 @@ bool short_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Ten
   p.v_row = v.stride(0), p.v_head = v.stride(1);
   p.o_row = out.stride(0), p.o_head = out.stride(1);
   p.rows = static_cast<int32_t>(q.size(0));
-  p.num_tokens = static_cast<int32_t>(b.num_tokens);
   p.hq = static_cast<int32_t>(q.size(1));
   p.group = static_cast<int32_t>(q.size(1) / k.size(1));
   p.d = static_cast<int32_t>(q.size(2));
@@ -102,6 +109,15 @@ bool short_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(p.d));
   p.scale_log2 = static_cast<float>(s * 1.4426950408889634);  // log2(e)
   p.dtype = q.scalar_type() == at::kBFloat16 ? ShortAttnDtype::kBFloat16 : ShortAttnDtype::kFloat16;
+  return p;
+}
+
+bool short_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         at::Tensor& out, const AttnBatch& b, std::optional<double> scale,
+                         int64_t window_left) {
+  if (!fits(q, k, v, out, b)) return false;
+  ShortAttnParams p = tensor_params(q, k, v, out, scale, window_left);
+  p.num_tokens = static_cast<int32_t>(b.num_tokens);
   // A batch without tokens still zeroes every row: num_seqs 0 keeps cu = {0}.
   p.num_seqs = static_cast<int32_t>(b.num_seqs);
   for (int64_t i = 0; i <= b.num_seqs; ++i) p.cu[i] = static_cast<int32_t>(b.cu[i]);
@@ -112,7 +128,21 @@ bool short_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return true;
 }
 
-const bool registered = (register_short_attention(&short_attention_out), true);
+void graph_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         at::Tensor& out, const at::Tensor& batch, std::optional<double> scale,
+                         int64_t window_left) {
+  if (const char* need = misfit(q, k, v, out))
+    PCG_CHECK_ARG("causal_attention_graph", "q", false, "the CUDA kernel needs ", need);
+  ShortAttnParams p = tensor_params(q, k, v, out, scale, window_left);
+  p.device_batch = batch.data_ptr<int32_t>();
+  p.batch_capacity = static_cast<int32_t>(std::min<int64_t>(batch.numel() - 3, 1 << 30));
+  const c10::cuda::CUDAGuard guard(q.device());
+  short_attention_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+const bool registered = (register_short_attention(&short_attention_out),
+                         register_graph_attention(&graph_attention_out), true);
 
 }  // namespace
 }  // namespace pcg

@@ -62,17 +62,17 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Start of the sequence holding `row` (< num_tokens): the largest start <= row.
 // Empty sequences repeat a start, which changes nothing. __grid_constant__
 // lets us index the parameter array without a local-memory copy.
-__device__ __forceinline__ int sequence_start(const ShortAttnParams& p, int row) {
-  int lo = 0, hi = p.num_seqs;  // cu[lo] <= row < cu[hi] == num_tokens
+__device__ __forceinline__ int sequence_start(const int32_t* cu, int num_seqs, int row) {
+  int lo = 0, hi = num_seqs;  // cu[lo] <= row < cu[hi] == num_tokens
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (p.cu[mid] <= row) {
+    if (cu[mid] <= row) {
       lo = mid;
     } else {
       hi = mid;
     }
   }
-  return p.cu[lo];
+  return cu[lo];
 }
 
 template <typename T>
@@ -87,15 +87,32 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarp)
   T* out = static_cast<T*>(p.out) + row * p.o_row + head * p.o_head;
   const int chunks = p.dv / kVec;  // 16-byte chunks of an output row, <= 32
 
-  if (row >= p.num_tokens) {  // pad row
+  // The batch: by value, or (captured launches) read from device memory.
+  int num_tokens = p.num_tokens, num_seqs = p.num_seqs;
+  const int32_t* cu = p.cu;
+  if (p.device_batch != nullptr) {
+    num_tokens = min(max(p.device_batch[0], 0), p.rows);
+    num_seqs = min(max(p.device_batch[1], 0), p.batch_capacity);
+    cu = p.device_batch + 2;
+  }
+
+  if (row >= num_tokens) {  // pad row
     float zero[kVec] = {};
     if (lane < chunks) store8(out + lane * kVec, zero);
     return;
   }
 
-  const int start = sequence_start(p, row);
+  const int start = num_seqs > 0 ? sequence_start(cu, num_seqs, row) : row + 1;
   const int first = p.window_left < 0 ? start : max(start, row - p.window_left);
   const int n = row - first + 1;  // visible keys: first..row, 1..64
+  if (start < 0 || n < 1 || n > kShortAttnMaxSeqlen) {
+    // Only a device batch breaking its contract gets here: visible, not silent.
+    float nan[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) nan[i] = __int_as_float(0x7fc00000);
+    if (lane < chunks) store8(out + lane * kVec, nan);
+    return;
+  }
   const int kvh = head / p.group;
   const T* k = static_cast<const T*>(p.k) + first * p.k_row + kvh * p.k_head;
   const T* v = static_cast<const T*>(p.v) + first * p.v_row + kvh * p.v_head;

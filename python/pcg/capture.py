@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import attention as _attention
 from .batch import META_HEAD, BatchMeta
+from .ops.attention import GRAPH_MAX_SEQLEN, graph_batch
 from .registry import LayerRegistry, RunContext, running
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], Any]  # (ids [N], positions [N]) -> outputs
@@ -62,6 +63,7 @@ class BucketGraphs:
     out_spec: Any
     capture_seconds: float
     memory_bytes: int
+    graph_attention: int = 0  # attention calls captured inside the graphs (device batch)
 
 
 @dataclass
@@ -96,8 +98,9 @@ class CaptureEngine:
 
     def __init__(self, forward_fn: ForwardFn, registry: LayerRegistry, device: torch.device,
                  ladder: list[int], params: Callable[[], list[torch.Tensor]],
-                 progress: bool = True) -> None:
+                 progress: bool = True, graph_attention: bool = True) -> None:
         self.forward_fn = forward_fn
+        self.graph_attention = graph_attention
         self.registry = registry
         self.device = device
         self.ladder = ladder
@@ -116,6 +119,9 @@ class CaptureEngine:
         self.num_valid = torch.zeros(1, dtype=torch.int32, device=device)
         # The batch metadata the recorded attention calls read (rewritten per replay).
         self.host_meta = torch.zeros(META_HEAD + max_n + 1, dtype=torch.int64)
+        # What pcg::causal_attention_graph reads in buckets <= GRAPH_MAX_SEQLEN
+        # (staged from the host before each replay of such a bucket).
+        self.graph_batch = graph_batch([0], GRAPH_MAX_SEQLEN, device) if device.type == "cuda" else None
         self.registry_version = -1  # the registry's version the graphs were captured with
         self.pool: Optional[tuple[int, int]] = None
         self.stream: Optional[torch.cuda.Stream] = None
@@ -178,6 +184,12 @@ class CaptureEngine:
         batch = BatchMeta(n, [0, n], self.static_pos[:n], n, meta=self.host_meta)
         batch.host_meta(_attention.USE_VARLEN, _attention.USE_SHORT_KERNEL)
         ctx = RunContext(self.registry, batch, self.num_valid, recorder)
+        if (self.graph_attention and _attention.USE_GRAPH_ATTENTION and self.graph_batch is not None
+                and n <= GRAPH_MAX_SEQLEN):
+            # Every batch of this bucket has sequences <= n tokens: attention
+            # can read its batch on the device, inside the graph.
+            self.graph_batch.copy_(graph_batch([0, n], GRAPH_MAX_SEQLEN))
+            ctx.graph_batch = self.graph_batch
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with running(ctx), torch.cuda.stream(self.stream):
             chain.capture_begin(*self.pool)
@@ -193,7 +205,8 @@ class CaptureEngine:
         del out, flat
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        return BucketGraphs(n, chain, weak, spec, time.perf_counter() - t0, max(0, used))
+        return BucketGraphs(n, chain, weak, spec, time.perf_counter() - t0, max(0, used),
+                            ctx.stats.get("graph_attention", 0))
 
     # ---- run ----------------------------------------------------------------
     def replay(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
@@ -217,6 +230,11 @@ class CaptureEngine:
             sources.append(positions)
             buffers.append(self.static_pos)
             self._pos_is_arange = False
+        if g.graph_attention:  # what the attention captured inside the graphs reads
+            # empty sequences dropped: at most n <= GRAPH_MAX_SEQLEN remain
+            cu = [c for i, c in enumerate(cu_seqlens) if i == 0 or c != cu_seqlens[i - 1]]
+            sources.append(torch.tensor([n, len(cu) - 1, *cu], dtype=torch.int32))
+            buffers.append(self.graph_batch)
         batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket, meta=self.host_meta)
         # what the recorded attention calls read
         batch.host_meta(_attention.USE_VARLEN, _attention.USE_SHORT_KERNEL)

@@ -129,6 +129,9 @@ class RunContext:
     batch: Any = None  # pcg.batch.BatchMeta
     num_valid: Optional[torch.Tensor] = None  # int32 [1] on the device, inside captures
     recorder: Any = None  # pcg.capture.SegmentRecorder while capturing
+    # int32 device batch of pcg::causal_attention_graph while capturing a bucket
+    # whose attention stays inside the graph (pcg.attention.graph_attention_ok)
+    graph_batch: Optional[torch.Tensor] = None
     stats: dict = field(default_factory=dict)
 
 

@@ -21,6 +21,7 @@ class Report:
     capture_failures: dict = field(default_factory=dict)  # bucket -> error
     debug_max_rel_err: float = 0.0
     compile_fallbacks: dict = field(default_factory=dict)  # compile mode: reason -> calls run uncompiled
+    graph_attention_buckets: list = field(default_factory=list)  # attention inside their graphs
 
     @classmethod
     def build(cls, wrapped) -> "Report":
@@ -44,6 +45,7 @@ class Report:
             debug_max_rel_err=stats.debug_max_rel_err if stats else 0.0,
             compile_fallbacks=dict((getattr(wrapped._forward_fn, "stats", None) or {})
                                    .get("compile_fallbacks", {})),
+            graph_attention_buckets=sorted(n for n, g in graphs.items() if g.graph_attention),
         )
 
     def as_dict(self) -> dict:
@@ -59,6 +61,9 @@ class Report:
             + (f"({self.buckets[0]}..{self.buckets[-1]} tokens)" if self.buckets else ""),
             f"  segments per bucket: {segs[0] if len(segs) == 1 else segs}" if segs else "  segments per bucket: -",
             f"  CUDA graphs: {self.graphs}",
+            f"  attention inside the graphs: buckets {self.graph_attention_buckets[0]}.."
+            f"{self.graph_attention_buckets[-1]} tokens" if self.graph_attention_buckets
+            else "  attention inside the graphs: none" + (" (split at every attention)" if self.buckets else ""),
             f"  capture time: {self.capture_seconds:.2f} s",
             f"  graph memory: {self.graph_memory_bytes / 2**20:.1f} MiB",
             f"  replays: {sum(self.replays.values())}"

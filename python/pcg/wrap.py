@@ -24,6 +24,9 @@ class Options:
     debug: bool = False
     debug_rtol: Optional[float] = None
     progress: bool = True
+    # attention of small buckets inside the graphs (direct capture only: an
+    # FX piece boundary stays where the tracer put it)
+    graph_attention: bool = True
 
 
 class WrappedModel(nn.Module):
@@ -87,7 +90,8 @@ class WrappedModel(nn.Module):
     def engine(self) -> CaptureEngine:
         if self._engine is None:
             self._engine = CaptureEngine(self._forward_fn, self.registry, self.device, self.ladder,
-                                         self._params, progress=self.options.progress)
+                                         self._params, progress=self.options.progress,
+                                         graph_attention=self.options.graph_attention)
         return self._engine
 
     def _can_capture(self) -> Optional[str]:
@@ -217,7 +221,8 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         a :class:`WrappedModel` with the model's call signature (prefill only).
     """
     options = Options(max_tokens=max_tokens, buckets=list(buckets) if buckets is not None else None,
-                      capture=capture, debug=debug, progress=progress)
+                      capture=capture, debug=debug, progress=progress,
+                      graph_attention=compiler is None)
     from . import nn as pcg_nn
     ep_cfg = None
     if ep is not None:

@@ -1,4 +1,6 @@
-"""Causal attention over packed sequences: pcg::causal_attention_out."""
+"""Causal attention over packed sequences: pcg::causal_attention_out (batch
+read on the host at each call) and pcg::causal_attention_graph (batch read on
+the device, for captured graphs)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -11,6 +13,48 @@ from ..batch import BatchMeta
 @torch.library.register_fake("pcg::causal_attention_out")
 def _causal_attention_out_fake(q, k, v, out, meta, scale=None, window_left=-1) -> None:
     return None
+
+
+@torch.library.register_fake("pcg::causal_attention_graph")
+def _causal_attention_graph_fake(q, k, v, out, batch, scale=None, window_left=-1) -> None:
+    return None
+
+
+GRAPH_MAX_SEQLEN = 64  # longest sequence pcg::causal_attention_graph takes
+
+
+def graph_batch(cu_seqlens: Sequence[int], capacity: Optional[int] = None,
+                device: Optional[torch.device] = None) -> torch.Tensor:
+    """The int32 batch ``pcg::causal_attention_graph`` reads:
+    ``[num_tokens, num_seqs, cu_seqlens..., (zeros up to capacity)]``."""
+    cu = [int(c) for c in cu_seqlens] or [0]
+    vals = [cu[-1], len(cu) - 1, *cu]
+    if capacity is not None:
+        vals += [0] * (capacity + 3 - len(vals))
+    return torch.tensor(vals, dtype=torch.int32, device=device)
+
+
+def causal_attention_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           batch: torch.Tensor, *, scale: Optional[float] = None,
+                           window_left: int = -1) -> None:
+    """``causal_attention_out`` with the batch read from device memory when
+    the kernel runs, so a CUDA graph that captured the call follows the batch
+    written into ``batch`` before each replay (attention inside the graph).
+
+    Args:
+        q, k, v, out, scale, window_left: as :func:`causal_attention_out`.
+        batch: int32 1-D on q's device, ``[num_tokens, num_seqs,
+            cu_seqlens[0..num_seqs]]`` (:func:`graph_batch`), room for
+            ``batch.numel() - 3`` sequences.
+
+    Every sequence must be at most ``GRAPH_MAX_SEQLEN`` (64) tokens. CUDA:
+    bf16/fp16, head sizes multiples of 8 up to 256, unit stride along the head
+    size, row/head strides multiples of 8, 16-byte aligned starts (ValueError
+    otherwise); the batch is not checked on the device (no synchronisation):
+    rows of a longer sequence come out NaN. CPU: the batch is checked
+    (ValueError) and computed as :func:`causal_attention_out`.
+    """
+    torch.ops.pcg.causal_attention_graph(q, k, v, out, batch, scale, window_left)
 
 
 def causal_attention_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
