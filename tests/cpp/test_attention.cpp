@@ -86,6 +86,32 @@ TEST(CausalAttention, RejectsBadMetadata) {
   EXPECT_THROW(causal_attention_out(q, kv, kv, out, wrong_dtype), c10::ValueError);
 }
 
+// pcg::causal_attention_graph reads its batch from an int32 tensor
+// [num_tokens, num_seqs, cu...] (on q's device): rewritten between calls here.
+TEST(CausalAttention, GraphOpReadsTheBatchTensor) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pcg::causal_attention_graph", "")
+                       .typed<AttnFn>();
+  at::manual_seed(1);
+  const int64_t rows = 21;
+  auto q = at::randn({rows, 4, 16});
+  auto k = at::randn({rows, 2, 16});
+  auto v = at::randn({rows, 2, 16});
+  auto out = at::full({rows, 4, 16}, NAN);
+  auto batch = at::zeros({3 + 8}, at::kInt);
+  for (const auto& cu : std::vector<std::vector<int64_t>>{{0, 21}, {0, 3, 9, 20}, {0}}) {
+    auto* b = batch.data_ptr<int32_t>();
+    b[0] = static_cast<int32_t>(cu.back());
+    b[1] = static_cast<int32_t>(cu.size()) - 1;
+    for (size_t i = 0; i < cu.size(); ++i) b[2 + i] = static_cast<int32_t>(cu[i]);
+    op.call(q, k, v, out, batch, std::nullopt, -1);
+    EXPECT_TRUE(at::allclose(out.to(at::kDouble), reference(q, k, v, cu, rows, -1), 1e-5, 1e-5))
+        << "cu ends at " << cu.back();
+  }
+  batch.data_ptr<int32_t>()[2] = 1;  // cu_seqlens must start at 0
+  EXPECT_THROW(op.call(q, k, v, out, batch, std::nullopt, -1), c10::ValueError);
+}
+
 #ifdef PCG_WITH_CUDA
 // bf16 batches of short sequences take the one-launch kernel (flags 1); flags
 // 3 (bit 1) keeps them on flash. Both against the double reference, pad rows
