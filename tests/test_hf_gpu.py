@@ -127,8 +127,14 @@ def test_capture_report(captured):
     assert rep.buckets == BUCKETS
     assert rep.graphs > 0
     assert rep.integration == "transformers"
-    # one split call per attention layer in every bucket
-    assert all(n == rep.attention_layers for n in rep.split_calls_per_bucket.values()), rep
+    # every attention layer is either a split call or captured inside the
+    # graph (buckets <= 64 tokens, standard layers: no sinks / soft-capping)
+    for n in rep.buckets:
+        assert rep.split_calls_per_bucket[n] + rep.graph_attention_per_bucket[n] == rep.attention_layers, rep
+        if family in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe") and n <= 64:
+            assert rep.graph_attention_per_bucket[n] == rep.attention_layers and rep.segments_per_bucket[n] == 1, rep
+        if family == "gpt_oss":  # attention sinks: the model's own attention, split
+            assert rep.graph_attention_per_bucket[n] == 0, rep
 
 
 def test_single_sequence_bucket_and_non_bucket_sizes(captured):

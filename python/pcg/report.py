@@ -21,7 +21,12 @@ class Report:
     capture_failures: dict = field(default_factory=dict)  # bucket -> error
     debug_max_rel_err: float = 0.0
     compile_fallbacks: dict = field(default_factory=dict)  # compile mode: reason -> calls run uncompiled
-    graph_attention_buckets: list = field(default_factory=list)  # attention inside their graphs
+    graph_attention_per_bucket: dict = field(default_factory=dict)  # bucket -> attention calls inside its graphs
+
+    @property
+    def graph_attention_buckets(self) -> list:
+        """Buckets with attention captured inside their graphs."""
+        return [n for n, c in self.graph_attention_per_bucket.items() if c]
 
     @classmethod
     def build(cls, wrapped) -> "Report":
@@ -45,7 +50,7 @@ class Report:
             debug_max_rel_err=stats.debug_max_rel_err if stats else 0.0,
             compile_fallbacks=dict((getattr(wrapped._forward_fn, "stats", None) or {})
                                    .get("compile_fallbacks", {})),
-            graph_attention_buckets=sorted(n for n, g in graphs.items() if g.graph_attention),
+            graph_attention_per_bucket={n: g.graph_attention for n, g in sorted(graphs.items())},
         )
 
     def as_dict(self) -> dict:
