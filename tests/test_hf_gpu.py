@@ -131,8 +131,9 @@ def test_capture_report(captured):
     # graph (buckets <= 64 tokens, standard layers: no sinks / soft-capping)
     for n in rep.buckets:
         assert rep.split_calls_per_bucket[n] + rep.graph_attention_per_bucket[n] == rep.attention_layers, rep
-        if family in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe") and n <= 64:
-            assert rep.graph_attention_per_bucket[n] == rep.attention_layers and rep.segments_per_bucket[n] == 1, rep
+        inside = pcg.attention.USE_GRAPH_ATTENTION and n <= 64  # opt-in
+        if family in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe"):
+            assert rep.graph_attention_per_bucket[n] == (rep.attention_layers if inside else 0), rep
         if family == "gpt_oss":  # attention sinks: the model's own attention, split
             assert rep.graph_attention_per_bucket[n] == 0, rep
 
@@ -236,3 +237,28 @@ def test_zz_aggregate_accuracy_matches_unwrapped_bf16(captured):
     family, ref, wrapped = captured
     ref.sample(wrapped)
     ref.check_aggregate(family)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"])
+def test_graph_attention_matches_the_split(family, monkeypatch):
+    """Opt-in graph attention (buckets <= 64: the short-sequence kernel inside
+    the graph, batch read on the device) against the default split, which runs
+    the same kernel between graphs: packed sequences and padded batches."""
+    model = build(family, dtype=torch.bfloat16, device="cuda")
+    split = pcg.wrap(copy.deepcopy(model), buckets=BUCKETS, progress=False).capture()
+    monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", True)
+    inside = pcg.wrap(copy.deepcopy(model), buckets=BUCKETS, progress=False).capture()
+    rep = inside.report()
+    assert rep.graph_attention_buckets == BUCKETS and set(rep.segments_per_bucket.values()) == {1}, rep
+    g = torch.Generator().manual_seed(5)
+    for lens in ([7], [3, 1, 9, 20], [1] * 30, [64]):
+        ids = _ids(g, 1, sum(lens))
+        pos = torch.cat([torch.arange(n) for n in lens])[None].cuda()
+        a = split(ids, position_ids=pos).logits
+        b = inside(ids, position_ids=pos).logits
+        assert rel_err(b, a) < 1e-3, f"{family} {lens}: {rel_err(b, a):.3g}"
+    ids = _ids(g, 3, 11)
+    mask = padding_mask([11, 4, 1], 11, "left").cuda()
+    a = split(ids, attention_mask=mask).logits
+    b = inside(ids, attention_mask=mask).logits
+    assert rel_err(b, a) < 1e-3, f"{family} padded: {rel_err(b, a):.3g}"
