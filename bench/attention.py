@@ -20,25 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 
 import pcg  # noqa: F401  (loads the op library)
 from pcg.batch import BatchMeta
-from pcg.timing import cuda_time_ms
-
-
-def host_us(fn, reps: int = 50) -> float:
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    times.sort()
-    return times[len(times) // 2]
+from pcg.timing import cuda_time_ms, host_us
 
 
 def loop_us(fn, calls: int = 200) -> float:
@@ -68,7 +55,7 @@ def measure(cu: list[int], rows: int, hq: int, hkv: int, d: int, dtype, reps: in
             torch.ops.pcg.causal_attention_out(q, k, v, out, meta, None, -1)
 
         res[mode] = {"event_us": cuda_time_ms(call, warmup=5, reps=reps) * 1e3,
-                     "loop_us": loop_us(call), "host_us": host_us(call)}
+                     "loop_us": loop_us(call), "host_us": host_us(call, reps=50)}
     res["max_abs_diff"] = (outs["short"].float() - outs["flash"].float()).abs().max().item()
     return res
 

@@ -33,7 +33,7 @@ import pcg  # noqa: E402
 from pcg.batch import BatchMeta  # noqa: E402
 from pcg.models import qwen3_moe_model  # noqa: E402
 from pcg.registry import RunContext, running  # noqa: E402
-from pcg.timing import cuda_time_ms, paired_time_ms  # noqa: E402
+from pcg.timing import cuda_time_ms, host_us, paired_time_ms  # noqa: E402
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -80,19 +80,6 @@ def trace(fn, label: str) -> dict:
             "gpu_activities": len(gpu), "host_launch_calls": len(launches),
             "host_enqueue_us": marks[-1].get("dur", 0.0),
             "top_gaps": [(round(g, 1), a, b) for g, a, b in gaps[:8]]}
-
-
-def host_us(fn, reps: int = 20) -> float:
-    """Median host time to enqueue one call (the GPU idle before it)."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-        torch.cuda.synchronize()
-    times.sort()
-    return times[len(times) // 2]
 
 
 @torch.inference_mode()

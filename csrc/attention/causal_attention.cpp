@@ -39,6 +39,7 @@
 #endif
 
 #include "attention/attention_hooks.h"
+#include "attention/short_attention.h"
 #include "common/check.h"
 
 namespace pcg {
@@ -250,7 +251,7 @@ void register_short_attention(ShortAttentionFn fn) {
 
 // ---- pcg::causal_attention_graph: the batch in device memory ------------------
 // The same attention for batches whose sequences are at most
-// kGraphAttnMaxSeqlen tokens, reading [num_tokens, num_seqs, cu_seqlens...]
+// kShortAttnMaxSeqlen tokens, reading [num_tokens, num_seqs, cu_seqlens...]
 // (int32, on q's device) when it runs, so a CUDA graph that captured it
 // follows the batch its owner writes there before each replay: attention stays
 // inside the graph. CUDA: the short-sequence kernel (it cannot check the batch
@@ -259,7 +260,6 @@ void register_short_attention(ShortAttentionFn fn) {
 namespace {
 
 constexpr const char* kGraphOp = "causal_attention_graph";
-constexpr int64_t kGraphAttnMaxSeqlen = 64;  // = kShortAttnMaxSeqlen (short_attention.h)
 std::atomic<GraphAttentionFn> graph_attention{nullptr};
 
 void check_graph_batch(const at::Tensor& q, const at::Tensor& batch) {
@@ -304,8 +304,8 @@ void causal_attention_graph(const at::Tensor& q, const at::Tensor& k, const at::
                   i - 1, ")");
     longest = std::max<int64_t>(longest, cu[i] - cu[i - 1]);
   }
-  PCG_CHECK_ARG(kGraphOp, "batch", longest <= kGraphAttnMaxSeqlen, "sequences must be at most ",
-                kGraphAttnMaxSeqlen, " tokens, got one of ", longest);
+  PCG_CHECK_ARG(kGraphOp, "batch", longest <= kShortAttnMaxSeqlen, "sequences must be at most ",
+                kShortAttnMaxSeqlen, " tokens, got one of ", longest);
   m[0] = num_tokens, m[1] = num_seqs, m[2] = longest, m[3] = 0;
   causal_attention_out(q, k, v, out, meta, scale, window_left);
 }

@@ -187,8 +187,8 @@ class CaptureEngine:
         if (self.graph_attention and _attention.USE_GRAPH_ATTENTION and self.graph_batch is not None
                 and n <= GRAPH_MAX_SEQLEN):
             # Every batch of this bucket has sequences <= n tokens: attention
-            # can read its batch on the device, inside the graph.
-            self.graph_batch.copy_(graph_batch([0, n], GRAPH_MAX_SEQLEN))
+            # can read its batch on the device, inside the graph (each replay
+            # stages it first, so nothing is written here).
             ctx.graph_batch = self.graph_batch
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with running(ctx), torch.cuda.stream(self.stream):

@@ -130,7 +130,7 @@ class RunContext:
     num_valid: Optional[torch.Tensor] = None  # int32 [1] on the device, inside captures
     recorder: Any = None  # pcg.capture.SegmentRecorder while capturing
     # int32 device batch of pcg::causal_attention_graph while capturing a bucket
-    # whose attention stays inside the graph (pcg.attention.graph_attention_ok)
+    # whose attention stays inside the graph (layers whose tensors the kernel takes)
     graph_batch: Optional[torch.Tensor] = None
     stats: dict = field(default_factory=dict)
 

@@ -1,6 +1,7 @@
 """Measuring helpers shared by the demo and the benchmarks."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -52,6 +53,19 @@ def paired_time_ms(fns: Sequence[Callable[[], object]], warmup: int = 5, reps: i
         for i, f in enumerate(fns):
             times[i].append(_event_ms(f))
     return [_median(t) for t in times]
+
+
+def host_us(fn: Callable[[], object], reps: int = 20) -> float:
+    """Median host time (us) to enqueue one call on an idle GPU: the time the
+    GPU waits before the call's first kernel can start."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return _median(times)
 
 
 def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
