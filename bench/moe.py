@@ -16,6 +16,7 @@ JSON and a PNG plot to --out (default bench/out).
 
     python bench/moe.py                       # all shapes, T = 1 .. 16384
     python bench/moe.py --shapes qwen3 --tokens 1 16 256
+    python bench/moe.py --cutlass             # pcg on the WIP CUTLASS sm_90a path
 
 Without a CUDA device it says so and exits 0.
 """
@@ -104,7 +105,8 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
 
     # Correctness of both implementations against each other before timing.
     hidden, wts, ids = make_inputs(args.check_t, E, k, H, 7, device)
-    a = pcg.fused_moe(hidden, w13, w2, wts, ids)
+    cfg = [-1, -1, -1] if args.cutlass else None  # [-1, -1, -1]: the CUTLASS sm_90a path
+    a = pcg.fused_moe(hidden, w13, w2, wts, ids, config=cfg)
     try:
         b = grouped_mm_moe(hidden, w13, w2, wts, ids)
         err = rel(a, b)
@@ -117,7 +119,7 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
     for T in tokens:
         sets = [make_inputs(T, E, k, H, 100 + s, device) for s in range(args.sets)]
         fl_us, flops, hit = floor_us(sets, E, k, H, I, T)
-        eager = [lambda s=s: pcg.fused_moe(s[0], w13, w2, s[1], s[2]) for s in sets]
+        eager = [lambda s=s: pcg.fused_moe(s[0], w13, w2, s[1], s[2], config=cfg) for s in sets]
         eager_us = time_us(eager, args.iters)
         graphs = [capture(f)[0] for f in eager]
         graph_us = time_us([gr.replay for gr in graphs], args.iters)
@@ -132,7 +134,7 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
             except Exception as exc:
                 print(f"[{name}] grouped_mm T={T} failed: {exc}", file=sys.stderr)
         from pcg.ops.fused_moe import fused_moe_config
-        config = list(fused_moe_config(E, k, H, I, T, torch.bfloat16))
+        config = cfg or list(fused_moe_config(E, k, H, I, T, torch.bfloat16))
         row = dict(shape=name, E=E, topk=k, H=H, I=I, T=T, config=config, experts_hit=hit, floor_us=fl_us,
                    pcg_eager_us=eager_us, pcg_graph_us=graph_us, grouped_mm_us=gmm_us,
                    pcg_over_floor=graph_us / fl_us, pcg_over_grouped_mm=graph_us / gmm_us,
@@ -184,6 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--sets", type=int, default=3, help="rotated input sets")
     ap.add_argument("--check-t", type=int, default=256)
+    ap.add_argument("--cutlass", action="store_true",
+                    help="run pcg with config [-1, -1, -1] (CUTLASS sm_90a path, work in progress)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args(argv)
 
@@ -206,11 +210,12 @@ def main(argv=None) -> int:
         rows += bench_shape(name, E, k, H, I, args.tokens, args, device)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, iters=args.iters,
-                sets=args.sets, peak_bw=PEAK_BW, peak_flops=PEAK_FLOPS)
-    with open(os.path.join(args.out, "moe.json"), "w") as f:
+                sets=args.sets, cutlass=args.cutlass, peak_bw=PEAK_BW, peak_flops=PEAK_FLOPS)
+    stem = "moe_cutlass" if args.cutlass else "moe"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"wrote {os.path.join(args.out, 'moe.json')}")
-    plot(rows, os.path.join(args.out, "moe.png"))
+    print(f"wrote {os.path.join(args.out, f'{stem}.json')}")
+    plot(rows, os.path.join(args.out, f"{stem}.png"))
     return 0
 
 

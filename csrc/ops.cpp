@@ -14,7 +14,9 @@ TORCH_LIBRARY(pcg, m) {
       "-> (Tensor, Tensor)");
   // Fused expert MLP over the routed pairs; rows >= num_valid are exact zeros.
   // config = [block_m, tile1, tile2] forces a kernel configuration (default:
-  // the tuning table's, csrc/moe/fused_moe.h).
+  // the tuning table's, csrc/moe/fused_moe.h); config = [-1, -1, -1] selects
+  // the CUTLASS sm_90a grouped-GEMM path (work in progress, bf16/fp16 on sm_90
+  // only, csrc/moe/moe_cutlass.h; the CPU kernel validates and ignores it).
   m.def(
       "fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, Tensor? num_valid=None, Tensor? b13=None, Tensor? b2=None, "

@@ -8,7 +8,9 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-"$py" -m pip install -q -r "$root/requirements.txt"
+# nvidia-cutlass provides headers only: skip its Python dependencies (cuda-python, scipy, ...).
+"$py" -m pip install -q -r <(grep -v '^nvidia-cutlass' "$root/requirements.txt")
+"$py" -m pip install -q --no-deps $(grep '^nvidia-cutlass' "$root/requirements.txt")
 export PATH="$venv/bin:$PATH"
 # Build against the torch just installed (no build isolation: see pyproject.toml).
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$py" -m pip install -q --no-build-isolation --no-deps -e "$root"

@@ -12,6 +12,7 @@
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_args.h"
 #include "moe/moe_align.h"
+#include "moe/moe_cutlass.h"
 
 namespace pcg {
 
@@ -134,8 +135,18 @@ std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef con
   PCG_CHECK_ARG(kOp, "config", c.size() == 3,
                 "must be [block_m, tile1, tile2] (3 ints; tile -1: block_m's default), got ", c);
   const int64_t block_m = c[0], tile1 = c[1], tile2 = c[2];
+  if (block_m == moe::kCutlassConfig) {
+    // The CUTLASS sm_90a path (moe_cutlass.h); CUDA checks the build and device.
+    PCG_CHECK_ARG(kOp, "config", tile1 == -1 && tile2 == -1,
+                  "[-1, -1, -1] selects the CUTLASS path (no tiles), got ", c);
+    PCG_CHECK_ARG(kOp, "config", dtype == at::kBFloat16 || dtype == at::kHalf,
+                  "[-1, -1, -1] (the CUTLASS path) needs bfloat16 or float16, got ",
+                  dtype_name(dtype));
+    return moe::MoeConfig{moe::kCutlassConfig, -1, -1};
+  }
   PCG_CHECK_ARG(kOp, "config", moe::is_supported_block_m(block_m),
-                "block_m (config[0]) must be 16, 32, 64 or 128, got ", c);
+                "block_m (config[0]) must be 16, 32, 64 or 128 (or -1 with tiles -1: the "
+                "CUTLASS path), got ", c);
   moe::MoeConfig out;
   out.block_m = static_cast<int>(block_m);
   if (dtype == at::kFloat) {

@@ -12,6 +12,7 @@
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_args.h"
 #include "moe/moe_align.h"
+#include "moe/moe_cutlass.h"
 
 namespace pcg {
 namespace {
@@ -46,6 +47,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
   PCG_CHECK_ARG("fused_moe", "w13", s.E <= moe::kMoeAlignMaxExperts,
                 "the CUDA kernel supports at most ", moe::kMoeAlignMaxExperts,
                 " local experts, got shape ", w13.sizes());
+  if (forced && moe::is_cutlass_config(*forced)) {
+    return fused_moe_cutlass_cuda(s, hidden, w13, w2, topk_weights, topk_ids, expert_map,
+                                  num_valid, b13, b2, alpha, limit);
+  }
   const c10::cuda::CUDAGuard guard(hidden.device());
   const moe::DType dtype = to_moe_dtype(hidden.scalar_type());
   const moe::MoeConfig cfg =

@@ -31,6 +31,7 @@
 
 #include "common/float_convert.cuh"
 #include "moe/fused_moe.h"
+#include "moe/moe_activation.cuh"
 #include "moe/fused_moe_tiles.h"
 #include "moe/moe_align.h"
 
@@ -93,15 +94,7 @@ struct Vec2<__nv_bfloat16> {
 // unrolled loop, and inlined copies of expf/erff there dominated the build time
 // of the tensor-core kernels (the call is negligible next to the K loop).
 __device__ __noinline__ float apply_act(float g, float u, int act, float alpha, float limit) {
-  if (act == static_cast<int>(Activation::kSilu)) {
-    return g / (1.f + expf(-g)) * u;
-  } else if (act == static_cast<int>(Activation::kGelu)) {
-    return 0.5f * g * (1.f + erff(g * 0.70710678118654752440f)) * u;
-  } else {  // swigluoai (gpt-oss)
-    g = fminf(g, limit);
-    u = fminf(fmaxf(u, -limit), limit);
-    return (u + 1.f) * g / (1.f + expf(-alpha * g));
-  }
+  return gated_act(g, u, act, alpha, limit);
 }
 
 __device__ __forceinline__ int64_t read_num_valid(const int32_t* num_valid, int64_t T) {

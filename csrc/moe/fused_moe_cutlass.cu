@@ -1,0 +1,108 @@
+// fused_moe's CUTLASS path: the pipeline of moe_cutlass.h and the dtype
+// dispatch of the grouped GEMM (grouped_gemm_sm90.h). Includes no CUTLASS
+// header: the kernels live in grouped_gemm_sm90_{bf16,f16}.cu, which are
+// built only with PCG_WITH_CUTLASS_SM90.
+#include <cuda_runtime.h>
+
+#include "moe/grouped_gemm_sm90.h"
+#include "moe/moe_align.h"
+#include "moe/moe_cutlass.h"
+#include "moe/moe_permute.h"
+
+namespace pcg::moe {
+
+#if defined(PCG_WITH_CUTLASS_SM90)
+namespace detail {
+size_t grouped_workspace_bf16(int64_t E, int sm_count);
+size_t grouped_workspace_f16(int64_t E, int sm_count);
+cudaError_t grouped_setup_bf16(const MoeGroupedGemmArgs& a, cudaStream_t s);
+cudaError_t grouped_setup_f16(const MoeGroupedGemmArgs& a, cudaStream_t s);
+cudaError_t grouped_run_bf16(const MoeGroupedGemmArgs& a, int which, cudaStream_t s);
+cudaError_t grouped_run_f16(const MoeGroupedGemmArgs& a, int which, cudaStream_t s);
+}  // namespace detail
+
+bool grouped_gemm_sm90_built() { return true; }
+
+size_t grouped_gemm_sm90_workspace_bytes(DType dtype, int64_t E, int sm_count) {
+  if (dtype == DType::kBFloat16) return detail::grouped_workspace_bf16(E, sm_count);
+  if (dtype == DType::kFloat16) return detail::grouped_workspace_f16(E, sm_count);
+  return 0;
+}
+
+cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs& a, cudaStream_t stream) {
+  if (a.dtype == DType::kBFloat16) return detail::grouped_setup_bf16(a, stream);
+  if (a.dtype == DType::kFloat16) return detail::grouped_setup_f16(a, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
+  if (a.dtype == DType::kBFloat16) return detail::grouped_run_bf16(a, which, stream);
+  if (a.dtype == DType::kFloat16) return detail::grouped_run_f16(a, which, stream);
+  return cudaErrorInvalidValue;
+}
+#else
+bool grouped_gemm_sm90_built() { return false; }
+size_t grouped_gemm_sm90_workspace_bytes(DType, int64_t, int) { return 0; }
+cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs&, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs&, int, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+#endif
+
+bool cutlass_moe_built() { return grouped_gemm_sm90_built(); }
+
+size_t cutlass_moe_gemm_workspace_bytes(DType dtype, int64_t E, int sm_count) {
+  return grouped_gemm_sm90_workspace_bytes(dtype, E, sm_count);
+}
+
+cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBuffers& b,
+                                     cudaStream_t stream) {
+  if (!cutlass_moe_built()) return cudaErrorNotSupported;
+  if (p.config.block_m != kCutlassBlockM) return cudaErrorInvalidValue;
+  const int k = static_cast<int>(p.k);
+  if (p.max_blocks > 0) {
+    const int64_t slots = p.max_blocks * kCutlassBlockM;
+    cudaError_t err = launch_moe_align(p.topk_ids, p.T, k, p.expert_map, p.num_global,
+                                       p.num_valid, static_cast<int>(p.E), kCutlassBlockM,
+                                       p.sorted_pairs, p.block_expert, p.max_blocks,
+                                       p.num_blocks, stream);
+    if (err != cudaSuccess) return err;
+    err = launch_moe_permute(p.dtype, p.hidden, p.H, k, p.sorted_pairs, slots, b.a_sorted,
+                             b.pair_slot, stream);
+    if (err != cudaSuccess) return err;
+
+    MoeGroupedGemmArgs g;
+    g.dtype = p.dtype;
+    g.E = p.E;
+    g.H = p.H;
+    g.I = p.I;
+    g.block_m = kCutlassBlockM;
+    g.sorted_pairs = p.sorted_pairs;
+    g.block_expert = p.block_expert;
+    g.num_blocks = p.num_blocks;
+    g.a1 = b.a_sorted;
+    g.w13 = p.w13;
+    g.d1 = b.gate_up;
+    g.a2 = p.inter;
+    g.w2 = p.w2;
+    g.d2 = b.a_sorted;  // a_sorted is dead after GEMM1
+    g.args = b.gemm_args;
+    g.workspace = b.gemm_workspace;
+    g.device = b.device;
+    g.sm_count = b.sm_count;
+    if ((err = grouped_gemm_sm90_setup(g, stream)) != cudaSuccess) return err;
+    if ((err = grouped_gemm_sm90_run(g, 1, stream)) != cudaSuccess) return err;
+    err = launch_moe_gated_act(p.dtype, b.gate_up, p.sorted_pairs, p.block_expert, kCutlassBlockM,
+                               slots, p.I, p.b13, p.act, p.alpha, p.limit, p.inter, stream);
+    if (err != cudaSuccess) return err;
+    if ((err = grouped_gemm_sm90_run(g, 2, stream)) != cudaSuccess) return err;
+  }
+  // Every row of out is written (zeros for rows without valid pairs).
+  return launch_moe_unpermute_reduce(p.dtype, b.a_sorted, b.pair_slot, p.topk_weights,
+                                     p.topk_ids, p.expert_map, p.num_global, p.E, p.num_valid,
+                                     p.T, k, p.H, p.b2, p.out, stream);
+}
+
+}  // namespace pcg::moe

@@ -1,0 +1,219 @@
+// CUTLASS 3.x sm_90a grouped GEMM of fused_moe's CUTLASS path (interface:
+// grouped_gemm_sm90.h), instantiated per dtype in grouped_gemm_sm90_{bf16,f16}.cu.
+// A row-major [M,K], B "column-major" [N,K] (the weights as stored), D
+// row-major [M,N]; ptr-array grouped kernel (one group per local expert),
+// TMA warp-specialized cooperative schedule, no C operand (D = A.B^T).
+// Problem shapes live only on the device (host shapes: nullptr), so the host
+// never needs the routing.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#include "moe/grouped_gemm_sm90.h"
+
+namespace pcg::moe::sm90 {
+
+using namespace cute;
+
+// One kernel type per dtype serves both GEMMs (same layouts, only N/K differ).
+// Tile 128x256x64, cooperative (two consumer warpgroups), no cluster: a
+// starting point, not tuned (see docs/cutlass_wip.md).
+template <typename Element>
+struct GroupedGemm {
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
+  using Acc = float;
+  using TileShape = Shape<_128, _256, _64>;
+  using ClusterShape = Shape<_1, _1, _1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc,
+      void, LayoutD*, kAlign,  // no C operand
+      Element, LayoutD*, kAlign, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, Acc>>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
+      LayoutB*, kAlign, Acc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+  static_assert(sizeof(Shape3) <= kGroupedArgSlotBytes && sizeof(StrideA) <= kGroupedArgSlotBytes &&
+                    sizeof(StrideB) <= kGroupedArgSlotBytes &&
+                    sizeof(StrideD) <= kGroupedArgSlotBytes,
+                "grouped_gemm_sm90_args_bytes undersizes an argument array");
+
+  // The device argument arrays of one GEMM (E entries each).
+  struct Arrays {
+    Shape3* shape;
+    const Element** a;
+    const Element** b;
+    Element** d;
+    StrideA* sa;
+    StrideB* sb;
+    StrideD* sd;
+  };
+
+  // GEMM `which` (1 or 2): arrays 7*(which-1) .. 7*which-1 of the args workspace.
+  static Arrays arrays(void* base, int64_t E, int which) {
+    const size_t per = grouped_gemm_sm90_args_bytes(E) / 14;
+    char* p = static_cast<char*>(base) + static_cast<size_t>(which - 1) * 7 * per;
+    Arrays r;
+    r.shape = reinterpret_cast<Shape3*>(p);
+    r.a = reinterpret_cast<const Element**>(p + per);
+    r.b = reinterpret_cast<const Element**>(p + 2 * per);
+    r.d = reinterpret_cast<Element**>(p + 3 * per);
+    r.sa = reinterpret_cast<StrideA*>(p + 4 * per);
+    r.sb = reinterpret_cast<StrideB*>(p + 5 * per);
+    r.sd = reinterpret_cast<StrideD*>(p + 6 * per);
+    return r;
+  }
+
+  static typename Gemm::Arguments arguments(const MoeGroupedGemmArgs& a, int which) {
+    const Arrays r = arrays(a.args, a.E, which);
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = a.device;
+    hw.sm_count = a.sm_count;
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
+    args.mainloop = {r.a, r.sa, r.b, r.sb};
+    args.epilogue.thread.alpha = 1.f;
+    args.epilogue.thread.beta = 0.f;
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.dC = nullptr;
+    args.epilogue.ptr_D = r.d;
+    args.epilogue.dD = r.sd;
+    args.hw_info = hw;
+    return args;
+  }
+};
+
+// First b in [0, n) with v[b] >= x (v non-decreasing on [0, n)).
+__device__ __forceinline__ int lower_bound(const int32_t* v, int n, int x) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (v[mid] < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// One thread per expert: e's run is blocks [lo, hi) of moe_align's output;
+// M_e = full blocks + the valid slots of the last one (valid pairs come first).
+template <typename Element>
+__global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, typename GroupedGemm<Element>::Arrays g1,
+                                     typename GroupedGemm<Element>::Arrays g2) {
+  using G = GroupedGemm<Element>;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= a.E) return;
+  const int nb = *a.num_blocks;
+  const int lo = lower_bound(a.block_expert, nb, static_cast<int>(e));
+  const int hi = lower_bound(a.block_expert, nb, static_cast<int>(e) + 1);
+  int M = 0;
+  int64_t off = 0;  // first slot; 0 for an empty expert (a valid base address)
+  if (hi > lo) {
+    M = (hi - lo - 1) * a.block_m;
+    const int32_t* last = a.sorted_pairs + static_cast<int64_t>(hi - 1) * a.block_m;
+    for (int r = 0; r < a.block_m; ++r) M += last[r] >= 0;
+    off = static_cast<int64_t>(lo) * a.block_m;
+  }
+  const int H = static_cast<int>(a.H), I = static_cast<int>(a.I);
+  const Element* w13 = static_cast<const Element*>(a.w13);
+  const Element* w2 = static_cast<const Element*>(a.w2);
+
+  g1.shape[e] = make_shape(M, 2 * I, H);
+  g1.a[e] = static_cast<const Element*>(a.a1) + off * H;
+  g1.b[e] = w13 + e * 2 * I * static_cast<int64_t>(H);
+  g1.d[e] = static_cast<Element*>(a.d1) + off * 2 * I;
+  g1.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, H, 1));
+  g1.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(2 * I, H, 1));
+  g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, 2 * I, 1));
+
+  g2.shape[e] = make_shape(M, H, I);
+  g2.a[e] = static_cast<const Element*>(a.a2) + off * I;
+  g2.b[e] = w2 + e * static_cast<int64_t>(H) * I;
+  g2.d[e] = static_cast<Element*>(a.d2) + off * H;
+  g2.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, I, 1));
+  g2.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(H, I, 1));
+  g2.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, H, 1));
+}
+
+template <typename Element>
+size_t workspace_bytes(int64_t E, int sm_count) {
+  using G = GroupedGemm<Element>;
+  MoeGroupedGemmArgs a;
+  a.E = E;
+  a.sm_count = sm_count;
+  // Only the group count and the SM count matter here; no pointer is read.
+  alignas(256) static char dummy[256];
+  a.args = dummy;
+  return G::Gemm::get_workspace_size(G::arguments(a, 1));
+}
+
+template <typename Element>
+cudaError_t setup(const MoeGroupedGemmArgs& a, cudaStream_t stream) {
+  using G = GroupedGemm<Element>;
+  if (a.E <= 0) return cudaSuccess;
+  const unsigned threads = 128;
+  const unsigned blocks = static_cast<unsigned>((a.E + threads - 1) / threads);
+  grouped_setup_kernel<Element><<<blocks, threads, 0, stream>>>(a, G::arrays(a.args, a.E, 1),
+                                                                 G::arrays(a.args, a.E, 2));
+  return cudaGetLastError();
+}
+
+template <typename Element>
+cudaError_t run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
+  using G = GroupedGemm<Element>;
+  if (a.E <= 0) return cudaSuccess;
+  typename G::Gemm gemm;
+  const typename G::Gemm::Arguments args = G::arguments(a, which);
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  // initialize: host-side parameter building, cudaFuncSetAttribute and at
+  // most workspace memsets on `stream` (capturable).
+  if (gemm.initialize(args, a.workspace, stream) != cutlass::Status::kSuccess) {
+    return cudaErrorInvalidConfiguration;
+  }
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  return cudaGetLastError();
+}
+
+}  // namespace pcg::moe::sm90
+
+// Defines the dtype's three entry points (used by grouped_gemm_sm90_dispatch).
+#define PCG_DEFINE_GROUPED_GEMM_SM90(SUFFIX, ELEMENT)                                          \
+  namespace pcg::moe::detail {                                                                  \
+  size_t grouped_workspace_##SUFFIX(int64_t E, int sm_count) {                                 \
+    return sm90::workspace_bytes<ELEMENT>(E, sm_count);                                         \
+  }                                                                                             \
+  cudaError_t grouped_setup_##SUFFIX(const MoeGroupedGemmArgs& a, cudaStream_t s) {            \
+    return sm90::setup<ELEMENT>(a, s);                                                          \
+  }                                                                                             \
+  cudaError_t grouped_run_##SUFFIX(const MoeGroupedGemmArgs& a, int which, cudaStream_t s) {   \
+    return sm90::run<ELEMENT>(a, which, s);                                                     \
+  }                                                                                             \
+  }

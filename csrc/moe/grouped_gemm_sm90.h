@@ -1,0 +1,73 @@
+// Grouped GEMMs of fused_moe's CUTLASS path (CUTLASS 3.x, sm_90a: wgmma + TMA,
+// ptr-array grouped kernel): one group per local expert e,
+//   D_e[M_e, N] = A_e[M_e, K] . B_e[N, K]^T   (bf16/fp16 in, fp32 accumulate,
+//                                              D in the input dtype)
+//   GEMM1: A = sorted hidden rows, B = w13[e], N = 2I, K = H -> gate_up
+//   GEMM2: A = inter,              B = w2[e],  N = H,  K = I -> d2
+// A_e / D_e start at expert e's first sorted slot (moe_align with block_m,
+// runs padded to block_m); M_e is e's number of valid pairs (moe_align puts
+// them first in the run), so padding slots are neither read nor written.
+// Problem shapes, pointers and strides are written on the device
+// (grouped_gemm_sm90_setup) from moe_align's outputs: no host sync, capturable.
+// Torch-free. Needs H % 8 == 0, I % 8 == 0 and 16-byte aligned bases (TMA).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "moe/fused_moe.h"
+
+#if defined(__CUDACC__) || defined(PCG_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace pcg::moe {
+
+// Bytes of the device argument arrays of both GEMMs for E groups (shapes,
+// pointers, strides; 14 arrays of at most 32 bytes per group, 256-byte aligned).
+constexpr size_t kGroupedArgSlotBytes = 32;
+inline size_t grouped_gemm_sm90_args_bytes(int64_t E) {
+  const size_t per_array = (static_cast<size_t>(E) * kGroupedArgSlotBytes + 255) / 256 * 256;
+  return 14 * per_array;
+}
+
+struct MoeGroupedGemmArgs {
+  DType dtype = DType::kBFloat16;  // bf16 or fp16
+  int64_t E = 0, H = 0, I = 0;
+  int block_m = 16;
+  // moe_align outputs (device).
+  const int32_t* sorted_pairs = nullptr;  // [max_blocks * block_m]
+  const int32_t* block_expert = nullptr;  // [max_blocks]
+  const int32_t* num_blocks = nullptr;    // [1]
+  // Operands (device, dtype, row-major, K contiguous).
+  const void* a1 = nullptr;   // [slots, H] hidden rows in sorted order
+  const void* w13 = nullptr;  // [E, 2I, H]
+  void* d1 = nullptr;         // [slots, 2I] gate (first I columns) and up
+  const void* a2 = nullptr;   // [slots, I] activation
+  const void* w2 = nullptr;   // [E, H, I]
+  void* d2 = nullptr;         // [slots, H]
+  // Workspaces (device): grouped_gemm_sm90_args_bytes(E) and
+  // grouped_gemm_sm90_workspace_bytes(dtype, E, sm_count).
+  void* args = nullptr;
+  void* workspace = nullptr;
+  int device = 0;
+  int sm_count = 0;
+};
+
+#if defined(__CUDACC__) || defined(PCG_WITH_CUDA)
+
+// True when this build holds the sm_90a CUTLASS kernels (PCG_WITH_CUTLASS_SM90).
+bool grouped_gemm_sm90_built();
+
+// CUTLASS workspace bytes (both GEMMs share it; they run one after the other).
+size_t grouped_gemm_sm90_workspace_bytes(DType dtype, int64_t E, int sm_count);
+
+// Writes both GEMMs' problem shapes, pointers and strides into a.args.
+cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs& a, cudaStream_t stream);
+
+// Runs GEMM `which` (1 or 2) from the arrays the setup wrote.
+cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream);
+
+#endif
+
+}  // namespace pcg::moe

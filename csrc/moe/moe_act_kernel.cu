@@ -1,0 +1,100 @@
+// Gated activation of fused_moe's CUTLASS path (interface: moe_permute.h):
+// GEMM1 writes gate|up rows (dtype); this kernel adds b13, applies the
+// activation in fp32 (moe_activation.cuh, the mma.sync kernels' math) and
+// writes the intermediate rows GEMM2 reads. 8 columns per thread step.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/float_convert.cuh"
+#include "moe/moe_activation.cuh"
+#include "moe/moe_permute.h"
+
+namespace pcg::moe {
+namespace {
+
+constexpr int kThreads = 128;
+
+__device__ __forceinline__ void load8(const void* p, float* f, bool bf16) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  if (bf16) {
+    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = to_float(v[i]);
+  } else {
+    const __half* v = reinterpret_cast<const __half*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = to_float(v[i]);
+  }
+}
+
+// One CTA per slot (padding slots exit at once).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gated_act_kernel(const T* __restrict__ gate_up, const int32_t* __restrict__ sorted_pairs,
+                     const int32_t* __restrict__ block_expert, int block_m, int64_t I,
+                     const T* __restrict__ b13, int act, float alpha, float limit,
+                     T* __restrict__ inter) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const int64_t slot = blockIdx.x;
+  if (sorted_pairs[slot] < 0) return;
+  const T* g = gate_up + slot * 2 * I;
+  const T* bias = b13 != nullptr ? b13 + static_cast<int64_t>(block_expert[slot / block_m]) * 2 * I
+                                 : nullptr;
+  T* dst = inter + slot * I;
+  for (int64_t n = static_cast<int64_t>(threadIdx.x) * 8; n < I; n += kThreads * 8) {
+    float gv[8], uv[8];
+    load8(g + n, gv, kBf16);
+    load8(g + I + n, uv, kBf16);
+    if (bias != nullptr) {
+      float bg[8], bu[8];
+      load8(bias + n, bg, kBf16);
+      load8(bias + I + n, bu, kBf16);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        gv[i] += bg[i];
+        uv[i] += bu[i];
+      }
+    }
+    uint4 res;
+    T* r = reinterpret_cast<T*>(&res);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) r[i] = from_float<T>(gated_act(gv[i], uv[i], act, alpha, limit));
+    *reinterpret_cast<uint4*>(dst + n) = res;
+  }
+}
+
+template <typename T>
+cudaError_t act_typed(const void* gate_up, const int32_t* sorted_pairs,
+                      const int32_t* block_expert, int block_m, int64_t slots, int64_t I,
+                      const void* b13, Activation act, float alpha, float limit, void* inter,
+                      cudaStream_t stream) {
+  gated_act_kernel<T><<<static_cast<unsigned>(slots), kThreads, 0, stream>>>(
+      static_cast<const T*>(gate_up), sorted_pairs, block_expert, block_m, I,
+      static_cast<const T*>(b13), static_cast<int>(act), alpha, limit, static_cast<T*>(inter));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_moe_gated_act(DType dtype, const void* gate_up, const int32_t* sorted_pairs,
+                                 const int32_t* block_expert, int block_m, int64_t slots,
+                                 int64_t I, const void* b13, Activation act, float alpha,
+                                 float limit, void* inter, cudaStream_t stream) {
+  if (I % 8 != 0) return cudaErrorInvalidValue;
+  if (slots <= 0 || I <= 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kBFloat16:
+      return act_typed<__nv_bfloat16>(gate_up, sorted_pairs, block_expert, block_m, slots, I, b13,
+                                      act, alpha, limit, inter, stream);
+    case DType::kFloat16:
+      return act_typed<__half>(gate_up, sorted_pairs, block_expert, block_m, slots, I, b13, act,
+                               alpha, limit, inter, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace pcg::moe

@@ -1,0 +1,167 @@
+"""pcg::fused_moe on the work-in-progress CUTLASS sm_90a path (config [-1, -1, -1]).
+
+The GPU tests need an sm_90 device and a build with the CUTLASS kernels (they
+fail, not skip, on an sm_90 device whose build lacks them: the next session
+must build them). Compared against test_fused_moe's float64 reference, with
+test_fused_moe's tolerances: this path rounds gate/up and the GEMM2 rows to the
+dtype once more than the mma.sync path (docs/cutlass_wip.md).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pcg
+from test_fused_moe import GPU_TOL, _check_capture_replay, make_case, reference, rel_err
+
+CUTLASS = [-1, -1, -1]
+
+
+def _is_sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+sm90 = pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 GPU (H100/H200)")
+
+
+# ---------------------------------------------------------------------------
+# Config validation (runs everywhere; the CPU kernel validates config and ignores it)
+
+def test_cutlass_config_accepted_on_cpu():
+    args, kw = make_case(13, 5, 2, 24, 16, dtype=torch.bfloat16, e_global=7, bias=True)
+    assert torch.equal(pcg.fused_moe(*args, **kw, config=CUTLASS), pcg.fused_moe(*args, **kw))
+
+
+@pytest.mark.parametrize("config,dtype,what", [
+    ([-1, -1, -1], torch.float32, "bfloat16 or float16"),
+    ([-1, 0, -1], torch.bfloat16, "CUTLASS path"),
+    ([-1, -1, 4], torch.bfloat16, "CUTLASS path"),
+])
+def test_cutlass_config_errors_cpu(config, dtype, what):
+    args, kw = make_case(13, 5, 2, 24, 16, dtype=dtype)
+    with pytest.raises(ValueError, match=f"pcg::fused_moe: argument 'config'.*{what}"):
+        pcg.fused_moe(*args, **kw, config=config)
+
+
+# ---------------------------------------------------------------------------
+# GPU
+
+@pytest.mark.gpu
+def test_cutlass_rejected_off_sm90():
+    if _is_sm90():
+        pytest.skip("sm_90 device: the path runs")
+    args, kw = make_case(16, 4, 2, 64, 32, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="argument 'config'.*(sm_90|lacks)"):
+        pcg.fused_moe(*args, **kw, config=CUTLASS)
+
+
+def _gpu_case(T, E, k, H, I, dtype, seed=0, e_global=None):
+    """Inputs generated on the GPU (the large shapes are slow on the CPU)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    hidden = torch.randn(T, H, generator=g, device=dev).to(dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g, device=dev) / math.sqrt(H)).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g, device=dev) / math.sqrt(I)).to(dtype)
+    logits = torch.randn(T, e_global or E, generator=g, device=dev)
+    wts, ids = torch.softmax(logits, -1).topk(k, -1)
+    kw = {}
+    if e_global is not None:
+        # Expert parallel: this rank owns E of e_global experts, the rest map to -1.
+        emap = torch.full((e_global,), -1, dtype=torch.int32, device=dev)
+        perm = torch.randperm(e_global, generator=g, device=dev)
+        emap[perm[:E]] = torch.arange(E, dtype=torch.int32, device=dev)
+        kw["expert_map"] = emap
+    return [hidden, w13, w2, wts.float().contiguous(), ids.int().contiguous()], kw
+
+
+SHAPES = [
+    # (E, k, H, I)
+    (8, 2, 256, 128),
+    (128, 8, 2048, 768),     # Qwen3-30B-A3B
+    (8, 2, 4096, 1792),      # Mixtral-8x7B with I / 8
+    (5, 3, 72, 40),          # tiny, E not a power of two
+]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "E{}-k{}-H{}-I{}".format(*s))
+@pytest.mark.parametrize("T", [1, 7, 300, 4099])
+def test_cutlass_matches_reference(T, shape, dtype):
+    E, k, H, I = shape
+    args, kw = _gpu_case(T, E, k, H, I, dtype, seed=T)
+    out = pcg.fused_moe(*args, **kw, config=CUTLASS)
+    torch.cuda.synchronize()
+    assert out.shape == (T, H) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    ref = reference(*args, **kw, compute_device="cuda")
+    err = rel_err(out, ref)
+    assert err < GPU_TOL[dtype], f"rel err {err:.3g}"
+    # And close to the mma.sync path.
+    assert rel_err(out, pcg.fused_moe(*args, **kw).double().cpu()) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,nv", [(300, 123), (300, 0), (4099, 4098), (7, 100)])
+def test_cutlass_num_valid_and_expert_map(T, nv, dtype):
+    args, kw = _gpu_case(T, 24, 4, 512, 256, dtype, seed=nv, e_global=64)
+    kw["num_valid"] = torch.tensor([nv], dtype=torch.int32, device="cuda")
+    out = pcg.fused_moe(*args, **kw, config=CUTLASS)
+    torch.cuda.synchronize()
+    assert (out[min(nv, T):] == 0).all()
+    if nv > 0:
+        ref = reference(*args, **kw, compute_device="cuda")
+        assert rel_err(out, ref) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("extra", [
+    {"bias": True},
+    {"e_global": 16, "bias": True, "activation": "gelu"},
+    {"activation": "swigluoai", "bias": True},
+    {"e_global": 12},   # ids out of range and experts mapped to -1
+], ids=str)
+@pytest.mark.parametrize("T", [1, 37, 1000])
+def test_cutlass_bias_activation_map(T, extra):
+    extra = dict(extra)
+    op_kw = {"activation": extra.pop("activation")} if "activation" in extra else {}
+    args, kw = make_case(T, 6, 3, 72, 40, dtype=torch.bfloat16, device="cuda", **extra)
+    out = pcg.fused_moe(*args, **kw, **op_kw, config=CUTLASS)
+    ref = reference(*args, **kw, **op_kw)
+    assert rel_err(out, ref) < GPU_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@sm90
+def test_cutlass_shape_errors():
+    args, kw = make_case(8, 4, 2, 36, 16, dtype=torch.bfloat16, device="cuda")  # H % 8 != 0
+    with pytest.raises(ValueError, match="argument 'hidden'.*multiple of 8"):
+        pcg.fused_moe(*args, **kw, config=CUTLASS)
+    args, kw = make_case(8, 4, 2, 32, 12, dtype=torch.bfloat16, device="cuda")  # I % 8 != 0
+    with pytest.raises(ValueError, match="argument 'w13'.*multiple of 8"):
+        pcg.fused_moe(*args, **kw, config=CUTLASS)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 24, 600])
+def test_cutlass_capture_replay(dtype, T):
+    """Captured once; new inputs, routing and num_valid per replay (bitwise equal to eager)."""
+    _check_capture_replay(T, 12, 4, 72, 40, 16, dtype, [T, max(T // 2, 1), 0, T + 3], seed=300,
+                          config=CUTLASS)
+
+
+@pytest.mark.gpu
+@sm90
+def test_cutlass_deterministic():
+    args, kw = _gpu_case(4099, 128, 8, 2048, 768, torch.bfloat16, seed=5)
+    a = pcg.fused_moe(*args, **kw, config=CUTLASS)
+    b = pcg.fused_moe(*args, **kw, config=CUTLASS)
+    assert torch.equal(a, b)
