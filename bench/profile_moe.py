@@ -29,17 +29,23 @@ def short(name: str) -> str:
         if key in name:
             gated = "true" in name.split(key, 1)[1][:200] if "gemm" in key else None
             return key + ("[gemm1]" if gated else "[gemm2]" if gated is False else "")
+    # the CUTLASS path (both GEMMs are one kernel type) and the stream path
+    for key in ("grouped_setup", "unpermute_reduce", "permute_kernel", "gated_act", "stream"):
+        if key in name:
+            return key
+    if "cutlass" in name or "GemmUniversal" in name:
+        return "cutlass_gemm(x2)"
     return name[:40]
 
 
-def profile_one(E, k, H, I, T, iters, device):
+def profile_one(E, k, H, I, T, iters, device, config=None):
     import pcg
     from pcg.timing import capture_graph
     g = torch.Generator().manual_seed(0)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
     hidden, wts, ids = make_inputs(T, E, k, H, 5, device)
-    graph, _ = capture_graph(lambda: pcg.fused_moe(hidden, w13, w2, wts, ids))
+    graph, _ = capture_graph(lambda: pcg.fused_moe(hidden, w13, w2, wts, ids, config=config))
     graph.replay()
     torch.cuda.synchronize()
     acts = torch.profiler.ProfilerActivity
@@ -54,14 +60,14 @@ def profile_one(E, k, H, I, T, iters, device):
     return dict(per)
 
 
-def plain_calls(E, k, H, I, T, iters, device):
+def plain_calls(E, k, H, I, T, iters, device, config=None):
     import pcg
     g = torch.Generator().manual_seed(0)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
     hidden, wts, ids = make_inputs(T, E, k, H, 5, device)
     for _ in range(iters):
-        pcg.fused_moe(hidden, w13, w2, wts, ids)
+        pcg.fused_moe(hidden, w13, w2, wts, ids, config=config)
     torch.cuda.synchronize()
     print(f"E={E} k={k} H={H} I={I} T={T}: {iters} eager calls", flush=True)
 
@@ -72,6 +78,8 @@ def main() -> int:
     ap.add_argument("--tokens", nargs="*", type=int, default=[1, 16, 128, 1024, 4096, 16384])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--plain", action="store_true", help="eager calls only (run under ncu)")
+    ap.add_argument("--config", nargs=3, type=int, default=None,
+                    help="force [block_m, tile1, tile2], e.g. -1 -1 -1 (CUTLASS) or -2 -1 -1 (stream)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/profile_moe.py needs a CUDA GPU; nothing to do.")
@@ -82,9 +90,9 @@ def main() -> int:
         E, k, H, I = SHAPES[name]
         for T in args.tokens:
             if args.plain:
-                plain_calls(E, k, H, I, T, args.iters, device)
+                plain_calls(E, k, H, I, T, args.iters, device, args.config)
                 continue
-            per = profile_one(E, k, H, I, T, args.iters, device)
+            per = profile_one(E, k, H, I, T, args.iters, device, args.config)
             total = sum(per.values())
             parts = "  ".join(f"{n} {v:.1f}" for n, v in sorted(per.items(), key=lambda x: -x[1]))
             print(f"{name:17s} T={T:6d} kernels {total:9.1f} us | {parts}", flush=True)

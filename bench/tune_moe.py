@@ -19,10 +19,18 @@ A config beats the heuristic default only when it is at least --min-gain
 faster (timing noise does not churn the table). Each candidate's output is
 compared with the default config's; a mismatch is reported and never chosen.
 
+Two other implementations compete at every T where they can run (the op
+raises ValueError where they cannot: build, device, shapes, pair limit):
+the CUTLASS sm_90a grouped-GEMM path [-1, -1, -1] and the weight-streaming
+path [-2, -1, -1]. A row naming one of them falls back to the heuristic on a
+call that cannot take it. --quick times only the heuristic, the current
+table's mma.sync choice and the two paths (no tile search).
+
     python bench/tune_moe.py                          # all bench shapes, default T grid
     python bench/tune_moe.py --shapes qwen3 64,6,2048,1408 --tokens 1 16 256
     python bench/tune_moe.py --dry-run                # the plan only (no GPU needed)
     python bench/tune_moe.py --out-json tune.json --no-write
+    python bench/tune_moe.py --quick                  # paths vs today's table only
 
 E in a shape is the LOCAL expert count (w13.size(0)): tune E/ranks for expert
 parallelism. Shapes already in the table and not tuned in this run are kept.
@@ -47,6 +55,14 @@ DEFAULT_OUT = os.path.join(ROOT, "csrc", "moe", "fused_moe_tuning.h")
 DEFAULT_T = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096,
              8192, 16384]
 BLOCK_MS = (16, 32, 64, 128)
+PATHS = {(-1, -1, -1): "cutlass_sm90", (-2, -1, -1): "stream"}  # config -> label
+
+
+def label(cfg, names) -> str:
+    """A config's kernels, for logs and the table's comments."""
+    if tuple(cfg) in PATHS:
+        return PATHS[tuple(cfg)]
+    return f"{names[cfg[1]]} + {names[cfg[2]]}"
 
 
 def _bench_moe():
@@ -89,9 +105,9 @@ def default_tiles(tiles, bm):
             next(t.id for t in tiles if not t.gated and t.block_m == bm))
 
 
-def count_timings(bms, per_bm, exhaustive):
-    n = 0
-    for bm in bms:
+def count_timings(bms, per_bm, exhaustive, quick=False):
+    n = len(PATHS) + 1  # the paths and today's mma.sync choice
+    for bm in ([] if quick else bms):
         g, d = per_bm[bm]
         n += len(g) * len(d) if exhaustive else len(g) + len(d) - 1
     return n
@@ -174,8 +190,8 @@ def merge_rows(results, names):
         bm, g, d = cfg
         shown = pts if len(pts) <= 2 else [pts[0], pts[-1]]
         times = " ".join(f"T{T} {us:.1f}/{dus:.1f}" for T, us, dus in shown)
-        rows.append(f"{{{t_max}, {bm}, {g}, {d}}},  // {names[g]} + {names[d]}; "
-                    f"us (default): {times}")
+        rows.append(f"{{{t_max}, {bm}, {g}, {d}}},  // {label(cfg, names)}; "
+                    f"us (heuristic): {times}")
     return rows
 
 
@@ -193,7 +209,8 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
     for T in args.tokens:
         t_start = time.time()
         sets = [bm_mod.make_inputs(T, E, k, H, 100 + s, device) for s in range(args.sets)]
-        default = tuple(torch.ops.pcg.fused_moe_config(E, k, H, I, T, torch.bfloat16))
+        default = tuple(torch.ops.pcg.fused_moe_config(E, k, H, I, T, torch.bfloat16, True, True))
+        table_mma = tuple(torch.ops.pcg.fused_moe_config(E, k, H, I, T, torch.bfloat16))
         heur_bm = heuristic_block_m(T, k, E)
         heur = (heur_bm, *default_tiles(tiles, heur_bm))
         ref = op(sets[0][0], w13, w2, sets[0][1], sets[0][2], config=list(heur)).float()
@@ -214,6 +231,9 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
                 graphs[0].replay()
                 err = ((outs[0].float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                 del graphs, outs
+            except ValueError as exc:  # a path this call cannot take (pair limit, build, device)
+                timed[cfg] = (math.inf, math.nan, f"unavailable: {exc}")
+                return math.inf
             except RuntimeError as exc:  # e.g. a launch error of one tile
                 log(f"  [{name}] T={T} config {cfg}: failed: {exc}")
                 timed[cfg] = (math.inf, math.nan, str(exc))
@@ -224,9 +244,9 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
                     "default config); not chosen")
             timed[cfg] = (us if ok else math.inf, err, None if ok else "mismatch")
             if record:
-                    raw.append(dict(shape=name, E=E, k=k, H=H, I=I, T=T, block_m=cfg[0],
-                                tile1=cfg[1], tile2=cfg[2], tile1_name=names[cfg[1]],
-                                tile2_name=names[cfg[2]], us=us, rel_err_vs_default=err, ok=ok))
+                raw.append(dict(shape=name, E=E, k=k, H=H, I=I, T=T, block_m=cfg[0],
+                                tile1=cfg[1], tile2=cfg[2], kernels=label(cfg, names), us=us,
+                                rel_err_vs_default=err, ok=ok))
             return timed[cfg][0]
 
         # Iterations: about args.budget_ms per candidate, within [5, args.iters].
@@ -234,7 +254,10 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
         iters = max(5, min(args.iters, int(args.budget_ms * 1e3 / max(heur_us, 1.0))))
         timed.pop(heur)
         heur_us = run(heur, iters)
-        for bm in block_m_candidates(T, k, E, args.all_block_m):
+        for cfg in PATHS:
+            run(cfg, iters)
+        run(table_mma, iters)
+        for bm in ([] if args.quick else block_m_candidates(T, k, E, args.all_block_m)):
             g_tiles, d_tiles = per_bm[bm]
             if not g_tiles or not d_tiles:
                 continue
@@ -256,7 +279,7 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
             best = base
         results.append((T, best, valid[best], heur_us))
         log(f"{name:17s} {T:6d} {heur_us:10.1f} {valid[best]:10.1f} {heur_us / valid[best]:7.2f}x"
-            f"  {best[0]:3d} {names[best[1]]:20s} {names[best[2]]:20s}"
+            f"  {best[0]:3d} {label(best, names):42s}"
             f"  ({len(timed)} configs, {time.time() - t_start:.1f}s)")
         sets = ref = None  # free before the next T
         torch.cuda.empty_cache()
@@ -289,7 +312,7 @@ def estimate_seconds(shape_list, tokens, per_bm, args):
     for _, E, k, H, I in shape_list:
         for T in tokens:
             n = count_timings(block_m_candidates(T, k, E, args.all_block_m), per_bm,
-                              args.exhaustive)
+                              args.exhaustive, args.quick)
             hit = min(E, T * k)
             floor_s = max((hit * 3 * H * I * 2 + T * H * 4) / 4.3e12,
                           2 * T * k * 3 * H * I / 790e12)
@@ -313,6 +336,8 @@ def main(argv=None) -> int:
                     help="keep the current choice unless the best is this much faster")
     ap.add_argument("--all-block-m", action="store_true", help="no block_m pruning")
     ap.add_argument("--exhaustive", action="store_true", help="every (tile1, tile2) pair")
+    ap.add_argument("--quick", action="store_true",
+                    help="no tile search: the heuristic, today's mma.sync choice and the two paths")
     ap.add_argument("--out", default=DEFAULT_OUT, help="table header to write")
     ap.add_argument("--no-write", action="store_true", help="print only, leave the table")
     ap.add_argument("--out-json", default=None, help="write the raw timings here")
@@ -336,7 +361,7 @@ def main(argv=None) -> int:
     per_bm = tiles_by_block_m(tiles, max_smem)
     skipped = [t.name for t in tiles if t.smem > max_smem]
     n_timings = sum(count_timings(block_m_candidates(T, k, E, args.all_block_m), per_bm,
-                                  args.exhaustive)
+                                  args.exhaustive, args.quick)
                     for _, E, k, H, I in shape_list for T in args.tokens)
     est = estimate_seconds(shape_list, args.tokens, per_bm, args)
     print(f"tune_moe: {len(shape_list)} shapes x {len(args.tokens)} T = "
@@ -356,8 +381,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}  torch {torch.__version__}")
-    print(f"{'shape':17s} {'T':>6s} {'default':>10s} {'best':>10s} {'gain':>8s}  "
-          f"{'bm':>3s} {'GEMM1 tile':20s} {'GEMM2 tile':20s}   (us)")
+    print(f"{'shape':17s} {'T':>6s} {'heuristic':>10s} {'best':>10s} {'gain':>8s}  "
+          f"{'bm':>3s} {'kernels':42s}   (us)")
     names = {t.id: t.name for t in tiles}
     t0 = time.time()
     tuned, raw_all = {}, []

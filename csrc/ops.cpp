@@ -25,7 +25,7 @@ TORCH_LIBRARY(pcg, m) {
   // fused_moe's kernel configuration for these shapes: [block_m, tile1, tile2];
   // and its list of tiles (9 ints per tile: id, BM, BN, BK, warps_m, warps_n,
   // stages, gated, shared memory bytes; and the names).
-  m.def("fused_moe_config(int E_local, int top_k, int H, int I, int T, ScalarType dtype) -> int[]");
+  m.def("fused_moe_config(int E_local, int top_k, int H, int I, int T, ScalarType dtype, bool cutlass=False, bool stream=False) -> int[]");
   m.def("fused_moe_tiles() -> (int[], str[])");
   // Internal: sort (token, k) pairs by local expert and pad each expert's run
   // to a multiple of block_m. See csrc/moe/moe_align.h for the exact layout.

@@ -391,6 +391,35 @@ def test_config_op_table_choices_are_valid():
                 _heuristic_block_m(T, k, E), -1, -1)
 
 
+@pytest.mark.parametrize("E,k,H,I", [(6, 2, 72, 40), (37, 3, 101, 75)])
+def test_config_op_cutlass_heuristic_for_unknown_shapes(E, k, H, I):
+    """Untuned shapes take the CUTLASS path (when the call can) once experts
+    average 16 rows; never for float32; the stream path is never a guess."""
+    for T in [0, 1, 3, 17, 100, 128, 1000, 5000]:
+        want_cutlass = T * k >= 16 * E
+        for dt in (torch.bfloat16, torch.float16):
+            got = fused_moe_config(E, k, H, I, T, dt, cutlass=True, stream=True)
+            bm = _heuristic_block_m(T, k, E)
+            assert got == ((-1, -1, -1) if want_cutlass else (bm, *_default_tiles(bm))), (T, dt)
+            assert fused_moe_config(E, k, H, I, T, dt, stream=True) == (bm, *_default_tiles(bm))
+        assert fused_moe_config(E, k, H, I, T, torch.float32, cutlass=True, stream=True) == (
+            _heuristic_block_m(T, k, E), -1, -1)
+
+
+def test_config_op_table_with_paths_is_valid():
+    """With both paths available, every table choice is a path or a valid tile pair,
+    and without them the same call gets an mma.sync config."""
+    tiles = {t.id: t for t in fused_moe_tiles()}
+    for E, k, H, I in [(128, 8, 2048, 768), (8, 2, 4096, 14336), (64, 6, 2048, 1408),
+                       (32, 4, 2880, 2880)]:
+        for T in [1, 2, 5, 16, 100, 256, 1000, 4096, 16384, 10 ** 6]:
+            cfg = fused_moe_config(E, k, H, I, T, cutlass=True, stream=True)
+            if cfg in ((-1, -1, -1), (-2, -1, -1)):
+                continue
+            bm, t1, t2 = cfg
+            assert tiles[t1].gated and not tiles[t2].gated and tiles[t1].block_m == bm
+
+
 def test_config_op_errors():
     with pytest.raises(ValueError, match="pcg::fused_moe_config: argument 'dtype'"):
         torch.ops.pcg.fused_moe_config(8, 2, 64, 32, 10, torch.int32)

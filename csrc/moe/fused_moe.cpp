@@ -317,16 +317,19 @@ void moe_align_cpu(const at::Tensor& topk_ids, const std::optional<at::Tensor>& 
 }
 
 // pcg::fused_moe_config: the config pcg::fused_moe picks for these shapes
-// (moe::choose_config), as [block_m, tile1, tile2].
+// (moe::choose_config), as [block_m, tile1, tile2], when the CUTLASS / stream
+// paths are (flags) or are not available to the call.
 std::vector<int64_t> fused_moe_config_op(int64_t E_local, int64_t top_k, int64_t H, int64_t I,
-                                         int64_t T, c10::ScalarType dtype) {
+                                         int64_t T, c10::ScalarType dtype, bool cutlass,
+                                         bool stream) {
   constexpr const char* op = "fused_moe_config";
   PCG_CHECK_ARG(op, "dtype", is_float_dtype(dtype),
                 "must be float32, float16 or bfloat16, got ", dtype_name(dtype));
   PCG_CHECK_ARG(op, "E_local", E_local >= 0, "must be >= 0, got ", E_local);
   PCG_CHECK_ARG(op, "top_k", top_k >= 0, "must be >= 0, got ", top_k);
   PCG_CHECK_ARG(op, "T", T >= 0, "must be >= 0, got ", T);
-  const moe::MoeConfig c = moe::choose_config(E_local, top_k, H, I, T, to_moe_dtype(dtype));
+  const moe::MoeConfig c =
+      moe::choose_config(E_local, top_k, H, I, T, to_moe_dtype(dtype), {cutlass, stream});
   return {c.block_m, c.tile1, c.tile2};
 }
 

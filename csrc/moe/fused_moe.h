@@ -67,6 +67,29 @@ constexpr bool operator==(const MoeConfig& a, const MoeConfig& b) {
   return a.block_m == b.block_m && a.tile1 == b.tile1 && a.tile2 == b.tile2;
 }
 
+// config[0] values that select another implementation of the same op (tiles
+// -1): the CUTLASS sm_90a grouped-GEMM path (moe_cutlass.h; large T) and the
+// weight-streaming path (moe_stream.h; a few tokens). Both bf16/fp16 only.
+constexpr int kCutlassConfig = -1;
+constexpr int kStreamConfig = -2;
+constexpr bool is_cutlass_config(const MoeConfig& c) { return c.block_m == kCutlassConfig; }
+constexpr bool is_stream_config(const MoeConfig& c) { return c.block_m == kStreamConfig; }
+constexpr bool is_path_config(const MoeConfig& c) {
+  return (is_cutlass_config(c) || is_stream_config(c)) && c.tile1 == -1 && c.tile2 == -1;
+}
+
+// Which special paths the launcher can run for this call (build, device,
+// dtype, shapes, alignment); the table's choice of an unavailable path falls
+// back to heuristic_config.
+struct PathSupport {
+  bool cutlass = false;
+  bool stream = false;
+};
+
+// Untuned shapes use the CUTLASS path once experts average this many rows
+// (H200, bench/moe.py: equal at 16 rows per expert on Mixtral, faster above).
+constexpr int64_t kCutlassMinRowsPerExpert = 16;
+
 // The behaviour before tuning: choose_block_m and the default tiles.
 inline MoeConfig heuristic_config(int64_t num_tokens, int64_t top_k, int64_t num_experts,
                                   DType dtype) {
@@ -82,6 +105,7 @@ inline MoeConfig heuristic_config(int64_t num_tokens, int64_t top_k, int64_t num
 // A config the kernels can run (any device; shared memory is checked at launch).
 // tile ids must be concrete here (no -1) except for fp32, where they must be -1.
 constexpr bool config_is_valid(const MoeConfig& c, DType dtype) {
+  if (is_path_config(c)) return dtype != DType::kFloat32;
   if (!is_supported_block_m(c.block_m)) return false;
   if (dtype == DType::kFloat32) return c.tile1 == -1 && c.tile2 == -1;
   const TileInfo* t1 = find_tile(c.tile1);
@@ -114,10 +138,15 @@ static_assert(tuning_table_is_valid(), "fused_moe_tuning.h: invalid table (regen
 
 // The config pcg::fused_moe uses for these shapes (E_local = w13.size(0)):
 // the tuning table's row for (E_local, top_k, H, I) and T (the first row with
-// T <= t_max, the last row above every t_max); heuristic_config for shapes
-// not in the table and for fp32. A pure function of its arguments.
+// T <= t_max, the last row above every t_max) unless it names a path `ok`
+// lacks; else the CUTLASS path when it is available and experts average
+// kCutlassMinRowsPerExpert rows; else heuristic_config (also fp32). A pure
+// function of its arguments.
 inline MoeConfig choose_config(int64_t E_local, int64_t top_k, int64_t H, int64_t I,
-                               int64_t num_tokens, DType dtype) {
+                               int64_t num_tokens, DType dtype, PathSupport ok = {}) {
+  const auto usable = [&](const MoeConfig& c) {
+    return !(is_cutlass_config(c) && !ok.cutlass) && !(is_stream_config(c) && !ok.stream);
+  };
   if (dtype != DType::kFloat32) {
     for (const TuningShape& sh : tuning::kShapes) {
       if (sh.num_entries <= 0 || sh.E != E_local || sh.k != top_k || sh.H != H || sh.I != I) {
@@ -130,7 +159,12 @@ inline MoeConfig choose_config(int64_t E_local, int64_t top_k, int64_t H, int64_
           break;
         }
       }
-      return MoeConfig{e->block_m, e->tile1, e->tile2};
+      const MoeConfig c{e->block_m, e->tile1, e->tile2};
+      if (usable(c)) return c;
+      break;
+    }
+    if (ok.cutlass && num_tokens * top_k >= kCutlassMinRowsPerExpert * E_local) {
+      return MoeConfig{kCutlassConfig, -1, -1};
     }
   }
   return heuristic_config(num_tokens, top_k, E_local, dtype);

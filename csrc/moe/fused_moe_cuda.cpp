@@ -34,6 +34,28 @@ moe::MoeConfig fit_to_device(moe::MoeConfig c, moe::DType dtype) {
   return c;
 }
 
+// A tensor the launcher passes on 16-byte aligned (a non-contiguous one is
+// copied into a fresh, aligned allocation).
+bool aligned16(const at::Tensor& t) {
+  return !t.is_contiguous() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+bool aligned16(const std::optional<at::Tensor>& t) { return !t || aligned16(*t); }
+
+// What the special paths need beyond the common checks (moe/fused_moe.h).
+moe::PathSupport path_support(const FusedMoeShape& s, moe::DType dtype, const at::Tensor& hidden,
+                              const at::Tensor& w13, const at::Tensor& w2,
+                              const std::optional<at::Tensor>& b13,
+                              const std::optional<at::Tensor>& b2) {
+  moe::PathSupport ok;
+  if (dtype == moe::DType::kFloat32) return ok;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  ok.cutlass = moe::cutlass_moe_built() && prop->major == 9 && prop->minor == 0 &&
+               s.H % 8 == 0 && s.I > 0 && s.I % 8 == 0 && aligned16(hidden) && aligned16(w13) &&
+               aligned16(w2) && aligned16(b13) && aligned16(b2);
+  // [stream path support goes here]
+  return ok;
+}
+
 at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                           const std::optional<at::Tensor>& expert_map,
@@ -47,14 +69,18 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
   PCG_CHECK_ARG("fused_moe", "w13", s.E <= moe::kMoeAlignMaxExperts,
                 "the CUDA kernel supports at most ", moe::kMoeAlignMaxExperts,
                 " local experts, got shape ", w13.sizes());
-  if (forced && moe::is_cutlass_config(*forced)) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const moe::DType dtype = to_moe_dtype(hidden.scalar_type());
+  const moe::PathSupport ok = path_support(s, dtype, hidden, w13, w2, b13, b2);
+  moe::MoeConfig cfg =
+      forced ? *forced : moe::choose_config(s.E, s.k, s.H, s.I, s.T, dtype, ok);
+  // A forced path the call cannot take raises its launcher's error.
+  if (moe::is_cutlass_config(cfg)) {
     return fused_moe_cutlass_cuda(s, hidden, w13, w2, topk_weights, topk_ids, expert_map,
                                   num_valid, b13, b2, alpha, limit);
   }
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  const moe::DType dtype = to_moe_dtype(hidden.scalar_type());
-  const moe::MoeConfig cfg =
-      forced ? *forced : fit_to_device(moe::choose_config(s.E, s.k, s.H, s.I, s.T, dtype), dtype);
+  // [stream path dispatch goes here]
+  if (!forced) cfg = fit_to_device(cfg, dtype);
   if (forced && dtype != moe::DType::kFloat32) {
     const int64_t limit_smem = smem_optin();
     for (const int id : {cfg.tile1, cfg.tile2}) {

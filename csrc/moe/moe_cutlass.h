@@ -22,10 +22,6 @@
 
 namespace pcg::moe {
 
-// config[0] value that selects this path.
-constexpr int kCutlassConfig = -1;
-inline bool is_cutlass_config(const MoeConfig& c) { return c.block_m == kCutlassConfig; }
-
 // moe_align's block for this path: each expert's run pads to 16 rows; the
 // GEMMs' per-expert M excludes the padding (it only spaces the runs).
 constexpr int kCutlassBlockM = 16;

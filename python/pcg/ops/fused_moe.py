@@ -89,13 +89,20 @@ def fused_moe_tiles() -> List[MoeTile]:
 
 def fused_moe_config(num_local_experts: int, top_k: int, hidden_size: int,
                      intermediate_size: int, num_tokens: int,
-                     dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int, int]:
+                     dtype: torch.dtype = torch.bfloat16, *, cutlass: bool = False,
+                     stream: bool = False) -> Tuple[int, int, int]:
     """The ``[block_m, tile1, tile2]`` that pcg::fused_moe uses for these shapes
     (``torch.ops.pcg.fused_moe_config``): the tuning table's choice, else the
     heuristic. ``num_local_experts`` is ``w13.size(0)``. Tile ids are -1 for
-    float32 (its kernel has only block_m)."""
+    float32 (its kernel has only block_m).
+
+    ``cutlass`` / ``stream``: whether the call can take the CUTLASS sm_90a path
+    (``(-1, -1, -1)``: a build with it, an sm_90 GPU, bf16/fp16, H and I
+    multiples of 8, 16-byte aligned tensors) and the weight-streaming path
+    (``(-2, -1, -1)``); pcg::fused_moe decides this per call. Without them the
+    answer is the mma.sync kernels' config."""
     c = torch.ops.pcg.fused_moe_config(num_local_experts, top_k, hidden_size,
-                                       intermediate_size, num_tokens, dtype)
+                                       intermediate_size, num_tokens, dtype, cutlass, stream)
     return (c[0], c[1], c[2])
 
 
