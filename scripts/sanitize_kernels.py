@@ -5,6 +5,7 @@ CPU kernels; meant to be run under compute-sanitizer:
     compute-sanitizer --tool racecheck python3 scripts/sanitize_kernels.py
 
 Exits non-zero on a mismatch. Shapes cover every fused_moe block_m (16..128),
+the CUTLASS sm_90a path (on sm_90), the multi-CTA moe_align,
 unaligned H / I (element loads), expert maps with remote experts, num_valid,
 biases and each activation, route (softmax / grouped sigmoid) and EP
 dispatch/combine, and causal_attention_out's short-sequence kernel (packed
@@ -30,7 +31,7 @@ def close(name, a, b, tol):
         failures.append(name)
 
 
-def moe_case(E, k, H, I, T, dtype, act="silu", bias=False, mapped=False, nvalid=None):
+def moe_case(E, k, H, I, T, dtype, act="silu", bias=False, mapped=False, nvalid=None, config=None):
     g = torch.Generator().manual_seed(T * 31 + E)
     hidden = torch.randn(T, H, generator=g).to(dtype)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dtype)
@@ -47,10 +48,11 @@ def moe_case(E, k, H, I, T, dtype, act="silu", bias=False, mapped=False, nvalid=
     nv = torch.tensor([nvalid], dtype=torch.int32) if nvalid is not None else None
     args = [hidden, w13, w2, w, ids, emap, nv, b13, b2, act]
     ref = pcg.fused_moe(*args)
-    out = pcg.fused_moe(*[a.to(dev) if isinstance(a, torch.Tensor) else a for a in args])
+    out = pcg.fused_moe(*[a.to(dev) if isinstance(a, torch.Tensor) else a for a in args],
+                        config=config)
     torch.cuda.synchronize()
     close(f"fused_moe E={E} k={k} H={H} I={I} T={T} {dtype} {act} bias={bias} map={mapped} "
-          f"nv={nvalid}", out, ref, 2e-2 if dtype != torch.float32 else 1e-4)
+          f"nv={nvalid} config={config}", out, ref, 2e-2 if dtype != torch.float32 else 1e-4)
 
 
 for dtype in (torch.bfloat16, torch.float16):
@@ -60,6 +62,13 @@ for dtype in (torch.bfloat16, torch.float16):
     moe_case(16, 4, 200, 72, 70, dtype, act="swigluoai", bias=True, nvalid=41)  # unaligned
     moe_case(8, 2, 136, 40, 300, dtype, act="gelu")           # block_m 64
 moe_case(8, 2, 96, 40, 33, torch.float32, bias=True)          # SIMT path
+moe_case(16, 4, 64, 32, 2100, torch.bfloat16, nvalid=2050)    # multi-CTA align (3 tiles)
+if torch.cuda.get_device_capability() == (9, 0):  # the CUTLASS sm_90a path
+    for dtype in (torch.bfloat16, torch.float16):
+        moe_case(8, 2, 256, 128, 150, dtype, bias=True, mapped=True, config=[-1, -1, -1])
+        moe_case(16, 4, 200, 72, 70, dtype, act="swigluoai", bias=True, nvalid=41,
+                 config=[-1, -1, -1])
+    moe_case(16, 4, 64, 32, 2100, torch.bfloat16, act="gelu", config=[-1, -1, -1])
 
 for scoring, groups in (("softmax", 1), ("sigmoid", 4)):
     logits = torch.randn(77, 64)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import pcg
-from pcg.ops.fused_moe import (fused_moe_candidates, fused_moe_config, fused_moe_tiles,
-                               moe_align_max_blocks)
+from pcg.ops.fused_moe import (fused_moe_candidates, fused_moe_config, fused_moe_paths,
+                               fused_moe_tiles, moe_align_max_blocks)
 from pcg.timing import capture_graph
 
 @pytest.fixture(autouse=True, scope="module")
@@ -651,7 +651,10 @@ def test_cuda_deterministic():
     (0, 2, 4, 16, None, None), (1, 1, 1, 16, None, None), (17, 2, 8, 16, None, None),
     (100, 8, 256, 16, None, 60), (1000, 6, 64, 64, 80, None), (300, 4, 5, 32, 9, 1000),
     (50, 3, 7, 1, None, 0), (20000, 8, 128, 64, None, 19999), (5000, 2, 3000, 16, None, None),
-    (3000, 4, 16384, 16, 20000, None)])
+    (3000, 4, 16384, 16, 20000, None),
+    # several 4096-pair tiles (multi-CTA align): boundaries, num_valid inside a tile, E = 1
+    (8193, 1, 7, 16, None, 4097), (4097, 2, 1, 128, None, None), (12289, 1, 9, 16, 11, 0),
+    (16384, 8, 128, 16, None, None)])
 def test_moe_align_cuda(T, k, E, bm, e_global, num_valid):
     args = _align_args(T, k, E, bm, "cuda", e_global, num_valid)
     torch.ops.pcg.moe_align(*args)
@@ -760,7 +763,8 @@ def test_cuda_config_default_tiles_and_fp32(dtype):
 def test_cuda_config_none_is_the_table_choice():
     E, k, H, I, T = 8, 2, 72, 40, 500
     args, kw = make_case(T, E, k, H, I, dtype=torch.bfloat16, device="cuda")
-    chosen = fused_moe_config(E, k, H, I, T)
+    cutlass, stream = fused_moe_paths("cuda")
+    chosen = fused_moe_config(E, k, H, I, T, cutlass=cutlass, stream=stream)
     assert torch.equal(pcg.fused_moe(*args, **kw), pcg.fused_moe(*args, **kw, config=chosen))
 
 
@@ -802,8 +806,10 @@ def test_cuda_table_choices_on_bench_shapes(name):
     smallest T mapping to it (capped at 1024 tokens, the config forced there)."""
     E, k, H, I = _bench_shapes()[name]
     first_t = {}
+    cutlass, stream = fused_moe_paths("cuda")
     for T in _TABLE_T:
-        first_t.setdefault(fused_moe_config(E, k, H, I, T), T)
+        first_t.setdefault(fused_moe_config(E, k, H, I, T), T)  # the mma.sync choices
+        first_t.setdefault(fused_moe_config(E, k, H, I, T, cutlass=cutlass, stream=stream), T)
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(5)
     w13 = (torch.randn(E, 2 * I, H, generator=g, device="cuda") * H ** -0.5).to(dtype)

@@ -192,6 +192,7 @@ struct FusedMoeParams {
   int64_t max_blocks = 0;                // moe_align_max_blocks(T*k, E, config.block_m)
   int32_t* sorted_pairs = nullptr;       // [max_blocks * config.block_m]
   int32_t* block_expert = nullptr;       // [max_blocks]
+  int32_t* align_scratch = nullptr;      // [moe_align_scratch_ints(T*k, E)] (may be null when 0)
   int32_t* num_blocks = nullptr;         // [1]
   void* inter = nullptr;                 // [max_blocks * config.block_m, I], dtype
   float* pair_out = nullptr;             // [T * k, H]

@@ -137,6 +137,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
   p.sorted_pairs = sorted_pairs.data_ptr<int32_t>();
   p.block_expert = block_expert.data_ptr<int32_t>();
   p.num_blocks = num_blocks.data_ptr<int32_t>();
+  at::Tensor align_scratch = at::empty({moe::moe_align_scratch_ints(s.T * s.k, s.E)}, i32);
+  p.align_scratch = align_scratch.data_ptr<int32_t>();
   p.inter = inter.data_ptr();
   p.pair_out = pair_out.data_ptr<float>();
   p.out = out.data_ptr();
@@ -158,13 +160,16 @@ void moe_align_cuda(const at::Tensor& topk_ids, const std::optional<at::Tensor>&
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor map = expert_map ? expert_map->contiguous() : at::Tensor();
+  const at::Tensor scratch = at::empty(
+      {moe::moe_align_scratch_ints(topk_ids.numel(), num_local_experts)},
+      topk_ids.options().dtype(at::kInt));
   C10_CUDA_CHECK(moe::launch_moe_align(
       ids.data_ptr<int32_t>(), topk_ids.size(0), static_cast<int>(topk_ids.size(1)),
       map.defined() ? map.data_ptr<int32_t>() : nullptr, num_global,
       num_valid ? num_valid->data_ptr<int32_t>() : nullptr, static_cast<int>(num_local_experts),
       static_cast<int>(block_m), sorted_pairs.data_ptr<int32_t>(),
       block_expert.data_ptr<int32_t>(), block_expert.size(0), num_blocks.data_ptr<int32_t>(),
-      at::cuda::getCurrentCUDAStream()));
+      scratch.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

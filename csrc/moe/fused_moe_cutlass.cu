@@ -67,7 +67,7 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     cudaError_t err = launch_moe_align(p.topk_ids, p.T, k, p.expert_map, p.num_global,
                                        p.num_valid, static_cast<int>(p.E), kCutlassBlockM,
                                        p.sorted_pairs, p.block_expert, p.max_blocks,
-                                       p.num_blocks, stream);
+                                       p.num_blocks, p.align_scratch, stream);
     if (err != cudaSuccess) return err;
     err = launch_moe_permute(p.dtype, p.hidden, p.H, k, p.sorted_pairs, slots, b.a_sorted,
                              b.pair_slot, stream);

@@ -97,6 +97,7 @@ at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const at::Tensor& hidd
   at::Tensor sorted_pairs = at::empty({slots}, i32);
   at::Tensor block_expert = at::empty({p.max_blocks}, i32);
   at::Tensor num_blocks = at::empty({1}, i32);
+  at::Tensor align_scratch = at::empty({moe::moe_align_scratch_ints(s.T * s.k, s.E)}, i32);
   at::Tensor inter = at::empty({slots, s.I}, hidden.options());
   at::Tensor a_sorted = at::empty({slots, s.H}, hidden.options());
   at::Tensor gate_up = at::empty({slots, 2 * s.I}, hidden.options());
@@ -112,6 +113,7 @@ at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const at::Tensor& hidd
   p.sorted_pairs = sorted_pairs.data_ptr<int32_t>();
   p.block_expert = block_expert.data_ptr<int32_t>();
   p.num_blocks = num_blocks.data_ptr<int32_t>();
+  p.align_scratch = align_scratch.data_ptr<int32_t>();
   p.inter = inter.data_ptr();
   p.out = out.data_ptr();
   b.a_sorted = a_sorted.data_ptr();

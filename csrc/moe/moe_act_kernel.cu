@@ -16,7 +16,7 @@
 namespace pcg::moe {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kActWarps = 8;  // one warp per slot, 8 slots per CTA
 
 __device__ __forceinline__ void load8(const void* p, float* f, bool bf16) {
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
@@ -31,21 +31,23 @@ __device__ __forceinline__ void load8(const void* p, float* f, bool bf16) {
   }
 }
 
-// One CTA per slot (padding slots exit at once).
+// One warp per slot (padding slots exit at once): a CTA per slot kept too
+// few bytes in flight per SM.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kActWarps * 32)
     gated_act_kernel(const T* __restrict__ gate_up, const int32_t* __restrict__ sorted_pairs,
-                     const int32_t* __restrict__ block_expert, int block_m, int64_t I,
-                     const T* __restrict__ b13, int act, float alpha, float limit,
+                     const int32_t* __restrict__ block_expert, int block_m, int64_t slots,
+                     int64_t I, const T* __restrict__ b13, int act, float alpha, float limit,
                      T* __restrict__ inter) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const int64_t slot = blockIdx.x;
-  if (sorted_pairs[slot] < 0) return;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kActWarps + (threadIdx.x >> 5);
+  if (slot >= slots || sorted_pairs[slot] < 0) return;
   const T* g = gate_up + slot * 2 * I;
   const T* bias = b13 != nullptr ? b13 + static_cast<int64_t>(block_expert[slot / block_m]) * 2 * I
                                  : nullptr;
   T* dst = inter + slot * I;
-  for (int64_t n = static_cast<int64_t>(threadIdx.x) * 8; n < I; n += kThreads * 8) {
+#pragma unroll 2
+  for (int64_t n = static_cast<int64_t>(threadIdx.x & 31) * 8; n < I; n += 32 * 8) {
     float gv[8], uv[8];
     load8(g + n, gv, kBf16);
     load8(g + I + n, uv, kBf16);
@@ -72,8 +74,9 @@ cudaError_t act_typed(const void* gate_up, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int block_m, int64_t slots, int64_t I,
                       const void* b13, Activation act, float alpha, float limit, void* inter,
                       cudaStream_t stream) {
-  gated_act_kernel<T><<<static_cast<unsigned>(slots), kThreads, 0, stream>>>(
-      static_cast<const T*>(gate_up), sorted_pairs, block_expert, block_m, I,
+  const unsigned grid = static_cast<unsigned>((slots + kActWarps - 1) / kActWarps);
+  gated_act_kernel<T><<<grid, kActWarps * 32, 0, stream>>>(
+      static_cast<const T*>(gate_up), sorted_pairs, block_expert, block_m, slots, I,
       static_cast<const T*>(b13), static_cast<int>(act), alpha, limit, static_cast<T*>(inter));
   return cudaGetLastError();
 }

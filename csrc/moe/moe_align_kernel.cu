@@ -1,7 +1,8 @@
-// CUDA kernel of pcg::moe_align (layout: moe_align.h). One CTA of 1024
-// threads: counts in shared memory, a block-wide scan of the padded counts,
-// then a scatter with shared-memory cursors. Loops cover any number of pairs
-// (vector loads of the ids: the single CTA is latency-bound at large T).
+// CUDA kernels of pcg::moe_align (layout: moe_align.h). Up to two tiles of
+// pairs, one CTA of 1024 threads: counts in shared memory, a block-wide scan
+// of the padded counts, then a scatter with shared-memory cursors. Above, one
+// CTA per tile of kMoeAlignTile pairs: per-tile counts into scratch, then each
+// CTA derives its cursors from all tiles' counts and scatters its tile.
 // Everything (including num_valid) is read on the device: capturable.
 #include <cuda_runtime.h>
 
@@ -51,37 +52,26 @@ __device__ __forceinline__ void for_each_pair(const int32_t* __restrict__ topk_i
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    moe_align_kernel(const int32_t* __restrict__ topk_ids, int64_t num_tokens, int top_k,
-                     const int32_t* __restrict__ expert_map, int64_t num_global,
-                     const int32_t* __restrict__ num_valid, int num_experts, int block_m,
-                     int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ block_expert,
-                     int64_t max_blocks, int32_t* __restrict__ num_blocks) {
-  extern __shared__ int smem[];
-  int* count = smem;                  // [E], later the scatter cursor
-  int* blk_end = smem + num_experts;  // [E] inclusive prefix of blocks per expert
-  __shared__ int warp_sums[kThreads / 32];
-
-  const int tid = threadIdx.x;
-  const int64_t nv = read_num_valid(num_valid, num_tokens);
-  const int64_t P = nv * top_k;
-  const int64_t slots = max_blocks * block_m;
-
-  for (int e = tid; e < num_experts; e += kThreads) count[e] = 0;
+// -1 into every slot (grid-stride over all CTAs of the launch).
+__device__ __forceinline__ void fill_unused(int32_t* __restrict__ sorted_pairs, int64_t slots) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if ((reinterpret_cast<uintptr_t>(sorted_pairs) & 15u) == 0) {
     int4* v = reinterpret_cast<int4*>(sorted_pairs);
-    for (int64_t q = tid; q < slots / 4; q += kThreads) v[q] = make_int4(-1, -1, -1, -1);
-    for (int64_t s = slots / 4 * 4 + tid; s < slots; s += kThreads) sorted_pairs[s] = -1;
+    for (int64_t q = first; q < slots / 4; q += stride) v[q] = make_int4(-1, -1, -1, -1);
+    for (int64_t s = slots / 4 * 4 + first; s < slots; s += stride) sorted_pairs[s] = -1;
   } else {
-    for (int64_t s = tid; s < slots; s += kThreads) sorted_pairs[s] = -1;
+    for (int64_t s = first; s < slots; s += stride) sorted_pairs[s] = -1;
   }
-  __syncthreads();
+}
 
-  for_each_pair(topk_ids, P, expert_map, num_global, num_experts,
-                [&](int64_t, int e) { atomicAdd(&count[e], 1); });
-  __syncthreads();
-
-  // Scan of blocks per expert: thread tid owns experts [lo, hi).
+// Block-wide: from count[e] (pairs of expert e), turns count[e] into the
+// first slot of e's run (runs padded to block_m, in expert order) and writes
+// blk_end[e] (inclusive prefix of blocks). Returns the total number of blocks.
+__device__ int scan_runs(int* count, int* blk_end, int num_experts, int block_m) {
+  __shared__ int warp_sums[kThreads / 32];
+  const int tid = threadIdx.x;
+  // Thread tid owns experts [lo, hi).
   const int per = (num_experts + kThreads - 1) / kThreads;
   const int lo = min(tid * per, num_experts), hi = min(lo + per, num_experts);
   int local = 0;
@@ -108,16 +98,21 @@ __global__ void __launch_bounds__(kThreads)
   int run = (warp > 0 ? warp_sums[warp - 1] : 0) + incl - local;  // exclusive, in blocks
   for (int e = lo; e < hi; ++e) {
     const int nb = (count[e] + block_m - 1) / block_m;
-    count[e] = run * block_m;  // becomes the scatter cursor (slot)
+    count[e] = run * block_m;
     run += nb;
     blk_end[e] = run;
   }
   const int total_blocks = warp_sums[31];
   __syncthreads();
+  return total_blocks;
+}
 
-  if (tid == 0) *num_blocks = total_blocks;
-  // block_expert: binary search of the expert whose block range holds b.
-  for (int64_t b = tid; b < max_blocks; b += kThreads) {
+// block_expert[b]: the expert whose block range holds b (-1 past the end).
+__device__ __forceinline__ void write_block_experts(const int* blk_end, int num_experts,
+                                                    int total_blocks, int32_t* block_expert,
+                                                    int64_t max_blocks, int32_t* num_blocks) {
+  if (threadIdx.x == 0) *num_blocks = total_blocks;
+  for (int64_t b = threadIdx.x; b < max_blocks; b += kThreads) {
     int out = -1;
     if (b < total_blocks) {
       int l = 0, r = num_experts - 1;  // first e with blk_end[e] > b
@@ -129,6 +124,30 @@ __global__ void __launch_bounds__(kThreads)
     }
     block_expert[b] = out;
   }
+}
+
+// One CTA does everything (small T).
+__global__ void __launch_bounds__(kThreads)
+    moe_align_kernel(const int32_t* __restrict__ topk_ids, int64_t num_tokens, int top_k,
+                     const int32_t* __restrict__ expert_map, int64_t num_global,
+                     const int32_t* __restrict__ num_valid, int num_experts, int block_m,
+                     int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ block_expert,
+                     int64_t max_blocks, int32_t* __restrict__ num_blocks) {
+  extern __shared__ int smem[];
+  int* count = smem;                  // [E], later the scatter cursor
+  int* blk_end = smem + num_experts;  // [E] inclusive prefix of blocks per expert
+
+  const int tid = threadIdx.x;
+  const int64_t P = read_num_valid(num_valid, num_tokens) * top_k;
+  for (int e = tid; e < num_experts; e += kThreads) count[e] = 0;
+  fill_unused(sorted_pairs, max_blocks * block_m);
+  __syncthreads();
+
+  for_each_pair(topk_ids, P, expert_map, num_global, num_experts,
+                [&](int64_t, int e) { atomicAdd(&count[e], 1); });
+  __syncthreads();
+  const int total_blocks = scan_runs(count, blk_end, num_experts, block_m);
+  write_block_experts(blk_end, num_experts, total_blocks, block_expert, max_blocks, num_blocks);
 
   // Scatter (sorted_pairs' -1 fill above is ordered before by the barriers).
   for_each_pair(topk_ids, P, expert_map, num_global, num_experts, [&](int64_t p, int e) {
@@ -136,13 +155,110 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// Calls f(p, e) for the valid pairs of tile blockIdx.x.
+template <typename F>
+__device__ __forceinline__ void for_each_tile_pair(const int32_t* __restrict__ topk_ids,
+                                                   int64_t P, const int32_t* __restrict__ map,
+                                                   int64_t num_global, int num_experts, F&& f) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kMoeAlignTile;
+  const int64_t end = min(base + kMoeAlignTile, P);
+#pragma unroll 4
+  for (int64_t p = base + threadIdx.x; p < end; p += kThreads) {
+    const int e = local_expert(topk_ids[p], map, num_global, num_experts);
+    if (e >= 0) f(p, e);
+  }
+}
+
+// Multi-CTA, step 1 (one CTA per tile): scratch[tile * E + e] = the tile's
+// pairs of expert e; every CTA also fills a share of sorted_pairs with -1.
+__global__ void __launch_bounds__(kThreads)
+    moe_align_count_kernel(const int32_t* __restrict__ topk_ids, int64_t num_tokens, int top_k,
+                           const int32_t* __restrict__ expert_map, int64_t num_global,
+                           const int32_t* __restrict__ num_valid, int num_experts,
+                           int32_t* __restrict__ sorted_pairs, int64_t slots,
+                           int32_t* __restrict__ scratch) {
+  extern __shared__ int count[];  // [E]
+  for (int e = threadIdx.x; e < num_experts; e += kThreads) count[e] = 0;
+  fill_unused(sorted_pairs, slots);
+  __syncthreads();
+  const int64_t P = read_num_valid(num_valid, num_tokens) * top_k;
+  for_each_tile_pair(topk_ids, P, expert_map, num_global, num_experts,
+                     [&](int64_t, int e) { atomicAdd(&count[e], 1); });
+  __syncthreads();
+  int32_t* mine = scratch + static_cast<int64_t>(blockIdx.x) * num_experts;
+  for (int e = threadIdx.x; e < num_experts; e += kThreads) mine[e] = count[e];
+}
+
+// Multi-CTA, step 2 (one CTA per tile): every CTA sums the counts of all tiles
+// (totals per expert) and of the tiles before its own (its offset inside each
+// run), scans the runs like the one-CTA kernel, then scatters its tile's pairs
+// from cursors run start + offset. CTA 0 writes block_expert and num_blocks.
+// Each expert's valid pairs fill the start of its run, as the layout requires.
+__global__ void __launch_bounds__(kThreads)
+    moe_align_scatter_kernel(const int32_t* __restrict__ topk_ids, int64_t num_tokens, int top_k,
+                             const int32_t* __restrict__ expert_map, int64_t num_global,
+                             const int32_t* __restrict__ num_valid, int num_experts, int block_m,
+                             int32_t* __restrict__ sorted_pairs,
+                             int32_t* __restrict__ block_expert, int64_t max_blocks,
+                             int32_t* __restrict__ num_blocks,
+                             const int32_t* __restrict__ scratch) {
+  extern __shared__ int smem[];
+  int* count = smem;                  // [E] totals, then the run starts
+  int* before = smem + num_experts;   // [E] pairs of e in earlier tiles; later blk_end
+  const int tiles = gridDim.x, me = blockIdx.x;
+  for (int e = threadIdx.x; e < num_experts; e += kThreads) {
+    int total = 0, prior = 0;
+#pragma unroll 8
+    for (int t = 0; t < tiles; ++t) {
+      const int c = scratch[static_cast<int64_t>(t) * num_experts + e];
+      total += c;
+      prior += t < me ? c : 0;
+    }
+    count[e] = total;
+    before[e] = prior;
+  }
+  __syncthreads();
+  // scan_runs overwrites blk_end (= before): keep each thread's offsets first
+  // (thread tid owns experts tid, tid + kThreads, ... in the scatter below).
+  constexpr int kMaxOwned = static_cast<int>(kMoeAlignMaxExperts / kThreads);
+  int offset[kMaxOwned];
+#pragma unroll
+  for (int i = 0; i < kMaxOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    offset[i] = e < num_experts ? before[e] : 0;
+  }
+  __syncthreads();
+  const int total_blocks = scan_runs(count, before, num_experts, block_m);
+  if (me == 0) {
+    write_block_experts(before, num_experts, total_blocks, block_expert, max_blocks, num_blocks);
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    if (e < num_experts) count[e] += offset[i];  // this tile's cursor
+  }
+  __syncthreads();
+  const int64_t P = read_num_valid(num_valid, num_tokens) * top_k;
+  for_each_tile_pair(topk_ids, P, expert_map, num_global, num_experts, [&](int64_t p, int e) {
+    sorted_pairs[atomicAdd(&count[e], 1)] = static_cast<int32_t>(p);
+  });
+}
+
 }  // namespace
+
+// Raises a kernel's dynamic shared memory limit when it needs more than the default.
+template <typename K>
+cudaError_t allow_smem(K kernel, size_t smem) {
+  if (smem + sizeof(int) * (kThreads / 32) <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(smem));
+}
 
 cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int top_k,
                              const int32_t* expert_map, int64_t num_global,
                              const int32_t* num_valid, int num_experts, int block_m,
                              int32_t* sorted_pairs, int32_t* block_expert, int64_t max_blocks,
-                             int32_t* num_blocks, cudaStream_t stream) {
+                             int32_t* num_blocks, int32_t* scratch, cudaStream_t stream) {
   if (num_experts <= 0) {
     // No local expert: nothing is valid. Keep the outputs' invariants anyway.
     if (max_blocks > 0) {
@@ -152,16 +268,27 @@ cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int to
     return cudaMemsetAsync(num_blocks, 0, sizeof(int32_t), stream);
   }
   const size_t smem = sizeof(int) * 2 * static_cast<size_t>(num_experts);
-  if (smem + sizeof(int) * (kThreads / 32) > 48 * 1024) {  // dynamic + static > default
-    cudaError_t err = cudaFuncSetAttribute(moe_align_kernel,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+  const int64_t tiles = moe_align_tiles(num_tokens * top_k);
+  cudaError_t err;
+  if (tiles <= 1) {
+    if ((err = allow_smem(moe_align_kernel, smem)) != cudaSuccess) return err;
+    moe_align_kernel<<<1, kThreads, smem, stream>>>(topk_ids, num_tokens, top_k, expert_map,
+                                                    num_global, num_valid, num_experts, block_m,
+                                                    sorted_pairs, block_expert, max_blocks,
+                                                    num_blocks);
+    return cudaGetLastError();
   }
-  moe_align_kernel<<<1, kThreads, smem, stream>>>(topk_ids, num_tokens, top_k, expert_map,
-                                                  num_global, num_valid, num_experts, block_m,
-                                                  sorted_pairs, block_expert, max_blocks,
-                                                  num_blocks);
+  if (scratch == nullptr) return cudaErrorInvalidValue;  // moe_align_scratch_ints > 0
+  const unsigned grid = static_cast<unsigned>(tiles);
+  if ((err = allow_smem(moe_align_count_kernel, smem / 2)) != cudaSuccess) return err;
+  if ((err = allow_smem(moe_align_scatter_kernel, smem)) != cudaSuccess) return err;
+  moe_align_count_kernel<<<grid, kThreads, smem / 2, stream>>>(
+      topk_ids, num_tokens, top_k, expert_map, num_global, num_valid, num_experts, sorted_pairs,
+      max_blocks * block_m, scratch);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  moe_align_scatter_kernel<<<grid, kThreads, smem, stream>>>(
+      topk_ids, num_tokens, top_k, expert_map, num_global, num_valid, num_experts, block_m,
+      sorted_pairs, block_expert, max_blocks, num_blocks, scratch);
   return cudaGetLastError();
 }
 

@@ -15,19 +15,33 @@ namespace pcg::moe {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kPermuteWarps = 8;  // one warp per slot, 8 slots per CTA
+constexpr int kPermuteUnroll = 4;  // 16-byte loads in flight per lane
 
-// One CTA per slot: copy the token's row (uint4 = 8 elements of 2 bytes).
-__global__ void __launch_bounds__(kThreads)
+// One warp per slot: copy the token's row (uint4 = 8 elements of 2 bytes),
+// kPermuteUnroll loads in flight per lane (a row per CTA left most of each
+// SM's bandwidth idle: 258 us for 1 GiB of copies at 131072 slots).
+__global__ void __launch_bounds__(kPermuteWarps * 32)
     permute_kernel(const uint4* __restrict__ hidden, int64_t row_vecs, int top_k,
-                   const int32_t* __restrict__ sorted_pairs, uint4* __restrict__ a_sorted,
-                   int32_t* __restrict__ pair_slot) {
-  const int64_t slot = blockIdx.x;
+                   const int32_t* __restrict__ sorted_pairs, int64_t slots,
+                   uint4* __restrict__ a_sorted, int32_t* __restrict__ pair_slot) {
+  const int lane = threadIdx.x & 31;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kPermuteWarps + (threadIdx.x >> 5);
+  if (slot >= slots) return;
   const int pair = sorted_pairs[slot];
   if (pair < 0) return;
-  if (threadIdx.x == 0) pair_slot[pair] = static_cast<int32_t>(slot);
+  if (lane == 0) pair_slot[pair] = static_cast<int32_t>(slot);
   const uint4* src = hidden + static_cast<int64_t>(pair / top_k) * row_vecs;
   uint4* dst = a_sorted + slot * row_vecs;
-  for (int64_t v = threadIdx.x; v < row_vecs; v += kThreads) dst[v] = src[v];
+  int64_t v = lane;
+  for (; v + 32 * (kPermuteUnroll - 1) < row_vecs; v += 32 * kPermuteUnroll) {
+    uint4 r[kPermuteUnroll];
+#pragma unroll
+    for (int u = 0; u < kPermuteUnroll; ++u) r[u] = src[v + 32 * u];
+#pragma unroll
+    for (int u = 0; u < kPermuteUnroll; ++u) dst[v + 32 * u] = r[u];
+  }
+  for (; v < row_vecs; v += 32) dst[v] = src[v];
 }
 
 __device__ __forceinline__ int64_t clamp_valid(const int32_t* num_valid, int64_t T) {
@@ -92,8 +106,9 @@ cudaError_t launch_moe_permute(DType dtype, const void* hidden, int64_t H, int t
                                int32_t* pair_slot, cudaStream_t stream) {
   if (dtype == DType::kFloat32 || H % 8 != 0) return cudaErrorInvalidValue;
   if (slots <= 0) return cudaSuccess;
-  permute_kernel<<<static_cast<unsigned>(slots), kThreads, 0, stream>>>(
-      static_cast<const uint4*>(hidden), H / 8, top_k, sorted_pairs,
+  const unsigned grid = static_cast<unsigned>((slots + kPermuteWarps - 1) / kPermuteWarps);
+  permute_kernel<<<grid, kPermuteWarps * 32, 0, stream>>>(
+      static_cast<const uint4*>(hidden), H / 8, top_k, sorted_pairs, slots,
       static_cast<uint4*>(a_sorted), pair_slot);
   return cudaGetLastError();
 }

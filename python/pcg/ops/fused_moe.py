@@ -1,7 +1,8 @@
 """pcg::fused_moe (the expert MLPs of an MoE layer) and its helper pcg::moe_align."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -106,6 +107,31 @@ def fused_moe_config(num_local_experts: int, top_k: int, hidden_size: int,
     return (c[0], c[1], c[2])
 
 
+@functools.lru_cache(maxsize=None)
+def fused_moe_paths(device: Union[str, torch.device] = "cuda") -> Tuple[bool, bool]:
+    """``(cutlass, stream)``: whether pcg::fused_moe can take the CUTLASS sm_90a
+    path and the weight-streaming path on ``device`` for well-shaped bf16 calls
+    (H and I multiples of 8, aligned tensors), as ``fused_moe_config``'s flags.
+    Found by one tiny forced call per path (a ValueError means no: build,
+    device); cached per device. Always ``(False, False)`` off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (False, False)
+    E, k, H, I = 2, 1, 16, 8
+    args = (torch.zeros(1, H, dtype=torch.bfloat16, device=device),
+            torch.zeros(E, 2 * I, H, dtype=torch.bfloat16, device=device),
+            torch.zeros(E, H, I, dtype=torch.bfloat16, device=device),
+            torch.ones(1, k, device=device), torch.zeros(1, k, dtype=torch.int32, device=device))
+    ok = []
+    for config in ([-1, -1, -1], [-2, -1, -1]):
+        try:
+            fused_moe(*args, config=config)
+            ok.append(True)
+        except ValueError:
+            ok.append(False)
+    return (ok[0], ok[1])
+
+
 def fused_moe_candidates(block_m: Optional[int] = None,
                          max_smem: Optional[int] = None) -> List[Tuple[int, int, int]]:
     """Every valid bf16/fp16 ``(block_m, tile1, tile2)`` (optionally for one
@@ -176,5 +202,5 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                                    None if config is None else [int(c) for c in config])
 
 
-__all__ = ["MoeTile", "fused_moe", "fused_moe_candidates", "fused_moe_config", "fused_moe_tiles",
-           "moe_align_max_blocks"]
+__all__ = ["MoeTile", "fused_moe", "fused_moe_candidates", "fused_moe_config", "fused_moe_paths",
+           "fused_moe_tiles", "moe_align_max_blocks"]
