@@ -4,8 +4,10 @@
 // Regenerate on a GPU: python bench/tune_moe.py [--shapes NAME|E,k,H,I ...] [--tokens ...],
 // then rebuild pcg (the table is compiled in; shapes not tuned in a run are kept).
 // Rows: for T <= t_max (the first such row of the shape; the last row for larger T)
-// use {block_m, GEMM1 tile id, GEMM2 tile id} (ids: fused_moe_tiles.h). Shapes not
-// listed use moe::heuristic_config. Key: (E_local = w13.size(0), top_k, H, I).
+// use {block_m, GEMM1 tile id, GEMM2 tile id} (ids: fused_moe_tiles.h), or a path:
+// {-1, -1, -1} CUTLASS sm_90a, {-2, -1, -1} weight streaming (a call that cannot take
+// it falls back to the heuristic). Shapes not listed: moe::choose_config's fallback.
+// Key: (E_local = w13.size(0), top_k, H, I).
 #pragma once
 
 #include "moe/fused_moe_tiles.h"
@@ -15,55 +17,40 @@ namespace pcg::moe::tuning {
 // mixtral-8x7b: E_local=8 top_k=2 H=4096 I=14336
 inline constexpr TuningEntry kShape0[] = {
     // {t_max, block_m, tile1, tile2}
-    {1, 16, 0, 13},  // g16x64x64_w1x4_s4 + d16x64x128_w1x4_s4; us (default): T1 233.9/249.2
-    {39, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (default): T2 404.8/404.8 T32 748.3/748.3
-    {55, 16, 0, 13},  // g16x64x64_w1x4_s4 + d16x64x128_w1x4_s4; us (default): T48 840.4/866.5
-    {110, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (default): T64 794.3/983.4 T96 1016.5/1016.5
-    {221, 64, 14, 15},  // g64x128x32_w2x4_s4 + d64x128x64_w2x4_s3; us (default): T128 1126.6/1223.1 T192 1137.5/1478.3
-    {313, 128, 3, 7},  // g128x64x32_w4x2_s4 + d128x128x32_w4x2_s4; us (default): T256 1313.9/1562.8
-    {443, 128, 18, 7},  // g128x128x64_w2x4_s3 + d128x128x32_w4x2_s4; us (default): T384 1384.0/1986.4
-    {627, 64, 14, 6},  // g64x128x32_w2x4_s4 + d64x128x32_w2x4_s4; us (default): T512 2188.6/2414.7
-    {16384, 128, 18, 7},  // g128x128x64_w2x4_s3 + d128x128x32_w4x2_s4; us (default): T768 2541.3/3175.2 T16384 41499.5/42928.1
+    {1, 16, 0, 13},  // g16x64x64_w1x4_s4 + d16x64x128_w1x4_s4; us (heuristic): T1 234.7/250.2
+    {39, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T2 411.1/411.1 T32 760.9/760.9
+    {55, -1, -1, -1},  // cutlass_sm90; us (heuristic): T48 808.2/850.6
+    {78, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (heuristic): T64 809.2/993.0
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T96 816.6/994.7 T16384 19897.0/43091.9
 };
 
 // gpt-oss-20b: E_local=32 top_k=4 H=2880 I=2880
 inline constexpr TuningEntry kShape1[] = {
     // {t_max, block_m, tile1, tile2}
-    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (default): T1 83.9/83.9 T96 491.2/491.2
-    {221, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (default): T128 500.9/537.9 T192 507.8/507.8
-    {443, 64, 14, 15},  // g64x128x32_w2x4_s4 + d64x128x64_w2x4_s3; us (default): T256 648.8/715.8 T384 664.1/868.1
-    {886, 128, 3, 7},  // g128x64x32_w4x2_s4 + d128x128x32_w4x2_s4; us (default): T512 808.3/884.2 T768 848.5/1115.0
-    {1448, 64, 14, 6},  // g64x128x32_w2x4_s4 + d64x128x32_w2x4_s4; us (default): T1024 1179.1/1323.7
-    {2896, 128, 18, 7},  // g128x128x64_w2x4_s3 + d128x128x32_w4x2_s4; us (default): T2048 1924.7/2357.7
-    {5792, 128, 3, 7},  // g128x64x32_w4x2_s4 + d128x128x32_w4x2_s4; us (default): T4096 3561.9/3561.9
-    {16384, 128, 18, 7},  // g128x128x64_w2x4_s3 + d128x128x32_w4x2_s4; us (default): T8192 6494.9/6662.8 T16384 12610.1/12874.5
+    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T1 83.4/83.4 T96 463.0/463.0
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 462.7/540.2 T16384 5577.5/12753.8
 };
 
 // deepseek-v2-lite: E_local=64 top_k=6 H=2048 I=1408
 inline constexpr TuningEntry kShape2[] = {
     // {t_max, block_m, tile1, tile2}
-    {156, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (default): T1 57.1/57.1 T128 344.3/344.3
-    {313, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (default): T192 373.5/373.5 T256 388.4/388.4
-    {627, 64, 14, 15},  // g64x128x32_w2x4_s4 + d64x128x64_w2x4_s3; us (default): T384 470.8/574.2 T512 481.1/646.4
-    {11585, 128, 3, 7},  // g128x64x32_w4x2_s4 + d128x128x32_w4x2_s4; us (default): T768 608.4/716.3 T8192 3665.1/3665.1
-    {16384, 128, 18, 7},  // g128x128x64_w2x4_s3 + d128x128x32_w4x2_s4; us (default): T16384 6996.6/7162.5
+    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T1 57.4/57.4 T96 337.1/337.1
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 331.5/341.7 T16384 3246.7/7086.3
 };
 
 // qwen3-30b-a3b: E_local=128 top_k=8 H=2048 I=768
 inline constexpr TuningEntry kShape3[] = {
     // {t_max, block_m, tile1, tile2}
-    {1, 16, 0, 11},  // g16x64x64_w1x4_s4 + d16x32x64_w1x2_s4; us (default): T1 51.0/52.2
-    {221, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (default): T2 62.2/62.2 T192 389.2/389.2
-    {443, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (default): T256 395.7/452.6 T384 414.5/414.5
-    {886, 64, 14, 15},  // g64x128x32_w2x4_s4 + d64x128x64_w2x4_s3; us (default): T512 518.0/556.6 T768 539.0/736.3
-    {16384, 128, 3, 7},  // g128x64x32_w4x2_s4 + d128x128x32_w4x2_s4; us (default): T1024 653.5/681.9 T16384 5585.8/5585.8
+    {1, 16, 0, 11},  // g16x64x64_w1x4_s4 + d16x32x64_w1x2_s4; us (heuristic): T1 51.3/50.4
+    {156, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T2 65.4/65.4 T128 352.3/352.3
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T192 358.1/386.1 T16384 2699.5/5558.7
 };
 
 inline constexpr TuningShape kShapes[] = {
-    {8, 2, 4096, 14336, kShape0, 9},
-    {32, 4, 2880, 2880, kShape1, 8},
-    {64, 6, 2048, 1408, kShape2, 5},
-    {128, 8, 2048, 768, kShape3, 5},
+    {8, 2, 4096, 14336, kShape0, 5},
+    {32, 4, 2880, 2880, kShape1, 2},
+    {64, 6, 2048, 1408, kShape2, 2},
+    {128, 8, 2048, 768, kShape3, 3},
     {0, 0, 0, 0, nullptr, 0},  // end
 };
 
