@@ -135,18 +135,21 @@ std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef con
   PCG_CHECK_ARG(kOp, "config", c.size() == 3,
                 "must be [block_m, tile1, tile2] (3 ints; tile -1: block_m's default), got ", c);
   const int64_t block_m = c[0], tile1 = c[1], tile2 = c[2];
-  if (block_m == moe::kCutlassConfig) {
-    // The CUTLASS sm_90a path (moe_cutlass.h); CUDA checks the build and device.
-    PCG_CHECK_ARG(kOp, "config", tile1 == -1 && tile2 == -1,
-                  "[-1, -1, -1] selects the CUTLASS path (no tiles), got ", c);
-    PCG_CHECK_ARG(kOp, "config", dtype == at::kBFloat16 || dtype == at::kHalf,
-                  "[-1, -1, -1] (the CUTLASS path) needs bfloat16 or float16, got ",
-                  dtype_name(dtype));
-    return moe::MoeConfig{moe::kCutlassConfig, -1, -1};
+  if (block_m == moe::kCutlassConfig || block_m == moe::kStreamConfig) {
+    // Another implementation (no tiles): the CUTLASS sm_90a path (moe_cutlass.h)
+    // or the weight-streaming path (moe_stream.h); CUDA checks the rest.
+    const bool cutlass = block_m == moe::kCutlassConfig;
+    const char* which =
+        cutlass ? "[-1, -1, -1] (the CUTLASS path)" : "[-2, -1, -1] (the stream path)";
+    PCG_CHECK_ARG(kOp, "config", tile1 == -1 && tile2 == -1, which,
+                  " takes no tiles (config[1], config[2] must be -1), got ", c);
+    PCG_CHECK_ARG(kOp, "config", dtype == at::kBFloat16 || dtype == at::kHalf, which,
+                  " needs bfloat16 or float16, got ", dtype_name(dtype));
+    return moe::MoeConfig{static_cast<int>(block_m), -1, -1};
   }
   PCG_CHECK_ARG(kOp, "config", moe::is_supported_block_m(block_m),
-                "block_m (config[0]) must be 16, 32, 64 or 128 (or -1 with tiles -1: the "
-                "CUTLASS path), got ", c);
+                "block_m (config[0]) must be 16, 32, 64 or 128, or a path with tiles -1: -1 "
+                "(CUTLASS) or -2 (weight streaming), got ", c);
   moe::MoeConfig out;
   out.block_m = static_cast<int>(block_m);
   if (dtype == at::kFloat) {

@@ -48,6 +48,17 @@ at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const at::Tensor& hidd
                                   const std::optional<at::Tensor>& b2, double alpha,
                                   double limit);
 
+// CUDA only (fused_moe_stream_cuda.cpp): fused_moe on the weight-streaming
+// path (config [-2, -1, -1], T*k <= moe::kStreamMaxPairs), after the same checks.
+at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const at::Tensor& hidden,
+                                 const at::Tensor& w13, const at::Tensor& w2,
+                                 const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                                 const std::optional<at::Tensor>& expert_map,
+                                 const std::optional<at::Tensor>& num_valid,
+                                 const std::optional<at::Tensor>& b13,
+                                 const std::optional<at::Tensor>& b2, double alpha,
+                                 double limit);
+
 // Validates moe_align's arguments; returns the number of global ids (map size
 // or num_local_experts).
 int64_t check_moe_align_args(const at::Tensor& topk_ids, const std::optional<at::Tensor>& expert_map,

@@ -13,6 +13,7 @@
 #include "moe/fused_moe_args.h"
 #include "moe/moe_align.h"
 #include "moe/moe_cutlass.h"
+#include "moe/moe_stream.h"
 
 namespace pcg {
 namespace {
@@ -52,7 +53,8 @@ moe::PathSupport path_support(const FusedMoeShape& s, moe::DType dtype, const at
   ok.cutlass = moe::cutlass_moe_built() && prop->major == 9 && prop->minor == 0 &&
                s.H % 8 == 0 && s.I > 0 && s.I % 8 == 0 && aligned16(hidden) && aligned16(w13) &&
                aligned16(w2) && aligned16(b13) && aligned16(b2);
-  // [stream path support goes here]
+  ok.stream = moe::stream_supported(dtype, s.T, s.k, s.H, s.I) && prop->major >= 8 &&
+              aligned16(hidden) && aligned16(w13) && aligned16(w2);
   return ok;
 }
 
@@ -79,7 +81,10 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
     return fused_moe_cutlass_cuda(s, hidden, w13, w2, topk_weights, topk_ids, expert_map,
                                   num_valid, b13, b2, alpha, limit);
   }
-  // [stream path dispatch goes here]
+  if (moe::is_stream_config(cfg)) {
+    return fused_moe_stream_cuda(s, hidden, w13, w2, topk_weights, topk_ids, expert_map,
+                                 num_valid, b13, b2, alpha, limit);
+  }
   if (!forced) cfg = fit_to_device(cfg, dtype);
   if (forced && dtype != moe::DType::kFloat32) {
     const int64_t limit_smem = smem_optin();

@@ -182,10 +182,16 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             the checked-in tuning table, else a heuristic). block_m is 16, 32, 64 or 128
             (rows per GEMM block); tile1 / tile2 are ids from ``fused_moe_tiles()`` of a
             GEMM1 (gated) / GEMM2 tile whose ``block_m`` equals block_m, or -1 for
-            block_m's default tile. float32 takes only block_m (tile ids must be -1). The
-            CPU kernel validates it and otherwise ignores it; on CUDA a tile needing more
-            shared memory than the device has is an error. Results differ between
-            configs only by fp32 summation order.
+            block_m's default tile. float32 takes only block_m (tile ids must be -1).
+            Two configs select other implementations (bf16/fp16 only): ``[-1, -1, -1]``
+            the CUTLASS sm_90a grouped-GEMM path (large T; an sm_90 GPU and a build with
+            it) and ``[-2, -1, -1]`` the weight-streaming path (a few tokens: T * k <= 128
+            pairs; two kernels that read each hit expert's weights once). Both need H and
+            I multiples of 8 and 16-byte aligned hidden / w13 / w2; a forced path the call
+            cannot take is a ValueError. The CPU kernel validates config and otherwise
+            ignores it; on CUDA a tile needing more shared memory than the device has is
+            an error. Results differ between configs only by fp32 summation order (and,
+            on the CUTLASS path, two extra roundings to the dtype).
 
     Pairs whose id is outside [0, E_global), or maps to -1 / outside [0, E_local),
     contribute nothing. Products accumulate in fp32; the intermediate

@@ -1,0 +1,70 @@
+// fused_moe's weight-streaming path for a few tokens (config [-2, -1, -1]).
+// Torch-free. At T*k <= kStreamMaxPairs the op is a stream of the hit
+// experts' weights (Qwen3-30B-A3B, T = 1: 8 experts, 75 MB); this path reads
+// each hit expert's w13 and w2 once, with two kernels on one stream, no
+// moe_align, no host synchronisation, fixed sizes (capturable):
+//   1. up:   inter[p, n] = act(hidden[t] . w13[e, n] + b13[e, n],
+//                              hidden[t] . w13[e, I + n] + b13[e, I + n])
+//            for every valid pair p = t*k + j (fp32 sums, bias and activation
+//            in fp32, rounded to the dtype: as the mma.sync path's GEMM1).
+//            Grid (I / 8 column groups, min(T*k, E) expert slots); a CTA
+//            finds the y-th distinct expert hit (first-occurrence order) or
+//            exits, and computes its 8 gate + 8 up rows against all of the
+//            expert's pairs; its 4 warps split K.
+//   2. down: out[t, h] = sum_j w[t,j] * (inter[p] . w2[e, h] + b2[e, h]) in
+//            fp32, j in fixed order (deterministic), rounded to the dtype;
+//            rows t >= num_valid and tokens without a valid pair are zeros.
+//            Grid ceil(H / 16) row blocks; a CTA streams its 16 rows of every
+//            hit expert's w2 (units (expert, K slice) spread over 8 warps,
+//            partial sums in shared memory, summed in slice order).
+// Both kernels multiply with mma.sync m16n8k16 (fp32 accumulators): 16
+// weight rows times 8 pairs per instruction, fed by 16-byte global loads
+// (no shared-memory staging; a permutation of K common to both operands).
+// Requirements (checked by the launcher): bf16/fp16, T*k <= kStreamMaxPairs,
+// H % 8 == 0, I % 8 == 0, 16-byte aligned hidden / w13 / w2, an sm_80+ GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "moe/fused_moe.h"
+
+namespace pcg::moe {
+
+// Most (token, k) pairs per call: the routing tables live in shared memory
+// and the down kernel keeps one partial sum per (K slice, pair, row) there.
+constexpr int64_t kStreamMaxPairs = 128;
+
+// Whether the shapes / dtype suit this path (alignment and the device are
+// the launcher's to check).
+constexpr bool stream_supported(DType dtype, int64_t T, int64_t k, int64_t H, int64_t I) {
+  return dtype != DType::kFloat32 && T >= 0 && k >= 0 && T * k <= kStreamMaxPairs &&
+         H % 8 == 0 && I % 8 == 0;
+}
+
+// Workspace: the intermediate, one row per pair (rows of invalid pairs are
+// neither written nor read).
+inline int64_t stream_inter_elems(int64_t T, int64_t k, int64_t I) { return T * k * I; }
+
+// Beyond FusedMoeParams (whose moe_align workspaces and pair_out are unused;
+// `inter` is [T*k, I] in the dtype).
+struct StreamMoeOptions {
+  // Launch the down kernel as a programmatic dependent of the up kernel
+  // (sm_90: its routing scan and first weight prefetch overlap the up
+  // kernel's tail). Used only where the device code has the wait (sm_90+).
+  bool pdl = true;
+};
+
+}  // namespace pcg::moe
+
+#if defined(__CUDACC__) || defined(PCG_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+namespace pcg::moe {
+
+// Runs the two kernels on `stream`; cudaErrorInvalidValue when the shapes do
+// not satisfy stream_supported. Returns the first launch error.
+cudaError_t launch_fused_moe_stream(const FusedMoeParams& p, const StreamMoeOptions& o,
+                                    cudaStream_t stream);
+
+}  // namespace pcg::moe
+#endif

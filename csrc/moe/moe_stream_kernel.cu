@@ -1,0 +1,533 @@
+// Kernels of fused_moe's weight-streaming path (design: moe_stream.h).
+//
+// Both kernels multiply 16 weight rows by 8 activation rows (pairs; NB such
+// tiles per pass) with mma.sync m16n8k16 straight from global memory, no
+// shared-memory staging: every weight byte is used once. Lane (g, q) (g =
+// lane / 4, q = lane % 4) loads 16 bytes (8 elements) at K offset 32s + 8q of
+// weight rows g and g + 8 and of pair g's activation row; the two halves of
+// those 8 elements are its A / B fragment elements of two mmas. The mma sums
+// over K in a permuted order that is the same for A and B, so the products
+// are the plain dot products, and every load is a full 16-byte vector.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/float_convert.cuh"
+#include "moe/moe_activation.cuh"
+#include "moe/moe_align.h"
+#include "moe/moe_stream.h"
+
+namespace pcg::moe {
+namespace {
+
+constexpr int kMaxPairs = static_cast<int>(kStreamMaxPairs);
+constexpr int kUpWarps = 4;      // warps of an up CTA (they split K)
+constexpr int kDownWarps = 8;    // warps of a down CTA (they split (expert, K slice) units)
+constexpr int kDownRows = 16;    // rows of w2 (columns of out) per down CTA
+// Register budgets (65536 / (threads * blocks)): without them ptxas keeps few
+// registers and issues each batch's loads one step at a time.
+constexpr int kUpMinBlocks = 6;    // <= 85 registers
+constexpr int kDownMinBlocks = 2;  // <= 128 registers
+// Units per down CTA to aim for (several per warp: balance), and the shared
+// memory its partial sums may take (with the static tables, under 48 KB).
+constexpr int kDownUnitsTarget = 32;
+constexpr int64_t kDownPartBytes = 40 * 1024;
+static_assert(kMaxPairs % 32 == 0 && kUpWarps * 32 >= kMaxPairs &&
+                  kDownWarps * 32 >= kMaxPairs,
+              "build_routing gives every pair a thread");
+
+// K steps (32 elements each) whose loads one warp issues before its mmas:
+// 16-byte loads in flight per lane ~ 2U (weights) + U*NB (activations).
+template <int NB>
+constexpr int up_unroll() { return NB == 1 ? 4 : 2; }
+template <int NB>
+constexpr int down_unroll() { return NB == 1 ? 8 : 4; }
+
+struct StreamArgs {
+  const void* hidden;           // [T, H]
+  const void* w13;              // [E, 2I, H]
+  const void* w2;               // [E, H, I]
+  const void* b13;              // [E, 2I] or null
+  const void* b2;               // [E, H] or null
+  const float* topk_weights;    // [T, k]
+  const int32_t* topk_ids;      // [T, k]
+  const int32_t* expert_map;    // [num_global] or null
+  int64_t num_global;
+  const int32_t* num_valid;     // device scalar or null
+  void* inter;                  // [T*k, I]
+  void* out;                    // [T, H]
+  int64_t T, H, I, E;
+  int k, P;                     // P = T*k <= kMaxPairs
+  int act;
+  float alpha, limit;
+  int down_ks_max;              // K slices the down kernel's partial sums hold
+};
+
+// The routing of one call in shared memory. Valid pairs are grouped by local
+// expert; groups are numbered in order of their first pair, and a group's
+// pairs are ascending. Every CTA builds the same tables from the same inputs.
+struct Routing {
+  int32_t e[kMaxPairs];         // local expert of pair p, -1: contributes nothing
+  int32_t slot[kMaxPairs];      // position of valid pair p in `pairs`
+  int32_t pairs[kMaxPairs];     // valid pairs, group by group
+  int32_t rank[kMaxPairs];      // group of a group's first pair (scratch)
+  int32_t gcount[kMaxPairs];    // pairs of group d
+  int32_t gexp[kMaxPairs];      // local expert of group d
+  int32_t goff[kMaxPairs + 1];  // group d: pairs[goff[d], goff[d + 1])
+  int32_t wcount[kMaxPairs / 32];
+  int32_t num_groups;
+  int32_t nv;                   // num_valid clamped to [0, T]
+};
+
+// All threads of the CTA (blockDim >= kMaxPairs) call this.
+__device__ __forceinline__ void build_routing(Routing& R, const StreamArgs& a) {
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  int64_t nv = a.T;
+  if (a.num_valid != nullptr) {
+    nv = *a.num_valid;
+    nv = nv < 0 ? 0 : (nv > a.T ? a.T : nv);
+  }
+  int e = -1;
+  if (tid < a.P && tid / a.k < nv) {
+    e = local_expert(a.topk_ids[tid], a.expert_map, a.num_global, a.E);
+  }
+  if (tid < a.P) R.e[tid] = e;
+  if (tid == 0) R.nv = static_cast<int32_t>(nv);
+  __syncthreads();
+  // Position among the earlier pairs of the same expert, and the group size.
+  int before = 0, total = 0, first = tid;
+  if (e >= 0) {
+    for (int q = 0; q < a.P; ++q) {
+      const bool m = R.e[q] == e;
+      if (m && q < tid) {
+        if (before == 0) first = q;
+        ++before;
+      }
+      total += m;
+    }
+  }
+  const bool is_first = e >= 0 && before == 0;
+  unsigned bal = 0;
+  if (warp < kMaxPairs / 32) {  // warp-uniform
+    bal = __ballot_sync(0xffffffffu, is_first);
+    if (lane == 0) R.wcount[warp] = __popc(bal);
+  }
+  __syncthreads();
+  int rank = __popc(bal & ((1u << lane) - 1u));
+  int groups = 0;
+#pragma unroll
+  for (int w = 0; w < kMaxPairs / 32; ++w) {
+    if (w < warp) rank += R.wcount[w];
+    groups += R.wcount[w];
+  }
+  if (is_first) {
+    R.rank[tid] = rank;
+    R.gexp[rank] = e;
+    R.gcount[rank] = total;
+  }
+  if (tid == 0) R.num_groups = groups;
+  __syncthreads();
+  // Exclusive scan of the group sizes (warp 0, kMaxPairs / 32 groups a lane).
+  if (warp == 0) {
+    constexpr int kPer = kMaxPairs / 32;
+    int c[kPer];
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int d = lane * kPer + i;
+      c[i] = d < groups ? R.gcount[d] : 0;
+      sum += c[i];
+    }
+    int incl = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += v;
+    }
+    int run = incl - sum;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      R.goff[lane * kPer + i] = run;
+      run += c[i];
+    }
+    if (lane == 31) R.goff[kMaxPairs] = run;
+  }
+  __syncthreads();
+  if (e >= 0) {
+    const int pos = R.goff[R.rank[first]] + before;
+    R.pairs[pos] = tid;
+    R.slot[tid] = pos;
+  }
+  __syncthreads();
+}
+
+// 16-byte loads, zero when !pred. Weights are read once: keep them out of L1.
+__device__ __forceinline__ uint4 ld_weight(const uint4* p, bool pred) {
+  uint4 r;
+  asm("{\n"
+      "  .reg .pred p;\n"
+      "  setp.ne.b32 p, %5, 0;\n"
+      "  mov.b32 %0, 0;\n"
+      "  mov.b32 %1, 0;\n"
+      "  mov.b32 %2, 0;\n"
+      "  mov.b32 %3, 0;\n"
+      "  @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return r;
+}
+
+// Activation rows (hidden, inter): plain (weak) loads, so that the compiler
+// keeps them after the down kernel's griddepcontrol.wait; reused from L1/L2.
+__device__ __forceinline__ uint4 ld_act(const uint4* p, bool pred) {
+  return pred ? *p : make_uint4(0u, 0u, 0u, 0u);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1,
+                                                        uint32_t a2, uint32_t a3, uint32_t b0,
+                                                        uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], uint32_t a0, uint32_t a1,
+                                                 uint32_t a2, uint32_t a3, uint32_t b0,
+                                                 uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One batch of U K steps starting at step s (steps >= s_end or vectors >=
+// nvec are zeros). wa / wb: this lane's weight rows g and g + 8 (16-byte
+// vectors); x[nb]: the activation row of pair g + 8nb of the chunk. acc[nb]
+// is the m16n8 accumulator: [0], [1] row g, pairs 2q, 2q+1; [2], [3] row g+8.
+template <typename T, int NB, int U>
+__device__ __forceinline__ void mma_batch(const uint4* wa, bool ok_a, const uint4* wb, bool ok_b,
+                                          const uint4* const (&x)[NB], const bool (&ok_x)[NB],
+                                          int q, int64_t nvec, int64_t s, int64_t s_end,
+                                          float (&acc)[NB][4]) {
+  uint4 ra[U], rb[U], rx[NB][U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t v = (s + u) * 4 + q;
+    const bool in = s + u < s_end && v < nvec;
+    ra[u] = ld_weight(wa + v, in && ok_a);
+    rb[u] = ld_weight(wb + v, in && ok_b);
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) rx[nb][u] = ld_act(x[nb] + v, in && ok_x[nb]);
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      mma16816<T>(acc[nb], ra[u].x, rb[u].x, ra[u].y, rb[u].y, rx[nb][u].x, rx[nb][u].y);
+      mma16816<T>(acc[nb], ra[u].z, rb[u].z, ra[u].w, rb[u].w, rx[nb][u].z, rx[nb][u].w);
+    }
+  }
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// up: CTA (column group c of 8, group y). Rows g of the mma are gate columns
+// 8c + g, rows g + 8 the matching up columns; the 4 warps take interleaved
+// batches of K and their sums are added in warp order (deterministic).
+template <typename T, int NB>
+__global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
+    stream_up_kernel(const StreamArgs a) {
+  constexpr int U = up_unroll<NB>();
+  // The down kernel's CTAs may start (routing, prefetch) once every up CTA runs.
+  pdl_launch_dependents();
+  __shared__ Routing R;
+  __shared__ float red[kUpWarps][NB][4][32];
+  build_routing(R, a);
+  const int d = blockIdx.y;
+  if (d >= R.num_groups) return;  // CTA-uniform: no barrier follows for it
+  const int e = R.gexp[d];
+  const int first = R.goff[d], n = R.goff[d + 1] - first;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int64_t H = a.H, I = a.I;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 8 + g;  // < I: gridDim.x = I / 8
+  const T* w = static_cast<const T*>(a.w13) + static_cast<int64_t>(e) * 2 * I * H;
+  const uint4* wa = reinterpret_cast<const uint4*>(w + col * H);
+  const uint4* wb = reinterpret_cast<const uint4*>(w + (I + col) * H);
+  const T* hidden = static_cast<const T*>(a.hidden);
+  const int64_t nvec = H / 8, steps = (nvec + 3) / 4;
+  // Chunks of 8*NB pairs; a larger group streams the rows again (from L2).
+  for (int c0 = 0; c0 < n; c0 += 8 * NB) {
+    const uint4* x[NB];
+    bool ok_x[NB];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const int i = c0 + nb * 8 + g;
+      ok_x[nb] = i < n;
+      const int p = R.pairs[first + (ok_x[nb] ? i : 0)];
+      x[nb] = reinterpret_cast<const uint4*>(hidden + static_cast<int64_t>(p / a.k) * H);
+    }
+    float acc[NB][4] = {};
+    for (int64_t s = static_cast<int64_t>(warp) * U; s < steps; s += kUpWarps * U) {
+      mma_batch<T, NB, U>(wa, true, wb, true, x, ok_x, q, nvec, s, steps, acc);
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red[warp][nb][r][lane] = acc[nb][r];
+    __syncthreads();
+    if (warp == 0) {
+      const T* b13 = static_cast<const T*>(a.b13);
+      float bg = 0.f, bu = 0.f;
+      if (b13 != nullptr) {
+        bg = to_float(b13[static_cast<int64_t>(e) * 2 * I + col]);
+        bu = to_float(b13[static_cast<int64_t>(e) * 2 * I + I + col]);
+      }
+      T* inter = static_cast<T*>(a.inter);
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int ci = c0 + nb * 8 + 2 * q + i;
+          if (ci >= n) continue;
+          float gs = red[0][nb][i][lane], us = red[0][nb][2 + i][lane];
+#pragma unroll
+          for (int w2 = 1; w2 < kUpWarps; ++w2) {
+            gs += red[w2][nb][i][lane];
+            us += red[w2][nb][2 + i][lane];
+          }
+          const int p = R.pairs[first + ci];
+          inter[static_cast<int64_t>(p) * I + col] =
+              from_float<T>(gated_act(gs + bg, us + bu, a.act, a.alpha, a.limit));
+        }
+    }
+    __syncthreads();  // red is reused by the next chunk
+  }
+}
+
+// ---------------------------------------------------------------------------
+// down: CTA of rows [h0, h0 + 16) of every hit expert's w2. Units (group d,
+// K slice) go round-robin to the warps; a unit's sums land in part[slice][slot]
+// (each written once), then out[t, h] sums the slices in order, adds b2,
+// weights and sums the pairs of t in j order.
+template <typename T, int NB>
+__global__ void __launch_bounds__(kDownWarps * 32, kDownMinBlocks)
+    stream_down_kernel(const StreamArgs a) {
+  constexpr int U = down_unroll<NB>();
+  __shared__ Routing R;
+  extern __shared__ float part[];  // [down_ks_max][P][kDownRows]
+  build_routing(R, a);             // inputs only: may overlap the up kernel
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int64_t H = a.H, I = a.I;
+  const int64_t h0 = static_cast<int64_t>(blockIdx.x) * kDownRows;
+  const int64_t nvec = I / 8, steps = (nvec + 3) / 4;
+  const int groups = R.num_groups;
+  // K slices of a whole number of batches, about kDownUnitsTarget units.
+  int ks = 0;
+  int64_t slice = 0;
+  if (steps > 0 && groups > 0) {
+    int want = (kDownUnitsTarget + groups - 1) / groups;
+    want = want < 1 ? 1 : (want > a.down_ks_max ? a.down_ks_max : want);
+    const int64_t batches = (steps + U - 1) / U;
+    slice = (batches + want - 1) / want * U;
+    ks = static_cast<int>((steps + slice - 1) / slice);
+  }
+  const int units = groups * ks;
+  const T* w2 = static_cast<const T*>(a.w2);
+  // Warm L2 with the first batch of this warp's first unit (no inter yet).
+  if (warp < units) {
+    const int e = R.gexp[warp / ks];
+    const int64_t row = h0 + (lane >> 1);
+    const int64_t k0 = (warp % ks) * slice * 32 + (lane & 1) * 128;  // elements
+    if (row < H) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int64_t kk = k0 + i * 64;  // 128-byte lines
+        if (kk < I) {
+          const T* ptr = w2 + (static_cast<int64_t>(e) * H + row) * I + kk;
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+        }
+      }
+    }
+  }
+  pdl_wait();  // inter is complete and visible from here on
+
+  const bool ok_b = h0 + 8 + g < H;  // rows h0 + g < H always (H % 8 == 0)
+  const T* inter = static_cast<const T*>(a.inter);
+  for (int u = warp; u < units; u += kDownWarps) {
+    const int d = u / ks, sl = u % ks;
+    const int e = R.gexp[d];
+    const int first = R.goff[d], n = R.goff[d + 1] - first;
+    const T* w = w2 + static_cast<int64_t>(e) * H * I;
+    const uint4* wa = reinterpret_cast<const uint4*>(w + (h0 + g) * I);
+    const uint4* wb = ok_b ? reinterpret_cast<const uint4*>(w + (h0 + 8 + g) * I) : wa;
+    const int64_t s_begin = sl * slice;
+    const int64_t s_end = s_begin + slice < steps ? s_begin + slice : steps;
+    for (int c0 = 0; c0 < n; c0 += 8 * NB) {
+      const uint4* x[NB];
+      bool ok_x[NB];
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        const int i = c0 + nb * 8 + g;
+        ok_x[nb] = i < n;
+        const int p = R.pairs[first + (ok_x[nb] ? i : 0)];
+        x[nb] = reinterpret_cast<const uint4*>(inter + static_cast<int64_t>(p) * I);
+      }
+      float acc[NB][4] = {};
+      for (int64_t s = s_begin; s < s_end; s += U) {
+        mma_batch<T, NB, U>(wa, true, wb, ok_b, x, ok_x, q, nvec, s, s_end, acc);
+      }
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int ci = c0 + nb * 8 + 2 * q + i;
+          if (ci >= n) continue;
+          float* dst = part + (static_cast<int64_t>(sl) * a.P + first + ci) * kDownRows;
+          dst[g] = acc[nb][i];
+          dst[8 + g] = acc[nb][2 + i];
+        }
+    }
+  }
+  __syncthreads();
+
+  const float* wts = a.topk_weights;
+  const T* b2 = static_cast<const T*>(a.b2);
+  T* out = static_cast<T*>(a.out);
+  for (int64_t idx = threadIdx.x; idx < a.T * kDownRows; idx += blockDim.x) {
+    const int64_t t = idx / kDownRows;
+    const int r = static_cast<int>(idx % kDownRows);
+    const int64_t h = h0 + r;
+    if (h >= H) continue;
+    float sum = 0.f;
+    if (t < R.nv) {
+      for (int j = 0; j < a.k; ++j) {
+        const int p = static_cast<int>(t) * a.k + j;
+        const int e = R.e[p];
+        if (e < 0) continue;
+        const int slot = R.slot[p];
+        float y = 0.f;
+        for (int sl = 0; sl < ks; ++sl) {
+          y += part[(static_cast<int64_t>(sl) * a.P + slot) * kDownRows + r];
+        }
+        if (b2 != nullptr) y += to_float(b2[static_cast<int64_t>(e) * H + h]);
+        sum += y * wts[p];
+      }
+    }
+    out[t * H + h] = from_float<T>(sum);
+  }
+}
+
+// Whether the down kernel's code on this device waits for its primary grid
+// (compiled for sm_90+; a PTX-JIT build of an older arch has no wait).
+template <typename K>
+bool has_pdl_wait(K kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion >= 90;
+}
+
+template <typename T, int NB>
+cudaError_t launch_typed(const StreamArgs& a, bool pdl, cudaStream_t stream) {
+  const bool up = a.P > 0 && a.E > 0 && a.I > 0;
+  if (up) {
+    const dim3 grid(static_cast<unsigned>(a.I / 8),
+                    static_cast<unsigned>(a.P < a.E ? a.P : a.E));
+    stream_up_kernel<T, NB><<<grid, kUpWarps * 32, 0, stream>>>(a);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>((a.H + kDownRows - 1) / kDownRows));
+  const size_t smem =
+      static_cast<size_t>(a.down_ks_max) * static_cast<size_t>(a.P) * kDownRows * sizeof(float);
+  auto* kernel = stream_down_kernel<T, NB>;
+  // Only behind our own up kernel: its inputs are complete before it starts.
+  if (up && pdl) {
+    static const bool has_wait = has_pdl_wait(kernel);  // per instantiation
+    pdl = has_wait;
+  }
+  if (up && pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kDownWarps * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, a);
+  }
+  kernel<<<grid, kDownWarps * 32, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_dtype(const StreamArgs& a, bool pdl, cudaStream_t stream) {
+  // Groups of up to 8 pairs per pass at T <= 8 (an expert rarely gets more
+  // pairs than tokens), 16 above.
+  return a.T <= 8 ? launch_typed<T, 1>(a, pdl, stream) : launch_typed<T, 2>(a, pdl, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_fused_moe_stream(const FusedMoeParams& p, const StreamMoeOptions& o,
+                                    cudaStream_t stream) {
+  if (!stream_supported(p.dtype, p.T, p.k, p.H, p.I)) return cudaErrorInvalidValue;
+  if (p.T <= 0 || p.H <= 0) return cudaSuccess;
+  StreamArgs a{};
+  a.hidden = p.hidden;
+  a.w13 = p.w13;
+  a.w2 = p.w2;
+  a.b13 = p.b13;
+  a.b2 = p.b2;
+  a.topk_weights = p.topk_weights;
+  a.topk_ids = p.topk_ids;
+  a.expert_map = p.expert_map;
+  a.num_global = p.num_global;
+  a.num_valid = p.num_valid;
+  a.inter = p.inter;
+  a.out = p.out;
+  a.T = p.T;
+  a.H = p.H;
+  a.I = p.I;
+  a.E = p.E;
+  a.k = static_cast<int>(p.k);
+  a.P = static_cast<int>(p.T * p.k);
+  a.act = static_cast<int>(p.act);
+  a.alpha = p.alpha;
+  a.limit = p.limit;
+  // Partial sums: [ks][P][16] fp32 within kDownPartBytes (>= 5 slices at 128 pairs).
+  a.down_ks_max =
+      a.P > 0 ? static_cast<int>(kDownPartBytes / (static_cast<int64_t>(a.P) * kDownRows * 4))
+              : 1;
+  switch (p.dtype) {
+    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, o.pdl, stream);
+    case DType::kFloat16: return launch_dtype<__half>(a, o.pdl, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace pcg::moe
