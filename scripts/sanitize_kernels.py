@@ -5,7 +5,8 @@ CPU kernels; meant to be run under compute-sanitizer:
     compute-sanitizer --tool racecheck python3 scripts/sanitize_kernels.py
 
 Exits non-zero on a mismatch. Shapes cover every fused_moe block_m (16..128),
-the CUTLASS sm_90a path (on sm_90), the multi-CTA moe_align,
+the CUTLASS sm_90a path (on sm_90), the weight-streaming path, the multi-CTA
+moe_align,
 unaligned H / I (element loads), expert maps with remote experts, num_valid,
 biases and each activation, route (softmax / grouped sigmoid) and EP
 dispatch/combine, and causal_attention_out's short-sequence kernel (packed
@@ -69,6 +70,11 @@ if torch.cuda.get_device_capability() == (9, 0):  # the CUTLASS sm_90a path
         moe_case(16, 4, 200, 72, 70, dtype, act="swigluoai", bias=True, nvalid=41,
                  config=[-1, -1, -1])
     moe_case(16, 4, 64, 32, 2100, torch.bfloat16, act="gelu", config=[-1, -1, -1])
+for dtype in (torch.bfloat16, torch.float16):  # the weight-streaming path (T*k <= 128)
+    moe_case(8, 2, 256, 128, 5, dtype, bias=True, mapped=True, config=[-2, -1, -1])
+    moe_case(16, 4, 200, 72, 30, dtype, act="swigluoai", bias=True, nvalid=17,
+             config=[-2, -1, -1])
+    moe_case(300, 8, 72, 40, 16, dtype, act="gelu", config=[-2, -1, -1])
 
 for scoring, groups in (("softmax", 1), ("sigmoid", 4)):
     logits = torch.randn(77, 64)

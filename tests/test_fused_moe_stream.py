@@ -160,7 +160,7 @@ def test_stream_bias_activation_noncontig(T, dtype, extra):
     extra = dict(extra)
     op_kw = {n: extra.pop(n) for n in ("activation", "alpha", "limit") if n in extra}
     args, kw = make_case(T, 6, 6, 72, 40, dtype=dtype, device="cuda", seed=T, **extra)
-    if extra.get("noncontig"):
+    if extra.get("noncontig") and T > 1:  # (one strided row is still contiguous)
         assert not args[0].is_contiguous()
     _check(args, kw, dtype, str(extra), **op_kw)
 

@@ -17,39 +17,39 @@ namespace pcg::moe::tuning {
 // mixtral-8x7b: E_local=8 top_k=2 H=4096 I=14336
 inline constexpr TuningEntry kShape0[] = {
     // {t_max, block_m, tile1, tile2}
-    {1, 16, 0, 13},  // g16x64x64_w1x4_s4 + d16x64x128_w1x4_s4; us (heuristic): T1 234.7/250.2
-    {39, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T2 411.1/411.1 T32 760.9/760.9
-    {55, -1, -1, -1},  // cutlass_sm90; us (heuristic): T48 808.2/850.6
-    {78, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (heuristic): T64 809.2/993.0
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T96 816.6/994.7 T16384 19897.0/43091.9
+    {55, -2, -1, -1},  // stream; us (heuristic): T1 191.9/251.4 T48 834.4/853.4
+    {78, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (heuristic): T64 806.2/989.0
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T96 864.0/989.8 T16384 19355.1/42562.7
 };
 
 // gpt-oss-20b: E_local=32 top_k=4 H=2880 I=2880
 inline constexpr TuningEntry kShape1[] = {
     // {t_max, block_m, tile1, tile2}
-    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T1 83.4/83.4 T96 463.0/463.0
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 462.7/540.2 T16384 5577.5/12753.8
+    {39, -2, -1, -1},  // stream; us (heuristic): T1 62.5/85.7 T32 425.8/451.1
+    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T48 455.9/455.9 T96 467.4/467.4
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 469.8/546.4 T16384 5470.8/12706.0
 };
 
 // deepseek-v2-lite: E_local=64 top_k=6 H=2048 I=1408
 inline constexpr TuningEntry kShape2[] = {
     // {t_max, block_m, tile1, tile2}
-    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T1 57.4/57.4 T96 337.1/337.1
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 331.5/341.7 T16384 3246.7/7086.3
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 39.9/56.2 T8 170.8/187.4
+    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T16 254.8/254.8 T96 335.9/335.9
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 338.0/341.7 T16384 3075.9/7012.9
 };
 
 // qwen3-30b-a3b: E_local=128 top_k=8 H=2048 I=768
 inline constexpr TuningEntry kShape3[] = {
     // {t_max, block_m, tile1, tile2}
-    {1, 16, 0, 11},  // g16x64x64_w1x4_s4 + d16x32x64_w1x2_s4; us (heuristic): T1 51.3/50.4
-    {156, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T2 65.4/65.4 T128 352.3/352.3
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T192 358.1/386.1 T16384 2699.5/5558.7
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 34.3/52.6 T8 138.1/169.9
+    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T16 234.8/234.8 T96 348.5/348.5
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 352.7/360.1 T16384 2508.3/5505.9
 };
 
 inline constexpr TuningShape kShapes[] = {
-    {8, 2, 4096, 14336, kShape0, 5},
-    {32, 4, 2880, 2880, kShape1, 2},
-    {64, 6, 2048, 1408, kShape2, 2},
+    {8, 2, 4096, 14336, kShape0, 3},
+    {32, 4, 2880, 2880, kShape1, 3},
+    {64, 6, 2048, 1408, kShape2, 3},
     {128, 8, 2048, 768, kShape3, 3},
     {0, 0, 0, 0, nullptr, 0},  // end
 };
