@@ -30,7 +30,8 @@ def short(name: str) -> str:
             gated = "true" in name.split(key, 1)[1][:200] if "gemm" in key else None
             return key + ("[gemm1]" if gated else "[gemm2]" if gated is False else "")
     # the CUTLASS path (both GEMMs are one kernel type) and the stream path
-    for key in ("grouped_setup", "unpermute_reduce", "permute_kernel", "gated_act", "stream"):
+    for key in ("grouped_setup", "unpermute_reduce", "permute_kernel", "gated_act", "stream_up",
+                "stream_down"):
         if key in name:
             return key
     if "cutlass" in name or "GemmUniversal" in name:

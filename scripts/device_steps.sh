@@ -14,7 +14,8 @@
 #   tests/X.py      one pytest file (extra pytest arguments in $PYTEST_ARGS, e.g. "-k bf16")
 #   scripts/X.py    one diagnostic script (a diagnostic that reads the built library)
 #   profile         bench/profile_moe.py ($PROFILE_ARGS)
-#   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments)
+#   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments;
+#                   $NCU_KERNELS: kernel-name regex, default moe_)
 #   tune            bench/tune_moe.py ($TUNE_ARGS): rewrites csrc/moe/fused_moe_tuning.h, copied to $OUT
 #   rebuild         pip install -e . again (e.g. after tune wrote a new table)
 #   moe             bench/moe.py ($MOE_ARGS)
@@ -64,7 +65,7 @@ for st in "$@"; do
     scripts/*.py) step "$(basename "$st" .py)" 300 40 $py "$st" ;;
     tests/*.py) step "pytest_$(basename "$st" .py)" 300 4 $py -m pytest -q "$st" ${PYTEST_ARGS:-} ;;
     profile) step profile 150 40 $py bench/profile_moe.py ${PROFILE_ARGS:-} ;;
-    ncu) step ncu 240 80 ncu --kernel-name regex:moe_ --section SpeedOfLight --section Occupancy \
+    ncu) step ncu 240 80 ncu --kernel-name "regex:${NCU_KERNELS:-moe_}" --section SpeedOfLight --section Occupancy \
            --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
            $py bench/profile_moe.py --plain --iters 1 ${NCU_ARGS:---shapes qwen3 --tokens 1 16384} ;;
     tune) step tune 400 60 $py bench/tune_moe.py --out-json "$OUT/tune.json" ${TUNE_ARGS:-}; cp csrc/moe/fused_moe_tuning.h "$OUT/" ;;
