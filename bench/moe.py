@@ -133,8 +133,10 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
                 del ggraphs
             except Exception as exc:
                 print(f"[{name}] grouped_mm T={T} failed: {exc}", file=sys.stderr)
-        from pcg.ops.fused_moe import fused_moe_config
-        config = cfg or list(fused_moe_config(E, k, H, I, T, torch.bfloat16))
+        from pcg.ops.fused_moe import fused_moe_config, fused_moe_paths
+        cutlass, stream = fused_moe_paths(device)  # the paths this device lets the op take
+        config = cfg or list(fused_moe_config(E, k, H, I, T, torch.bfloat16, cutlass=cutlass,
+                                              stream=stream))
         row = dict(shape=name, E=E, topk=k, H=H, I=I, T=T, config=config, experts_hit=hit, floor_us=fl_us,
                    pcg_eager_us=eager_us, pcg_graph_us=graph_us, grouped_mm_us=gmm_us,
                    pcg_over_floor=graph_us / fl_us, pcg_over_grouped_mm=graph_us / gmm_us,
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(f"{'shape':17s} {'T':>6s} {'floor':>9s} {'eager':>9s} {'graph':>9s} {'gmm':>9s} "
-          f"{'pcg/flr':>8s} {'pcg/gmm':>8s} {'TFLOP/s':>8s}   config [block_m, tile1, tile2]   (us)")
+          f"{'pcg/flr':>8s} {'pcg/gmm':>8s} {'TFLOP/s':>8s}   config (-1: CUTLASS, -2: stream)   (us)")
     rows = []
     for name in names:
         E, k, H, I = SHAPES[name]
