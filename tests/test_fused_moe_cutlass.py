@@ -1,10 +1,10 @@
-"""pcg::fused_moe on the work-in-progress CUTLASS sm_90a path (config [-1, -1, -1]).
+"""pcg::fused_moe on the CUTLASS sm_90a path (config [-1, -1, -1]).
 
 The GPU tests need an sm_90 device and a build with the CUTLASS kernels (they
-fail, not skip, on an sm_90 device whose build lacks them: the next session
-must build them). Compared against test_fused_moe's float64 reference, with
+fail, not skip, on an sm_90 device whose build lacks them: a build for an H100
+or H200 must carry them). Compared against test_fused_moe's float64 reference, with
 test_fused_moe's tolerances: this path rounds gate/up and the GEMM2 rows to the
-dtype once more than the mma.sync path (docs/cutlass_wip.md).
+dtype once more than the mma.sync path (docs/fused_moe_paths.md).
 """
 from __future__ import annotations
 

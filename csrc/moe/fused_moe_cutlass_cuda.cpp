@@ -35,7 +35,7 @@ at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const at::Tensor& hidd
                                   double limit) {
   PCG_CHECK_ARG(kOp, "config", moe::cutlass_moe_built(),
                 "[-1, -1, -1] selects the CUTLASS sm_90a path, which this build lacks (it needs "
-                "CUTLASS headers and 9.0a in PCG_CUDA_ARCHS; see docs/cutlass_wip.md)");
+                "CUTLASS headers and 9.0a in PCG_CUDA_ARCHS; see docs/fused_moe_paths.md)");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   PCG_CHECK_ARG(kOp, "config", prop->major == 9 && prop->minor == 0,

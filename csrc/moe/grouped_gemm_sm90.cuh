@@ -27,7 +27,7 @@ using namespace cute;
 
 // One kernel type per dtype serves both GEMMs (same layouts, only N/K differ).
 // Tile 128x256x64, cooperative (two consumer warpgroups), no cluster: a
-// starting point, not tuned (see docs/cutlass_wip.md).
+// starting point, not tuned (see docs/fused_moe_paths.md).
 template <typename Element>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;

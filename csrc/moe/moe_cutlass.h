@@ -1,5 +1,5 @@
-// fused_moe's CUTLASS sm_90a path (work in progress, selected explicitly with
-// config = [-1, -1, -1]; see docs/cutlass_wip.md). Torch-free. Pipeline on one
+// fused_moe's CUTLASS sm_90a path (selected by the tuning table or forced with
+// config = [-1, -1, -1]; see docs/fused_moe_paths.md). Torch-free. Pipeline on one
 // stream, fixed sizes, no host synchronisation (capturable):
 //   1. moe_align with block_m = kCutlassBlockM (small padding per expert)
 //   2. permute: hidden rows -> expert-sorted rows a_sorted; pair_slot[pair]
