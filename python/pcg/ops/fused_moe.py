@@ -178,8 +178,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             (up + 1) * gate * sigmoid(alpha * gate)).
         alpha, limit: parameters of "swigluoai".
         config: optional ``[block_m, tile1, tile2]`` forcing the kernel configuration
-            (for tuning and tests; the default is ``fused_moe_config(...)`` of the shapes:
-            the checked-in tuning table, else a heuristic). block_m is 16, 32, 64 or 128
+            (for tuning and tests; the default is ``fused_moe_config(...)`` of the shapes
+            and of the paths this call can take: the checked-in tuning table, else a
+            heuristic). block_m is 16, 32, 64 or 128
             (rows per GEMM block); tile1 / tile2 are ids from ``fused_moe_tiles()`` of a
             GEMM1 (gated) / GEMM2 tile whose ``block_m`` equals block_m, or -1 for
             block_m's default tile. float32 takes only block_m (tile ids must be -1).
