@@ -56,6 +56,7 @@ DEFAULT_T = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
              8192, 16384]
 BLOCK_MS = (16, 32, 64, 128)
 PATHS = {(-1, -1, -1): "cutlass_sm90", (-2, -1, -1): "stream"}  # config -> label
+STREAM_MAX_PAIRS = 128  # moe::kStreamMaxPairs (csrc/moe/moe_stream.h): the stream path's T*k limit
 
 
 def label(cfg, names) -> str:
@@ -173,8 +174,10 @@ def render_table(shapes: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge_rows(results, names):
-    """results: [(T, config, us, default_us)] sorted by T -> row lines (merged runs)."""
+def merge_rows(results, names, top_k):
+    """results: [(T, config, us, default_us)] sorted by T -> row lines (merged runs).
+    A stream row stops where the path stops (T*k <= STREAM_MAX_PAIRS): beyond,
+    the next row applies rather than the heuristic fallback."""
     runs = []  # [first T, last T, config, [(T, us, default_us)]]
     for T, cfg, us, dus in results:
         if runs and runs[-1][2] == cfg:
@@ -187,6 +190,8 @@ def merge_rows(results, names):
         if i + 1 < len(runs):
             nxt = runs[i + 1][0]
             t_max = max(t1, min(nxt - 1, int(math.isqrt(t1 * nxt))))
+            if tuple(cfg) == (-2, -1, -1):
+                t_max = max(t1, min(t_max, STREAM_MAX_PAIRS // max(top_k, 1)))
         else:
             t_max = t1
         bm, g, d = cfg
@@ -393,7 +398,7 @@ def main(argv=None) -> int:
                                   lambda msg: print(msg, flush=True))
         raw_all += raw
         tuned[(E, k, H, I)] = (f"{name}: E_local={E} top_k={k} H={H} I={I}",
-                               merge_rows(results, names))
+                               merge_rows(results, names, k))
     print(f"tuned in {time.time() - t0:.0f}s")
 
     if args.out_json:

@@ -25,7 +25,7 @@ inline constexpr TuningEntry kShape0[] = {
 // gpt-oss-20b: E_local=32 top_k=4 H=2880 I=2880
 inline constexpr TuningEntry kShape1[] = {
     // {t_max, block_m, tile1, tile2}
-    {39, -2, -1, -1},  // stream; us (heuristic): T1 62.5/85.7 T32 425.8/451.1
+    {32, -2, -1, -1},  // stream; us (heuristic): T1 62.5/85.7 T32 425.8/451.1
     {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T48 455.9/455.9 T96 467.4/467.4
     {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 469.8/546.4 T16384 5470.8/12706.0
 };
