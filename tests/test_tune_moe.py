@@ -1,0 +1,77 @@
+"""bench/tune_moe.py's table logic (CPU): merging timed choices into rows, the
+stream path's pair limit, and that the checked-in table is exactly what the
+generator writes (hand edits would be lost at the next tune)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+@pytest.fixture(scope="module")
+def tune():
+    path = os.path.join(ROOT, "bench", "tune_moe.py")
+    spec = importlib.util.spec_from_file_location("_pcg_tune_moe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+NAMES = {0: "g16", 4: "d16", 1: "g32", 5: "d32"}
+
+
+def _t_max(row: str) -> int:
+    return int(re.match(r"\{(\d+),", row).group(1))
+
+
+def test_merge_rows_midpoints_and_labels(tune):
+    results = [(1, (16, 0, 4), 10.0, 10.0), (2, (16, 0, 4), 11.0, 11.0),
+               (16, (32, 1, 5), 20.0, 25.0), (256, (-1, -1, -1), 30.0, 90.0)]
+    rows = tune.merge_rows(results, NAMES, 8)
+    assert len(rows) == 3
+    # a row reaches the geometric midpoint to the next choice; the last row is open-ended
+    assert [_t_max(r) for r in rows] == [5, 64, 256]
+    assert "g16 + d16" in rows[0] and "cutlass_sm90" in rows[2]
+    assert rows[2].startswith("{256, -1, -1, -1}")
+
+
+@pytest.mark.parametrize("k,last_stream_t,next_t,want", [
+    (4, 32, 48, 32),   # midpoint 39 would pass the 128-pair limit (T <= 32 at k = 4)
+    (8, 8, 16, 11),    # midpoint 11 is within the limit (T <= 16)
+    (2, 48, 64, 55),   # midpoint 55 is within the limit (T <= 64)
+])
+def test_stream_row_stops_at_the_pair_limit(tune, k, last_stream_t, next_t, want):
+    results = [(1, (-2, -1, -1), 1.0, 2.0), (last_stream_t, (-2, -1, -1), 1.0, 2.0),
+               (next_t, (16, 0, 4), 1.0, 1.0)]
+    rows = tune.merge_rows(results, NAMES, k)
+    assert _t_max(rows[0]) == want
+    assert want * k <= tune.STREAM_MAX_PAIRS
+
+
+def test_checked_in_table_is_the_generators_output(tune):
+    path = os.path.join(ROOT, "csrc", "moe", "fused_moe_tuning.h")
+    with open(path) as f:
+        text = f.read()
+    lines = text.splitlines()
+    start = 1  # after "// GENERATED ..."
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("// Regenerate on a GPU"))
+    source = "\n".join(lines[start:end])
+    shapes = tune.parse_table(text)
+    assert len(shapes) >= 4
+    assert tune.render_table(shapes, source) == text
+
+
+def test_table_rows_are_sorted_and_stream_rows_within_the_limit(tune):
+    path = os.path.join(ROOT, "csrc", "moe", "fused_moe_tuning.h")
+    with open(path) as f:
+        shapes = tune.parse_table(f.read())
+    for (E, k, H, I), (_, rows) in shapes.items():
+        t = [_t_max(r) for r in rows]
+        assert t == sorted(t) and len(set(t)) == len(t), (E, k, H, I)
+        for r in rows:
+            if r.startswith(f"{{{_t_max(r)}, -2,"):
+                assert _t_max(r) * k <= tune.STREAM_MAX_PAIRS, (E, k, H, I, r)
