@@ -122,6 +122,58 @@ moe::DType to_moe_dtype(c10::ScalarType t) {
 }
 
 namespace {
+at::Tensor contiguous_or_none(const std::optional<at::Tensor>& t) {
+  return t ? t->contiguous() : at::Tensor();
+}
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+}  // namespace
+
+FusedMoeInputs::FusedMoeInputs(const at::Tensor& hidden_, const at::Tensor& w13_,
+                               const at::Tensor& w2_, const at::Tensor& topk_weights_,
+                               const at::Tensor& topk_ids_,
+                               const std::optional<at::Tensor>& expert_map_,
+                               const std::optional<at::Tensor>& num_valid_,
+                               const std::optional<at::Tensor>& b13_,
+                               const std::optional<at::Tensor>& b2_)
+    : hidden(hidden_.contiguous()),
+      w13(w13_.contiguous()),
+      w2(w2_.contiguous()),
+      topk_weights(topk_weights_.contiguous()),
+      topk_ids(topk_ids_.contiguous()),
+      expert_map(contiguous_or_none(expert_map_)),
+      num_valid(contiguous_or_none(num_valid_)),
+      b13(contiguous_or_none(b13_)),
+      b2(contiguous_or_none(b2_)) {}
+
+moe::FusedMoeParams FusedMoeInputs::params(const FusedMoeShape& s, double alpha,
+                                           double limit) const {
+  moe::FusedMoeParams p;
+  p.dtype = to_moe_dtype(hidden.scalar_type());
+  p.hidden = hidden.data_ptr();
+  p.w13 = w13.data_ptr();
+  p.w2 = w2.data_ptr();
+  p.b13 = ptr_or_null<const void>(b13);
+  p.b2 = ptr_or_null<const void>(b2);
+  p.topk_weights = topk_weights.data_ptr<float>();
+  p.topk_ids = topk_ids.data_ptr<int32_t>();
+  p.expert_map = ptr_or_null<const int32_t>(expert_map);
+  p.num_global = s.num_global;
+  p.num_valid = ptr_or_null<const int32_t>(num_valid);
+  p.T = s.T;
+  p.H = s.H;
+  p.I = s.I;
+  p.E = s.E;
+  p.k = s.k;
+  p.act = s.act;
+  p.alpha = static_cast<float>(alpha);
+  p.limit = static_cast<float>(limit);
+  return p;
+}
+
+namespace {
 std::string tile_label(int64_t id) {
   const moe::TileInfo* t = moe::find_tile(id);
   return std::to_string(id) + (t ? std::string(" (") + t->name + ")" : std::string());

@@ -37,26 +37,28 @@ std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef con
 
 moe::DType to_moe_dtype(c10::ScalarType t);
 
-// CUDA only (fused_moe_cutlass_cuda.cpp): fused_moe on the CUTLASS sm_90a path
-// (config [-1, -1, -1]), after check_fused_moe_args / check_fused_moe_config.
-at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const at::Tensor& hidden,
-                                  const at::Tensor& w13, const at::Tensor& w2,
-                                  const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                                  const std::optional<at::Tensor>& expert_map,
-                                  const std::optional<at::Tensor>& num_valid,
-                                  const std::optional<at::Tensor>& b13,
-                                  const std::optional<at::Tensor>& b2, double alpha,
-                                  double limit);
+// fused_moe's tensors made contiguous (no copy when they already are) and kept
+// alive while a launcher uses them; undefined tensors for absent optionals.
+struct FusedMoeInputs {
+  at::Tensor hidden, w13, w2, topk_weights, topk_ids, expert_map, num_valid, b13, b2;
+  FusedMoeInputs(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                 const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                 const std::optional<at::Tensor>& expert_map,
+                 const std::optional<at::Tensor>& num_valid, const std::optional<at::Tensor>& b13,
+                 const std::optional<at::Tensor>& b2);
+  // The FusedMoeParams fields every implementation shares (inputs, shapes,
+  // activation); config, workspaces and out are the launcher's.
+  moe::FusedMoeParams params(const FusedMoeShape& s, double alpha, double limit) const;
+};
 
-// CUDA only (fused_moe_stream_cuda.cpp): fused_moe on the weight-streaming
-// path (config [-2, -1, -1], T*k <= moe::kStreamMaxPairs), after the same checks.
-at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const at::Tensor& hidden,
-                                 const at::Tensor& w13, const at::Tensor& w2,
-                                 const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                                 const std::optional<at::Tensor>& expert_map,
-                                 const std::optional<at::Tensor>& num_valid,
-                                 const std::optional<at::Tensor>& b13,
-                                 const std::optional<at::Tensor>& b2, double alpha,
+// CUDA only, called by fused_moe_cuda (device guard held) after
+// check_fused_moe_args / check_fused_moe_config: fused_moe on the CUTLASS sm_90a
+// path (config [-1, -1, -1]; fused_moe_cutlass_cuda.cpp) and on the
+// weight-streaming path (config [-2, -1, -1], T*k <= moe::kStreamMaxPairs;
+// fused_moe_stream_cuda.cpp).
+at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& in, double alpha,
+                                  double limit);
+at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& in, double alpha,
                                  double limit);
 
 // Validates moe_align's arguments; returns the number of global ids (map size

@@ -18,8 +18,6 @@
 namespace pcg {
 namespace {
 
-const void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-
 // Shared memory one block may use on the current device (opt-in maximum).
 int64_t smem_optin() {
   return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
@@ -35,26 +33,21 @@ moe::MoeConfig fit_to_device(moe::MoeConfig c, moe::DType dtype) {
   return c;
 }
 
-// A tensor the launcher passes on 16-byte aligned (a non-contiguous one is
-// copied into a fresh, aligned allocation).
+// An absent or 16-byte aligned tensor (the special paths' vector loads / TMA).
 bool aligned16(const at::Tensor& t) {
-  return !t.is_contiguous() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
-bool aligned16(const std::optional<at::Tensor>& t) { return !t || aligned16(*t); }
 
 // What the special paths need beyond the common checks (moe/fused_moe.h).
-moe::PathSupport path_support(const FusedMoeShape& s, moe::DType dtype, const at::Tensor& hidden,
-                              const at::Tensor& w13, const at::Tensor& w2,
-                              const std::optional<at::Tensor>& b13,
-                              const std::optional<at::Tensor>& b2) {
+moe::PathSupport path_support(const FusedMoeShape& s, moe::DType dtype, const FusedMoeInputs& in) {
   moe::PathSupport ok;
   if (dtype == moe::DType::kFloat32) return ok;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const bool rows16 = aligned16(in.hidden) && aligned16(in.w13) && aligned16(in.w2);
   ok.cutlass = moe::cutlass_moe_built() && prop->major == 9 && prop->minor == 0 &&
-               s.H % 8 == 0 && s.I > 0 && s.I % 8 == 0 && aligned16(hidden) && aligned16(w13) &&
-               aligned16(w2) && aligned16(b13) && aligned16(b2);
-  ok.stream = moe::stream_supported(dtype, s.T, s.k, s.H, s.I) && prop->major >= 8 &&
-              aligned16(hidden) && aligned16(w13) && aligned16(w2);
+               s.H % 8 == 0 && s.I > 0 && s.I % 8 == 0 && rows16 && aligned16(in.b13) &&
+               aligned16(in.b2);
+  ok.stream = moe::stream_supported(dtype, s.T, s.k, s.H, s.I) && prop->major >= 8 && rows16;
   return ok;
 }
 
@@ -73,18 +66,14 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
                 " local experts, got shape ", w13.sizes());
   const c10::cuda::CUDAGuard guard(hidden.device());
   const moe::DType dtype = to_moe_dtype(hidden.scalar_type());
-  const moe::PathSupport ok = path_support(s, dtype, hidden, w13, w2, b13, b2);
-  moe::MoeConfig cfg =
-      forced ? *forced : moe::choose_config(s.E, s.k, s.H, s.I, s.T, dtype, ok);
+  const FusedMoeInputs in(hidden, w13, w2, topk_weights, topk_ids, expert_map, num_valid, b13,
+                          b2);
+  moe::MoeConfig cfg = forced ? *forced
+                              : moe::choose_config(s.E, s.k, s.H, s.I, s.T, dtype,
+                                                   path_support(s, dtype, in));
   // A forced path the call cannot take raises its launcher's error.
-  if (moe::is_cutlass_config(cfg)) {
-    return fused_moe_cutlass_cuda(s, hidden, w13, w2, topk_weights, topk_ids, expert_map,
-                                  num_valid, b13, b2, alpha, limit);
-  }
-  if (moe::is_stream_config(cfg)) {
-    return fused_moe_stream_cuda(s, hidden, w13, w2, topk_weights, topk_ids, expert_map,
-                                 num_valid, b13, b2, alpha, limit);
-  }
+  if (moe::is_cutlass_config(cfg)) return fused_moe_cutlass_cuda(s, in, alpha, limit);
+  if (moe::is_stream_config(cfg)) return fused_moe_stream_cuda(s, in, alpha, limit);
   if (!forced) cfg = fit_to_device(cfg, dtype);
   if (forced && dtype != moe::DType::kFloat32) {
     const int64_t limit_smem = smem_optin();
@@ -98,36 +87,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
   at::Tensor out = at::empty({s.T, s.H}, hidden.options());
   if (s.T == 0 || s.H == 0) return out;
 
-  // Contiguous views (no copy when already contiguous).
-  const at::Tensor x = hidden.contiguous();
-  const at::Tensor w13c = w13.contiguous();
-  const at::Tensor w2c = w2.contiguous();
-  const at::Tensor wts = topk_weights.contiguous();
-  const at::Tensor ids = topk_ids.contiguous();
-  const at::Tensor map = expert_map ? expert_map->contiguous() : at::Tensor();
-  const at::Tensor b13c = b13 ? b13->contiguous() : at::Tensor();
-  const at::Tensor b2c = b2 ? b2->contiguous() : at::Tensor();
-
-  moe::FusedMoeParams p;
-  p.dtype = dtype;
-  p.hidden = x.data_ptr();
-  p.w13 = w13c.data_ptr();
-  p.w2 = w2c.data_ptr();
-  p.b13 = opt_ptr(b13c);
-  p.b2 = opt_ptr(b2c);
-  p.topk_weights = wts.data_ptr<float>();
-  p.topk_ids = ids.data_ptr<int32_t>();
-  p.expert_map = map.defined() ? map.data_ptr<int32_t>() : nullptr;
-  p.num_global = s.num_global;
-  p.num_valid = num_valid ? num_valid->data_ptr<int32_t>() : nullptr;
-  p.T = s.T;
-  p.H = s.H;
-  p.I = s.I;
-  p.E = s.E;
-  p.k = s.k;
-  p.act = s.act;
-  p.alpha = static_cast<float>(alpha);
-  p.limit = static_cast<float>(limit);
+  moe::FusedMoeParams p = in.params(s, alpha, limit);
   p.config = cfg;
   p.max_blocks = moe::moe_align_max_blocks(s.T * s.k, s.E, cfg.block_m);
 

@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "common/check.h"
 #include "moe/fused_moe.h"
@@ -25,87 +24,53 @@ void check_aligned(const char* arg, const at::Tensor& t) {
 
 }  // namespace
 
-at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const at::Tensor& hidden,
-                                  const at::Tensor& w13, const at::Tensor& w2,
-                                  const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                                  const std::optional<at::Tensor>& expert_map,
-                                  const std::optional<at::Tensor>& num_valid,
-                                  const std::optional<at::Tensor>& b13,
-                                  const std::optional<at::Tensor>& b2, double alpha,
+at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& in, double alpha,
                                   double limit) {
   PCG_CHECK_ARG(kOp, "config", moe::cutlass_moe_built(),
                 "[-1, -1, -1] selects the CUTLASS sm_90a path, which this build lacks (it needs "
                 "CUTLASS headers and 9.0a in PCG_CUDA_ARCHS; see docs/fused_moe_paths.md)");
-  const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   PCG_CHECK_ARG(kOp, "config", prop->major == 9 && prop->minor == 0,
                 "[-1, -1, -1] (the CUTLASS path) needs an sm_90 GPU (H100/H200), this one is sm_",
                 prop->major, prop->minor);
   PCG_CHECK_ARG(kOp, "hidden", s.H % 8 == 0,
                 "hidden size must be a multiple of 8 for the CUTLASS path, got shape ",
-                hidden.sizes());
+                in.hidden.sizes());
   PCG_CHECK_ARG(kOp, "w13", s.I > 0 && s.I % 8 == 0,
                 "intermediate size (w13.size(1) / 2) must be a positive multiple of 8 for the "
-                "CUTLASS path, got shape ", w13.sizes());
-  const moe::DType dtype = to_moe_dtype(hidden.scalar_type());
+                "CUTLASS path, got shape ", in.w13.sizes());
+  const moe::DType dtype = to_moe_dtype(in.hidden.scalar_type());
 
-  at::Tensor out = at::empty({s.T, s.H}, hidden.options());
+  at::Tensor out = at::empty({s.T, s.H}, in.hidden.options());
   if (s.T == 0 || s.H == 0) return out;
 
-  const at::Tensor x = hidden.contiguous();
-  const at::Tensor w13c = w13.contiguous();
-  const at::Tensor w2c = w2.contiguous();
-  const at::Tensor wts = topk_weights.contiguous();
-  const at::Tensor ids = topk_ids.contiguous();
-  const at::Tensor map = expert_map ? expert_map->contiguous() : at::Tensor();
-  const at::Tensor b13c = b13 ? b13->contiguous() : at::Tensor();
-  const at::Tensor b2c = b2 ? b2->contiguous() : at::Tensor();
-  check_aligned("hidden", x);
-  check_aligned("w13", w13c);
-  check_aligned("w2", w2c);
-  if (b13c.defined()) check_aligned("b13", b13c);
-  if (b2c.defined()) check_aligned("b2", b2c);
+  check_aligned("hidden", in.hidden);
+  check_aligned("w13", in.w13);
+  check_aligned("w2", in.w2);
+  if (in.b13.defined()) check_aligned("b13", in.b13);
+  if (in.b2.defined()) check_aligned("b2", in.b2);
   check_aligned("out", out);
 
-  moe::FusedMoeParams p;
-  p.dtype = dtype;
-  p.hidden = x.data_ptr();
-  p.w13 = w13c.data_ptr();
-  p.w2 = w2c.data_ptr();
-  p.b13 = b13c.defined() ? b13c.data_ptr() : nullptr;
-  p.b2 = b2c.defined() ? b2c.data_ptr() : nullptr;
-  p.topk_weights = wts.data_ptr<float>();
-  p.topk_ids = ids.data_ptr<int32_t>();
-  p.expert_map = map.defined() ? map.data_ptr<int32_t>() : nullptr;
-  p.num_global = s.num_global;
-  p.num_valid = num_valid ? num_valid->data_ptr<int32_t>() : nullptr;
-  p.T = s.T;
-  p.H = s.H;
-  p.I = s.I;
-  p.E = s.E;
-  p.k = s.k;
-  p.act = s.act;
-  p.alpha = static_cast<float>(alpha);
-  p.limit = static_cast<float>(limit);
+  moe::FusedMoeParams p = in.params(s, alpha, limit);
   p.config = moe::MoeConfig{moe::kCutlassBlockM, -1, -1};
   p.max_blocks = moe::cutlass_moe_max_blocks(s.T, s.k, s.E);
 
   // Workspaces: sizes from the shapes and the device only.
-  const auto i32 = hidden.options().dtype(at::kInt);
-  const auto u8 = hidden.options().dtype(at::kByte);
+  const auto i32 = in.hidden.options().dtype(at::kInt);
+  const auto u8 = in.hidden.options().dtype(at::kByte);
   const int64_t slots = p.max_blocks * moe::kCutlassBlockM;
   at::Tensor sorted_pairs = at::empty({slots}, i32);
   at::Tensor block_expert = at::empty({p.max_blocks}, i32);
   at::Tensor num_blocks = at::empty({1}, i32);
   at::Tensor align_scratch = at::empty({moe::moe_align_scratch_ints(s.T * s.k, s.E)}, i32);
-  at::Tensor inter = at::empty({slots, s.I}, hidden.options());
-  at::Tensor a_sorted = at::empty({slots, s.H}, hidden.options());
-  at::Tensor gate_up = at::empty({slots, 2 * s.I}, hidden.options());
+  at::Tensor inter = at::empty({slots, s.I}, in.hidden.options());
+  at::Tensor a_sorted = at::empty({slots, s.H}, in.hidden.options());
+  at::Tensor gate_up = at::empty({slots, 2 * s.I}, in.hidden.options());
   at::Tensor pair_slot = at::empty({s.T * s.k}, i32);
   at::Tensor gemm_args =
       at::empty({static_cast<int64_t>(moe::grouped_gemm_sm90_args_bytes(s.E))}, u8);
   moe::CutlassMoeBuffers b;
-  b.device = hidden.get_device();
+  b.device = in.hidden.get_device();
   b.sm_count = prop->multiProcessorCount;
   const size_t ws_bytes =
       p.max_blocks > 0 ? moe::cutlass_moe_gemm_workspace_bytes(dtype, s.E, b.sm_count) : 0;
