@@ -56,6 +56,12 @@ TORCH_LIBRARY(pcg, m) {
   // ---- graph ---------------------------------------------------------------
   // A tensor viewing t's memory that does not keep t's storage alive.
   m.def("weak_ref_tensor(Tensor t) -> Tensor");
+  // A replay's inputs into the static buffers its graphs read, in one launch:
+  // static_ids[:n] = ids, static_pos[:n] = positions (when given), and
+  // batch[:len(values)] = values (int32; e.g. num_valid and sequence starts).
+  m.def(
+      "stage_batch(Tensor ids, Tensor? positions, Tensor(a!) static_ids, Tensor(b!) static_pos, "
+      "Tensor(c!) batch, int[] values) -> ()");
 
   // ---- attention -------------------------------------------------------------
   // Causal attention over packed sequences into out[rows, Hq, Dv]; rows past

@@ -53,19 +53,17 @@ def main():
     ts = [1, 16, 256]
     model = qwen3_moe_model(8, dtype=torch.bfloat16, device="cuda")
     ids = {t: torch.randint(0, model.config.vocab_size, (1, t), device="cuda") for t in ts}
-    w = pcg.wrap(model, max_tokens=max(ts), progress=False)
-    w.capture()
-    prev, pcg.attention.USE_GRAPH_ATTENTION = pcg.attention.USE_GRAPH_ATTENTION, True
+    wga = pcg.wrap(model, max_tokens=64, progress=False).capture()  # graph attention: the default
+    prev, pcg.attention.USE_GRAPH_ATTENTION = pcg.attention.USE_GRAPH_ATTENTION, False
     try:
-        wga = pcg.wrap(model, max_tokens=64, progress=False)
-        wga.capture()
+        w = pcg.wrap(model, max_tokens=max(ts), progress=False).capture()  # every bucket split
     finally:
         pcg.attention.USE_GRAPH_ATTENTION = prev
     print(f"{'T':>5} {'mode':>22} {'host us (GPU busy)':>19} {'event us (GPU idle)':>20}")
     with torch.inference_mode():
         for t in ts:
             step = whole_graph_step(w, ids[t])
-            modes = [("whole-graph step", step), ("pcg", lambda: w(input_ids=ids[t]))]
+            modes = [("whole-graph step", step), ("pcg split", lambda: w(input_ids=ids[t]))]
             if t <= 64:
                 modes.append(("pcg graph-attention", lambda: wga(input_ids=ids[t])))
             for name, fn in modes:

@@ -109,6 +109,91 @@ def test_weak_ref_empty_and_opcheck():
         pcg.weak_ref_tensor(torch.eye(3).to_sparse())
 
 
+# ---- stage_batch -------------------------------------------------------------------
+def stage_reference(ids, positions, static_ids, static_pos, batch, values):
+    """What pcg::stage_batch writes, in plain PyTorch (on copies)."""
+    si, sp, b = static_ids.clone(), static_pos.clone(), batch.clone()
+    n = ids.shape[0]
+    si[:n] = ids
+    if positions is not None:
+        sp[:n] = positions
+    b[:len(values)] = torch.tensor(values, dtype=torch.int32)
+    return si, sp, b
+
+
+def stage_case(device, n=37, cap=53, nb=11, strided=True):
+    g = torch.Generator().manual_seed(n)
+    src = torch.randint(0, 1000, (2 * n,), generator=g)
+    ids = (src[::2] if strided else src[:n]).to(device)  # stride 2: not contiguous
+    pos = torch.randint(0, 50, (3 * n,), generator=g)[::3].to(device)
+    static_ids = torch.full((cap,), -1, dtype=torch.long, device=device)
+    static_pos = torch.full((cap,), -2, dtype=torch.long, device=device)
+    batch = torch.full((nb,), -3, dtype=torch.int32, device=device)
+    return ids, pos, static_ids, static_pos, batch
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("n,with_pos,values", [(37, True, [37, 2, 0, 20, 37]), (1, False, [1]),
+                                               (0, True, []), (53, False, [7, -5, 2**31 - 1])])
+def test_stage_batch_matches_reference(device, n, with_pos, values):
+    ids, pos, static_ids, static_pos, batch = stage_case(device, n=n)
+    pos = pos if with_pos else None
+    expect = stage_reference(ids.cpu(), None if pos is None else pos.cpu(), static_ids.cpu(),
+                             static_pos.cpu(), batch.cpu(), values)
+    pcg.ops.stage_batch(ids, pos, static_ids, static_pos, batch, values)
+    for got, want in zip((static_ids, static_pos, batch), expect):
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_stage_batch_opcheck(device):
+    ids, pos, static_ids, static_pos, batch = stage_case(device, n=5, strided=False)
+    torch.library.opcheck(torch.ops.pcg.stage_batch.default,
+                          (ids, pos, static_ids, static_pos, batch, [5, 1, 0, 5]))
+    torch.library.opcheck(torch.ops.pcg.stage_batch.default,
+                          (ids, None, static_ids, static_pos, batch, [5]))
+
+
+def test_stage_batch_rejects_bad_arguments():
+    ids, pos, static_ids, static_pos, batch = stage_case("cpu", n=5)
+    stage = pcg.ops.stage_batch
+    with pytest.raises(ValueError, match="'ids' must have dtype Long"):
+        stage(ids.int(), None, static_ids, static_pos, batch, [5])
+    with pytest.raises(ValueError, match="'ids' has 60 tokens; static_ids holds 53"):
+        stage(torch.zeros(60, dtype=torch.long), None, static_ids, static_pos, batch, [])
+    with pytest.raises(ValueError, match="'positions' must have one position per id"):
+        stage(ids, pos[:4], static_ids, static_pos, batch, [])
+    with pytest.raises(ValueError, match="'static_ids' must be contiguous"):
+        stage(ids, None, torch.zeros(106, dtype=torch.long)[::2], static_pos, batch, [])
+    with pytest.raises(ValueError, match="'batch' must have dtype Int"):
+        stage(ids, None, static_ids, static_pos, batch.long(), [])
+    with pytest.raises(ValueError, match="'values' has 12 values; batch holds 11"):
+        stage(ids, None, static_ids, static_pos, batch, list(range(12)))
+    with pytest.raises(ValueError, match="'values' takes at most 256"):
+        stage(ids, None, static_ids, static_pos, torch.zeros(300, dtype=torch.int32), [0] * 257)
+    with pytest.raises(ValueError, match="must fit in int32"):
+        stage(ids, None, static_ids, static_pos, batch, [2**31])
+
+
+@pytest.mark.gpu
+def test_stage_batch_capture_and_replay():
+    """Captured, the launch reads the ids buffer at replay (the values are fixed)."""
+    ids, pos, static_ids, static_pos, batch = stage_case("cuda", n=9, strided=False)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pcg.ops.stage_batch(ids, pos, static_ids, static_pos, batch, [9, 1])
+    ids.copy_(torch.arange(9, device="cuda") * 3)
+    pos.copy_(torch.arange(9, device="cuda") + 100)
+    static_ids.fill_(-1)
+    g.replay()
+    torch.cuda.synchronize()
+    expect = stage_reference(ids.cpu(), pos.cpu(), torch.full((53,), -1), static_pos.cpu().fill_(-2),
+                             batch.cpu(), [9, 1])
+    assert torch.equal(static_ids.cpu(), expect[0])
+    assert torch.equal(static_pos.cpu()[:9], expect[1][:9])
+    assert batch.cpu()[:2].tolist() == [9, 1]
+
+
 # ---- registry ------------------------------------------------------------------------
 def test_layer_op_outside_wrapped_forward_is_a_clear_error():
     q = torch.randn(3, 2, 4)
@@ -205,7 +290,7 @@ def close_to_unwrapped_bf16(got, exp, what, tol=2e-2):
 
 @pytest.mark.gpu
 def test_capture_counts_and_replay_matches_eager(monkeypatch):
-    monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", True)  # opt-in
+    monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", True)  # the default
     torch.manual_seed(0)
     layers = 3
     model = tiny(5, device="cuda", dtype=torch.bfloat16, num_layers=layers, hidden_size=128,
@@ -239,7 +324,6 @@ def test_capture_counts_and_replay_matches_eager(monkeypatch):
 
 @pytest.mark.gpu
 def test_graph_attention_off_keeps_the_split(monkeypatch):
-    assert not pcg.attention.USE_GRAPH_ATTENTION  # opt-in (PCG_GRAPH_ATTENTION=1)
     monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", False)
     layers = 2
     model = tiny(5, device="cuda", dtype=torch.bfloat16, num_layers=layers, hidden_size=128,
@@ -279,7 +363,8 @@ def test_replay_packed_and_padded_gpu_and_debug_mode():
 
 
 @pytest.mark.gpu
-def test_two_wrapped_models_capture_independently():
+def test_two_wrapped_models_capture_independently(monkeypatch):
+    monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", True)
     m1 = tiny(7, device="cuda", dtype=torch.bfloat16)
     m2 = tiny(8, device="cuda", dtype=torch.bfloat16, num_layers=3)
     r1, r2 = copy.deepcopy(m1), copy.deepcopy(m2)
@@ -290,9 +375,8 @@ def test_two_wrapped_models_capture_independently():
         a, b = w1(ids), w2(ids)
         close_to_unwrapped_bf16(a, r1(ids), f"model 1 T={t}")
         close_to_unwrapped_bf16(b, r2(ids), f"model 2 T={t}")
-    # layers + 1 graphs per bucket (attention splits; opt-in graph attention
-    # would make bucket 16 one graph)
-    assert w1.report().graphs == 2 * 3 and w2.report().graphs == 2 * 4
+    # bucket 16: one graph (attention inside); bucket 96: layers + 1 (splits)
+    assert w1.report().graphs == 1 + 3 and w2.report().graphs == 1 + 4
 
 
 @pytest.mark.gpu

@@ -131,7 +131,7 @@ def test_capture_report(captured):
     # graph (buckets <= 64 tokens, standard layers: no sinks / soft-capping)
     for n in rep.buckets:
         assert rep.split_calls_per_bucket[n] + rep.graph_attention_per_bucket[n] == rep.attention_layers, rep
-        inside = pcg.attention.USE_GRAPH_ATTENTION and n <= 64  # opt-in
+        inside = pcg.attention.USE_GRAPH_ATTENTION and n <= 64  # default on
         if family in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe"):
             assert rep.graph_attention_per_bucket[n] == (rep.attention_layers if inside else 0), rep
         if family == "gpt_oss":  # attention sinks: the model's own attention, split
@@ -241,10 +241,11 @@ def test_zz_aggregate_accuracy_matches_unwrapped_bf16(captured):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"])
 def test_graph_attention_matches_the_split(family, monkeypatch):
-    """Opt-in graph attention (buckets <= 64: the short-sequence kernel inside
-    the graph, batch read on the device) against the default split, which runs
-    the same kernel between graphs: packed sequences and padded batches."""
+    """Graph attention (the default in buckets <= 64: the short-sequence
+    kernel inside the graph, batch read on the device) against the split,
+    which runs the same kernel between graphs: packed sequences and padded batches."""
     model = build(family, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", False)
     split = pcg.wrap(copy.deepcopy(model), buckets=BUCKETS, progress=False).capture()
     monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", True)
     inside = pcg.wrap(copy.deepcopy(model), buckets=BUCKETS, progress=False).capture()

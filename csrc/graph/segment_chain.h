@@ -15,6 +15,8 @@
 #include <ATen/cuda/CUDAGraph.h>
 #include <torch/custom_class.h>
 
+#include "graph/stage_batch_op.h"
+
 #include <memory>
 #include <string>
 #include <vector>
@@ -90,25 +92,26 @@ class SegmentChain : public torch::CustomClassHolder {
     }
   }
 
-  // One forward on new inputs, without a round trip to Python per step: copy
-  // each source into the leading rows of its static buffer, write n into
-  // num_valid (int32 [1] on the device; the graphs mask rows >= n), replay.
-  void replay_with(const std::vector<at::Tensor>& sources, const std::vector<at::Tensor>& buffers,
-                   const at::Tensor& num_valid, int64_t n) {
-    TORCH_CHECK(sources.size() == buffers.size(), "pcg::SegmentChain.replay_with: ", sources.size(),
-                " sources for ", buffers.size(), " buffers");
-    for (size_t i = 0; i < sources.size(); ++i) {
-      TORCH_CHECK(sources[i].dim() >= 1 && buffers[i].dim() == sources[i].dim() &&
-                      sources[i].size(0) <= buffers[i].size(0),
-                  "pcg::SegmentChain.replay_with: source ", i, " of shape ", sources[i].sizes(),
-                  " does not fit buffer of shape ", buffers[i].sizes());
-    }
-    TORCH_CHECK(num_valid.numel() == 1, "pcg::SegmentChain.replay_with: num_valid must have one element");
-    for (size_t i = 0; i < sources.size(); ++i) {
-      buffers[i].narrow(0, 0, sources[i].size(0)).copy_(sources[i], /*non_blocking=*/true);
-    }
-    num_valid.fill_(n);
+  // One forward on new inputs, staged by one kernel (pcg::stage_batch): the
+  // ids (and positions) into the static buffers, `values` (num_valid, and the
+  // sequence starts attention inside the graphs reads) into `batch`; replay.
+  void replay_staged(const at::Tensor& ids, const std::optional<at::Tensor>& positions,
+                     const at::Tensor& static_ids, const at::Tensor& static_pos,
+                     const at::Tensor& batch, const std::vector<int64_t>& values) {
+    stage_batch_cuda(ids, positions, static_ids, static_pos, batch, values);
     replay();
+  }
+
+  // One piece of a forward, for diagnostics (timing each launch): graph i,
+  // or recorded call i. A forward is graph 0, call 0, graph 1, ...
+  void replay_graph(int64_t i) {
+    TORCH_CHECK(!capturing_ && i >= 0 && i < num_graphs(), "pcg::SegmentChain: no graph ", i);
+    graphs_[i]->replay();
+  }
+  void run_call(int64_t i) {
+    TORCH_CHECK(!capturing_ && i >= 0 && i < num_calls(), "pcg::SegmentChain: no call ", i);
+    torch::jit::Stack stack(calls_[i].args);
+    calls_[i].op.callBoxed(stack);
   }
 
   int64_t num_graphs() const { return static_cast<int64_t>(graphs_.size()); }

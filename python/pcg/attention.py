@@ -6,9 +6,9 @@ Standard layers (causal, optional sliding window and scale, GQA) run the C++
 op ``pcg::causal_attention_out`` (flash on CUDA bf16/fp16, SDPA otherwise); a
 capture records that op itself, so replays never enter Python for attention.
 In buckets of at most 64 tokens every sequence is at most 64 tokens long, so
-standard CUDA layers there can run ``pcg::causal_attention_graph`` inside the
+standard CUDA layers there run ``pcg::causal_attention_graph`` inside the
 graph instead (the batch is read from device memory the engine rewrites
-before each replay): no split at all (opt-in: USE_GRAPH_ATTENTION).
+before each replay): no split at all (default; USE_GRAPH_ATTENTION).
 Layers with attention sinks or logit soft-capping go through the model's own
 attention function, and a runtime's registered implementation replaces both.
 
@@ -37,13 +37,14 @@ USE_VARLEN = True
 # one-launch kernel when True; False keeps them on flash (comparisons). Read
 # like USE_VARLEN. Env PCG_SHORT_ATTENTION=0 turns the kernel off in C++.
 USE_SHORT_KERNEL = True
-# Opt-in (True, or env PCG_GRAPH_ATTENTION=1): standard CUDA layers of buckets
-# <= GRAPH_MAX_SEQLEN tokens stay inside the captured graph
-# (pcg::causal_attention_graph) instead of splitting it. Read at capture.
-# Off by default until its speed is measured (bench/RESULTS.md): its first
-# H200 run staged the batch from pageable memory, which made the host wait
-# for the stream, and was slower than the split.
-USE_GRAPH_ATTENTION = os.environ.get("PCG_GRAPH_ATTENTION", "0") == "1"
+# Default on (env PCG_GRAPH_ATTENTION=0 turns it off): standard CUDA layers of
+# buckets <= GRAPH_MAX_SEQLEN tokens stay inside the captured graph
+# (pcg::causal_attention_graph, the batch read on the device) instead of
+# splitting it, so a small bucket replays as one graph. Read at capture.
+# Measured (bench/RESULTS.md, session 6): pcg/whole-graph 1.063 / 1.060 /
+# 1.055 / 1.048 at T = 1 / 4 / 16 / 64 against 1.140 / 1.107 / 1.084 / 1.081
+# for the split in the same run.
+USE_GRAPH_ATTENTION = os.environ.get("PCG_GRAPH_ATTENTION", "1") != "0"
 
 
 def _window_mask(n: int, window: int | None, device: torch.device) -> torch.Tensor:

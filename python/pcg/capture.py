@@ -26,9 +26,13 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import attention as _attention
-from .batch import META_HEAD, BatchMeta
+from .batch import FLAG_NO_SHORT, META_HEAD, BatchMeta
 from .ops.attention import GRAPH_MAX_SEQLEN, graph_batch
 from .registry import LayerRegistry, RunContext, running
+
+# The split op a standard attention layer records (C++ end to end; it reads
+# the engine's host metadata, not the Python context).
+NATIVE_SPLIT = "pcg::causal_attention_out"
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], Any]  # (ids [N], positions [N]) -> outputs
 
@@ -64,6 +68,11 @@ class BucketGraphs:
     capture_seconds: float
     memory_bytes: int
     graph_attention: int = 0  # attention calls captured inside the graphs (device batch)
+    # What the recorded split calls read at replay: the engine's host metadata
+    # (pcg::causal_attention_out) and/or the running context (splits whose
+    # kernels live in Python); a replay prepares only what its chain needs.
+    reads_host_meta: bool = True
+    reads_context: bool = True
 
 
 @dataclass
@@ -116,12 +125,16 @@ class CaptureEngine:
         # one-sequence call then copies nothing but the ids.
         self.static_pos = torch.arange(max_n, dtype=torch.int64, device=device)
         self._pos_is_arange = True
-        self.num_valid = torch.zeros(1, dtype=torch.int32, device=device)
+        # One int32 device block [num_tokens, num_seqs, cu_seqlens...]: its
+        # first value is the num_valid the graphs mask pad rows with, the whole
+        # block is what pcg::causal_attention_graph reads in buckets <=
+        # GRAPH_MAX_SEQLEN. A replay writes it with one pcg::stage_batch launch.
+        self.batch_dev = graph_batch([0], GRAPH_MAX_SEQLEN, device)
+        self.num_valid = self.batch_dev[:1]
+        self.graph_batch = self.batch_dev if device.type == "cuda" else None
         # The batch metadata the recorded attention calls read (rewritten per replay).
         self.host_meta = torch.zeros(META_HEAD + max_n + 1, dtype=torch.int64)
-        # What pcg::causal_attention_graph reads in buckets <= GRAPH_MAX_SEQLEN
-        # (staged from the host before each replay of such a bucket).
-        self.graph_batch = graph_batch([0], GRAPH_MAX_SEQLEN, device) if device.type == "cuda" else None
+        self._host_meta_np = self.host_meta.numpy()
         self.registry_version = -1  # the registry's version the graphs were captured with
         self.pool: Optional[tuple[int, int]] = None
         self.stream: Optional[torch.cuda.Stream] = None
@@ -205,8 +218,11 @@ class CaptureEngine:
         del out, flat
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        calls = chain.call_names()
         return BucketGraphs(n, chain, weak, spec, time.perf_counter() - t0, max(0, used),
-                            ctx.stats.get("graph_attention", 0))
+                            ctx.stats.get("graph_attention", 0),
+                            reads_host_meta=NATIVE_SPLIT in calls,
+                            reads_context=any(c != NATIVE_SPLIT for c in calls))
 
     # ---- run ----------------------------------------------------------------
     def replay(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
@@ -221,36 +237,46 @@ class CaptureEngine:
         """
         n = int(ids.shape[0])
         g = self.graphs[bucket]
-        sources, buffers = [ids], [self.static_ids]
+        if ids.dtype != torch.int64:
+            ids = ids.long()
         if positions is None:
             if not self._pos_is_arange:
                 torch.arange(self.static_pos.shape[0], out=self.static_pos)
                 self._pos_is_arange = True
         else:
-            sources.append(positions)
-            buffers.append(self.static_pos)
+            positions = positions.long()
             self._pos_is_arange = False
         if g.graph_attention:  # what the attention captured inside the graphs reads
             # empty sequences dropped: at most n <= GRAPH_MAX_SEQLEN remain
             cu = [c for i, c in enumerate(cu_seqlens) if i == 0 or c != cu_seqlens[i - 1]]
-            # Pinned, so the copy is asynchronous: from pageable memory the
-            # driver would first wait for the stream to drain (measured: the
-            # host fell ~400 us behind at T=16). The host allocator keeps the
-            # block until the copy ran.
-            host = torch.empty(len(cu) + 2, dtype=torch.int32, pin_memory=True)
-            host.numpy()[:] = [n, len(cu) - 1, *cu]
-            sources.append(host)
-            buffers.append(self.graph_batch)
-        batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket, meta=self.host_meta)
-        # what the recorded attention calls read
-        batch.host_meta(_attention.USE_VARLEN, _attention.USE_SHORT_KERNEL)
-        with running(RunContext(self.registry, batch, self.num_valid)):
-            # inputs staged and every graph and split call launched from C++
-            g.chain.replay_with(sources, buffers, self.num_valid, n)
+            values = [n, len(cu) - 1, *cu]
+        else:
+            values = [n]  # num_valid
+        # Everything before the first graph launch delays the GPU (measured:
+        # the host, not the GPU, is most of pcg's gap to one whole graph):
+        # write only what the recorded calls read, stage with one kernel.
+        if g.reads_host_meta:
+            self._write_host_meta(n, cu_seqlens)
+        if g.reads_context:
+            batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket, meta=self.host_meta)
+            with running(RunContext(self.registry, batch, self.num_valid)):
+                g.chain.replay_staged(ids, positions, self.static_ids, self.static_pos, self.batch_dev, values)
+        else:
+            g.chain.replay_staged(ids, positions, self.static_ids, self.static_pos, self.batch_dev, values)
         self.stats.replays[bucket] = self.stats.replays.get(bucket, 0) + 1
         flat = [_finish(_slice_tokens(t, bucket, n).clone(), leaf) if isinstance(t, torch.Tensor)
                 else t for t in g.outputs]
         return tree_unflatten(flat, g.out_spec)
+
+    def _write_host_meta(self, n: int, cu_seqlens: list[int]) -> None:
+        """``BatchMeta.host_meta`` into the engine's buffer, without the object
+        (same layout: [num_tokens, num_seqs, max_seqlen, flags, cu_seqlens...])."""
+        m = self._host_meta_np
+        m[0], m[1] = n, len(cu_seqlens) - 1
+        m[2] = cu_seqlens[1] - cu_seqlens[0] if len(cu_seqlens) == 2 else max(
+            (b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])), default=0)
+        m[3] = int(_attention.USE_VARLEN) | (0 if _attention.USE_SHORT_KERNEL else FLAG_NO_SHORT)
+        m[META_HEAD:META_HEAD + len(cu_seqlens)] = cu_seqlens
 
     def eager(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
               padded_to: Optional[int] = None,

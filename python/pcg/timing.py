@@ -55,6 +55,31 @@ def paired_time_ms(fns: Sequence[Callable[[], object]], warmup: int = 5, reps: i
     return [_median(t) for t in times]
 
 
+def device_time_ms(fn: Callable[[], object], reps: int = 20, hide_us: float = 4000.0) -> float:
+    """Median CUDA-event time of ``fn()`` with its host work hidden: the GPU
+    first spins for ``hide_us`` while the host enqueues the call, so the
+    events see only what the GPU does (kernels and the gaps between them),
+    not the host's latency before the first launch. ``hide_us`` must exceed
+    the call's host time (checked: a warning value of -1 is returned otherwise)."""
+    cycles = int(hide_us * 1e-6 * torch.cuda.get_device_properties(torch.cuda.current_device()).clock_rate * 1e3)
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        spin_end = torch.cuda.Event()
+        torch.cuda._sleep(cycles)
+        spin_end.record()
+        start.record()
+        fn()
+        end.record()
+        if spin_end.query():  # the host was slower than the spin: not hidden
+            end.synchronize()
+            return -1.0
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return _median(times)
+
+
 def host_us(fn: Callable[[], object], reps: int = 20) -> float:
     """Median host time (us) to enqueue one call on an idle GPU: the time the
     GPU waits before the call's first kernel can start."""

@@ -122,6 +122,9 @@ class WrappedModel(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        out = self._replay_one_sequence(input_ids, attention_mask, position_ids, inputs_embeds, kwargs)
+        if out is not None:
+            return out
         if kwargs.get("past_key_values") is not None:
             raise NotImplementedError(
                 "pcg.wrap runs prefill without a KV cache: past_key_values is not supported. Register "
@@ -173,6 +176,29 @@ class WrappedModel(nn.Module):
         if self.options.debug:
             self._debug_compare(out, self._eager(eng, ids, pos, packed.cu_seqlens, n_run, unpack))
         return out
+
+    def _replay_one_sequence(self, input_ids, attention_mask, position_ids, inputs_embeds,
+                             kwargs) -> Any:
+        """The common prefill call, replayed with as little host work as
+        possible before the first graph launch (the host's latency there is
+        most of pcg's gap to a whole-model graph): one sequence [1, T] of int64
+        ids already on the model's GPU, default positions, captured bucket.
+        None when anything else applies; the general path then handles it."""
+        eng = self._engine
+        if (eng is None or not eng.captured or attention_mask is not None or position_ids is not None
+                or inputs_embeds is not None or (kwargs and (len(kwargs) > 1 or "use_cache" not in kwargs))
+                or self.ep is not None or self.options.debug or input_ids is None
+                or input_ids.dtype is not torch.int64 or input_ids.dim() != 2 or input_ids.shape[0] != 1
+                or eng.registry_version != self.registry.version or input_ids.device != eng.device):
+            return None
+        n = input_ids.shape[1]
+        bucket = _buckets.pick(self.ladder, n)
+        if n == 0 or bucket not in eng.graphs:
+            return None
+
+        def to_caller(t: torch.Tensor) -> torch.Tensor:  # [n, ...] -> [1, n, ...]
+            return t[None] if t.dim() >= 1 and t.shape[0] == n else t
+        return eng.replay(input_ids[0], None, [0, n], bucket, leaf=to_caller)
 
     def _eager(self, eng: CaptureEngine, ids: torch.Tensor, pos: Optional[torch.Tensor],
                cu_seqlens: list[int], n_run: int, leaf: Any = None) -> Any:

@@ -1,5 +1,7 @@
-"""Graph helpers: pcg::weak_ref_tensor."""
+"""Graph helpers: pcg::weak_ref_tensor, pcg::stage_batch."""
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
@@ -21,3 +23,25 @@ def weak_ref_tensor(t: torch.Tensor) -> torch.Tensor:
         a tensor with ``t``'s sizes/strides/dtype/device and ``data_ptr()``.
     """
     return torch.ops.pcg.weak_ref_tensor(t)
+
+
+@torch.library.register_fake("pcg::stage_batch")
+def _stage_batch_fake(ids, positions, static_ids, static_pos, batch, values) -> None:
+    return None
+
+
+def stage_batch(ids: torch.Tensor, positions: Optional[torch.Tensor], static_ids: torch.Tensor,
+                static_pos: torch.Tensor, batch: torch.Tensor, values: Sequence[int]) -> None:
+    """Write a replay's inputs into the static buffers its graphs read, in one
+    launch on the current stream (capturable; nothing allocated or pinned).
+
+    Args:
+        ids: int64 [n] token ids (any stride), on the buffers' device.
+        positions: int64 [n] positions, or None to leave ``static_pos`` as it is.
+        static_ids: int64 [N >= n], contiguous; ``static_ids[:n] = ids``.
+        static_pos: int64 [N >= n], contiguous; ``static_pos[:n] = positions``.
+        batch: int32 [M], contiguous; ``batch[:len(values)] = values``.
+        values: at most 256 ints that fit in int32 (e.g. ``[num_valid]``, or
+            ``[num_tokens, num_seqs, *cu_seqlens]`` for attention inside a graph).
+    """
+    torch.ops.pcg.stage_batch(ids, positions, static_ids, static_pos, batch, list(values))
