@@ -11,9 +11,9 @@ and back to back (10 replays queued), and a 9 x 60-node chain against one
 """
 from __future__ import annotations
 
-import time
-
 import torch
+
+from pcg.timing import cuda_time_ms, host_us
 
 
 def graph_of(n: int, x: torch.Tensor) -> torch.cuda.CUDAGraph:
@@ -30,29 +30,8 @@ def graph_of(n: int, x: torch.Tensor) -> torch.cuda.CUDAGraph:
     return g
 
 
-def host_us(fn, reps: int = 50, idle: bool = True) -> float:
-    times = []
-    for _ in range(reps):
-        if idle:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
-
-
-def event_us(fn, reps: int = 50) -> float:
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e3)
-    return sorted(out)[len(out) // 2]
+def event_us(fn) -> float:
+    return cuda_time_ms(fn, reps=50) * 1e3
 
 
 def main() -> None:
@@ -62,7 +41,7 @@ def main() -> None:
         g = graph_of(n, x)
         g.replay()
         idle = host_us(g.replay)
-        queued = host_us(lambda: [g.replay() for _ in range(10)], reps=10, idle=True) / 10
+        queued = host_us(lambda: [g.replay() for _ in range(10)], reps=10) / 10
         ev = event_us(g.replay)
         print(f"{n:>6} {idle:>13.1f} {queued:>15.1f} {ev:>9.1f}")
     chain = [graph_of(60, x) for _ in range(9)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -23,17 +22,7 @@ from e2e import whole_graph_step  # noqa: E402
 
 import pcg  # noqa: E402
 from pcg.models import qwen3_moe_model  # noqa: E402
-
-
-def host_us(fn, reps: int = 30) -> float:
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
+from pcg.timing import host_us  # noqa: E402
 
 
 @torch.inference_mode()
@@ -53,7 +42,7 @@ def main() -> None:
         c_us = [host_us(lambda i=i: chain.run_call(i)) for i in range(chain.num_calls())]
         step = whole_graph_step(w, ids)
         print(f"T={t}: graph launches (us): " + " ".join(f"{x:.1f}" for x in g_us))
-        print(f"      recorded calls (us): " + " ".join(f"{x:.1f}" for x in c_us))
+        print("      recorded calls (us): " + " ".join(f"{x:.1f}" for x in c_us))
         print(f"      sum {sum(g_us) + sum(c_us):.1f}; chain.replay {host_us(chain.replay):.1f}; "
               f"engine.replay {host_us(lambda: eng.replay(ids[0], None, [0, t], t)):.1f}; "
               f"wrapped {host_us(lambda: w(input_ids=ids)):.1f}; whole-graph step {host_us(step):.1f}")
