@@ -53,7 +53,11 @@ def main():
     ts = [1, 16, 256]
     model = qwen3_moe_model(8, dtype=torch.bfloat16, device="cuda")
     ids = {t: torch.randint(0, model.config.vocab_size, (1, t), device="cuda") for t in ts}
-    wga = pcg.wrap(model, max_tokens=64, progress=False).capture()  # graph attention: the default
+    prev, pcg.attention.USE_GRAPH_ATTENTION = pcg.attention.USE_GRAPH_ATTENTION, True
+    try:
+        wga = pcg.wrap(model, max_tokens=64, progress=False).capture()  # graph attention (the default)
+    finally:
+        pcg.attention.USE_GRAPH_ATTENTION = prev
     prev, pcg.attention.USE_GRAPH_ATTENTION = pcg.attention.USE_GRAPH_ATTENTION, False
     try:
         w = pcg.wrap(model, max_tokens=max(ts), progress=False).capture()  # every bucket split

@@ -1,6 +1,7 @@
 """The capture engine and pcg.wrap on pcg.nn models: CPU (eager split path)
 and, marked gpu, capture and replay."""
 import copy
+import os
 
 import pytest
 import torch
@@ -173,6 +174,9 @@ def test_stage_batch_rejects_bad_arguments():
         stage(ids, None, static_ids, static_pos, torch.zeros(300, dtype=torch.int32), [0] * 257)
     with pytest.raises(ValueError, match="must fit in int32"):
         stage(ids, None, static_ids, static_pos, batch, [2**31])
+    with pytest.raises(ValueError, match="'ids' must not partly overlap static_ids"):
+        stage(static_ids[1:6], None, static_ids, static_pos, batch, [])
+    stage(static_ids[:5], None, static_ids, static_pos, batch, [])  # the same view: a self-copy
 
 
 @pytest.mark.gpu
@@ -380,10 +384,49 @@ def test_two_wrapped_models_capture_independently(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("PCG_GRAPH_ATTENTION", "1") == "0", reason="graph attention turned off")
+def test_one_sequence_fast_path_matches_the_general_path(monkeypatch):
+    """The common call ([1, T] int64 ids on the model's GPU) skips packing; every
+    call it takes must give what the general path gives, and it must leave
+    everything else to the general path."""
+    model = tiny(12, device="cuda", dtype=torch.bfloat16)
+    w = pcg.wrap(model, buckets=[8, 32, 96], progress=False).capture()
+    assert w.report().graph_attention_buckets == [8, 32]  # the default: attention inside small buckets
+    taken = []
+    fast_path = w._replay_one_sequence
+
+    def spy(*args):
+        out = fast_path(*args)
+        taken.append(out is not None)
+        return out
+    monkeypatch.setattr(w, "_replay_one_sequence", spy)
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 5, 8, 30, 96):
+        wide = torch.randint(0, 256, (1, 2 * n), generator=g).to("cuda")
+        for ids in (wide[:, :n], wide[:, ::2]):  # contiguous and strided
+            fast = w(ids)
+            assert taken[-1] and fast.shape[:2] == (1, n)
+            # explicit positions send the same batch down the general path
+            general = w(ids.contiguous(), position_ids=torch.arange(n, device="cuda")[None])
+            assert not taken[-1]
+            assert torch.equal(fast, general), f"T={n}"
+            assert torch.equal(w(ids, use_cache=True), fast) and taken[-1]
+            assert torch.equal(w(ids.int()), fast) and not taken[-1]  # int32 ids: general path
+    with pytest.raises(NotImplementedError, match="past_key_values"):
+        w(wide[:, :5], past_key_values=object())
+    assert not taken[-1]
+    w(torch.randint(0, 256, (1, 100), device="cuda"))  # above the largest bucket
+    assert not taken[-1] and w.report().eager_fallbacks == {"above_max_tokens": 1}
+    w.options.capture = False
+    w(wide[:, :5])
+    assert not taken[-1] and w.report().eager_fallbacks["capture_disabled"] == 1
+
+
+@pytest.mark.gpu
 def test_attention_impl_registered_after_capture_recaptures():
     """Standard layers replay the C++ attention op; registering a runtime's
     attention afterwards must not be bypassed by the recorded calls."""
-    model = tiny(11, device="cuda", dtype=torch.float32)
+    model = tiny(11, device="cuda", dtype=torch.float32)  # fp32: graph attention declines, so both layers split
     ref = copy.deepcopy(model)
     w = pcg.wrap(model, buckets=[8], progress=False).capture()
     chain = w.engine().graphs[8].chain

@@ -79,10 +79,7 @@ class SegmentChain : public torch::CustomClassHolder {
 
   // One forward: every graph in order, each followed by its recorded call.
   void replay() {
-    TORCH_CHECK(!capturing_, "pcg::SegmentChain: replay while capturing");
-    TORCH_CHECK(!graphs_.empty(), "pcg::SegmentChain: nothing captured");
-    TORCH_CHECK(calls_.size() + 1 == graphs_.size(),
-                "pcg::SegmentChain: the chain must end with a captured segment");
+    check_replayable();
     for (size_t i = 0; i < graphs_.size(); ++i) {
       graphs_[i]->replay();
       if (i < calls_.size()) {
@@ -98,6 +95,7 @@ class SegmentChain : public torch::CustomClassHolder {
   void replay_staged(const at::Tensor& ids, const std::optional<at::Tensor>& positions,
                      const at::Tensor& static_ids, const at::Tensor& static_pos,
                      const at::Tensor& batch, const std::vector<int64_t>& values) {
+    check_replayable();  // before staging: a misuse leaves the inputs as they were
     stage_batch_cuda(ids, positions, static_ids, static_pos, batch, values);
     replay();
   }
@@ -130,6 +128,13 @@ class SegmentChain : public torch::CustomClassHolder {
   }
 
  private:
+  void check_replayable() const {
+    TORCH_CHECK(!capturing_, "pcg::SegmentChain: replay while capturing");
+    TORCH_CHECK(!graphs_.empty(), "pcg::SegmentChain: nothing captured");
+    TORCH_CHECK(calls_.size() + 1 == graphs_.size(),
+                "pcg::SegmentChain: the chain must end with a captured segment");
+  }
+
   std::vector<std::unique_ptr<at::cuda::CUDAGraph>> graphs_;
   std::vector<RecordedCall> calls_;
   bool capturing_ = false;

@@ -1,5 +1,6 @@
 // pcg::stage_batch: argument checks (shared with the CUDA launcher) and the
 // CPU kernel (same contract, plain loops).
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -33,6 +34,11 @@ void check_stage_batch(const at::Tensor& ids, const std::optional<at::Tensor>& p
   const int64_t n = ids.size(0);
   PCG_CHECK_ARG(kOp, "ids", n <= static_ids.size(0), "has ", n, " tokens; static_ids holds ",
                 static_ids.size(0));
+  // The kernel reads and writes in parallel: a source inside its destination
+  // at another offset would race (the same view is a harmless self-copy).
+  PCG_CHECK_ARG(kOp, "ids", at::get_overlap_status(ids, static_ids.narrow(0, 0, n)) !=
+                                   at::MemOverlapStatus::Partial,
+                "must not partly overlap static_ids");
   if (positions.has_value()) {
     check_dim(kOp, "positions", *positions, 1);
     check_dtype(kOp, "positions", *positions, at::kLong);
@@ -41,6 +47,10 @@ void check_stage_batch(const at::Tensor& ids, const std::optional<at::Tensor>& p
                   "), got shape ", positions->sizes());
     PCG_CHECK_ARG(kOp, "positions", n <= static_pos.size(0), "has ", n,
                   " tokens; static_pos holds ", static_pos.size(0));
+    PCG_CHECK_ARG(kOp, "positions",
+                  at::get_overlap_status(*positions, static_pos.narrow(0, 0, n)) !=
+                      at::MemOverlapStatus::Partial,
+                  "must not partly overlap static_pos");
   }
   const auto nv = static_cast<int64_t>(values.size());
   PCG_CHECK_ARG(kOp, "values", nv <= kStageMaxValues, "takes at most ", kStageMaxValues,

@@ -201,7 +201,7 @@ class CaptureEngine:
                 and n <= GRAPH_MAX_SEQLEN):
             # Every batch of this bucket has sequences <= n tokens: attention
             # can read its batch on the device, inside the graph (each replay
-            # stages it first, so nothing is written here).
+            # stages the whole block first; capture writes only num_valid).
             ctx.graph_batch = self.graph_batch
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with running(ctx), torch.cuda.stream(self.stream):

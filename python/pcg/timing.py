@@ -59,9 +59,10 @@ def device_time_ms(fn: Callable[[], object], reps: int = 20, hide_us: float = 40
     """Median CUDA-event time of ``fn()`` with its host work hidden: the GPU
     first spins for ``hide_us`` while the host enqueues the call, so the
     events see only what the GPU does (kernels and the gaps between them),
-    not the host's latency before the first launch. ``hide_us`` must exceed
-    the call's host time (checked: a warning value of -1 is returned otherwise)."""
+    not the host's latency before the first launch. A repetition whose host
+    work outlasted the spin is dropped; -1.0 when every one did."""
     cycles = int(hide_us * 1e-6 * torch.cuda.get_device_properties(torch.cuda.current_device()).clock_rate * 1e3)
+    fn()  # warm-up
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -72,12 +73,11 @@ def device_time_ms(fn: Callable[[], object], reps: int = 20, hide_us: float = 40
         start.record()
         fn()
         end.record()
-        if spin_end.query():  # the host was slower than the spin: not hidden
-            end.synchronize()
-            return -1.0
+        hidden = not spin_end.query()  # still spinning: the whole call was enqueued in time
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return _median(times)
+        if hidden:
+            times.append(start.elapsed_time(end))
+    return _median(times) if times else -1.0
 
 
 def host_us(fn: Callable[[], object], reps: int = 20) -> float:

@@ -185,11 +185,13 @@ class WrappedModel(nn.Module):
         ids already on the model's GPU, default positions, captured bucket.
         None when anything else applies; the general path then handles it."""
         eng = self._engine
-        if (eng is None or not eng.captured or attention_mask is not None or position_ids is not None
+        if (eng is None or not eng.captured or not self.options.capture or attention_mask is not None
+                or position_ids is not None
                 or inputs_embeds is not None or (kwargs and (len(kwargs) > 1 or "use_cache" not in kwargs))
                 or self.ep is not None or self.options.debug or input_ids is None
                 or input_ids.dtype is not torch.int64 or input_ids.dim() != 2 or input_ids.shape[0] != 1
-                or eng.registry_version != self.registry.version or input_ids.device != eng.device):
+                or eng.registry_version != self.registry.version or input_ids.device != eng.device
+                or self.device != eng.device):  # a model moved since capture: the general path decides
             return None
         n = input_ids.shape[1]
         bucket = _buckets.pick(self.ladder, n)
