@@ -110,6 +110,20 @@ def test_weak_ref_empty_and_opcheck():
         pcg.weak_ref_tensor(torch.eye(3).to_sparse())
 
 
+@pytest.mark.parametrize("cu,varlen,short", [([0, 7], True, True), ([0, 3, 3, 10, 12], False, True),
+                                              ([0], True, False)])
+def test_host_meta_layout(cu, varlen, short):
+    """What pcg::causal_attention_out reads, written by BatchMeta and by the engine's replay alike."""
+    from pcg.batch import BatchMeta, write_host_meta
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    expect = [cu[-1], len(cu) - 1, max(lens, default=0), int(varlen) | (0 if short else 2), *cu]
+    meta = BatchMeta(cu[-1], cu, None, cu[-1]).host_meta(varlen, short)
+    assert meta.tolist() == expect
+    buf = torch.full((len(expect) + 3,), -9, dtype=torch.int64)
+    write_host_meta(buf.numpy(), cu[-1], cu, varlen, short)
+    assert buf.tolist() == expect + [-9] * 3
+
+
 # ---- stage_batch -------------------------------------------------------------------
 def stage_reference(ids, positions, static_ids, static_pos, batch, values):
     """What pcg::stage_batch writes, in plain PyTorch (on copies)."""

@@ -47,14 +47,23 @@ class BatchMeta:
         elif self.meta.numel() < need:
             raise ValueError(f"pcg: a batch of {self.num_seqs} sequences needs {need} metadata "
                              f"values; the buffer holds {self.meta.numel()}")
-        m = self.meta.numpy()
-        flags = int(varlen) | (0 if short_kernel else FLAG_NO_SHORT)
-        m[0], m[1], m[2], m[3] = self.num_tokens, self.num_seqs, self.max_seqlen, flags
-        m[META_HEAD:need] = self.cu_seqlens
+        write_host_meta(self.meta.numpy(), self.num_tokens, self.cu_seqlens, varlen, short_kernel)
         return self.meta
 
 META_HEAD = 4  # num_tokens, num_seqs, max_seqlen, flags; then cu_seqlens
 FLAG_NO_SHORT = 2  # flags bit 1: causal_attention_out skips its short-sequence kernel
+
+
+def write_host_meta(m, num_tokens: int, cu_seqlens: list[int], varlen: bool = True,
+                    short_kernel: bool = True) -> None:
+    """Write ``[num_tokens, num_seqs, max_seqlen, flags, cu_seqlens...]`` into
+    ``m`` (a numpy int64 view with room for it); the layout
+    ``pcg::causal_attention_out`` reads. Plain numpy: it runs before every replay."""
+    m[0], m[1] = num_tokens, len(cu_seqlens) - 1
+    m[2] = cu_seqlens[1] - cu_seqlens[0] if len(cu_seqlens) == 2 else max(
+        (b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])), default=0)
+    m[3] = int(varlen) | (0 if short_kernel else FLAG_NO_SHORT)
+    m[META_HEAD:META_HEAD + len(cu_seqlens)] = cu_seqlens
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import attention as _attention
-from .batch import FLAG_NO_SHORT, META_HEAD, BatchMeta
+from .batch import META_HEAD, BatchMeta, write_host_meta
 from .ops.attention import GRAPH_MAX_SEQLEN, graph_batch
 from .registry import LayerRegistry, RunContext, running
 
@@ -256,7 +256,7 @@ class CaptureEngine:
         # the host, not the GPU, is most of pcg's gap to one whole graph):
         # write only what the recorded calls read, stage with one kernel.
         if g.reads_host_meta:
-            self._write_host_meta(n, cu_seqlens)
+            write_host_meta(self._host_meta_np, n, cu_seqlens, _attention.USE_VARLEN, _attention.USE_SHORT_KERNEL)
         if g.reads_context:
             batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket, meta=self.host_meta)
             with running(RunContext(self.registry, batch, self.num_valid)):
@@ -267,16 +267,6 @@ class CaptureEngine:
         flat = [_finish(_slice_tokens(t, bucket, n).clone(), leaf) if isinstance(t, torch.Tensor)
                 else t for t in g.outputs]
         return tree_unflatten(flat, g.out_spec)
-
-    def _write_host_meta(self, n: int, cu_seqlens: list[int]) -> None:
-        """``BatchMeta.host_meta`` into the engine's buffer, without the object
-        (same layout: [num_tokens, num_seqs, max_seqlen, flags, cu_seqlens...])."""
-        m = self._host_meta_np
-        m[0], m[1] = n, len(cu_seqlens) - 1
-        m[2] = cu_seqlens[1] - cu_seqlens[0] if len(cu_seqlens) == 2 else max(
-            (b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])), default=0)
-        m[3] = int(_attention.USE_VARLEN) | (0 if _attention.USE_SHORT_KERNEL else FLAG_NO_SHORT)
-        m[META_HEAD:META_HEAD + len(cu_seqlens)] = cu_seqlens
 
     def eager(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
               padded_to: Optional[int] = None,
