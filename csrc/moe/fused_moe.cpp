@@ -25,6 +25,10 @@ bool is_float_dtype(c10::ScalarType t) {
 }
 }  // namespace
 
+void check_aligned16(const char* arg, const at::Tensor& t, const char* path) {
+  PCG_CHECK_ARG(kOp, arg, aligned16(t), "must be 16-byte aligned for ", path);
+}
+
 moe::Activation parse_activation(c10::string_view activation) {
   if (activation == "silu") return moe::Activation::kSilu;
   if (activation == "gelu") return moe::Activation::kGelu;

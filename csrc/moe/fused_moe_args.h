@@ -37,6 +37,14 @@ std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef con
 
 moe::DType to_moe_dtype(c10::ScalarType t);
 
+// An absent or 16-byte aligned tensor (the special paths' vector loads / TMA).
+inline bool aligned16(const at::Tensor& t) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+// Errors (naming `arg`) unless `t` is aligned16; `path` ends the message, e.g.
+// "the stream path (config [-2, -1, -1])".
+void check_aligned16(const char* arg, const at::Tensor& t, const char* path);
+
 // fused_moe's tensors made contiguous (no copy when they already are) and kept
 // alive while a launcher uses them; undefined tensors for absent optionals.
 struct FusedMoeInputs {

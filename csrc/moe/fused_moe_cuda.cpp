@@ -33,11 +33,6 @@ moe::MoeConfig fit_to_device(moe::MoeConfig c, moe::DType dtype) {
   return c;
 }
 
-// An absent or 16-byte aligned tensor (the special paths' vector loads / TMA).
-bool aligned16(const at::Tensor& t) {
-  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
-
 // What the special paths need beyond the common checks (moe/fused_moe.h).
 moe::PathSupport path_support(const FusedMoeShape& s, moe::DType dtype, const FusedMoeInputs& in) {
   moe::PathSupport ok;

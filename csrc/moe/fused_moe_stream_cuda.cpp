@@ -15,11 +15,7 @@ namespace pcg {
 namespace {
 
 constexpr const char* kOp = "fused_moe";
-
-void check_aligned(const char* arg, const at::Tensor& t) {
-  PCG_CHECK_ARG(kOp, arg, reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-                "must be 16-byte aligned for the stream path (config [-2, -1, -1])");
-}
+constexpr const char* kPath = "the stream path (config [-2, -1, -1])";
 
 }  // namespace
 
@@ -47,9 +43,9 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
   if (s.T == 0 || s.H == 0) return out;
 
   // 16-byte loads of rows; the biases are read element by element.
-  check_aligned("hidden", in.hidden);
-  if (in.w13.numel() > 0) check_aligned("w13", in.w13);
-  if (in.w2.numel() > 0) check_aligned("w2", in.w2);
+  check_aligned16("hidden", in.hidden, kPath);
+  if (in.w13.numel() > 0) check_aligned16("w13", in.w13, kPath);
+  if (in.w2.numel() > 0) check_aligned16("w2", in.w2, kPath);
 
   at::Tensor inter =
       at::empty({moe::stream_inter_elems(s.T, s.k, s.I)}, in.hidden.options());

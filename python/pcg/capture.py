@@ -131,7 +131,6 @@ class CaptureEngine:
         # GRAPH_MAX_SEQLEN. A replay writes it with one pcg::stage_batch launch.
         self.batch_dev = graph_batch([0], GRAPH_MAX_SEQLEN, device)
         self.num_valid = self.batch_dev[:1]
-        self.graph_batch = self.batch_dev if device.type == "cuda" else None
         # The batch metadata the recorded attention calls read (rewritten per replay).
         self.host_meta = torch.zeros(META_HEAD + max_n + 1, dtype=torch.int64)
         self._host_meta_np = self.host_meta.numpy()
@@ -197,12 +196,11 @@ class CaptureEngine:
         batch = BatchMeta(n, [0, n], self.static_pos[:n], n, meta=self.host_meta)
         batch.host_meta(_attention.USE_VARLEN, _attention.USE_SHORT_KERNEL)
         ctx = RunContext(self.registry, batch, self.num_valid, recorder)
-        if (self.graph_attention and _attention.USE_GRAPH_ATTENTION and self.graph_batch is not None
-                and n <= GRAPH_MAX_SEQLEN):
+        if self.graph_attention and _attention.USE_GRAPH_ATTENTION and n <= GRAPH_MAX_SEQLEN:
             # Every batch of this bucket has sequences <= n tokens: attention
             # can read its batch on the device, inside the graph (each replay
             # stages the whole block first; capture writes only num_valid).
-            ctx.graph_batch = self.graph_batch
+            ctx.graph_batch = self.batch_dev
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with running(ctx), torch.cuda.stream(self.stream):
             chain.capture_begin(*self.pool)
