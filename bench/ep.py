@@ -148,8 +148,6 @@ def bench_comm(args, rank: int, world: int, device: torch.device) -> list[dict]:
                 for name, fn in (("dispatch", dispatch), ("combine", combine), ("a2a", a2a),
                                  ("pcg", full)):
                     res[name + "_ms"] = timed(graphed(fn, device), device, grp)
-                if device.type == "cuda" and args.peer:
-                    res["peer_ms"] = bench_peer(grp, w, rank, T, hidden, wts, ids, er, el, nv, k)
                 # correctness of the exchange: combine(identity experts) = hidden * #dest ranks
                 full()
                 if device.type == "cuda":
@@ -158,11 +156,29 @@ def bench_comm(args, rank: int, world: int, device: torch.device) -> list[dict]:
                 res["max_rel_err"] = rel_err(out, hidden.float() * dests)
                 elem = hidden.element_size()
                 sent = int(counts.sum().item() - counts[rank].item())  # rows that left this rank
-                res["useful_GBps"] = 2 * sent * Hh * elem / (res["pcg_ms"] * 1e-3) / 1e9
+                sent_t = torch.tensor([sent], dtype=torch.float64, device=device)
+                dist.all_reduce(sent_t, op=dist.ReduceOp.MIN, group=grp)  # bytes of the slowest rank
+                sent_bytes = float(sent_t.item()) * Hh * elem
+                res["sent_MB"] = sent_bytes / 1e6
+                res["useful_GBps"] = 2 * sent_bytes / (res["pcg_ms"] * 1e-3) / 1e9
                 res["buffer_GBps"] = (w - 1) * T * Hh * elem / (res["a2a_ms"] * 1e-3) / 1e9
+                if device.type == "cuda" and args.peer:
+                    res.update(bench_peer(grp, w, rank, T, hidden, wts, ids, er, el, nv, k, counts))
+                    # One direction's remote bytes over each timed piece (GB/s per GPU).
+                    for key in ("peer", "peer_dispatch", "peer_combine", "floor_copy", "floor_kernel"):
+                        if isinstance(res.get(key + "_ms"), float):
+                            res[key + "_GBps"] = sent_bytes / (res[key + "_ms"] * 1e-3) / 1e9
+                    if isinstance(res.get("peer_ms"), float):
+                        res["peer_GBps"] *= 2  # both directions, as useful_GBps
                 rows.append(res)
-                peer = (f"  peer {res['peer_ms']:.3f} ms" if isinstance(res.get("peer_ms"), float)
-                        else "")
+                peer = ""
+                if isinstance(res.get("peer_ms"), float):
+                    peer = (f"  peer {res['peer_ms']:.3f} ms (dispatch {res['peer_dispatch_ms']:.3f} "
+                            f"{res['peer_dispatch_GBps']:.0f} GB/s, combine {res['peer_combine_ms']:.3f} "
+                            f"{res['peer_combine_GBps']:.0f} GB/s, barrier {res['barrier_ms']:.3f}, floor "
+                            f"copy_ {res['floor_copy_GBps']:.0f} / kernel {res['floor_kernel_GBps']:.0f} GB/s)")
+                elif "peer_ms" in res:
+                    peer = f"  peer {res['peer_ms']}"
                 log(rank, f"  ep={w:2d} T={T:6d}  dispatch {res['dispatch_ms']:.3f} ms  combine "
                           f"{res['combine_ms']:.3f} ms  a2a {res['a2a_ms']:.3f} ms  pcg "
                           f"{res['pcg_ms']:.3f} ms{peer}  useful {res['useful_GBps']:.1f} GB/s  "
@@ -174,10 +190,18 @@ def bench_comm(args, rank: int, world: int, device: torch.device) -> list[dict]:
 _PEER_CFG: dict = {}
 
 
-def bench_peer(grp, w: int, rank: int, T: int, hidden, wts, ids, er, el, nv, k: int):
-    """The alltoall_peer exchange (experimental): dispatch_peer + barrier +
-    return_peer (identity experts) + barrier + combine, captured. Returns ms,
-    or the reason it could not run."""
+def bench_peer(grp, w: int, rank: int, T: int, hidden, wts, ids, er, el, nv, k: int,
+               counts) -> dict:
+    """The alltoall_peer exchange: the whole of it (dispatch_peer + barrier +
+    return_peer (identity experts) + barrier + combine), its two halves, and
+    the floor of its NVLink traffic, each captured. Returns ms per key
+    (peer_ms, peer_dispatch_ms, peer_combine_ms, barrier_ms, floor_copy_ms,
+    floor_kernel_ms), or {"peer_ms": reason} when it could not run.
+
+    The floors move the same bytes as the exchange's remote rows, one direction
+    (this rank's rows to every other rank, contiguous), then a barrier:
+    copy_ = torch's copy into the peer's mapped buffer (cudaMemcpyAsync), kernel
+    = an elementwise kernel writing it (SM stores, like pcg's kernels)."""
     from pcg.distributed import EPConfig
     from pcg.ops.ep import ep_dispatch_peer, ep_return_peer
     try:
@@ -185,21 +209,59 @@ def bench_peer(grp, w: int, rank: int, T: int, hidden, wts, ids, er, el, nv, k: 
         if cfg is None:
             cfg = _PEER_CFG[w] = EPConfig(group=grp, mode="alltoall_peer")
         Hh = hidden.shape[1]
-        ws = cfg.peer_workspace(T, Hh * hidden.element_size(), k, hidden.device)
+        row_bytes = Hh * hidden.element_size()
+        ws = cfg.peer_workspace(T, row_bytes, k, hidden.device)
         recv_h = ws.region(ws.hidden_offset, (w * T, Hh), hidden.dtype)
         recv_m = ws.region(ws.meta_offset, (w, T, 2 * k), torch.int32)
         back = ws.region(ws.back_offset, (w, T, Hh), hidden.dtype)
+        state = {}
 
-        def fn():
-            slot_map, _ = ep_dispatch_peer(hidden, wts, ids, er, el, ws.peer_ptrs, rank, T,
-                                           ws.hidden_offset, ws.meta_offset, nv)
+        def dispatch_half():
+            state["slot_map"], _ = ep_dispatch_peer(hidden, wts, ids, er, el, ws.peer_ptrs, rank, T,
+                                                    ws.hidden_offset, ws.meta_offset, nv)
             ws.barrier()
+
+        def combine_half():
             ep_return_peer(recv_h, recv_m, ws.peer_ptrs, rank, ws.back_offset)
             ws.barrier()
-            return ep_combine(back, slot_map)
-        return timed(graphed(fn, hidden.device), hidden.device, grp)
+            return ep_combine(back, state["slot_map"])
+
+        def whole():
+            dispatch_half()
+            return combine_half()
+
+        dev = hidden.device
+        res = {"peer_ms": timed(graphed(whole, dev), dev, grp)}
+        dispatch_half()  # slot_map for the combine half alone
+        res["peer_dispatch_ms"] = timed(graphed(dispatch_half, dev), dev, grp)
+        res["peer_combine_ms"] = timed(graphed(combine_half, dev), dev, grp)
+        res["barrier_ms"] = timed(graphed(ws.barrier, dev), dev, grp)
+        # Floors: this rank's remote rows, contiguous, into each peer's return region.
+        handle = ws.handle
+        srcs, dsts = [], []
+        for r in range(w):
+            n = int(counts[r].item()) if r != rank else 0
+            if n == 0:
+                continue
+            srcs.append(recv_h[:n])
+            dsts.append(handle.get_buffer(r, (n, Hh), hidden.dtype,
+                                          (ws.back_offset + rank * T * row_bytes) // hidden.element_size()))
+
+        def floor_copy():
+            for s_, d_ in zip(srcs, dsts):
+                d_.copy_(s_)
+            ws.barrier()
+
+        def floor_kernel():
+            for s_, d_ in zip(srcs, dsts):
+                torch.mul(s_, 1, out=d_)
+            ws.barrier()
+
+        res["floor_copy_ms"] = timed(graphed(floor_copy, dev), dev, grp)
+        res["floor_kernel_ms"] = timed(graphed(floor_kernel, dev), dev, grp)
+        return res
     except Exception as exc:  # noqa: BLE001 - reported in the table
-        return f"unavailable: {type(exc).__name__}: {exc}"
+        return {"peer_ms": f"unavailable: {type(exc).__name__}: {exc}"}
 
 
 def bench_e2e(args, rank: int, world: int, device: torch.device) -> list[dict]:

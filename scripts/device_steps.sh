@@ -24,6 +24,9 @@
 #   attn            bench/attention.py ($ATTN_ARGS): one attention split, short kernel vs flash
 #   e2e_startup     bench/e2e.py --startup-only (a fresh process; run after e2e)
 #   accuracy        bench/accuracy.py ($ACC_ARGS)
+#   bg:STEP         STEP in the background on the last GPU (one-GPU steps, on a
+#                   machine with several), while the next steps use the first
+#   wait            wait for the background steps
 set -uo pipefail
 OUT=${OUT:-/tmp/pcg_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -49,12 +52,13 @@ step() {  # step NAME LIMIT TAIL CMD...
 }
 build || exit 1
 ncomm=0
-for st in "$@"; do
+run_step() {
+  local st=$1
   case $st in
     ep_bench) [ "$ngpu" -ge 2 ] && step ep_bench 300 40 torchrun --nproc-per-node "$ngpu" bench/ep.py --out "$OUT" ${EP_ARGS:-} ;;
     ep_comm|ep_comm@*) envs=""; tag=ep_comm; extra=""
                if [ "$st" != ep_comm ]; then
-                 envs=${st#ep_comm@}; envs=${envs//,/ }; ncomm=$(( ncomm + 1 )); tag=ep_comm_$ncomm; extra=--no-peer
+                 envs=${st#ep_comm@}; envs=${envs//,/ }; ncomm=$(( ncomm + 1 )); tag=ep_comm_$ncomm
                fi
                [ "$ngpu" -ge 2 ] && step "$tag" 300 40 env $envs torchrun --nproc-per-node "$ngpu" \
                bench/ep.py --part comm $extra --out "$OUT/$tag" ${EP_COMM_ARGS:-} ;;
@@ -78,6 +82,14 @@ for st in "$@"; do
     accuracy) step accuracy 200 40 $py bench/accuracy.py --out "$OUT" ${ACC_ARGS:-} ;;
     *) echo "unknown step $st" ;;
   esac
+}
+for st in "$@"; do
+  case $st in
+    bg:*) ( export CUDA_VISIBLE_DEVICES=$(( ngpu - 1 )); run_step "${st#bg:}" ) & ;;
+    wait) wait ;;
+    *) run_step "$st" ;;
+  esac
 done
+wait
 grep -hE "^(FAILED|ERROR)" "$L"/pytest_*.log 2>/dev/null | head -30
 tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$L"

@@ -21,6 +21,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "common/float_convert.cuh"
 #include "moe/ep_kernels.h"
@@ -33,6 +35,24 @@ constexpr int kTile = static_cast<int>(kDispatchTile);  // tokens (= threads) pe
 constexpr int kTileWarps = kTile / 32;
 constexpr int kCopyThreads = 128;
 constexpr int kCombineThreads = 256;
+constexpr int kRowWarps = 8;  // warp-per-row copy kernels: warps per block
+constexpr int kRowThreads = kRowWarps * 32;
+constexpr int kRowUnroll = 4;      // vectors in flight per lane
+constexpr int64_t kRowMaxBlocks = 2048;  // a few waves on any GPU; warps stride over the rest
+
+// Temporary A/B switch (PCG_EP_ROW_KERNEL=block: the block-per-row kernels).
+bool block_per_row() {
+  static const bool v = [] {
+    const char* e = std::getenv("PCG_EP_ROW_KERNEL");
+    return e != nullptr && std::string(e) == "block";
+  }();
+  return v;
+}
+
+unsigned row_blocks(int64_t rows) {
+  const int64_t b = (rows + kRowWarps - 1) / kRowWarps;
+  return static_cast<unsigned>(b < kRowMaxBlocks ? b : kRowMaxBlocks);
+}
 
 __device__ __forceinline__ int64_t valid_rows(const int32_t* num_valid, int64_t T) {
   if (num_valid == nullptr) return T;
@@ -144,6 +164,38 @@ __global__ void __launch_bounds__(kCopyThreads) ep_copy_kernel(const DispatchPar
   }
 }
 
+// Warp-per-row copies: a warp loads kRowUnroll vectors per lane of its row
+// (one row read, several loads in flight) and stores them to every
+// destination; warps stride over the rows, so the grid stays a few waves.
+// The block-per-row kernels above spent most of their time starting blocks
+// and waiting on one load per thread.
+template <typename V>
+__global__ void __launch_bounds__(kRowThreads) ep_copy_rows_kernel(const DispatchParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t W = p.W;
+  const int64_t nvec = p.row_bytes / static_cast<int64_t>(sizeof(V));
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); t < p.T;
+       t += warps) {
+    const V* src = reinterpret_cast<const V*>(static_cast<const char*>(p.hidden) + t * p.row_bytes);
+    const int32_t* slots = p.slot_map + t * W;
+    for (int64_t v0 = lane; v0 < nvec; v0 += 32 * kRowUnroll) {
+      V r[kRowUnroll];
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u)
+        if (v0 + 32 * u < nvec) r[u] = src[v0 + 32 * u];
+      for (int64_t d = 0; d < W; ++d) {
+        const int32_t s = slots[d];  // one address for the warp: a broadcast load
+        if (s < 0) continue;
+        V* dst = reinterpret_cast<V*>(dispatch_row(p, d, s));
+#pragma unroll
+        for (int u = 0; u < kRowUnroll; ++u)
+          if (v0 + 32 * u < nvec) dst[v0 + 32 * u] = r[u];
+      }
+    }
+  }
+}
+
 // One block per received slot (src, s): a slot the source really used (one
 // local id >= 0) goes back to rank src's workspace.
 template <typename V>
@@ -160,6 +212,35 @@ __global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const ReturnPar
   V* to = reinterpret_cast<V*>(reinterpret_cast<char*>(p.peer_base[src]) + p.back_offset +
                                (p.rank * p.C + s) * p.row_bytes);
   for (int64_t v = threadIdx.x; v < nvec; v += kCopyThreads) to[v] = from[v];
+}
+
+// The same, a warp per received slot (see ep_copy_rows_kernel).
+template <typename V>
+__global__ void __launch_bounds__(kRowThreads) ep_return_rows_kernel(const ReturnParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t k = p.k, slots = p.W * p.C;
+  const int64_t nvec = p.row_bytes / static_cast<int64_t>(sizeof(V));
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); i < slots;
+       i += warps) {
+    const int32_t* meta = p.meta + i * 2 * k;
+    bool used = false;
+    for (int64_t j = lane; j < k; j += 32) used |= meta[j] >= 0;
+    if (!__any_sync(kFull, used)) continue;
+    const int64_t src = i / p.C, s = i % p.C;
+    const V* from = reinterpret_cast<const V*>(static_cast<const char*>(p.y) + i * p.row_bytes);
+    V* to = reinterpret_cast<V*>(reinterpret_cast<char*>(p.peer_base[src]) + p.back_offset +
+                                 (p.rank * p.C + s) * p.row_bytes);
+    for (int64_t v0 = lane; v0 < nvec; v0 += 32 * kRowUnroll) {
+      V r[kRowUnroll];
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u)
+        if (v0 + 32 * u < nvec) r[u] = from[v0 + 32 * u];
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u)
+        if (v0 + 32 * u < nvec) to[v0 + 32 * u] = r[u];
+    }
+  }
 }
 
 template <typename T>
@@ -255,7 +336,10 @@ void dispatch_cuda(const DispatchParams& p, CUstream_st* stream) {
            (p.peer_base ? p.hidden_offset % v == 0 : aligned(p.send_hidden, v));
   };
   with_copy_width(fits, [&](auto word) {
-    ep_copy_kernel<decltype(word)><<<grid, kCopyThreads, 0, stream>>>(p);
+    if (block_per_row())
+      ep_copy_kernel<decltype(word)><<<grid, kCopyThreads, 0, stream>>>(p);
+    else
+      ep_copy_rows_kernel<decltype(word)><<<row_blocks(p.T), kRowThreads, 0, stream>>>(p);
   });
 }
 
@@ -266,7 +350,10 @@ void return_cuda(const ReturnParams& p, CUstream_st* stream) {
     return p.row_bytes % v == 0 && aligned(p.y, v) && p.back_offset % v == 0;
   };
   with_copy_width(fits, [&](auto word) {
-    ep_return_kernel<decltype(word)><<<grid, kCopyThreads, 0, stream>>>(p);
+    if (block_per_row())
+      ep_return_kernel<decltype(word)><<<grid, kCopyThreads, 0, stream>>>(p);
+    else
+      ep_return_rows_kernel<decltype(word)><<<row_blocks(p.W * p.C), kRowThreads, 0, stream>>>(p);
   });
 }
 
