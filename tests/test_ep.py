@@ -429,13 +429,21 @@ def run_ranks(world: int, scenario: str, *args: str, timeout: float = 150,
             for p in procs:
                 if p.poll() is None:
                     p.kill()
-        results = []
-        for r in (range(world) if ranks_reporting is None else ranks_reporting):
+        found = {}
+        for r in range(world):
             path = os.path.join(d, f"out{r}.json")
-            assert os.path.exists(path), f"rank {r} wrote no result:\n{logs[r][-3000:]}"
-            with open(path) as f:
-                results.append(json.load(f))
-        return results
+            if os.path.exists(path):
+                with open(path) as f:
+                    found[r] = json.load(f)
+        wanted = range(world) if ranks_reporting is None else ranks_reporting
+        missing = [r for r in wanted if r not in found]
+        if missing:  # a rank that failed first often leaves the others hanging: show every rank
+            why = "\n".join(f"--- rank {r}: " + (
+                found[r].get("traceback") or "finished" if r in found
+                else "no result; output tail:\n" + logs[r][-2000:] if r < len(logs) else "no output")
+                for r in range(world))
+            raise AssertionError(f"ranks {missing} wrote no result\n{why}")
+        return [found[r] for r in wanted]
 
 
 def _assert_all_close(results: list[dict], rtol: float = 1e-5) -> None:
