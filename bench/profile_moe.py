@@ -29,13 +29,15 @@ def short(name: str) -> str:
         if key in name:
             gated = "true" in name.split(key, 1)[1][:200] if "gemm" in key else None
             return key + ("[gemm1]" if gated else "[gemm2]" if gated is False else "")
-    # the CUTLASS path (both GEMMs are one kernel type) and the stream path
+    # the CUTLASS path and the stream path
     for key in ("grouped_setup", "unpermute_reduce", "permute_kernel", "gated_act", "stream_up",
                 "stream_down"):
         if key in name:
             return key
     if "cutlass" in name or "GemmUniversal" in name:
-        return "cutlass_gemm(x2)"
+        # GEMM1 is cooperative; GEMM2 is pingpong unless built with
+        # PCG_MOE_GEMM2=cooperative (then both are this one kernel type).
+        return "cutlass_gemm[pingpong]" if "Pingpong" in name else "cutlass_gemm[cooperative]"
     return name[:40]
 
 

@@ -121,6 +121,31 @@ def test_cutlass_num_valid_and_expert_map(T, nv, dtype):
 
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("H", [2056, 4104])  # rows of 257 and 513 16-byte vectors
+@pytest.mark.parametrize("T,nv", [(5, 5), (3000, 3000), (3000, 2111)])
+def test_cutlass_same_experts_remote_and_long_rows(T, nv, H):
+    """The token-major permute (a row read once, stored to each of its slots):
+    every token routed to the same two local experts (two runs of nv rows) and
+    two remote ones, every third token only to remote experts (no slot at all),
+    num_valid <= T, and rows longer than one permute chunk (4 KiB) with a tail."""
+    E, k, I, e_global = 8, 4, 128, 12
+    args, _ = _gpu_case(T, E, k, H, I, torch.bfloat16, seed=H + nv)
+    emap = torch.full((e_global,), -1, dtype=torch.int32, device="cuda")
+    emap[:E] = torch.arange(E, dtype=torch.int32, device="cuda")
+    ids = torch.tensor([E - 2, E, E - 1, E + 1], dtype=torch.int32, device="cuda").repeat(T, 1)
+    ids[::3] = torch.tensor([E, E + 1, E + 2, E + 3], dtype=torch.int32, device="cuda")
+    args[4] = ids.contiguous()
+    kw = {"expert_map": emap, "num_valid": torch.tensor([nv], dtype=torch.int32, device="cuda")}
+    out = pcg.fused_moe(*args, **kw, config=CUTLASS)
+    torch.cuda.synchronize()
+    assert (out[nv:] == 0).all()
+    assert (out[0:nv:3] == 0).all()  # only remote experts
+    ref = reference(*args, **kw, compute_device="cuda")
+    assert rel_err(out, ref) < GPU_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@sm90
 @pytest.mark.parametrize("extra", [
     {"bias": True},
     {"e_global": 16, "bias": True, "activation": "gelu"},

@@ -129,7 +129,7 @@ void moe_align_cuda(const at::Tensor& topk_ids, const std::optional<at::Tensor>&
       num_valid ? num_valid->data_ptr<int32_t>() : nullptr, static_cast<int>(num_local_experts),
       static_cast<int>(block_m), sorted_pairs.data_ptr<int32_t>(),
       block_expert.data_ptr<int32_t>(), block_expert.size(0), num_blocks.data_ptr<int32_t>(),
-      scratch.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()));
+      /*pair_slot=*/nullptr, scratch.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

@@ -64,13 +64,14 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
   const int k = static_cast<int>(p.k);
   if (p.max_blocks > 0) {
     const int64_t slots = p.max_blocks * kCutlassBlockM;
+    // The align also writes pair_slot (-1 for pairs without a slot): the
+    // permute walks tokens, the reduce reads it for the valid pairs.
     cudaError_t err = launch_moe_align(p.topk_ids, p.T, k, p.expert_map, p.num_global,
                                        p.num_valid, static_cast<int>(p.E), kCutlassBlockM,
                                        p.sorted_pairs, p.block_expert, p.max_blocks,
-                                       p.num_blocks, p.align_scratch, stream);
+                                       p.num_blocks, b.pair_slot, p.align_scratch, stream);
     if (err != cudaSuccess) return err;
-    err = launch_moe_permute(p.dtype, p.hidden, p.H, k, p.sorted_pairs, slots, b.a_sorted,
-                             b.pair_slot, stream);
+    err = launch_moe_permute(p.dtype, p.hidden, p.H, k, b.pair_slot, p.T, b.a_sorted, stream);
     if (err != cudaSuccess) return err;
 
     MoeGroupedGemmArgs g;

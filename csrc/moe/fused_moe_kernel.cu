@@ -175,7 +175,8 @@ cudaError_t run_gemms(const FusedMoeParams& p, cudaStream_t stream) {
   cudaError_t err = launch_moe_align(p.topk_ids, p.T, static_cast<int>(p.k), p.expert_map,
                                      p.num_global, p.num_valid, static_cast<int>(p.E),
                                      p.config.block_m, p.sorted_pairs, p.block_expert,
-                                     p.max_blocks, p.num_blocks, p.align_scratch, stream);
+                                     p.max_blocks, p.num_blocks, /*pair_slot=*/nullptr,
+                                     p.align_scratch, stream);
   if (err != cudaSuccess) return err;
 
   GemmArgs g1{};

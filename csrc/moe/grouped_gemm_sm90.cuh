@@ -1,8 +1,9 @@
 // CUTLASS 3.x sm_90a grouped GEMM of fused_moe's CUTLASS path (interface:
 // grouped_gemm_sm90.h), instantiated per dtype in grouped_gemm_sm90_{bf16,f16}.cu.
 // A row-major [M,K], B "column-major" [N,K] (the weights as stored), D
-// row-major [M,N]; ptr-array grouped kernel (one group per local expert),
-// TMA warp-specialized cooperative schedule, no C operand (D = A.B^T).
+// row-major [M,N]; ptr-array grouped kernels (one group per local expert),
+// TMA warp-specialized (GEMM1 cooperative, GEMM2 per PCG_MOE_GEMM2_KERNEL),
+// no C operand (D = A.B^T).
 // Problem shapes live only on the device (host shapes: nullptr), so the host
 // never needs the routing.
 #pragma once
@@ -10,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -25,21 +27,19 @@ namespace pcg::moe::sm90 {
 
 using namespace cute;
 
-// One kernel type per dtype serves both GEMMs (same layouts, only N/K differ).
-// Tile 128x256x64, cooperative (two consumer warpgroups), no cluster: a
-// starting point, not tuned (see docs/fused_moe_paths.md).
-template <typename Element>
-struct GroupedGemm {
+// One CUTLASS kernel type: ptr-array grouped, tile TileShape, no cluster,
+// KernelSchedule / EpilogueSchedule a matching cooperative or pingpong pair.
+template <typename Element, typename TileShape_, typename KernelSchedule,
+          typename EpilogueSchedule>
+struct GroupedGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
   using Acc = float;
-  using TileShape = Shape<_128, _256, _64>;
+  using TileShape = TileShape_;
   using ClusterShape = Shape<_1, _1, _1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -57,11 +57,55 @@ struct GroupedGemm {
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
 
+template <typename Element, typename TileShape>
+using CooperativeKernel =
+    GroupedGemmKernel<Element, TileShape,
+                      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
+                      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+template <typename Element, typename TileShape>
+using PingpongKernel =
+    GroupedGemmKernel<Element, TileShape, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                      cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+
+// GEMM2's kernel, chosen at build time (CMake PCG_MOE_GEMM2, see
+// docs/fused_moe_paths.md): GEMM2's K = I is short (768 on Qwen3: 12 k-steps),
+// so the cooperative kernel's epilogue, which no mainloop overlaps, is a large
+// share of each tile; pingpong runs one warpgroup's epilogue under the other's
+// mainloop. 0: cooperative 128x256x64 (GEMM1's kernel), 1: pingpong 64x256x64,
+// 2: pingpong 128x128x64.
+#ifndef PCG_MOE_GEMM2_KERNEL
+#define PCG_MOE_GEMM2_KERNEL 1
+#endif
+
+// Both GEMMs of one dtype. GEMM1 (K = H): cooperative 128x256x64 (two consumer
+// warpgroups on one tile), not tuned (see docs/fused_moe_paths.md). The two
+// kernels share the argument arrays (same shape / stride types, asserted) and
+// CUTLASS's workspace (sized for the larger; they run one after the other).
+template <typename Element>
+struct GroupedGemm {
+  using Gemm1 = CooperativeKernel<Element, Shape<_128, _256, _64>>;
+#if PCG_MOE_GEMM2_KERNEL == 0
+  using Gemm2 = Gemm1;
+#elif PCG_MOE_GEMM2_KERNEL == 1
+  using Gemm2 = PingpongKernel<Element, Shape<_64, _256, _64>>;
+#elif PCG_MOE_GEMM2_KERNEL == 2
+  using Gemm2 = PingpongKernel<Element, Shape<_128, _128, _64>>;
+#else
+#error "PCG_MOE_GEMM2_KERNEL must be 0, 1 or 2"
+#endif
+
+  using ProblemShape = typename Gemm1::ProblemShape;
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
-  using StrideA = typename Kernel::InternalStrideA;
-  using StrideB = typename Kernel::InternalStrideB;
-  using StrideD = typename Kernel::InternalStrideD;
+  using StrideA = typename Gemm1::Kernel::InternalStrideA;
+  using StrideB = typename Gemm1::Kernel::InternalStrideB;
+  using StrideD = typename Gemm1::Kernel::InternalStrideD;
+  static_assert(std::is_same_v<ProblemShape, typename Gemm2::ProblemShape> &&
+                    std::is_same_v<StrideA, typename Gemm2::Kernel::InternalStrideA> &&
+                    std::is_same_v<StrideB, typename Gemm2::Kernel::InternalStrideB> &&
+                    std::is_same_v<StrideD, typename Gemm2::Kernel::InternalStrideD>,
+                "the setup kernel writes one set of shapes / strides for both GEMMs' kernels");
   static_assert(sizeof(Shape3) <= kGroupedArgSlotBytes && sizeof(StrideA) <= kGroupedArgSlotBytes &&
                     sizeof(StrideB) <= kGroupedArgSlotBytes &&
                     sizeof(StrideD) <= kGroupedArgSlotBytes,
@@ -93,12 +137,14 @@ struct GroupedGemm {
     return r;
   }
 
-  static typename Gemm::Arguments arguments(const MoeGroupedGemmArgs& a, int which) {
+  // Arguments of kernel K (Gemm1 or Gemm2) for GEMM `which`.
+  template <typename K>
+  static typename K::Gemm::Arguments arguments(const MoeGroupedGemmArgs& a, int which) {
     const Arrays r = arrays(a.args, a.E, which);
     cutlass::KernelHardwareInfo hw;
     hw.device_id = a.device;
     hw.sm_count = a.sm_count;
-    typename Gemm::Arguments args;
+    typename K::Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
     args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
     args.mainloop = {r.a, r.sa, r.b, r.sb};
@@ -172,7 +218,11 @@ size_t workspace_bytes(int64_t E, int sm_count) {
   // Only the group count and the SM count matter here; no pointer is read.
   alignas(256) static char dummy[256];
   a.args = dummy;
-  return G::Gemm::get_workspace_size(G::arguments(a, 1));
+  using K1 = typename G::Gemm1;
+  using K2 = typename G::Gemm2;
+  const size_t w1 = K1::Gemm::get_workspace_size(G::template arguments<K1>(a, 1));
+  const size_t w2 = K2::Gemm::get_workspace_size(G::template arguments<K2>(a, 2));
+  return w1 > w2 ? w1 : w2;
 }
 
 template <typename Element>
@@ -186,12 +236,11 @@ cudaError_t setup(const MoeGroupedGemmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename Element>
-cudaError_t run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
+template <typename Element, typename K>
+cudaError_t run_kernel(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
   using G = GroupedGemm<Element>;
-  if (a.E <= 0) return cudaSuccess;
-  typename G::Gemm gemm;
-  const typename G::Gemm::Arguments args = G::arguments(a, which);
+  typename K::Gemm gemm;
+  const typename K::Gemm::Arguments args = G::template arguments<K>(a, which);
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
   // initialize: host-side parameter building, cudaFuncSetAttribute and at
   // most workspace memsets on `stream` (capturable).
@@ -200,6 +249,15 @@ cudaError_t run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
   }
   if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
   return cudaGetLastError();
+}
+
+template <typename Element>
+cudaError_t run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
+  using G = GroupedGemm<Element>;
+  if (a.E <= 0) return cudaSuccess;
+  if (which == 1) return run_kernel<Element, typename G::Gemm1>(a, 1, stream);
+  if (which == 2) return run_kernel<Element, typename G::Gemm2>(a, 2, stream);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace pcg::moe::sm90

@@ -59,7 +59,8 @@ struct MoeGroupedGemmArgs {
 // True when this build holds the sm_90a CUTLASS kernels (PCG_WITH_CUTLASS_SM90).
 bool grouped_gemm_sm90_built();
 
-// CUTLASS workspace bytes (both GEMMs share it; they run one after the other).
+// CUTLASS workspace bytes: the larger of the two GEMM kernels' (they share it and
+// run one after the other).
 size_t grouped_gemm_sm90_workspace_bytes(DType dtype, int64_t E, int sm_count);
 
 // Writes both GEMMs' problem shapes, pointers and strides into a.args.

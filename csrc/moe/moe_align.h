@@ -112,11 +112,17 @@ inline int64_t moe_align_scratch_ints(int64_t num_pairs, int64_t num_experts) {
 // Fills all of sorted_pairs[0, max_blocks*block_m), block_expert[0, max_blocks)
 // and num_blocks[0]. `scratch` holds moe_align_scratch_ints(T*k, E) int32
 // (may be null when that is 0). Returns the launch error.
+// pair_slot (optional, [T*k] int32, CUDA only; the CUTLASS path's permute and
+// reduce use it): the inverse of sorted_pairs, written where the scatter
+// places each pair: pair_slot[p] = s for every valid pair p (sorted_pairs[s]
+// == p), -1 for every other pair (rows >= num_valid, remote or out-of-range
+// experts). Null: not written (moe_align's op, the mma.sync path).
 cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int top_k,
                              const int32_t* expert_map, int64_t num_global,
                              const int32_t* num_valid, int num_experts, int block_m,
                              int32_t* sorted_pairs, int32_t* block_expert, int64_t max_blocks,
-                             int32_t* num_blocks, int32_t* scratch, cudaStream_t stream);
+                             int32_t* num_blocks, int32_t* pair_slot, int32_t* scratch,
+                             cudaStream_t stream);
 
 }  // namespace pcg::moe
 #endif

@@ -3,7 +3,8 @@
 // of the padded counts, then a scatter with shared-memory cursors. Above, one
 // CTA per tile of kMoeAlignTile pairs: per-tile counts into scratch, then each
 // CTA derives its cursors from all tiles' counts and scatters its tile.
-// Everything (including num_valid) is read on the device: capturable.
+// The scatter also writes the inverse map pair_slot when asked (the CUTLASS
+// path). Everything (including num_valid) is read on the device: capturable.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -52,17 +53,33 @@ __device__ __forceinline__ void for_each_pair(const int32_t* __restrict__ topk_i
   }
 }
 
-// -1 into every slot (grid-stride over all CTAs of the launch).
-__device__ __forceinline__ void fill_unused(int32_t* __restrict__ sorted_pairs, int64_t slots) {
+// -1 into n int32 (grid-stride over all CTAs of the launch).
+__device__ __forceinline__ void fill_minus_one(int32_t* __restrict__ a, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if ((reinterpret_cast<uintptr_t>(sorted_pairs) & 15u) == 0) {
-    int4* v = reinterpret_cast<int4*>(sorted_pairs);
-    for (int64_t q = first; q < slots / 4; q += stride) v[q] = make_int4(-1, -1, -1, -1);
-    for (int64_t s = slots / 4 * 4 + first; s < slots; s += stride) sorted_pairs[s] = -1;
+  if ((reinterpret_cast<uintptr_t>(a) & 15u) == 0) {
+    int4* v = reinterpret_cast<int4*>(a);
+    for (int64_t q = first; q < n / 4; q += stride) v[q] = make_int4(-1, -1, -1, -1);
+    for (int64_t s = n / 4 * 4 + first; s < n; s += stride) a[s] = -1;
   } else {
-    for (int64_t s = first; s < slots; s += stride) sorted_pairs[s] = -1;
+    for (int64_t s = first; s < n; s += stride) a[s] = -1;
   }
+}
+
+// Every slot and (when asked) every pair starts at -1; the scatter overwrites
+// the used ones. pair_slot covers all T*k pairs, so pairs of rows >= num_valid
+// and pairs of remote experts read -1.
+__device__ __forceinline__ void fill_unused(int32_t* __restrict__ sorted_pairs, int64_t slots,
+                                            int32_t* __restrict__ pair_slot, int64_t pairs) {
+  fill_minus_one(sorted_pairs, slots);
+  if (pair_slot != nullptr) fill_minus_one(pair_slot, pairs);
+}
+
+// Scatter of pair p into slot s (the inverse map too, when asked).
+__device__ __forceinline__ void place(int32_t* __restrict__ sorted_pairs,
+                                      int32_t* __restrict__ pair_slot, int s, int64_t p) {
+  sorted_pairs[s] = static_cast<int32_t>(p);
+  if (pair_slot != nullptr) pair_slot[p] = s;
 }
 
 // Block-wide: from count[e] (pairs of expert e), turns count[e] into the
@@ -132,7 +149,8 @@ __global__ void __launch_bounds__(kThreads)
                      const int32_t* __restrict__ expert_map, int64_t num_global,
                      const int32_t* __restrict__ num_valid, int num_experts, int block_m,
                      int32_t* __restrict__ sorted_pairs, int32_t* __restrict__ block_expert,
-                     int64_t max_blocks, int32_t* __restrict__ num_blocks) {
+                     int64_t max_blocks, int32_t* __restrict__ num_blocks,
+                     int32_t* __restrict__ pair_slot) {
   extern __shared__ int smem[];
   int* count = smem;                  // [E], later the scatter cursor
   int* blk_end = smem + num_experts;  // [E] inclusive prefix of blocks per expert
@@ -140,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int64_t P = read_num_valid(num_valid, num_tokens) * top_k;
   for (int e = tid; e < num_experts; e += kThreads) count[e] = 0;
-  fill_unused(sorted_pairs, max_blocks * block_m);
+  fill_unused(sorted_pairs, max_blocks * block_m, pair_slot, num_tokens * top_k);
   __syncthreads();
 
   for_each_pair(topk_ids, P, expert_map, num_global, num_experts,
@@ -149,9 +167,9 @@ __global__ void __launch_bounds__(kThreads)
   const int total_blocks = scan_runs(count, blk_end, num_experts, block_m);
   write_block_experts(blk_end, num_experts, total_blocks, block_expert, max_blocks, num_blocks);
 
-  // Scatter (sorted_pairs' -1 fill above is ordered before by the barriers).
+  // Scatter (the -1 fills above are ordered before by the barriers).
   for_each_pair(topk_ids, P, expert_map, num_global, num_experts, [&](int64_t p, int e) {
-    sorted_pairs[atomicAdd(&count[e], 1)] = static_cast<int32_t>(p);
+    place(sorted_pairs, pair_slot, atomicAdd(&count[e], 1), p);
   });
 }
 
@@ -170,16 +188,17 @@ __device__ __forceinline__ void for_each_tile_pair(const int32_t* __restrict__ t
 }
 
 // Multi-CTA, step 1 (one CTA per tile): scratch[tile * E + e] = the tile's
-// pairs of expert e; every CTA also fills a share of sorted_pairs with -1.
+// pairs of expert e; every CTA also fills a share of sorted_pairs (and
+// pair_slot) with -1, ordered before step 2's scatter by the launch order.
 __global__ void __launch_bounds__(kThreads)
     moe_align_count_kernel(const int32_t* __restrict__ topk_ids, int64_t num_tokens, int top_k,
                            const int32_t* __restrict__ expert_map, int64_t num_global,
                            const int32_t* __restrict__ num_valid, int num_experts,
                            int32_t* __restrict__ sorted_pairs, int64_t slots,
-                           int32_t* __restrict__ scratch) {
+                           int32_t* __restrict__ pair_slot, int32_t* __restrict__ scratch) {
   extern __shared__ int count[];  // [E]
   for (int e = threadIdx.x; e < num_experts; e += kThreads) count[e] = 0;
-  fill_unused(sorted_pairs, slots);
+  fill_unused(sorted_pairs, slots, pair_slot, num_tokens * top_k);
   __syncthreads();
   const int64_t P = read_num_valid(num_valid, num_tokens) * top_k;
   for_each_tile_pair(topk_ids, P, expert_map, num_global, num_experts,
@@ -201,7 +220,8 @@ __global__ void __launch_bounds__(kThreads)
                              int32_t* __restrict__ sorted_pairs,
                              int32_t* __restrict__ block_expert, int64_t max_blocks,
                              int32_t* __restrict__ num_blocks,
-                             const int32_t* __restrict__ scratch) {
+                             const int32_t* __restrict__ scratch,
+                             int32_t* __restrict__ pair_slot) {
   extern __shared__ int smem[];
   int* count = smem;                  // [E] totals, then the run starts
   int* before = smem + num_experts;   // [E] pairs of e in earlier tiles; later blk_end
@@ -240,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int64_t P = read_num_valid(num_valid, num_tokens) * top_k;
   for_each_tile_pair(topk_ids, P, expert_map, num_global, num_experts, [&](int64_t p, int e) {
-    sorted_pairs[atomicAdd(&count[e], 1)] = static_cast<int32_t>(p);
+    place(sorted_pairs, pair_slot, atomicAdd(&count[e], 1), p);
   });
 }
 
@@ -258,12 +278,16 @@ cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int to
                              const int32_t* expert_map, int64_t num_global,
                              const int32_t* num_valid, int num_experts, int block_m,
                              int32_t* sorted_pairs, int32_t* block_expert, int64_t max_blocks,
-                             int32_t* num_blocks, int32_t* scratch, cudaStream_t stream) {
+                             int32_t* num_blocks, int32_t* pair_slot, int32_t* scratch,
+                             cudaStream_t stream) {
   if (num_experts <= 0) {
     // No local expert: nothing is valid. Keep the outputs' invariants anyway.
     if (max_blocks > 0) {
       cudaMemsetAsync(sorted_pairs, 0xff, sizeof(int32_t) * max_blocks * block_m, stream);
       cudaMemsetAsync(block_expert, 0xff, sizeof(int32_t) * max_blocks, stream);
+    }
+    if (pair_slot != nullptr && num_tokens * top_k > 0) {
+      cudaMemsetAsync(pair_slot, 0xff, sizeof(int32_t) * num_tokens * top_k, stream);
     }
     return cudaMemsetAsync(num_blocks, 0, sizeof(int32_t), stream);
   }
@@ -275,7 +299,7 @@ cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int to
     moe_align_kernel<<<1, kThreads, smem, stream>>>(topk_ids, num_tokens, top_k, expert_map,
                                                     num_global, num_valid, num_experts, block_m,
                                                     sorted_pairs, block_expert, max_blocks,
-                                                    num_blocks);
+                                                    num_blocks, pair_slot);
     return cudaGetLastError();
   }
   if (scratch == nullptr) return cudaErrorInvalidValue;  // moe_align_scratch_ints > 0
@@ -284,11 +308,11 @@ cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int to
   if ((err = allow_smem(moe_align_scatter_kernel, smem)) != cudaSuccess) return err;
   moe_align_count_kernel<<<grid, kThreads, smem / 2, stream>>>(
       topk_ids, num_tokens, top_k, expert_map, num_global, num_valid, num_experts, sorted_pairs,
-      max_blocks * block_m, scratch);
+      max_blocks * block_m, pair_slot, scratch);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   moe_align_scatter_kernel<<<grid, kThreads, smem, stream>>>(
       topk_ids, num_tokens, top_k, expert_map, num_global, num_valid, num_experts, block_m,
-      sorted_pairs, block_expert, max_blocks, num_blocks, scratch);
+      sorted_pairs, block_expert, max_blocks, num_blocks, scratch, pair_slot);
   return cudaGetLastError();
 }
 

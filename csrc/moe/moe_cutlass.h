@@ -1,8 +1,9 @@
 // fused_moe's CUTLASS sm_90a path (selected by the tuning table or forced with
 // config = [-1, -1, -1]; see docs/fused_moe_paths.md). Torch-free. Pipeline on one
 // stream, fixed sizes, no host synchronisation (capturable):
-//   1. moe_align with block_m = kCutlassBlockM (small padding per expert)
-//   2. permute: hidden rows -> expert-sorted rows a_sorted; pair_slot[pair]
+//   1. moe_align with block_m = kCutlassBlockM (small padding per expert),
+//      and its inverse map pair_slot[pair] (-1 for pairs without a slot)
+//   2. permute: each hidden row read once, stored to its expert-sorted slots
 //   3. setup: per-expert problem shapes / pointers / strides on the device
 //   4. GEMM1 (CUTLASS grouped): gate_up = a_sorted . w13[e]^T       (dtype)
 //   5. activation: inter = act(gate + b13, up + b13)                 (dtype)
@@ -34,7 +35,7 @@ inline int64_t cutlass_moe_max_blocks(int64_t T, int64_t k, int64_t E) {
 struct CutlassMoeBuffers {
   void* a_sorted = nullptr;        // [slots, H] dtype; GEMM2 writes d2 here too
   void* gate_up = nullptr;         // [slots, 2I] dtype
-  int32_t* pair_slot = nullptr;    // [T * k]
+  int32_t* pair_slot = nullptr;    // [T * k], written by moe_align
   void* gemm_args = nullptr;       // grouped_gemm_sm90_args_bytes(E)
   void* gemm_workspace = nullptr;  // cutlass_moe_gemm_workspace_bytes(...)
   int device = 0;

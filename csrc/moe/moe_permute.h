@@ -1,7 +1,8 @@
 // Data-movement and elementwise kernels of fused_moe's CUTLASS path (pipeline:
 // moe_cutlass.h). Torch-free. Rows are "slots" of moe_align's output
-// (sorted_pairs[slot] = pair t*k+j, or -1 for padding); all kernels take fixed
-// sizes (max slots, T) and read the routing on the device: capturable.
+// (sorted_pairs[slot] = pair t*k+j, or -1 for padding; pair_slot[pair] = slot,
+// or -1 for pairs without one); all kernels take fixed sizes (max slots, T)
+// and read the routing on the device: capturable.
 // Row lengths (H, I) must be multiples of 8 and bases 16-byte aligned.
 #pragma once
 
@@ -14,11 +15,13 @@
 
 namespace pcg::moe {
 
-// a_sorted[slot] = hidden[pair / k] and pair_slot[pair] = slot for every
-// valid slot (sorted_pairs[slot] >= 0); padding rows are left untouched.
+// a_sorted[pair_slot[t*k + j]] = hidden[t] for every t < T and every j with
+// pair_slot[t*k + j] >= 0 (moe_align's inverse map: -1 for pairs without a
+// slot). Token-major: each row is read once and written to its slots; padding
+// rows are left untouched.
 cudaError_t launch_moe_permute(DType dtype, const void* hidden, int64_t H, int top_k,
-                               const int32_t* sorted_pairs, int64_t slots, void* a_sorted,
-                               int32_t* pair_slot, cudaStream_t stream);
+                               const int32_t* pair_slot, int64_t T, void* a_sorted,
+                               cudaStream_t stream);
 
 // inter[slot, n] = act(gate_up[slot, n] + b13[e, n], gate_up[slot, I + n] + b13[e, I + n])
 // for every valid slot (e = block_expert[slot / block_m]; b13 may be null), in
