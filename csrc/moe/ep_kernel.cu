@@ -6,13 +6,13 @@
 // into tile_counts; (2) one block per (tile, rank) adds up the earlier tiles'
 // counts, ranks its tokens with a block-wide ballot scan, writes slot_map and
 // the metadata rows, and the last tile writes the rank's count and the
-// unused-slot tail; (3) one block per token copies its row into every
+// unused-slot tail; (3) one warp per token copies its row into every
 // destination slot it got (16-byte vectors when the row and both buffers
 // allow it; in peer mode the destination is the owner's mapped workspace, so
 // the copy is the NVLink transfer). Every thread makes O(k) independent
 // loads: none walks a long chain of dependent ones (one block per rank
 // walking all tokens took 260 us at 8192 tokens). return (peer mode): one
-// block per received slot writes used rows back into the source's workspace.
+// warp per received slot writes used rows back into the source's workspace.
 // combine: one block per token (16-byte vectors when rows allow) sums its <= W
 // returned rows in rank order in fp32 (same order as the CPU kernel).
 // num_valid is read on the device; nothing synchronises with the host.
@@ -21,8 +21,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "common/float_convert.cuh"
 #include "moe/ep_kernels.h"
@@ -33,21 +31,11 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kTile = static_cast<int>(kDispatchTile);  // tokens (= threads) per block
 constexpr int kTileWarps = kTile / 32;
-constexpr int kCopyThreads = 128;
 constexpr int kCombineThreads = 256;
 constexpr int kRowWarps = 8;  // warp-per-row copy kernels: warps per block
 constexpr int kRowThreads = kRowWarps * 32;
 constexpr int kRowUnroll = 4;      // vectors in flight per lane
 constexpr int64_t kRowMaxBlocks = 2048;  // a few waves on any GPU; warps stride over the rest
-
-// Temporary A/B switch (PCG_EP_ROW_KERNEL=block: the block-per-row kernels).
-bool block_per_row() {
-  static const bool v = [] {
-    const char* e = std::getenv("PCG_EP_ROW_KERNEL");
-    return e != nullptr && std::string(e) == "block";
-  }();
-  return v;
-}
 
 unsigned row_blocks(int64_t rows) {
   const int64_t b = (rows + kRowWarps - 1) / kRowWarps;
@@ -150,25 +138,11 @@ __global__ void __launch_bounds__(kTile) ep_slot_kernel(const DispatchParams p) 
     meta[i] = (i % (2 * k)) < k ? -1 : 0;
 }
 
-template <typename V>
-__global__ void __launch_bounds__(kCopyThreads) ep_copy_kernel(const DispatchParams p) {
-  const int64_t t = blockIdx.x;
-  const int64_t W = p.W;
-  const int64_t nvec = p.row_bytes / static_cast<int64_t>(sizeof(V));
-  const V* src = reinterpret_cast<const V*>(static_cast<const char*>(p.hidden) + t * p.row_bytes);
-  for (int64_t r = 0; r < W; ++r) {
-    const int32_t s = p.slot_map[t * W + r];
-    if (s < 0) continue;
-    V* dst = reinterpret_cast<V*>(dispatch_row(p, r, s));
-    for (int64_t i = threadIdx.x; i < nvec; i += kCopyThreads) dst[i] = src[i];
-  }
-}
-
 // Warp-per-row copies: a warp loads kRowUnroll vectors per lane of its row
 // (one row read, several loads in flight) and stores them to every
 // destination; warps stride over the rows, so the grid stays a few waves.
-// The block-per-row kernels above spent most of their time starting blocks
-// and waiting on one load per thread.
+// (A block per row, one load per thread, returned rows at 224 GB/s over
+// NVLink at 16384 tokens; this at 257.)
 template <typename V>
 __global__ void __launch_bounds__(kRowThreads) ep_copy_rows_kernel(const DispatchParams p) {
   const int lane = threadIdx.x & 31;
@@ -196,25 +170,8 @@ __global__ void __launch_bounds__(kRowThreads) ep_copy_rows_kernel(const Dispatc
   }
 }
 
-// One block per received slot (src, s): a slot the source really used (one
-// local id >= 0) goes back to rank src's workspace.
-template <typename V>
-__global__ void __launch_bounds__(kCopyThreads) ep_return_kernel(const ReturnParams p) {
-  const int64_t i = blockIdx.x;
-  const int64_t k = p.k;
-  const int32_t* meta = p.meta + i * 2 * k;
-  int used = 0;
-  for (int64_t j = threadIdx.x; j < k; j += kCopyThreads) used |= meta[j] >= 0;
-  if (!__syncthreads_or(used)) return;
-  const int64_t src = i / p.C, s = i % p.C;
-  const int64_t nvec = p.row_bytes / static_cast<int64_t>(sizeof(V));
-  const V* from = reinterpret_cast<const V*>(static_cast<const char*>(p.y) + i * p.row_bytes);
-  V* to = reinterpret_cast<V*>(reinterpret_cast<char*>(p.peer_base[src]) + p.back_offset +
-                               (p.rank * p.C + s) * p.row_bytes);
-  for (int64_t v = threadIdx.x; v < nvec; v += kCopyThreads) to[v] = from[v];
-}
-
-// The same, a warp per received slot (see ep_copy_rows_kernel).
+// One warp per received slot (src, s): a slot the source really used (one
+// local id >= 0) goes back to rank src's workspace (see ep_copy_rows_kernel).
 template <typename V>
 __global__ void __launch_bounds__(kRowThreads) ep_return_rows_kernel(const ReturnParams p) {
   const int lane = threadIdx.x & 31;
@@ -329,31 +286,23 @@ void dispatch_cuda(const DispatchParams& p, CUstream_st* stream) {
   ep_slot_kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.W)), kTile, 0,
                    stream>>>(p);
   if (p.T == 0 || p.row_bytes == 0) return;
-  const dim3 grid(static_cast<unsigned>(p.T));
   // Peer workspaces are 16-byte aligned by contract; their offset must fit too.
   auto fits = [&](int64_t v) {
     return p.row_bytes % v == 0 && aligned(p.hidden, v) &&
            (p.peer_base ? p.hidden_offset % v == 0 : aligned(p.send_hidden, v));
   };
   with_copy_width(fits, [&](auto word) {
-    if (block_per_row())
-      ep_copy_kernel<decltype(word)><<<grid, kCopyThreads, 0, stream>>>(p);
-    else
-      ep_copy_rows_kernel<decltype(word)><<<row_blocks(p.T), kRowThreads, 0, stream>>>(p);
+    ep_copy_rows_kernel<decltype(word)><<<row_blocks(p.T), kRowThreads, 0, stream>>>(p);
   });
 }
 
 void return_cuda(const ReturnParams& p, CUstream_st* stream) {
   if (p.W == 0 || p.C == 0 || p.row_bytes == 0) return;
-  const dim3 grid(static_cast<unsigned>(p.W * p.C));
   auto fits = [&](int64_t v) {
     return p.row_bytes % v == 0 && aligned(p.y, v) && p.back_offset % v == 0;
   };
   with_copy_width(fits, [&](auto word) {
-    if (block_per_row())
-      ep_return_kernel<decltype(word)><<<grid, kCopyThreads, 0, stream>>>(p);
-    else
-      ep_return_rows_kernel<decltype(word)><<<row_blocks(p.W * p.C), kRowThreads, 0, stream>>>(p);
+    ep_return_rows_kernel<decltype(word)><<<row_blocks(p.W * p.C), kRowThreads, 0, stream>>>(p);
   });
 }
 
