@@ -73,10 +73,11 @@ using PingpongKernel =
 // docs/fused_moe_paths.md): GEMM2's K = I is short (768 on Qwen3: 12 k-steps),
 // so the cooperative kernel's epilogue, which no mainloop overlaps, is a large
 // share of each tile; pingpong runs one warpgroup's epilogue under the other's
-// mainloop. 0: cooperative 128x256x64 (GEMM1's kernel), 1: pingpong 64x256x64,
-// 2: pingpong 128x128x64.
+// mainloop. 0: cooperative 128x256x64 (GEMM1's kernel; the default: on the
+// H200 pingpong 64x256 was 2% faster at T = 1024 but 13-24% slower at 16384 on
+// Qwen3 / DeepSeek-V2-Lite), 1: pingpong 64x256x64, 2: pingpong 128x128x64.
 #ifndef PCG_MOE_GEMM2_KERNEL
-#define PCG_MOE_GEMM2_KERNEL 1
+#define PCG_MOE_GEMM2_KERNEL 0
 #endif
 
 // Both GEMMs of one dtype. GEMM1 (K = H): cooperative 128x256x64 (two consumer
