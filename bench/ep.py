@@ -350,9 +350,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per rank")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--modes", nargs="+", default=["allreduce", "alltoall"],
-                    help="e2e EP modes (add alltoall_peer for the experimental peer-mapped path)")
+                    help="e2e EP modes (add alltoall_peer for the peer-mapped path)")
     ap.add_argument("--no-peer", dest="peer", action="store_false",
-                    help="skip the experimental peer-mapped exchange in the comm part")
+                    help="skip the peer-mapped exchange in the comm part")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     ap.add_argument("--cpu-smoke", action="store_true", help="gloo/CPU, tiny sizes and model, eager")
     args = ap.parse_args()

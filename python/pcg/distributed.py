@@ -28,8 +28,8 @@ Modes (``ep_mode=``):
   slots carry expert id -1), results come back with a second
   ``all_to_all_single`` and ``pcg::ep_combine`` sums them in token order.
 
-* ``"alltoall_peer"`` (intranode, CUDA only; experimental, untested on GPU
-  hardware so far): the same exchange without NCCL. Every rank's workspace
+* ``"alltoall_peer"`` (intranode, CUDA only; run on two H200s so far, where
+  it is the fastest mode): the same exchange without NCCL. Every rank's workspace
   (receive rows, received metadata, returned rows) lives in torch symmetric
   memory mapped into every rank of the node; ``pcg::ep_dispatch_peer`` writes
   each token straight into its owners' workspaces (the copy is the NVLink

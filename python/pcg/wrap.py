@@ -239,7 +239,7 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
             with an eager run of the same batch (slow; for debugging).
         progress: show a progress bar while capturing.
         ep: a ``torch.distributed`` process group for expert parallelism.
-        ep_mode: ``"allreduce"``, ``"alltoall"`` or the experimental intranode
+        ep_mode: ``"allreduce"``, ``"alltoall"`` or the intranode peer-mapped
             ``"alltoall_peer"`` (with ``ep``; see :mod:`pcg.distributed`).
         placement: ``"contiguous"`` or ``"round_robin"`` expert placement (with ``ep``).
         compiler: None (direct capture of the model's own code), ``"eager"`` (FX
