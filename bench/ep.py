@@ -16,9 +16,16 @@ Parts:
                      (the floor of the fixed-buffer design, one direction)
           pcg        dispatch + all_to_all_single(hidden) + (meta) + the return
                      all_to_all_single + combine: the whole exchange, no experts
+          peer       the alltoall_peer exchange (kernels writing into the
+                     peers' mapped memory, symmetric-memory barriers), whole
+                     and in halves (dispatch_peer + barrier; return_peer +
+                     barrier + combine), the barrier alone, and two floors
+                     moving the same remote bytes (copy_ / an elementwise
+                     kernel into the peer's buffer, + barrier)
         Bandwidth columns: useful GB/s (rows that really left the rank, both
-        directions, over pcg's time) and buffer GB/s (bytes all_to_all_single
-        moved over its time).
+        directions, over pcg's time), buffer GB/s (bytes all_to_all_single
+        moved over its time) and, for the peer pieces and floors, one
+        direction's remote bytes per GPU over the piece's time.
   e2e   prefill of the default model (pcg.models.qwen3_moe_model, --layers
         layers, bf16) wrapped without EP (every rank holds every expert) and
         with EP over all ranks (ep_mode allreduce and alltoall), T tokens per
