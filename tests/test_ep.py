@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -422,9 +423,15 @@ def run_ranks(world: int, scenario: str, *args: str, timeout: float = 150,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for r in range(world)]
         logs = []
+        deadline = time.monotonic() + timeout
         try:
             for p in procs:
-                logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+                try:
+                    out = p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+                except subprocess.TimeoutExpired:  # hung: kill it, keep its output for the report
+                    p.kill()
+                    out = p.communicate()[0] + f"\n[killed after {timeout:.0f} s]".encode()
+                logs.append(out.decode(errors="replace"))
         finally:
             for p in procs:
                 if p.poll() is None:
