@@ -56,12 +56,12 @@ run_step() {
   local st=$1
   case $st in
     ep_bench) [ "$ngpu" -ge 2 ] && step ep_bench 300 40 torchrun --nproc-per-node "$ngpu" bench/ep.py --out "$OUT" ${EP_ARGS:-} ;;
-    ep_comm|ep_comm@*) envs=""; tag=ep_comm; extra=""
+    ep_comm|ep_comm@*) envs=""; tag=ep_comm
                if [ "$st" != ep_comm ]; then
                  envs=${st#ep_comm@}; envs=${envs//,/ }; ncomm=$(( ncomm + 1 )); tag=ep_comm_$ncomm
                fi
                [ "$ngpu" -ge 2 ] && step "$tag" 300 40 env $envs torchrun --nproc-per-node "$ngpu" \
-               bench/ep.py --part comm $extra --out "$OUT/$tag" ${EP_COMM_ARGS:-} ;;
+               bench/ep.py --part comm --out "$OUT/$tag" ${EP_COMM_ARGS:-} ;;
     ep_e2e) [ "$ngpu" -ge 2 ] && step ep_e2e 300 40 torchrun --nproc-per-node "$ngpu" bench/ep.py --part e2e \
                --out "$OUT/ep_e2e" ${EP_E2E_ARGS:-} ;;
     test_ep) step test_ep 300 4 $py -m pytest -q tests/test_ep.py -k "cuda or opcheck or capture" ;;
