@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 import pcg
 from pcg.distributed import expert_tables, place_experts
-from pcg.ops.ep import ep_combine, ep_dispatch
+from pcg.ops.ep import ep_combine
 from pcg.timing import rel_err
 
 E, TOPK, H = 128, 8, 2048
@@ -197,6 +197,34 @@ def bench_comm(args, rank: int, world: int, device: torch.device) -> list[dict]:
 _PEER_CFG: dict = {}
 
 
+def peer_exchange(cfg, rank: int, T: int, hidden, wts, ids, er, el, nv, k: int):
+    """The alltoall_peer exchange with identity experts, in its two halves:
+    (workspace, dispatch_half, combine_half). dispatch_half = dispatch_peer +
+    barrier (returns the send counts); combine_half = return_peer + barrier +
+    combine (returns the combined rows; it reads the last dispatch's slot map).
+    Also used by scripts/diag_ep_peer.py."""
+    from pcg.ops.ep import ep_dispatch_peer, ep_return_peer
+    w, Hh = cfg.world_size, hidden.shape[1]
+    ws = cfg.peer_workspace(T, Hh * hidden.element_size(), k, hidden.device)
+    recv_h = ws.region(ws.hidden_offset, (w * T, Hh), hidden.dtype)
+    recv_m = ws.region(ws.meta_offset, (w, T, 2 * k), torch.int32)
+    back = ws.region(ws.back_offset, (w, T, Hh), hidden.dtype)
+    state = {}
+
+    def dispatch_half():
+        state["slot_map"], counts = ep_dispatch_peer(hidden, wts, ids, er, el, ws.peer_ptrs, rank, T,
+                                                     ws.hidden_offset, ws.meta_offset, nv)
+        ws.barrier()
+        return counts
+
+    def combine_half():
+        ep_return_peer(recv_h, recv_m, ws.peer_ptrs, rank, ws.back_offset)
+        ws.barrier()
+        return ep_combine(back, state["slot_map"])
+
+    return ws, dispatch_half, combine_half
+
+
 def bench_peer(grp, w: int, rank: int, T: int, hidden, wts, ids, er, el, nv, k: int,
                counts) -> dict:
     """The alltoall_peer exchange: the whole of it (dispatch_peer + barrier +
@@ -210,28 +238,14 @@ def bench_peer(grp, w: int, rank: int, T: int, hidden, wts, ids, er, el, nv, k: 
     copy_ = torch's copy into the peer's mapped buffer (cudaMemcpyAsync), kernel
     = an elementwise kernel writing it (SM stores, like pcg's kernels)."""
     from pcg.distributed import EPConfig
-    from pcg.ops.ep import ep_dispatch_peer, ep_return_peer
     try:
         cfg = _PEER_CFG.get(w)
         if cfg is None:
             cfg = _PEER_CFG[w] = EPConfig(group=grp, mode="alltoall_peer")
         Hh = hidden.shape[1]
         row_bytes = Hh * hidden.element_size()
-        ws = cfg.peer_workspace(T, row_bytes, k, hidden.device)
+        ws, dispatch_half, combine_half = peer_exchange(cfg, rank, T, hidden, wts, ids, er, el, nv, k)
         recv_h = ws.region(ws.hidden_offset, (w * T, Hh), hidden.dtype)
-        recv_m = ws.region(ws.meta_offset, (w, T, 2 * k), torch.int32)
-        back = ws.region(ws.back_offset, (w, T, Hh), hidden.dtype)
-        state = {}
-
-        def dispatch_half():
-            state["slot_map"], _ = ep_dispatch_peer(hidden, wts, ids, er, el, ws.peer_ptrs, rank, T,
-                                                    ws.hidden_offset, ws.meta_offset, nv)
-            ws.barrier()
-
-        def combine_half():
-            ep_return_peer(recv_h, recv_m, ws.peer_ptrs, rank, ws.back_offset)
-            ws.barrier()
-            return ep_combine(back, state["slot_map"])
 
         def whole():
             dispatch_half()

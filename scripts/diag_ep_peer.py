@@ -22,10 +22,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from ep import E, TOPK, routing  # noqa: E402
+from ep import E, TOPK, peer_exchange, routing  # noqa: E402
 
 from pcg.distributed import EPConfig, expert_tables, place_experts  # noqa: E402
-from pcg.ops.ep import ep_combine, ep_dispatch_peer, ep_return_peer  # noqa: E402
 
 
 def worker(rank: int, world: int, store_path: str, args) -> None:
@@ -42,18 +41,12 @@ def worker(rank: int, world: int, store_path: str, args) -> None:
             hidden, wts, ids = routing(T, 1000 * rank + T, dev)
             nv = torch.tensor([T], dtype=torch.int32, device=dev)
             H = hidden.shape[1]
-            ws = cfg.peer_workspace(T, H * hidden.element_size(), TOPK, dev)
-            recv_h = ws.region(ws.hidden_offset, (world * T, H), hidden.dtype)
-            recv_m = ws.region(ws.meta_offset, (world, T, 2 * TOPK), torch.int32)
-            back = ws.region(ws.back_offset, (world, T, H), hidden.dtype)
+            _, dispatch_half, combine_half = peer_exchange(cfg, rank, T, hidden, wts, ids, er, el, nv,
+                                                           TOPK)
 
             def exchange():
-                slot_map, counts = ep_dispatch_peer(hidden, wts, ids, er, el, ws.peer_ptrs, rank, T,
-                                                    ws.hidden_offset, ws.meta_offset, nv)
-                ws.barrier()
-                ep_return_peer(recv_h, recv_m, ws.peer_ptrs, rank, ws.back_offset)
-                ws.barrier()
-                ep_combine(back, slot_map)
+                counts = dispatch_half()
+                combine_half()
                 return counts
 
             counts = exchange()

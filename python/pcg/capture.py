@@ -17,6 +17,8 @@ during capture.
 """
 from __future__ import annotations
 
+import contextlib
+
 import gc
 import time
 from dataclasses import dataclass, field
@@ -255,11 +257,10 @@ class CaptureEngine:
         # write only what the recorded calls read, stage with one kernel.
         if g.reads_host_meta:
             write_host_meta(self._host_meta_np, n, cu_seqlens, _attention.USE_VARLEN, _attention.USE_SHORT_KERNEL)
-        if g.reads_context:
-            batch = BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket, meta=self.host_meta)
-            with running(RunContext(self.registry, batch, self.num_valid)):
-                g.chain.replay_staged(ids, positions, self.static_ids, self.static_pos, self.batch_dev, values)
-        else:
+        ctx = (running(RunContext(self.registry, BatchMeta(n, cu_seqlens, self.static_pos[:n], bucket,
+                                                           meta=self.host_meta), self.num_valid))
+               if g.reads_context else contextlib.nullcontext())
+        with ctx:
             g.chain.replay_staged(ids, positions, self.static_ids, self.static_pos, self.batch_dev, values)
         self.stats.replays[bucket] = self.stats.replays.get(bucket, 0) + 1
         flat = [_finish(_slice_tokens(t, bucket, n).clone(), leaf) if isinstance(t, torch.Tensor)
