@@ -7,8 +7,10 @@ gap to the floor is: which of align / GEMM1 / GEMM2 / reduce dominates at each
     ncu --kernel-name regex:moe_ --section SpeedOfLight --section Occupancy \
         python bench/profile_moe.py --plain --shapes qwen3 --tokens 1 16384   # hardware counters
 
-Prints one table (us per call, averaged over --iters graph replays). --plain
-only calls the op eagerly --iters times (no profiler, no graphs: for ncu).
+Prints one table (us per call, averaged over --iters graph replays); the
+CUTLASS path's GEMMs show as cutlass_gemm1[variant] / cutlass_gemm2[variant]
+(csrc/moe/grouped_gemm_variants.h). --plain only calls the op eagerly --iters
+times (no profiler, no graphs: for ncu).
 Without a CUDA device it says so and exits 0.
 """
 from __future__ import annotations
@@ -24,6 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe import SHAPES, make_inputs  # noqa: E402
 
 
+def is_cutlass_gemm(name: str) -> bool:
+    return "GemmUniversal" in name or "cutlass::device_kernel" in name
+
+
 def short(name: str) -> str:
     for key in ("moe_align", "moe_gemm_tc", "moe_gemm_simt", "moe_reduce"):
         if key in name:
@@ -34,16 +40,43 @@ def short(name: str) -> str:
                 "stream_down"):
         if key in name:
             return key
-    if "cutlass" in name or "GemmUniversal" in name:
-        # GEMM1 is cooperative; GEMM2 is pingpong unless built with
-        # PCG_MOE_GEMM2=cooperative (then both are this one kernel type).
-        return "cutlass_gemm[pingpong]" if "Pingpong" in name else "cutlass_gemm[cooperative]"
+    if is_cutlass_gemm(name):  # named by cutlass_gemm_labels (GEMM and variant)
+        return "cutlass_gemm"
     return name[:40]
+
+
+def cutlass_gemm_labels(config, variants):
+    """("cutlass_gemm1[name]", "cutlass_gemm2[name]") of a CUTLASS config
+    [-1, g1, g2] (-1: variant 0, the default): each call launches GEMM1's
+    kernel, then GEMM2's, so the k-th CUTLASS kernel of a replay in launch
+    order is GEMM (k % 2) + 1."""
+    names = {v.id: v.name for v in variants}
+    return tuple(f"cutlass_gemm{i + 1}[{names.get(0 if g == -1 else g, f'variant {g}')}]"
+                 for i, g in enumerate(config[1:]))
+
+
+def schedule_matches(kernel_name: str, variant_name: str) -> bool:
+    """The profiled kernel's schedule (CUTLASS's type name) is the variant's."""
+    want = "Pingpong" if variant_name.startswith("pingpong") else "Cooperative"
+    return want in kernel_name or "WarpSpecialized" not in kernel_name
+
+
+def chosen_config(E, k, H, I, T, device, config):
+    """The config the op runs: the forced one, else the table's for this device."""
+    if config is not None:
+        return list(config)
+    from pcg.ops.fused_moe import fused_moe_config, fused_moe_paths
+    cutlass, stream = fused_moe_paths(device)
+    return list(fused_moe_config(E, k, H, I, T, torch.bfloat16, cutlass=cutlass, stream=stream))
 
 
 def profile_one(E, k, H, I, T, iters, device, config=None):
     import pcg
+    from pcg.ops.fused_moe import fused_moe_cutlass_variants
     from pcg.timing import capture_graph
+    cfg = chosen_config(E, k, H, I, T, device, config)
+    gemm_labels = (cutlass_gemm_labels(cfg, fused_moe_cutlass_variants()) if cfg[0] == -1
+                   else ("cutlass_gemm?", "cutlass_gemm?"))
     g = torch.Generator().manual_seed(0)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
@@ -57,10 +90,18 @@ def profile_one(E, k, H, I, T, iters, device, config=None):
             graph.replay()
         torch.cuda.synchronize()
     per = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[short(ev.name)] += ev.device_time / iters
-    return dict(per)
+    evs = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    evs.sort(key=lambda ev: ev.time_range.start)  # launch order on the one stream
+    n_gemm = 0
+    for ev in evs:
+        name = short(ev.name)
+        if name == "cutlass_gemm":
+            name = gemm_labels[n_gemm % 2]
+            n_gemm += 1
+            if not schedule_matches(ev.name, name):
+                name += "(schedule?)"  # the launch-order assumption broke
+        per[name] += ev.device_time / iters
+    return cfg, dict(per)
 
 
 def plain_calls(E, k, H, I, T, iters, device, config=None):
@@ -82,7 +123,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--plain", action="store_true", help="eager calls only (run under ncu)")
     ap.add_argument("--config", nargs=3, type=int, default=None,
-                    help="force [block_m, tile1, tile2], e.g. -1 -1 -1 (CUTLASS) or -2 -1 -1 (stream)")
+                    help="force [block_m, tile1, tile2], e.g. -1 -1 -1 (CUTLASS, default GEMM "
+                         "kernels), -1 0 1 (CUTLASS, GEMM2 on variant 1) or -2 -1 -1 (stream)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/profile_moe.py needs a CUDA GPU; nothing to do.")
@@ -95,10 +137,11 @@ def main() -> int:
             if args.plain:
                 plain_calls(E, k, H, I, T, args.iters, device, args.config)
                 continue
-            per = profile_one(E, k, H, I, T, args.iters, device, args.config)
+            cfg, per = profile_one(E, k, H, I, T, args.iters, device, args.config)
             total = sum(per.values())
             parts = "  ".join(f"{n} {v:.1f}" for n, v in sorted(per.items(), key=lambda x: -x[1]))
-            print(f"{name:17s} T={T:6d} kernels {total:9.1f} us | {parts}", flush=True)
+            print(f"{name:17s} T={T:6d} config {cfg} kernels {total:9.1f} us | {parts}",
+                  flush=True)
             torch.cuda.empty_cache()
     return 0
 

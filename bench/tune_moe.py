@@ -23,14 +23,21 @@ Two other implementations compete at every T where they can run (the op
 raises ValueError where they cannot: build, device, shapes, pair limit):
 the CUTLASS sm_90a grouped-GEMM path [-1, -1, -1] and the weight-streaming
 path [-2, -1, -1]. A row naming one of them falls back to the heuristic on a
-call that cannot take it. --quick times only the heuristic, the current
-table's mma.sync choice and the two paths (no tile search).
+call that cannot take it. Where the CUTLASS path (default kernels) is within
+--variant-margin of the best config timed (0 with --quick: only where it
+wins), its GEMM kernel variants are searched too (list:
+csrc/moe/grouped_gemm_variants.h, read through
+torch.ops.pcg.fused_moe_cutlass_variants): every GEMM1 variant with GEMM2's
+default, then every GEMM2 variant with the best GEMM1 one, as [-1, g1, g2]
+(-1: the default variant); --no-variants skips this. --quick times only the
+heuristic, the current table's choice, the two paths and the CUTLASS
+variants (no tile search).
 
     python bench/tune_moe.py                          # all bench shapes, default T grid
     python bench/tune_moe.py --shapes qwen3 64,6,2048,1408 --tokens 1 16 256
     python bench/tune_moe.py --dry-run                # the plan only (no GPU needed)
     python bench/tune_moe.py --out-json tune.json --no-write
-    python bench/tune_moe.py --quick                  # paths vs today's table only
+    python bench/tune_moe.py --quick                  # paths (+ CUTLASS variants) vs today's table
 
 E in a shape is the LOCAL expert count (w13.size(0)): tune E/ranks for expert
 parallelism. Shapes already in the table and not tuned in this run are kept.
@@ -57,12 +64,18 @@ DEFAULT_T = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
 BLOCK_MS = (16, 32, 64, 128)
 PATHS = {(-1, -1, -1): "cutlass_sm90", (-2, -1, -1): "stream"}  # config -> label
 STREAM_MAX_PAIRS = 128  # moe::kStreamMaxPairs (csrc/moe/moe_stream.h): the stream path's T*k limit
+DEFAULT_VARIANT = 0  # moe::kDefaultGemmVariant (csrc/moe/grouped_gemm_variants.h): config id -1
 
 
-def label(cfg, names) -> str:
-    """A config's kernels, for logs and the table's comments."""
+def label(cfg, names, variant_names=None) -> str:
+    """A config's kernels, for logs and the table's comments. variant_names:
+    {id: name} of the CUTLASS GEMM variants (for [-1, g1, g2] rows)."""
     if tuple(cfg) in PATHS:
         return PATHS[tuple(cfg)]
+    if cfg[0] == -1:  # the CUTLASS path with GEMM kernel variants (-1: the default)
+        vn = variant_names or {}
+        parts = ["default" if g == -1 else vn.get(g, f"variant {g}") for g in cfg[1:]]
+        return f"cutlass_sm90 {parts[0]} + {parts[1]}"
     return f"{names[cfg[1]]} + {names[cfg[2]]}"
 
 
@@ -106,12 +119,39 @@ def default_tiles(tiles, bm):
             next(t.id for t in tiles if not t.gated and t.block_m == bm))
 
 
-def count_timings(bms, per_bm, exhaustive, quick=False):
-    n = len(PATHS) + 1  # the paths and today's mma.sync choice
+def count_timings(bms, per_bm, exhaustive, quick=False, variant_timings=0):
+    n = len(PATHS) + 1 + variant_timings  # the paths, today's mma.sync choice, CUTLASS variants
     for bm in ([] if quick else bms):
         g, d = per_bm[bm]
         n += len(g) * len(d) if exhaustive else len(g) + len(d) - 1
     return n
+
+
+CUTLASS = (-1, -1, -1)
+CUTLASS_MIN_ROWS_PER_EXPERT = 16  # moe::kCutlassMinRowsPerExpert (csrc/moe/fused_moe.h)
+
+
+def cutlass_variant_candidates(variant_ids, timed_us):
+    """The search over the CUTLASS GEMM variants as a generator of configs:
+    every GEMM1 variant with GEMM2's default, then every GEMM2 variant with the
+    fastest GEMM1 one. timed_us(cfg) -> us (inf when it failed); the default
+    variant is -1 (never named by its id, so rows and timings are not doubled)."""
+    others = [v for v in variant_ids if v != -1]
+    g1 = [CUTLASS] + [(-1, v, -1) for v in others]
+    for cfg in g1:
+        yield cfg
+    best1 = min(g1, key=timed_us)[1]
+    for v in others:
+        yield (-1, best1, v)
+
+
+def variant_timings_estimate(T, k, E, n_variants, margin):
+    """Upper bound of the variant timings at T (the search runs only where the
+    CUTLASS path is near the best: guessed from the untuned-shape rule)."""
+    if n_variants <= 1:
+        return 0
+    rows_needed = CUTLASS_MIN_ROWS_PER_EXPERT * (1.0 if margin <= 0 else 0.5)
+    return 2 * (n_variants - 1) if T * k >= rows_needed * E else 0
 
 
 # ---------------------------------------------------------------------------
@@ -124,8 +164,10 @@ _HEADER = """\
 // then rebuild pcg (the table is compiled in; shapes not tuned in a run are kept).
 // Rows: for T <= t_max (the first such row of the shape; the last row for larger T)
 // use {{block_m, GEMM1 tile id, GEMM2 tile id}} (ids: fused_moe_tiles.h), or a path:
-// {{-1, -1, -1}} CUTLASS sm_90a, {{-2, -1, -1}} weight streaming (a call that cannot take
-// it falls back to the heuristic). Shapes not listed: moe::choose_config's fallback.
+// {{-1, g1, g2}} CUTLASS sm_90a with GEMM1 / GEMM2 kernel variants g1 / g2 (ids:
+// grouped_gemm_variants.h; -1 the default), {{-2, -1, -1}} weight streaming (a call that
+// cannot take it falls back to the heuristic). Shapes not listed: moe::choose_config's
+// fallback.
 // Key: (E_local = w13.size(0), top_k, H, I).
 #pragma once
 
@@ -174,10 +216,11 @@ def render_table(shapes: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge_rows(results, names, top_k):
+def merge_rows(results, names, top_k, variant_names=None):
     """results: [(T, config, us, default_us)] sorted by T -> row lines (merged runs).
     A stream row stops where the path stops (T*k <= STREAM_MAX_PAIRS): beyond,
-    the next row applies rather than the heuristic fallback."""
+    the next row applies rather than the heuristic fallback. CUTLASS rows with
+    other kernel variants ([-1, g1, g2]) are other choices (their own runs)."""
     runs = []  # [first T, last T, config, [(T, us, default_us)]]
     for T, cfg, us, dus in results:
         if runs and runs[-1][2] == cfg:
@@ -197,7 +240,7 @@ def merge_rows(results, names, top_k):
         bm, g, d = cfg
         shown = pts if len(pts) <= 2 else [pts[0], pts[-1]]
         times = " ".join(f"T{T} {us:.1f}/{dus:.1f}" for T, us, dus in shown)
-        rows.append(f"{{{t_max}, {bm}, {g}, {d}}},  // {label(cfg, names)}; "
+        rows.append(f"{{{t_max}, {bm}, {g}, {d}}},  // {label(cfg, names, variant_names)}; "
                     f"us (heuristic): {times}")
     return rows
 
@@ -205,9 +248,12 @@ def merge_rows(results, names, top_k):
 # ---------------------------------------------------------------------------
 # Timing
 
-def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
+def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log, variants=()):
     bm_mod = _bench_moe()
     names = {t.id: t.name for t in tiles}
+    vnames = {v.id: v.name for v in variants}
+    # The default variant is named -1 in configs (rows stay {.., -1, -1, -1} when it wins).
+    variant_ids = [-1] + [v.id for v in variants if v.id != DEFAULT_VARIANT]
     g = torch.Generator(device="cpu").manual_seed(1234)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
@@ -252,8 +298,8 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
             timed[cfg] = (us if ok else math.inf, err, None if ok else "mismatch")
             if record:
                 raw.append(dict(shape=name, E=E, k=k, H=H, I=I, T=T, block_m=cfg[0],
-                                tile1=cfg[1], tile2=cfg[2], kernels=label(cfg, names), us=us,
-                                rel_err_vs_default=err, ok=ok))
+                                tile1=cfg[1], tile2=cfg[2], kernels=label(cfg, names, vnames),
+                                us=us, rel_err_vs_default=err, ok=ok))
             return timed[cfg][0]
 
         # Iterations: about args.budget_ms per candidate, within [5, args.iters].
@@ -264,6 +310,7 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
         for cfg in PATHS:
             run(cfg, iters)
         run(table_mma, iters)
+        run(default, iters)  # today's choice (e.g. a CUTLASS row with other variants)
         for bm in ([] if args.quick else block_m_candidates(T, k, E, args.all_block_m)):
             g_tiles, d_tiles = per_bm[bm]
             if not g_tiles or not d_tiles:
@@ -278,6 +325,15 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
             best1 = min(g_tiles, key=lambda t1: run((bm, t1.id, d0), iters)).id
             for t2 in d_tiles:
                 run((bm, best1, t2.id), iters)
+        # CUTLASS GEMM kernel variants, where that path (any variants timed so
+        # far: the default, today's row) is (near) the best.
+        cut_us = min(v[0] for c, v in timed.items() if c[0] == -1)
+        fastest = min(v[0] for v in timed.values())
+        if len(variant_ids) > 1 and math.isfinite(cut_us) and \
+                cut_us <= fastest * (1.0 + args.variant_margin):
+            search = cutlass_variant_candidates(variant_ids, lambda c: timed[c][0])
+            for cfg in search:
+                run(cfg, iters)
         valid = {c: v[0] for c, v in timed.items() if math.isfinite(v[0])}
         best = min(valid, key=valid.get)
         # Keep today's choice unless the best is clearly faster (noise).
@@ -286,7 +342,7 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log):
             best = base
         results.append((T, best, valid[best], heur_us))
         log(f"{name:17s} {T:6d} {heur_us:10.1f} {valid[best]:10.1f} {heur_us / valid[best]:7.2f}x"
-            f"  {best[0]:3d} {label(best, names):42s}"
+            f"  {best[0]:3d} {label(best, names, vnames):42s}"
             f"  ({len(timed)} configs, {time.time() - t_start:.1f}s)")
         sets = ref = None  # free before the next T
         torch.cuda.empty_cache()
@@ -312,14 +368,15 @@ def parse_shapes(specs, shapes):
     return out
 
 
-def estimate_seconds(shape_list, tokens, per_bm, args):
+def estimate_seconds(shape_list, tokens, per_bm, args, n_variants=0):
     """Rough: per timed config (sets captures + warm-up + iters replays) at the
     bench floor (H200 peaks) times 3, plus ~15 ms of capture overhead."""
     total = 0.0
     for _, E, k, H, I in shape_list:
         for T in tokens:
             n = count_timings(block_m_candidates(T, k, E, args.all_block_m), per_bm,
-                              args.exhaustive, args.quick)
+                              args.exhaustive, args.quick,
+                              variant_timings_estimate(T, k, E, n_variants, args.variant_margin))
             hit = min(E, T * k)
             floor_s = max((hit * 3 * H * I * 2 + T * H * 4) / 4.3e12,
                           2 * T * k * 3 * H * I / 790e12)
@@ -344,13 +401,21 @@ def main(argv=None) -> int:
     ap.add_argument("--all-block-m", action="store_true", help="no block_m pruning")
     ap.add_argument("--exhaustive", action="store_true", help="every (tile1, tile2) pair")
     ap.add_argument("--quick", action="store_true",
-                    help="no tile search: the heuristic, today's mma.sync choice and the two paths")
+                    help="no tile search: the heuristic, today's choice, the two paths and the "
+                         "CUTLASS variants where that path wins")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="time only the CUTLASS path's default kernels (no variant search)")
+    ap.add_argument("--variant-margin", type=float, default=None,
+                    help="search the CUTLASS GEMM variants where the default CUTLASS config is "
+                         "within this fraction of the best (default 0.15; 0 with --quick)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="table header to write")
     ap.add_argument("--no-write", action="store_true", help="print only, leave the table")
     ap.add_argument("--out-json", default=None, help="write the raw timings here")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = ap.parse_args(argv)
     args.tokens = sorted(set(t for t in args.tokens if t > 0))
+    if args.variant_margin is None:
+        args.variant_margin = 0.0 if args.quick else 0.15
 
     bm_mod = _bench_moe()
     shape_list = parse_shapes(args.shapes if args.shapes else list(bm_mod.SHAPES), bm_mod.SHAPES)
@@ -358,8 +423,10 @@ def main(argv=None) -> int:
         print("bench/tune_moe.py needs a CUDA GPU; nothing to do.")
         return 0
 
-    from pcg.ops.fused_moe import fused_moe_tiles  # (importing pcg loads the native ops)
+    # (importing pcg loads the native ops)
+    from pcg.ops.fused_moe import fused_moe_cutlass_variants, fused_moe_tiles
     tiles = fused_moe_tiles()
+    variants = [] if args.no_variants else fused_moe_cutlass_variants()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         max_smem = props.shared_memory_per_block_optin
@@ -368,9 +435,11 @@ def main(argv=None) -> int:
     per_bm = tiles_by_block_m(tiles, max_smem)
     skipped = [t.name for t in tiles if t.smem > max_smem]
     n_timings = sum(count_timings(block_m_candidates(T, k, E, args.all_block_m), per_bm,
-                                  args.exhaustive, args.quick)
+                                  args.exhaustive, args.quick,
+                                  variant_timings_estimate(T, k, E, len(variants),
+                                                           args.variant_margin))
                     for _, E, k, H, I in shape_list for T in args.tokens)
-    est = estimate_seconds(shape_list, args.tokens, per_bm, args)
+    est = estimate_seconds(shape_list, args.tokens, per_bm, args, len(variants))
     print(f"tune_moe: {len(shape_list)} shapes x {len(args.tokens)} T = "
           f"{len(shape_list) * len(args.tokens)} points, {n_timings} config timings, "
           f"estimate ~{est / 60:.1f} min on an H200"
@@ -379,6 +448,10 @@ def main(argv=None) -> int:
     for name, E, k, H, I in shape_list:
         print(f"  {name}: E_local={E} top_k={k} H={H} I={I}")
     print(f"  T: {args.tokens}")
+    if variants:
+        print("  CUTLASS GEMM variants (where that path is within "
+              f"{args.variant_margin:.0%} of the best): "
+              + ", ".join(f"{v.id} {v.name}" for v in variants))
     if args.dry_run:
         return 0
     if not torch.cuda.is_available():
@@ -395,17 +468,19 @@ def main(argv=None) -> int:
     tuned, raw_all = {}, []
     for name, E, k, H, I in shape_list:
         results, raw = tune_shape(name, E, k, H, I, args, tiles, per_bm, device,
-                                  lambda msg: print(msg, flush=True))
+                                  lambda msg: print(msg, flush=True), variants)
         raw_all += raw
         tuned[(E, k, H, I)] = (f"{name}: E_local={E} top_k={k} H={H} I={I}",
-                               merge_rows(results, names, k))
+                               merge_rows(results, names, k, {v.id: v.name for v in variants}))
     print(f"tuned in {time.time() - t0:.0f}s")
 
     if args.out_json:
         meta = dict(device=gpu, torch=torch.__version__, cuda=torch.version.cuda,
                     tokens=args.tokens, iters=args.iters, sets=args.sets,
                     exhaustive=args.exhaustive, all_block_m=args.all_block_m,
-                    tiles=[t._asdict() for t in tiles])
+                    tiles=[t._asdict() for t in tiles],
+                    cutlass_variants=[v._asdict() for v in variants],
+                    variant_margin=args.variant_margin)
         with open(args.out_json, "w") as f:
             json.dump(dict(meta=meta, timings=raw_all), f, indent=1)
         print(f"wrote {args.out_json}")

@@ -14,9 +14,11 @@ TORCH_LIBRARY(pcg, m) {
       "-> (Tensor, Tensor)");
   // Fused expert MLP over the routed pairs; rows >= num_valid are exact zeros.
   // config = [block_m, tile1, tile2] forces a kernel configuration (default:
-  // the tuning table's, csrc/moe/fused_moe.h); config = [-1, -1, -1] selects
-  // the CUTLASS sm_90a grouped-GEMM path (work in progress, bf16/fp16 on sm_90
-  // only, csrc/moe/moe_cutlass.h; the CPU kernel validates and ignores it).
+  // the tuning table's, csrc/moe/fused_moe.h); config = [-1, g1, g2] selects
+  // the CUTLASS sm_90a grouped-GEMM path with GEMM kernel variants g1 / g2
+  // (-1: default; bf16/fp16 on sm_90 only, csrc/moe/moe_cutlass.h) and
+  // [-2, -1, -1] the weight-streaming path (the CPU kernel validates and
+  // ignores config).
   m.def(
       "fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, Tensor? num_valid=None, Tensor? b13=None, Tensor? b2=None, "
@@ -27,6 +29,9 @@ TORCH_LIBRARY(pcg, m) {
   // stages, gated, shared memory bytes; and the names).
   m.def("fused_moe_config(int E_local, int top_k, int H, int I, int T, ScalarType dtype, bool cutlass=False, bool stream=False) -> int[]");
   m.def("fused_moe_tiles() -> (int[], str[])");
+  // The CUTLASS path's GEMM kernel variants (6 ints per variant: id, pingpong,
+  // tile M, N, K, cluster M; and the names), csrc/moe/grouped_gemm_variants.h.
+  m.def("fused_moe_cutlass_variants() -> (int[], str[])");
   // Internal: sort (token, k) pairs by local expert and pad each expert's run
   // to a multiple of block_m. See csrc/moe/moe_align.h for the exact layout.
   m.def(

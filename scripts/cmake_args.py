@@ -44,8 +44,6 @@ def cmake_args() -> list[str]:
                 break
         if os.environ.get("PCG_CUDA_ARCHS"):
             args.append(f"-DPCG_CUDA_ARCHS={os.environ['PCG_CUDA_ARCHS']}")
-        if os.environ.get("PCG_MOE_GEMM2"):  # GEMM2 kernel of the CUTLASS path (CMakeLists.txt)
-            args.append(f"-DPCG_MOE_GEMM2={os.environ['PCG_MOE_GEMM2']}")
     if os.environ.get("PCG_BUILD_TESTS", "") == "1":
         args.append("-DPCG_BUILD_TESTS=ON")
     if shutil.which("ninja"):

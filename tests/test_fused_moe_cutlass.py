@@ -1,4 +1,5 @@
-"""pcg::fused_moe on the CUTLASS sm_90a path (config [-1, -1, -1]).
+"""pcg::fused_moe on the CUTLASS sm_90a path (config [-1, g1, g2]: g1 / g2 the
+GEMM1 / GEMM2 kernel variants of fused_moe_cutlass_variants(), -1 the default).
 
 The GPU tests need an sm_90 device and a build with the CUTLASS kernels (they
 fail, not skip, on an sm_90 device whose build lacks them: a build for an H100
@@ -14,9 +15,18 @@ import pytest
 import torch
 
 import pcg
+from pcg.ops.fused_moe import fused_moe_cutlass_variants
 from test_fused_moe import GPU_TOL, _check_capture_replay, make_case, reference, rel_err
 
 CUTLASS = [-1, -1, -1]
+VARIANTS = fused_moe_cutlass_variants()
+N_VARIANTS = len(VARIANTS)
+# Each variant id runs GEMM1 once and GEMM2 once: [-1, v, v+1 mod n].
+VARIANT_CONFIGS = [[-1, v.id, (v.id + 1) % N_VARIANTS] for v in VARIANTS]
+
+
+def _config_id(c):
+    return "g1={}-g2={}".format(c[1], c[2])
 
 
 def _is_sm90():
@@ -34,10 +44,35 @@ def test_cutlass_config_accepted_on_cpu():
     assert torch.equal(pcg.fused_moe(*args, **kw, config=CUTLASS), pcg.fused_moe(*args, **kw))
 
 
+def test_cutlass_variant_configs_accepted_on_cpu():
+    args, kw = make_case(13, 5, 2, 24, 16, dtype=torch.bfloat16, e_global=7, bias=True)
+    want = pcg.fused_moe(*args, **kw)
+    for g1 in range(-1, N_VARIANTS):
+        for g2 in range(-1, N_VARIANTS):
+            assert torch.equal(pcg.fused_moe(*args, **kw, config=[-1, g1, g2]), want)
+
+
+def test_cutlass_variant_list():
+    assert [v.id for v in VARIANTS] == list(range(N_VARIANTS))
+    assert len({v.name for v in VARIANTS}) == N_VARIANTS
+    # Variant 0 (config id -1) is the kernel both GEMMs ran before variants existed.
+    v0 = VARIANTS[0]
+    assert (v0.pingpong, v0.tile_m, v0.tile_n, v0.tile_k, v0.cluster_m) == (False, 128, 256, 64, 1)
+    for v in VARIANTS:
+        assert v.cluster_m in (1, 2) and v.tile_k % 64 == 0
+        assert v.pingpong or v.tile_m >= 128  # cooperative: two warpgroups share M
+
+
 @pytest.mark.parametrize("config,dtype,what", [
     ([-1, -1, -1], torch.float32, "bfloat16 or float16"),
-    ([-1, 0, -1], torch.bfloat16, "CUTLASS path"),
-    ([-1, -1, 4], torch.bfloat16, "CUTLASS path"),
+    ([-1, 0, 1], torch.float32, "bfloat16 or float16"),
+    ([-1, N_VARIANTS, -1], torch.bfloat16,
+     rf"config\[1\] \(GEMM1's kernel on the CUTLASS path.*got {N_VARIANTS} in"),
+    ([-1, -1, N_VARIANTS + 7], torch.bfloat16,
+     rf"config\[2\] \(GEMM2's kernel on the CUTLASS path.*got {N_VARIANTS + 7} in"),
+    ([-1, -2, 0], torch.bfloat16, r"config\[1\] \(GEMM1's kernel.*variant id in \[0, "),
+    ([-2, 0, -1], torch.bfloat16, "stream path"),
+    ([-3, -1, -1], torch.bfloat16, "block_m"),
 ])
 def test_cutlass_config_errors_cpu(config, dtype, what):
     args, kw = make_case(13, 5, 2, 24, 16, dtype=dtype)
@@ -102,6 +137,43 @@ def test_cutlass_matches_reference(T, shape, dtype):
     assert err < GPU_TOL[dtype], f"rel err {err:.3g}"
     # And close to the mma.sync path.
     assert rel_err(out, pcg.fused_moe(*args, **kw).double().cpu()) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 3, 72, 40), (128, 8, 2048, 768)],
+                         ids=lambda s: "E{}-k{}-H{}-I{}".format(*s))
+@pytest.mark.parametrize("T", [7, 4099])
+@pytest.mark.parametrize("config", VARIANT_CONFIGS, ids=_config_id)
+def test_cutlass_variants_match_reference(config, T, shape, dtype):
+    """Every kernel variant on GEMM1 and on GEMM2 (odd shapes: partial tiles,
+    odd tile counts per expert for the M-pair clusters), against the reference
+    and against the default variants."""
+    E, k, H, I = shape
+    args, kw = _gpu_case(T, E, k, H, I, dtype, seed=T + config[1])
+    out = pcg.fused_moe(*args, **kw, config=config)
+    torch.cuda.synchronize()
+    assert out.shape == (T, H) and torch.isfinite(out).all()
+    ref = reference(*args, **kw, compute_device="cuda")
+    err = rel_err(out, ref)
+    assert err < GPU_TOL[dtype], f"config {config}: rel err {err:.3g}"
+    assert rel_err(out, pcg.fused_moe(*args, **kw, config=CUTLASS).double().cpu()) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("config", VARIANT_CONFIGS, ids=_config_id)
+def test_cutlass_variants_empty_experts(config):
+    """Experts with no rows (M_e = 0), remote experts and num_valid < T."""
+    T, nv = 300, 123
+    args, kw = _gpu_case(T, 24, 4, 512, 256, torch.bfloat16, seed=config[2], e_global=64)
+    kw["num_valid"] = torch.tensor([nv], dtype=torch.int32, device="cuda")
+    out = pcg.fused_moe(*args, **kw, config=config)
+    torch.cuda.synchronize()
+    assert (out[nv:] == 0).all()
+    ref = reference(*args, **kw, compute_device="cuda")
+    assert rel_err(out, ref) < GPU_TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
@@ -181,6 +253,16 @@ def test_cutlass_capture_replay(dtype, T):
     """Captured once; new inputs, routing and num_valid per replay (bitwise equal to eager)."""
     _check_capture_replay(T, 12, 4, 72, 40, 16, dtype, [T, max(T // 2, 1), 0, T + 3], seed=300,
                           config=CUTLASS)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("config", [VARIANT_CONFIGS[-1], VARIANT_CONFIGS[1]], ids=_config_id)
+@pytest.mark.parametrize("T", [24, 600])
+def test_cutlass_capture_replay_forced_variants(config, T):
+    """A forced variant config captured once and replayed with new inputs."""
+    _check_capture_replay(T, 12, 4, 72, 40, 16, torch.bfloat16, [T, max(T // 2, 1), 0, T + 3],
+                          seed=400, config=config)
 
 
 @pytest.mark.gpu

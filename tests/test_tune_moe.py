@@ -1,6 +1,7 @@
 """bench/tune_moe.py's table logic (CPU): merging timed choices into rows, the
-stream path's pair limit, and that the checked-in table is exactly what the
-generator writes (hand edits would be lost at the next tune)."""
+stream path's pair limit, CUTLASS rows with GEMM kernel variants, and that the
+checked-in table is exactly what the generator writes (hand edits would be
+lost at the next tune)."""
 from __future__ import annotations
 
 import importlib.util
@@ -50,6 +51,47 @@ def test_stream_row_stops_at_the_pair_limit(tune, k, last_stream_t, next_t, want
     rows = tune.merge_rows(results, NAMES, k)
     assert _t_max(rows[0]) == want
     assert want * k <= tune.STREAM_MAX_PAIRS
+
+
+VARIANTS = {0: "coop_128x256x64", 1: "pingpong_64x256x64", 2: "coop_256x128x64"}
+
+
+def test_cutlass_variant_rows(tune):
+    """[-1, g1, g2] rows: CUTLASS with GEMM kernel variants (-1: the default) are
+    their own choices, labelled by variant; the default stays {.., -1, -1, -1}."""
+    results = [(16, (16, 0, 4), 10.0, 10.0),
+               (256, (-1, -1, -1), 20.0, 40.0),
+               (1024, (-1, -1, 1), 30.0, 90.0), (2048, (-1, -1, 1), 50.0, 190.0),
+               (8192, (-1, 2, -1), 70.0, 400.0)]
+    rows = tune.merge_rows(results, NAMES, 8, VARIANTS)
+    assert [_t_max(r) for r in rows] == [64, 512, 4096, 8192]
+    assert rows[1].startswith("{512, -1, -1, -1},  // cutlass_sm90;")
+    assert rows[2].startswith("{4096, -1, -1, 1},  // cutlass_sm90 default + pingpong_64x256x64;")
+    assert rows[3].startswith("{8192, -1, 2, -1},  // cutlass_sm90 coop_256x128x64 + default;")
+    # Without the names (an old caller) the ids still show.
+    assert "variant 1" in tune.merge_rows(results, NAMES, 8)[2]
+
+
+def test_cutlass_variant_rows_round_trip(tune):
+    rows = ["{11, -2, -1, -1},  // stream; us (heuristic): T1 1.0/2.0",
+            "{110, 16, 0, 4},  // g16 + d16; us (heuristic): T16 1.0/1.0",
+            "{4096, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 1.0/2.0",
+            "{16384, -1, 3, 1},  // cutlass_sm90 a + b; us (heuristic): T8192 1.0/2.0"]
+    shapes = {(128, 8, 2048, 768): ("qwen3: E_local=128 top_k=8 H=2048 I=768", rows)}
+    text = tune.render_table(shapes, "// source")
+    assert tune.parse_table(text) == shapes
+    assert "{-1, g1, g2} CUTLASS sm_90a" in text
+
+
+def test_cutlass_variant_search_order(tune):
+    """Every GEMM1 variant with GEMM2's default, then every GEMM2 variant with the
+    fastest GEMM1 one; the default is never named by its id."""
+    us = {(-1, -1, -1): 10.0, (-1, 1, -1): 12.0, (-1, 2, -1): 9.0, (-1, 3, -1): float("inf"),
+          (-1, 2, 1): 8.0, (-1, 2, 2): 9.5, (-1, 2, 3): 11.0}
+    got = list(tune.cutlass_variant_candidates([-1, 1, 2, 3], us.__getitem__))
+    assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 3, -1),
+                   (-1, 2, 1), (-1, 2, 2), (-1, 2, 3)]
+    assert list(tune.cutlass_variant_candidates([-1], us.__getitem__)) == [(-1, -1, -1)]
 
 
 def test_checked_in_table_is_the_generators_output(tune):

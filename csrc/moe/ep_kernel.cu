@@ -122,10 +122,21 @@ __global__ void __launch_bounds__(kTile) ep_slot_kernel(const DispatchParams p) 
       int32_t* meta = dispatch_meta(p, r, s);
       const int32_t* ids = p.topk_ids + t * k;
       const float* w = p.topk_weights + t * k;
-      for (int64_t j = 0; j < k; ++j) {
-        const bool here = owner(p, ids[j]) == r;
-        meta[j] = here ? p.expert_local[ids[j]] : -1;
-        meta[k + j] = here ? __float_as_int(w[j]) : 0;
+      // Word j of the row: local id (j < k) or weight bits of pair j - k.
+      auto word = [&](int64_t j) -> int32_t {
+        const int64_t i = j < k ? j : j - k;
+        const bool here = owner(p, ids[i]) == r;
+        if (j < k) return here ? p.expert_local[ids[i]] : -1;
+        return here ? __float_as_int(w[i]) : 0;
+      };
+      // 16-byte stores when the row allows: in peer mode the row is in the
+      // owner's memory, and scalar stores over NVLink cost the slot kernel
+      // ~45 us at 4096-16384 tokens on two H200s.
+      if ((2 * k) % 4 == 0 && reinterpret_cast<uintptr_t>(meta) % 16 == 0) {
+        for (int64_t j = 0; j < 2 * k; j += 4)
+          *reinterpret_cast<int4*>(meta + j) = make_int4(word(j), word(j + 1), word(j + 2), word(j + 3));
+      } else {
+        for (int64_t j = 0; j < 2 * k; ++j) meta[j] = word(j);
       }
     }
   }

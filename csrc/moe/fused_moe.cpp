@@ -191,21 +191,34 @@ std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef con
   PCG_CHECK_ARG(kOp, "config", c.size() == 3,
                 "must be [block_m, tile1, tile2] (3 ints; tile -1: block_m's default), got ", c);
   const int64_t block_m = c[0], tile1 = c[1], tile2 = c[2];
-  if (block_m == moe::kCutlassConfig || block_m == moe::kStreamConfig) {
-    // Another implementation (no tiles): the CUTLASS sm_90a path (moe_cutlass.h)
-    // or the weight-streaming path (moe_stream.h); CUDA checks the rest.
-    const bool cutlass = block_m == moe::kCutlassConfig;
-    const char* which =
-        cutlass ? "[-1, -1, -1] (the CUTLASS path)" : "[-2, -1, -1] (the stream path)";
+  if (block_m == moe::kCutlassConfig) {
+    // The CUTLASS sm_90a path (moe_cutlass.h): config[1] / config[2] are the
+    // GEMM kernel variants (-1: the default); CUDA checks the rest.
+    const int64_t ids[2] = {tile1, tile2};
+    for (int g = 0; g < 2; ++g) {
+      PCG_CHECK_ARG(kOp, "config", moe::is_gemm_variant_id(ids[g]), "config[", g + 1, "] (GEMM",
+                    g + 1, "'s kernel on the CUTLASS path [-1, g1, g2]) must be -1 (the default, ",
+                    moe::kGemmVariants[moe::kDefaultGemmVariant].name,
+                    ") or a kernel variant id in [0, ", moe::kNumGemmVariants,
+                    ") (pcg.ops.fused_moe.fused_moe_cutlass_variants()), got ", ids[g], " in ", c);
+    }
+    PCG_CHECK_ARG(kOp, "config", dtype == at::kBFloat16 || dtype == at::kHalf,
+                  "[-1, g1, g2] (the CUTLASS path) needs bfloat16 or float16, got ",
+                  dtype_name(dtype));
+    return moe::MoeConfig{moe::kCutlassConfig, static_cast<int>(tile1), static_cast<int>(tile2)};
+  }
+  if (block_m == moe::kStreamConfig) {
+    // The weight-streaming path (moe_stream.h), no tiles; CUDA checks the rest.
+    const char* which = "[-2, -1, -1] (the stream path)";
     PCG_CHECK_ARG(kOp, "config", tile1 == -1 && tile2 == -1, which,
                   " takes no tiles (config[1], config[2] must be -1), got ", c);
     PCG_CHECK_ARG(kOp, "config", dtype == at::kBFloat16 || dtype == at::kHalf, which,
                   " needs bfloat16 or float16, got ", dtype_name(dtype));
-    return moe::MoeConfig{static_cast<int>(block_m), -1, -1};
+    return moe::MoeConfig{moe::kStreamConfig, -1, -1};
   }
   PCG_CHECK_ARG(kOp, "config", moe::is_supported_block_m(block_m),
-                "block_m (config[0]) must be 16, 32, 64 or 128, or a path with tiles -1: -1 "
-                "(CUTLASS) or -2 (weight streaming), got ", c);
+                "block_m (config[0]) must be 16, 32, 64 or 128, or a path: -1 (CUTLASS, "
+                "[-1, g1, g2]) or -2 (weight streaming, [-2, -1, -1]), got ", c);
   moe::MoeConfig out;
   out.block_m = static_cast<int>(block_m);
   if (dtype == at::kFloat) {
@@ -376,8 +389,9 @@ void moe_align_cpu(const at::Tensor& topk_ids, const std::optional<at::Tensor>& 
 }
 
 // pcg::fused_moe_config: the config pcg::fused_moe picks for these shapes
-// (moe::choose_config), as [block_m, tile1, tile2], when the CUTLASS / stream
-// paths are (flags) or are not available to the call.
+// (moe::choose_config), as [block_m, tile1, tile2] (the CUTLASS path:
+// [-1, g1, g2]), when the CUTLASS / stream paths are (flags) or are not
+// available to the call.
 std::vector<int64_t> fused_moe_config_op(int64_t E_local, int64_t top_k, int64_t H, int64_t I,
                                          int64_t T, c10::ScalarType dtype, bool cutlass,
                                          bool stream) {
@@ -406,6 +420,21 @@ std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_tiles_op() 
   return {info, names};
 }
 
+// pcg::fused_moe_cutlass_variants: the CUTLASS path's GEMM kernel variants
+// (grouped_gemm_variants.h), kCutlassVariantFields ints per variant (id,
+// pingpong, tile M, N, K, cluster M), and the names. The list is the same in
+// every build (whether this one has the kernels: fused_moe_paths).
+std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_cutlass_variants_op() {
+  std::vector<int64_t> info;
+  std::vector<std::string> names;
+  for (const moe::GemmVariantInfo& v : moe::kGemmVariants) {
+    info.insert(info.end(), {v.id, v.schedule == moe::GemmSchedule::kPingpong ? 1 : 0, v.tile_m,
+                             v.tile_n, v.tile_k, v.cluster_m});
+    names.emplace_back(v.name);
+  }
+  return {info, names};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pcg, CPU, m) {
@@ -417,6 +446,7 @@ TORCH_LIBRARY_IMPL(pcg, CPU, m) {
 TORCH_LIBRARY_IMPL(pcg, CompositeExplicitAutograd, m) {
   m.impl("fused_moe_config", &fused_moe_config_op);
   m.impl("fused_moe_tiles", &fused_moe_tiles_op);
+  m.impl("fused_moe_cutlass_variants", &fused_moe_cutlass_variants_op);
 }
 
 }  // namespace pcg

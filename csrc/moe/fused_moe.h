@@ -37,6 +37,7 @@
 
 #include "moe/fused_moe_tiles.h"
 #include "moe/fused_moe_tuning.h"
+#include "moe/grouped_gemm_variants.h"
 
 namespace pcg::moe {
 
@@ -67,15 +68,18 @@ constexpr bool operator==(const MoeConfig& a, const MoeConfig& b) {
   return a.block_m == b.block_m && a.tile1 == b.tile1 && a.tile2 == b.tile2;
 }
 
-// config[0] values that select another implementation of the same op (tiles
-// -1): the CUTLASS sm_90a grouped-GEMM path (moe_cutlass.h; large T) and the
-// weight-streaming path (moe_stream.h; a few tokens). Both bf16/fp16 only.
+// config[0] values that select another implementation of the same op: the
+// CUTLASS sm_90a grouped-GEMM path (moe_cutlass.h; large T), whose tile1 /
+// tile2 name the GEMM1 / GEMM2 kernel variants (grouped_gemm_variants.h; -1:
+// kDefaultGemmVariant), and the weight-streaming path (moe_stream.h; a few
+// tokens; tiles -1). Both bf16/fp16 only.
 constexpr int kCutlassConfig = -1;
 constexpr int kStreamConfig = -2;
 constexpr bool is_cutlass_config(const MoeConfig& c) { return c.block_m == kCutlassConfig; }
 constexpr bool is_stream_config(const MoeConfig& c) { return c.block_m == kStreamConfig; }
 constexpr bool is_path_config(const MoeConfig& c) {
-  return (is_cutlass_config(c) || is_stream_config(c)) && c.tile1 == -1 && c.tile2 == -1;
+  if (is_cutlass_config(c)) return is_gemm_variant_id(c.tile1) && is_gemm_variant_id(c.tile2);
+  return is_stream_config(c) && c.tile1 == -1 && c.tile2 == -1;
 }
 
 // Which special paths the launcher can run for this call (build, device,
@@ -103,7 +107,8 @@ inline MoeConfig heuristic_config(int64_t num_tokens, int64_t top_k, int64_t num
 }
 
 // A config the kernels can run (any device; shared memory is checked at launch).
-// tile ids must be concrete here (no -1) except for fp32, where they must be -1.
+// tile ids must be concrete here (no -1) except for fp32, where they must be -1,
+// and for the paths (CUTLASS: -1 or listed variant ids; stream: -1).
 constexpr bool config_is_valid(const MoeConfig& c, DType dtype) {
   if (is_path_config(c)) return dtype != DType::kFloat32;
   if (!is_supported_block_m(c.block_m)) return false;
@@ -140,8 +145,8 @@ static_assert(tuning_table_is_valid(), "fused_moe_tuning.h: invalid table (regen
 // the tuning table's row for (E_local, top_k, H, I) and T (the first row with
 // T <= t_max, the last row above every t_max) unless it names a path `ok`
 // lacks; else the CUTLASS path when it is available and experts average
-// kCutlassMinRowsPerExpert rows; else heuristic_config (also fp32). A pure
-// function of its arguments.
+// kCutlassMinRowsPerExpert rows ([-1, -1, -1]: default variants); else
+// heuristic_config (also fp32). A pure function of its arguments.
 inline MoeConfig choose_config(int64_t E_local, int64_t top_k, int64_t H, int64_t I,
                                int64_t num_tokens, DType dtype, PathSupport ok = {}) {
   const auto usable = [&](const MoeConfig& c) {
@@ -186,7 +191,8 @@ struct FusedMoeParams {
   int64_t T = 0, H = 0, I = 0, E = 0, k = 0;
   Activation act = Activation::kSilu;
   float alpha = 1.702f, limit = 7.0f;
-  // Configuration: block_m and concrete tile ids (fp32: tile ids unused).
+  // Configuration: block_m and concrete tile ids (fp32: tile ids unused). The
+  // CUTLASS path: {kCutlassBlockM, GEMM1 variant, GEMM2 variant} (listed ids).
   MoeConfig config;
   // Workspaces (fixed worst-case sizes).
   int64_t max_blocks = 0;                // moe_align_max_blocks(T*k, E, config.block_m)

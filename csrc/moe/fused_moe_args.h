@@ -61,11 +61,11 @@ struct FusedMoeInputs {
 
 // CUDA only, called by fused_moe_cuda (device guard held) after
 // check_fused_moe_args / check_fused_moe_config: fused_moe on the CUTLASS sm_90a
-// path (config [-1, -1, -1]; fused_moe_cutlass_cuda.cpp) and on the
-// weight-streaming path (config [-2, -1, -1], T*k <= moe::kStreamMaxPairs;
-// fused_moe_stream_cuda.cpp).
-at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& in, double alpha,
-                                  double limit);
+// path (config [-1, g1, g2], GEMM kernel variants or -1;
+// fused_moe_cutlass_cuda.cpp) and on the weight-streaming path (config
+// [-2, -1, -1], T*k <= moe::kStreamMaxPairs; fused_moe_stream_cuda.cpp).
+at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& in,
+                                  const moe::MoeConfig& config, double alpha, double limit);
 at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& in, double alpha,
                                  double limit);
 

@@ -67,7 +67,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
                               : moe::choose_config(s.E, s.k, s.H, s.I, s.T, dtype,
                                                    path_support(s, dtype, in));
   // A forced path the call cannot take raises its launcher's error.
-  if (moe::is_cutlass_config(cfg)) return fused_moe_cutlass_cuda(s, in, alpha, limit);
+  if (moe::is_cutlass_config(cfg)) return fused_moe_cutlass_cuda(s, in, cfg, alpha, limit);
   if (moe::is_stream_config(cfg)) return fused_moe_stream_cuda(s, in, alpha, limit);
   if (!forced) cfg = fit_to_device(cfg, dtype);
   if (forced && dtype != moe::DType::kFloat32) {

@@ -17,8 +17,9 @@ size_t grouped_workspace_bf16(int64_t E, int sm_count);
 size_t grouped_workspace_f16(int64_t E, int sm_count);
 cudaError_t grouped_setup_bf16(const MoeGroupedGemmArgs& a, cudaStream_t s);
 cudaError_t grouped_setup_f16(const MoeGroupedGemmArgs& a, cudaStream_t s);
-cudaError_t grouped_run_bf16(const MoeGroupedGemmArgs& a, int which, cudaStream_t s);
-cudaError_t grouped_run_f16(const MoeGroupedGemmArgs& a, int which, cudaStream_t s);
+cudaError_t grouped_run_bf16(const MoeGroupedGemmArgs& a, int which, int variant,
+                             cudaStream_t s);
+cudaError_t grouped_run_f16(const MoeGroupedGemmArgs& a, int which, int variant, cudaStream_t s);
 }  // namespace detail
 
 bool grouped_gemm_sm90_built() { return true; }
@@ -35,9 +36,10 @@ cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs& a, cudaStream_t st
   return cudaErrorInvalidValue;
 }
 
-cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
-  if (a.dtype == DType::kBFloat16) return detail::grouped_run_bf16(a, which, stream);
-  if (a.dtype == DType::kFloat16) return detail::grouped_run_f16(a, which, stream);
+cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, int variant,
+                                  cudaStream_t stream) {
+  if (a.dtype == DType::kBFloat16) return detail::grouped_run_bf16(a, which, variant, stream);
+  if (a.dtype == DType::kFloat16) return detail::grouped_run_f16(a, which, variant, stream);
   return cudaErrorInvalidValue;
 }
 #else
@@ -46,7 +48,7 @@ size_t grouped_gemm_sm90_workspace_bytes(DType, int64_t, int) { return 0; }
 cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs&, cudaStream_t) {
   return cudaErrorNotSupported;
 }
-cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs&, int, cudaStream_t) {
+cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs&, int, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }
 #endif
@@ -60,7 +62,10 @@ size_t cutlass_moe_gemm_workspace_bytes(DType dtype, int64_t E, int sm_count) {
 cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBuffers& b,
                                      cudaStream_t stream) {
   if (!cutlass_moe_built()) return cudaErrorNotSupported;
-  if (p.config.block_m != kCutlassBlockM) return cudaErrorInvalidValue;
+  if (p.config.block_m != kCutlassBlockM || !find_gemm_variant(p.config.tile1) ||
+      !find_gemm_variant(p.config.tile2)) {
+    return cudaErrorInvalidValue;
+  }
   const int k = static_cast<int>(p.k);
   if (p.max_blocks > 0) {
     const int64_t slots = p.max_blocks * kCutlassBlockM;
@@ -94,11 +99,11 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     g.device = b.device;
     g.sm_count = b.sm_count;
     if ((err = grouped_gemm_sm90_setup(g, stream)) != cudaSuccess) return err;
-    if ((err = grouped_gemm_sm90_run(g, 1, stream)) != cudaSuccess) return err;
+    if ((err = grouped_gemm_sm90_run(g, 1, p.config.tile1, stream)) != cudaSuccess) return err;
     err = launch_moe_gated_act(p.dtype, b.gate_up, p.sorted_pairs, p.block_expert, kCutlassBlockM,
                                slots, p.I, p.b13, p.act, p.alpha, p.limit, p.inter, stream);
     if (err != cudaSuccess) return err;
-    if ((err = grouped_gemm_sm90_run(g, 2, stream)) != cudaSuccess) return err;
+    if ((err = grouped_gemm_sm90_run(g, 2, p.config.tile2, stream)) != cudaSuccess) return err;
   }
   // Every row of out is written (zeros for rows without valid pairs).
   return launch_moe_unpermute_reduce(p.dtype, b.a_sorted, b.pair_slot, p.topk_weights,

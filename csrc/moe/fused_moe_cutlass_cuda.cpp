@@ -1,7 +1,8 @@
-// CUDA launcher of fused_moe's CUTLASS sm_90a path (config [-1, -1, -1];
+// CUDA launcher of fused_moe's CUTLASS sm_90a path (config [-1, g1, g2];
 // pipeline: moe_cutlass.h): checks what this path needs beyond the common
-// argument checks, allocates fixed worst-case workspaces from the shapes only
-// (capturable), launches on the current stream.
+// argument checks, resolves the GEMM kernel variants (-1: the default),
+// allocates fixed worst-case workspaces from the shapes only (capturable),
+// launches on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,18 +17,27 @@ namespace pcg {
 namespace {
 
 constexpr const char* kOp = "fused_moe";
-constexpr const char* kPath = "the CUTLASS path (config [-1, -1, -1])";
+constexpr const char* kPath = "the CUTLASS path (config [-1, g1, g2])";
+
+// A GEMM's variant of the config: -1 -> the default, a listed id as is.
+int variant_of(int id, int gemm, const moe::MoeConfig& c) {
+  PCG_CHECK_ARG(kOp, "config", moe::is_gemm_variant_id(id), "GEMM", gemm,
+                "'s kernel variant ", id, " is not one of the ", moe::kNumGemmVariants,
+                " CUTLASS variants (pcg.ops.fused_moe.fused_moe_cutlass_variants()), got [",
+                c.block_m, ", ", c.tile1, ", ", c.tile2, "]");
+  return moe::resolve_gemm_variant(id);
+}
 
 }  // namespace
 
-at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& in, double alpha,
-                                  double limit) {
+at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& in,
+                                  const moe::MoeConfig& config, double alpha, double limit) {
   PCG_CHECK_ARG(kOp, "config", moe::cutlass_moe_built(),
-                "[-1, -1, -1] selects the CUTLASS sm_90a path, which this build lacks (it needs "
+                "[-1, g1, g2] selects the CUTLASS sm_90a path, which this build lacks (it needs "
                 "CUTLASS headers and 9.0a in PCG_CUDA_ARCHS; see docs/fused_moe_paths.md)");
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   PCG_CHECK_ARG(kOp, "config", prop->major == 9 && prop->minor == 0,
-                "[-1, -1, -1] (the CUTLASS path) needs an sm_90 GPU (H100/H200), this one is sm_",
+                "[-1, g1, g2] (the CUTLASS path) needs an sm_90 GPU (H100/H200), this one is sm_",
                 prop->major, prop->minor);
   PCG_CHECK_ARG(kOp, "hidden", s.H % 8 == 0,
                 "hidden size must be a multiple of 8 for the CUTLASS path, got shape ",
@@ -48,7 +58,8 @@ at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& 
   check_aligned16("out", out, kPath);
 
   moe::FusedMoeParams p = in.params(s, alpha, limit);
-  p.config = moe::MoeConfig{moe::kCutlassBlockM, -1, -1};
+  p.config = moe::MoeConfig{moe::kCutlassBlockM, variant_of(config.tile1, 1, config),
+                           variant_of(config.tile2, 2, config)};
   p.max_blocks = moe::cutlass_moe_max_blocks(s.T, s.k, s.E);
 
   // Workspaces: sizes from the shapes and the device only.

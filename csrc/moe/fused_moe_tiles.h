@@ -125,7 +125,9 @@ constexpr bool tiles_are_consistent() {
 static_assert(tiles_are_consistent(), "PCG_MOE_TILES: inconsistent tile list");
 
 // One row of the tuning table (fused_moe_tuning.h): for T <= t_max (the first
-// such row of the shape), use block_m and the tiles tile1 (GEMM1), tile2 (GEMM2).
+// such row of the shape), use block_m and the tiles tile1 (GEMM1), tile2 (GEMM2);
+// block_m -1 / -2 name a path (fused_moe.h: CUTLASS with GEMM kernel variants
+// tile1 / tile2, or weight streaming).
 struct TuningEntry {
   int64_t t_max;
   int block_m, tile1, tile2;

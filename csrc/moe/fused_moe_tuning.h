@@ -5,8 +5,10 @@
 // then rebuild pcg (the table is compiled in; shapes not tuned in a run are kept).
 // Rows: for T <= t_max (the first such row of the shape; the last row for larger T)
 // use {block_m, GEMM1 tile id, GEMM2 tile id} (ids: fused_moe_tiles.h), or a path:
-// {-1, -1, -1} CUTLASS sm_90a, {-2, -1, -1} weight streaming (a call that cannot take
-// it falls back to the heuristic). Shapes not listed: moe::choose_config's fallback.
+// {-1, g1, g2} CUTLASS sm_90a with GEMM1 / GEMM2 kernel variants g1 / g2 (ids:
+// grouped_gemm_variants.h; -1 the default), {-2, -1, -1} weight streaming (a call that
+// cannot take it falls back to the heuristic). Shapes not listed: moe::choose_config's
+// fallback.
 // Key: (E_local = w13.size(0), top_k, H, I).
 #pragma once
 

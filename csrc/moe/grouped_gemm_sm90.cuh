@@ -1,9 +1,9 @@
-// CUTLASS 3.x sm_90a grouped GEMM of fused_moe's CUTLASS path (interface:
+// CUTLASS 3.x sm_90a grouped GEMMs of fused_moe's CUTLASS path (interface:
 // grouped_gemm_sm90.h), instantiated per dtype in grouped_gemm_sm90_{bf16,f16}.cu.
 // A row-major [M,K], B "column-major" [N,K] (the weights as stored), D
 // row-major [M,N]; ptr-array grouped kernels (one group per local expert),
-// TMA warp-specialized (GEMM1 cooperative, GEMM2 per PCG_MOE_GEMM2_KERNEL),
-// no C operand (D = A.B^T).
+// TMA warp-specialized, no C operand (D = A.B^T). Every kernel variant of
+// grouped_gemm_variants.h is built; each GEMM runs the one its config names.
 // Problem shapes live only on the device (host shapes: nullptr), so the host
 // never needs the routing.
 #pragma once
@@ -22,15 +22,26 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "moe/grouped_gemm_sm90.h"
+#include "moe/grouped_gemm_variants.h"
 
 namespace pcg::moe::sm90 {
 
 using namespace cute;
 
-// One CUTLASS kernel type: ptr-array grouped, tile TileShape, no cluster,
-// KernelSchedule / EpilogueSchedule a matching cooperative or pingpong pair.
-template <typename Element, typename TileShape_, typename KernelSchedule,
-          typename EpilogueSchedule>
+// A matching mainloop / epilogue schedule pair (GemmSchedule of the list).
+struct CooperativeSchedule {
+  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+struct PingpongSchedule {
+  using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+};
+
+// One CUTLASS kernel type: ptr-array grouped, tile TileShape, cluster
+// ClusterShape (multicast of B across the CTAs along M), Schedule one of the
+// pairs above.
+template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule>
 struct GroupedGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using LayoutA = cutlass::layout::RowMajor;
@@ -39,13 +50,13 @@ struct GroupedGemmKernel {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
   using Acc = float;
   using TileShape = TileShape_;
-  using ClusterShape = Shape<_1, _1, _1>;
+  using ClusterShape = ClusterShape_;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc,
       void, LayoutD*, kAlign,  // no C operand
-      Element, LayoutD*, kAlign, EpilogueSchedule,
+      Element, LayoutD*, kAlign, typename Schedule::Epilogue,
       cutlass::epilogue::fusion::LinearCombination<Element, Acc>>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -53,60 +64,62 @@ struct GroupedGemmKernel {
       LayoutB*, kAlign, Acc, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
+      typename Schedule::Kernel>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-template <typename Element, typename TileShape>
-using CooperativeKernel =
-    GroupedGemmKernel<Element, TileShape,
-                      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
-                      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
-template <typename Element, typename TileShape>
-using PingpongKernel =
-    GroupedGemmKernel<Element, TileShape, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
-                      cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+// Variant<Element, id>: the kernel type of list entry `id`.
+template <typename Element, int Id>
+struct Variant;
+#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm)                               \
+  template <typename Element>                                                                \
+  struct Variant<Element, id>                                                                \
+      : GroupedGemmKernel<Element, Shape<Int<tm>, Int<tn>, Int<tk>>, Shape<Int<cm>, _1, _1>, \
+                          sched##Schedule> {};
+PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_TYPE)
+#undef PCG_SM90_VARIANT_TYPE
 
-// GEMM2's kernel, chosen at build time (CMake PCG_MOE_GEMM2, see
-// docs/fused_moe_paths.md): GEMM2's K = I is short (768 on Qwen3: 12 k-steps),
-// so the cooperative kernel's epilogue, which no mainloop overlaps, is a large
-// share of each tile; pingpong runs one warpgroup's epilogue under the other's
-// mainloop. 0: cooperative 128x256x64 (GEMM1's kernel; the default: on the
-// H200 pingpong 64x256 was 2% faster at T = 1024 but 13-24% slower at 16384 on
-// Qwen3 / DeepSeek-V2-Lite), 1: pingpong 64x256x64, 2: pingpong 128x128x64.
-#ifndef PCG_MOE_GEMM2_KERNEL
-#define PCG_MOE_GEMM2_KERNEL 0
-#endif
+// Calls f(Variant<Element, id>{}) for a listed id (f returns cudaError_t);
+// cudaErrorInvalidValue for another id.
+template <typename Element, typename F>
+cudaError_t with_variant(int id, F&& f) {
+  switch (id) {
+#define PCG_SM90_VARIANT_CASE(vid, ...) \
+    case vid: return f(Variant<Element, vid>{});
+    PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_CASE)
+#undef PCG_SM90_VARIANT_CASE
+    default: return cudaErrorInvalidValue;
+  }
+}
 
-// Both GEMMs of one dtype. GEMM1 (K = H): cooperative 128x256x64 (two consumer
-// warpgroups on one tile), not tuned (see docs/fused_moe_paths.md). The two
-// kernels share the argument arrays (same shape / stride types, asserted) and
-// CUTLASS's workspace (sized for the larger; they run one after the other).
+// Whether kernels K and L take the same problem-shape and stride types.
+template <typename K, typename L>
+constexpr bool kSameArgTypes =
+    std::is_same_v<typename K::ProblemShape, typename L::ProblemShape> &&
+    std::is_same_v<typename K::Kernel::InternalStrideA, typename L::Kernel::InternalStrideA> &&
+    std::is_same_v<typename K::Kernel::InternalStrideB, typename L::Kernel::InternalStrideB> &&
+    std::is_same_v<typename K::Kernel::InternalStrideD, typename L::Kernel::InternalStrideD>;
+
+// Both GEMMs of one dtype. Every variant reads the same device argument
+// arrays (one setup kernel for all: same shape / stride types, asserted) and
+// the same CUTLASS workspace (sized for the largest variant; the GEMMs run
+// one after the other).
 template <typename Element>
 struct GroupedGemm {
-  using Gemm1 = CooperativeKernel<Element, Shape<_128, _256, _64>>;
-#if PCG_MOE_GEMM2_KERNEL == 0
-  using Gemm2 = Gemm1;
-#elif PCG_MOE_GEMM2_KERNEL == 1
-  using Gemm2 = PingpongKernel<Element, Shape<_64, _256, _64>>;
-#elif PCG_MOE_GEMM2_KERNEL == 2
-  using Gemm2 = PingpongKernel<Element, Shape<_128, _128, _64>>;
-#else
-#error "PCG_MOE_GEMM2_KERNEL must be 0, 1 or 2"
-#endif
-
-  using ProblemShape = typename Gemm1::ProblemShape;
+  using Base = Variant<Element, kDefaultGemmVariant>;
+  using ProblemShape = typename Base::ProblemShape;
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
-  using StrideA = typename Gemm1::Kernel::InternalStrideA;
-  using StrideB = typename Gemm1::Kernel::InternalStrideB;
-  using StrideD = typename Gemm1::Kernel::InternalStrideD;
-  static_assert(std::is_same_v<ProblemShape, typename Gemm2::ProblemShape> &&
-                    std::is_same_v<StrideA, typename Gemm2::Kernel::InternalStrideA> &&
-                    std::is_same_v<StrideB, typename Gemm2::Kernel::InternalStrideB> &&
-                    std::is_same_v<StrideD, typename Gemm2::Kernel::InternalStrideD>,
-                "the setup kernel writes one set of shapes / strides for both GEMMs' kernels");
+  using StrideA = typename Base::Kernel::InternalStrideA;
+  using StrideB = typename Base::Kernel::InternalStrideB;
+  using StrideD = typename Base::Kernel::InternalStrideD;
+#define PCG_SM90_VARIANT_SHARES(id, name, ...)                                          \
+  static_assert(kSameArgTypes<Base, Variant<Element, id>>,                             \
+                "variant " #name ": the setup kernel writes one set of shapes / strides " \
+                "for every variant");
+  PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_SHARES)
+#undef PCG_SM90_VARIANT_SHARES
   static_assert(sizeof(Shape3) <= kGroupedArgSlotBytes && sizeof(StrideA) <= kGroupedArgSlotBytes &&
                     sizeof(StrideB) <= kGroupedArgSlotBytes &&
                     sizeof(StrideD) <= kGroupedArgSlotBytes,
@@ -138,7 +151,7 @@ struct GroupedGemm {
     return r;
   }
 
-  // Arguments of kernel K (Gemm1 or Gemm2) for GEMM `which`.
+  // Arguments of kernel K (a Variant) for GEMM `which`.
   template <typename K>
   static typename K::Gemm::Arguments arguments(const MoeGroupedGemmArgs& a, int which) {
     const Arrays r = arrays(a.args, a.E, which);
@@ -210,20 +223,33 @@ __global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, typename GroupedGemm<
   g2.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, H, 1));
 }
 
+template <typename Element, typename K>
+size_t workspace_bytes_of(const MoeGroupedGemmArgs& a) {
+  using G = GroupedGemm<Element>;
+  const size_t w1 = K::Gemm::get_workspace_size(G::template arguments<K>(a, 1));
+  const size_t w2 = K::Gemm::get_workspace_size(G::template arguments<K>(a, 2));
+  return w1 > w2 ? w1 : w2;
+}
+
+// The largest workspace of any variant for either GEMM (one buffer serves
+// whichever variants the config names).
 template <typename Element>
 size_t workspace_bytes(int64_t E, int sm_count) {
-  using G = GroupedGemm<Element>;
   MoeGroupedGemmArgs a;
   a.E = E;
   a.sm_count = sm_count;
   // Only the group count and the SM count matter here; no pointer is read.
   alignas(256) static char dummy[256];
   a.args = dummy;
-  using K1 = typename G::Gemm1;
-  using K2 = typename G::Gemm2;
-  const size_t w1 = K1::Gemm::get_workspace_size(G::template arguments<K1>(a, 1));
-  const size_t w2 = K2::Gemm::get_workspace_size(G::template arguments<K2>(a, 2));
-  return w1 > w2 ? w1 : w2;
+  size_t w = 0;
+#define PCG_SM90_VARIANT_WORKSPACE(id, ...)                                  \
+  {                                                                          \
+    const size_t v = workspace_bytes_of<Element, Variant<Element, id>>(a);   \
+    w = v > w ? v : w;                                                       \
+  }
+  PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_WORKSPACE)
+#undef PCG_SM90_VARIANT_WORKSPACE
+  return w;
 }
 
 template <typename Element>
@@ -252,13 +278,14 @@ cudaError_t run_kernel(const MoeGroupedGemmArgs& a, int which, cudaStream_t stre
   return cudaGetLastError();
 }
 
+// GEMM `which` (1 or 2) with kernel variant `variant` (a listed id).
 template <typename Element>
-cudaError_t run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
-  using G = GroupedGemm<Element>;
+cudaError_t run(const MoeGroupedGemmArgs& a, int which, int variant, cudaStream_t stream) {
+  if (which != 1 && which != 2) return cudaErrorInvalidValue;
   if (a.E <= 0) return cudaSuccess;
-  if (which == 1) return run_kernel<Element, typename G::Gemm1>(a, 1, stream);
-  if (which == 2) return run_kernel<Element, typename G::Gemm2>(a, 2, stream);
-  return cudaErrorInvalidValue;
+  return with_variant<Element>(variant, [&](auto v) {
+    return run_kernel<Element, decltype(v)>(a, which, stream);
+  });
 }
 
 }  // namespace pcg::moe::sm90
@@ -272,7 +299,8 @@ cudaError_t run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
   cudaError_t grouped_setup_##SUFFIX(const MoeGroupedGemmArgs& a, cudaStream_t s) {            \
     return sm90::setup<ELEMENT>(a, s);                                                          \
   }                                                                                             \
-  cudaError_t grouped_run_##SUFFIX(const MoeGroupedGemmArgs& a, int which, cudaStream_t s) {   \
-    return sm90::run<ELEMENT>(a, which, s);                                                     \
+  cudaError_t grouped_run_##SUFFIX(const MoeGroupedGemmArgs& a, int which, int variant,      \
+                                   cudaStream_t s) {                                            \
+    return sm90::run<ELEMENT>(a, which, variant, s);                                            \
   }                                                                                             \
   }

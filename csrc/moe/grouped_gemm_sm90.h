@@ -4,6 +4,7 @@
 //                                              D in the input dtype)
 //   GEMM1: A = sorted hidden rows, B = w13[e], N = 2I, K = H -> gate_up
 //   GEMM2: A = inter,              B = w2[e],  N = H,  K = I -> d2
+// Each GEMM runs one of the kernel variants of grouped_gemm_variants.h.
 // A_e / D_e start at expert e's first sorted slot (moe_align with block_m,
 // runs padded to block_m); M_e is e's number of valid pairs (moe_align puts
 // them first in the run), so padding slots are neither read nor written.
@@ -59,15 +60,18 @@ struct MoeGroupedGemmArgs {
 // True when this build holds the sm_90a CUTLASS kernels (PCG_WITH_CUTLASS_SM90).
 bool grouped_gemm_sm90_built();
 
-// CUTLASS workspace bytes: the larger of the two GEMM kernels' (they share it and
-// run one after the other).
+// CUTLASS workspace bytes: the largest of every kernel variant's, for either
+// GEMM (the two GEMMs share it and run one after the other).
 size_t grouped_gemm_sm90_workspace_bytes(DType dtype, int64_t E, int sm_count);
 
-// Writes both GEMMs' problem shapes, pointers and strides into a.args.
+// Writes both GEMMs' problem shapes, pointers and strides into a.args (read by
+// every variant).
 cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs& a, cudaStream_t stream);
 
-// Runs GEMM `which` (1 or 2) from the arrays the setup wrote.
-cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream);
+// Runs GEMM `which` (1 or 2) from the arrays the setup wrote, with kernel
+// `variant` (an id of grouped_gemm_variants.h; cudaErrorInvalidValue otherwise).
+cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, int variant,
+                                  cudaStream_t stream);
 
 #endif
 

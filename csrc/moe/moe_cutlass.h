@@ -1,13 +1,15 @@
 // fused_moe's CUTLASS sm_90a path (selected by the tuning table or forced with
-// config = [-1, -1, -1]; see docs/fused_moe_paths.md). Torch-free. Pipeline on one
-// stream, fixed sizes, no host synchronisation (capturable):
+// config = [-1, g1, g2], g1 / g2 the GEMM1 / GEMM2 kernel variants of
+// grouped_gemm_variants.h, -1 the default; see docs/fused_moe_paths.md).
+// Torch-free. Pipeline on one stream, fixed sizes, no host synchronisation
+// (capturable):
 //   1. moe_align with block_m = kCutlassBlockM (small padding per expert),
 //      and its inverse map pair_slot[pair] (-1 for pairs without a slot)
 //   2. permute: each hidden row read once, stored to its expert-sorted slots
 //   3. setup: per-expert problem shapes / pointers / strides on the device
-//   4. GEMM1 (CUTLASS grouped): gate_up = a_sorted . w13[e]^T       (dtype)
+//   4. GEMM1 (CUTLASS grouped, variant g1): gate_up = a_sorted . w13[e]^T  (dtype)
 //   5. activation: inter = act(gate + b13, up + b13)                 (dtype)
-//   6. GEMM2 (CUTLASS grouped): d2 = inter . w2[e]^T (into a_sorted) (dtype)
+//   6. GEMM2 (CUTLASS grouped, variant g2): d2 = inter . w2[e]^T  (dtype, into a_sorted)
 //   7. unpermute-reduce: out[t] = sum_j w[t,j] * (d2[slot(t,j)] + b2[e])
 // Rounding differs from the mma.sync path in two places: gate/up are rounded
 // to dtype before the activation, and d2 before the weighted sum.
@@ -53,9 +55,9 @@ namespace pcg::moe {
 bool cutlass_moe_built();
 // CUTLASS's workspace for E groups (0 when not built).
 size_t cutlass_moe_gemm_workspace_bytes(DType dtype, int64_t E, int sm_count);
-// Runs the pipeline above; p.config.block_m must be kCutlassBlockM and
-// p.max_blocks = cutlass_moe_max_blocks(T, k, E). cudaErrorNotSupported when
-// not built.
+// Runs the pipeline above; p.config must be {kCutlassBlockM, g1, g2} with listed
+// variant ids (no -1) and p.max_blocks = cutlass_moe_max_blocks(T, k, E).
+// cudaErrorNotSupported when not built.
 cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBuffers& b,
                                      cudaStream_t stream);
 

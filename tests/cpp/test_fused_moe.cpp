@@ -105,7 +105,8 @@ TEST(FusedMoe, ConfigOverride) {
                        "silu", ok);
   EXPECT_TRUE(at::equal(out, ref));
   for (const std::vector<int64_t>& bad :
-       {std::vector<int64_t>{16, 0}, {48, -1, -1}, {16, 0, 4} /* tiles on fp32 */}) {
+       {std::vector<int64_t>{16, 0}, {48, -1, -1}, {16, 0, 4} /* tiles on fp32 */,
+        {-1, 0, 1} /* the CUTLASS path on fp32 */}) {
     try {
       fused_moe(c.hidden, c.w13, c.w2, c.weights, c.ids, c.map, c.num_valid, c.b13, c.b2, "silu",
                 bad);
@@ -134,6 +135,29 @@ TEST(FusedMoe, ChooseConfig) {
   }
   EXPECT_FALSE(config_is_valid(MoeConfig{16, 4, 0}, DType::kBFloat16));  // swapped GEMMs
   EXPECT_FALSE(config_is_valid(MoeConfig{32, 0, 4}, DType::kBFloat16));  // BM != block_m
+}
+
+// Path configs: the CUTLASS path [-1, g1, g2] takes -1 or a listed GEMM kernel
+// variant per GEMM; the stream path only [-2, -1, -1]; neither runs fp32.
+TEST(FusedMoe, PathConfigs) {
+  using namespace pcg::moe;
+  for (int g1 = -1; g1 < kNumGemmVariants; ++g1) {
+    for (int g2 = -1; g2 < kNumGemmVariants; ++g2) {
+      EXPECT_TRUE(config_is_valid(MoeConfig{kCutlassConfig, g1, g2}, DType::kBFloat16));
+      EXPECT_FALSE(config_is_valid(MoeConfig{kCutlassConfig, g1, g2}, DType::kFloat32));
+    }
+  }
+  for (const int bad : {-2, kNumGemmVariants, 100}) {
+    EXPECT_FALSE(is_path_config(MoeConfig{kCutlassConfig, bad, -1}));
+    EXPECT_FALSE(is_path_config(MoeConfig{kCutlassConfig, -1, bad}));
+  }
+  EXPECT_TRUE(is_path_config(MoeConfig{kStreamConfig, -1, -1}));
+  EXPECT_FALSE(is_path_config(MoeConfig{kStreamConfig, 0, -1}));
+  EXPECT_EQ(resolve_gemm_variant(-1), kDefaultGemmVariant);
+  EXPECT_EQ(resolve_gemm_variant(2), 2);
+  // Untuned shapes take the CUTLASS path with the default kernels.
+  const MoeConfig c = choose_config(3, 2, 16, 8, 1000, DType::kBFloat16, {true, false});
+  EXPECT_EQ(c, (MoeConfig{kCutlassConfig, -1, -1}));
 }
 
 #ifdef PCG_WITH_CUDA

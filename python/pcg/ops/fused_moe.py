@@ -88,6 +88,37 @@ def fused_moe_tiles() -> List[MoeTile]:
     return tiles
 
 
+class CutlassVariant(NamedTuple):
+    """One kernel variant of the CUTLASS path's grouped GEMMs
+    (csrc/moe/grouped_gemm_variants.h): config ``[-1, g1, g2]`` runs GEMM1 with
+    variant ``g1`` and GEMM2 with ``g2`` (-1: variant 0, the default).
+    ``pingpong``: one tile per consumer warpgroup (else cooperative: both on
+    one tile); ``cluster_m`` > 1: CTAs along M share each B tile (TMA multicast)."""
+    id: int
+    name: str
+    pingpong: bool
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    cluster_m: int
+
+
+_CUTLASS_VARIANT_FIELDS = 6
+
+
+def fused_moe_cutlass_variants() -> List[CutlassVariant]:
+    """Every GEMM kernel variant id of pcg::fused_moe's CUTLASS path, read from the
+    native library (``torch.ops.pcg.fused_moe_cutlass_variants``). The list is
+    the same in every build; whether this one runs the path: ``fused_moe_paths``."""
+    info, names = torch.ops.pcg.fused_moe_cutlass_variants()
+    out = []
+    n = _CUTLASS_VARIANT_FIELDS
+    for i, name in enumerate(names):
+        vid, pingpong, tm, tn, tk, cm = info[i * n:(i + 1) * n]
+        out.append(CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm))
+    return out
+
+
 def fused_moe_config(num_local_experts: int, top_k: int, hidden_size: int,
                      intermediate_size: int, num_tokens: int,
                      dtype: torch.dtype = torch.bfloat16, *, cutlass: bool = False,
@@ -98,7 +129,8 @@ def fused_moe_config(num_local_experts: int, top_k: int, hidden_size: int,
     float32 (its kernel has only block_m).
 
     ``cutlass`` / ``stream``: whether the call can take the CUTLASS sm_90a path
-    (``(-1, -1, -1)``: a build with it, an sm_90 GPU, bf16/fp16, H and I
+    (``(-1, g1, g2)``, g1 / g2 its GEMM kernel variants or -1 for the default
+    (``fused_moe_cutlass_variants()``): a build with it, an sm_90 GPU, bf16/fp16, H and I
     multiples of 8, 16-byte aligned tensors) and the weight-streaming path
     (``(-2, -1, -1)``); pcg::fused_moe decides this per call. Without them the
     answer is the mma.sync kernels' config."""
@@ -184,9 +216,11 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             (rows per GEMM block); tile1 / tile2 are ids from ``fused_moe_tiles()`` of a
             GEMM1 (gated) / GEMM2 tile whose ``block_m`` equals block_m, or -1 for
             block_m's default tile. float32 takes only block_m (tile ids must be -1).
-            Two configs select other implementations (bf16/fp16 only): ``[-1, -1, -1]``
+            Two configs select other implementations (bf16/fp16 only): ``[-1, g1, g2]``
             the CUTLASS sm_90a grouped-GEMM path (large T; an sm_90 GPU and a build with
-            it) and ``[-2, -1, -1]`` the weight-streaming path (a few tokens: T * k <= 128
+            it), GEMM1 on kernel variant g1 and GEMM2 on g2 (ids of
+            ``fused_moe_cutlass_variants()``, -1: the default variant 0), and
+            ``[-2, -1, -1]`` the weight-streaming path (a few tokens: T * k <= 128
             pairs; two kernels that read each hit expert's weights once). Both need H and
             I multiples of 8 and 16-byte aligned hidden / w13 / w2; a forced path the call
             cannot take is a ValueError. The CPU kernel validates config and otherwise
@@ -209,5 +243,6 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                                    None if config is None else [int(c) for c in config])
 
 
-__all__ = ["MoeTile", "fused_moe", "fused_moe_candidates", "fused_moe_config", "fused_moe_paths",
-           "fused_moe_tiles", "moe_align_max_blocks"]
+__all__ = ["CutlassVariant", "MoeTile", "fused_moe", "fused_moe_candidates", "fused_moe_config",
+           "fused_moe_cutlass_variants", "fused_moe_paths", "fused_moe_tiles",
+           "moe_align_max_blocks"]
