@@ -19,40 +19,52 @@ namespace pcg::moe::tuning {
 // mixtral-8x7b: E_local=8 top_k=2 H=4096 I=14336
 inline constexpr TuningEntry kShape0[] = {
     // {t_max, block_m, tile1, tile2}
-    {55, -2, -1, -1},  // stream; us (heuristic): T1 191.9/251.4 T48 834.4/853.4
-    {78, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (heuristic): T64 806.2/989.0
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T96 864.0/989.8 T16384 19355.1/42562.7
+    {55, -2, -1, -1},  // stream; us (heuristic): T1 192.0/246.5 T48 837.9/838.5
+    {78, 32, 1, 5},  // g32x64x64_w2x2_s4 + d32x64x64_w2x2_s4; us (heuristic): T64 797.9/981.3
+    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T96 751.7/989.8 T192 758.0/1467.4
+    {443, -1, -1, -1},  // cutlass_sm90; us (heuristic): T256 799.9/1565.0 T384 803.0/1974.5
+    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 949.5/2428.1
+    {1448, -1, -1, -1},  // cutlass_sm90; us (heuristic): T768 1086.8/3358.1 T1024 1382.6/4130.6
+    {2896, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 2298.7/6047.3
+    {11585, -1, -1, -1},  // cutlass_sm90; us (heuristic): T4096 4513.2/11382.2 T8192 8131.0/22013.4
+    {16384, -1, 3, -1},  // cutlass_sm90 coop_128x256x64_c2x1 + default; us (heuristic): T16384 18039.2/42837.0
 };
 
 // gpt-oss-20b: E_local=32 top_k=4 H=2880 I=2880
 inline constexpr TuningEntry kShape1[] = {
     // {t_max, block_m, tile1, tile2}
-    {32, -2, -1, -1},  // stream; us (heuristic): T1 62.5/85.7 T32 425.8/451.1
-    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T48 455.9/455.9 T96 467.4/467.4
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 469.8/546.4 T16384 5470.8/12706.0
+    {32, -2, -1, -1},  // stream; us (heuristic): T1 65.2/83.7 T32 443.4/449.8
+    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T48 455.1/455.1 T96 466.7/466.7
+    {443, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T128 434.8/539.6 T384 457.5/880.2
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T512 473.5/883.1 T16384 5315.5/12819.9
 };
 
 // deepseek-v2-lite: E_local=64 top_k=6 H=2048 I=1408
 inline constexpr TuningEntry kShape2[] = {
     // {t_max, block_m, tile1, tile2}
-    {11, -2, -1, -1},  // stream; us (heuristic): T1 39.9/56.2 T8 170.8/187.4
-    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T16 254.8/254.8 T96 335.9/335.9
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 338.0/341.7 T16384 3075.9/7012.9
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 40.5/56.5 T8 163.2/185.3
+    {78, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T16 251.0/251.0 T64 330.9/330.9
+    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T96 314.2/336.3 T512 341.9/646.0
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T768 368.6/713.8 T16384 3004.9/7120.5
 };
 
 // qwen3-30b-a3b: E_local=128 top_k=8 H=2048 I=768
 inline constexpr TuningEntry kShape3[] = {
     // {t_max, block_m, tile1, tile2}
-    {11, -2, -1, -1},  // stream; us (heuristic): T1 34.3/52.6 T8 138.1/169.9
-    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T16 234.8/234.8 T96 348.5/348.5
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 352.7/360.1 T16384 2508.3/5505.9
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 30.9/52.3 T8 136.8/170.3
+    {110, 16, 0, 4},  // g16x64x64_w1x4_s4 + d16x64x64_w1x4_s4; us (heuristic): T16 234.8/234.8 T96 346.0/346.0
+    {156, -1, -1, -1},  // cutlass_sm90; us (heuristic): T128 352.9/350.0
+    {886, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T192 339.7/384.8 T768 380.1/732.4
+    {1448, -1, -1, -1},  // cutlass_sm90; us (heuristic): T1024 406.0/677.7
+    {2896, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 479.4/1080.7
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T4096 742.5/1910.1 T16384 2434.6/5535.2
 };
 
 inline constexpr TuningShape kShapes[] = {
-    {8, 2, 4096, 14336, kShape0, 3},
-    {32, 4, 2880, 2880, kShape1, 3},
-    {64, 6, 2048, 1408, kShape2, 3},
-    {128, 8, 2048, 768, kShape3, 3},
+    {8, 2, 4096, 14336, kShape0, 9},
+    {32, 4, 2880, 2880, kShape1, 4},
+    {64, 6, 2048, 1408, kShape2, 4},
+    {128, 8, 2048, 768, kShape3, 7},
     {0, 0, 0, 0, nullptr, 0},  // end
 };
 
