@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import pcg
-from pcg.ops.fused_moe import (fused_moe_candidates, fused_moe_config, fused_moe_paths,
-                               fused_moe_tiles, moe_align_max_blocks)
+from pcg.ops.fused_moe import (fused_moe_candidates, fused_moe_config, fused_moe_cutlass_variants,
+                               fused_moe_paths, fused_moe_tiles, moe_align_max_blocks)
 from pcg.timing import capture_graph
 
 @pytest.fixture(autouse=True, scope="module")
@@ -410,13 +410,18 @@ def test_config_op_table_with_paths_is_valid():
     """With both paths available, every table choice is a path or a valid tile pair,
     and without them the same call gets an mma.sync config."""
     tiles = {t.id: t for t in fused_moe_tiles()}
+    n_variants = len(fused_moe_cutlass_variants())
     for E, k, H, I in [(128, 8, 2048, 768), (8, 2, 4096, 14336), (64, 6, 2048, 1408),
                        (32, 4, 2880, 2880)]:
         for T in [1, 2, 5, 16, 100, 256, 1000, 4096, 16384, 10 ** 6]:
             cfg = fused_moe_config(E, k, H, I, T, cutlass=True, stream=True)
-            if cfg in ((-1, -1, -1), (-2, -1, -1)):
-                continue
             bm, t1, t2 = cfg
+            if bm == -1:  # CUTLASS GEMM kernel variants (-1: the default)
+                assert {t1, t2} <= {-1} | set(range(n_variants)), cfg
+                continue
+            if bm == -2:  # the stream path's down kernel (-1: the default)
+                assert t1 in (-1, 0, 1) and t2 == -1, cfg
+                continue
             assert tiles[t1].gated and not tiles[t2].gated and tiles[t1].block_m == bm
 
 
