@@ -359,7 +359,10 @@ def plot(result: dict, path: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("tokens per rank")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # (a --part run leaves the other panel empty)
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not run (--part)", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

@@ -134,10 +134,16 @@ def main() -> int:
         name = next(n for n in SHAPES if n.startswith(s))
         E, k, H, I = SHAPES[name]
         for T in args.tokens:
-            if args.plain:
-                plain_calls(E, k, H, I, T, args.iters, device, args.config)
+            try:
+                if args.plain:
+                    plain_calls(E, k, H, I, T, args.iters, device, args.config)
+                    continue
+                cfg, per = profile_one(E, k, H, I, T, args.iters, device, args.config)
+            except ValueError as exc:  # a forced config this call cannot take
+                if args.config is None:
+                    raise
+                print(f"{name:17s} T={T:6d} config {args.config}: skipped ({exc})", flush=True)
                 continue
-            cfg, per = profile_one(E, k, H, I, T, args.iters, device, args.config)
             total = sum(per.values())
             parts = "  ".join(f"{n} {v:.1f}" for n, v in sorted(per.items(), key=lambda x: -x[1]))
             print(f"{name:17s} T={T:6d} config {cfg} kernels {total:9.1f} us | {parts}",

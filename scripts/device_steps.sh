@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One device call: build against the machine's torch, then run the named steps
+# One device call: build against the machine's torch (or use a library prebuilt
+# here from the same sources: scripts/prebuild_device_lib.sh, carry .prebuilt),
+# then run the named steps
 # in order, each with a time limit, inside an overall budget ($BUDGET_S,
 # default 560 s, counted from the start of the build). Logs are packed into
 # $OUT/logs.tar.gz (few files come back from the device); JSON/PNG results of
@@ -17,7 +19,8 @@
 #   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments;
 #                   $NCU_KERNELS: kernel-name regex, default moe_)
 #   tune            bench/tune_moe.py ($TUNE_ARGS): rewrites csrc/moe/fused_moe_tuning.h, copied to $OUT
-#   rebuild         pip install -e . again (e.g. after tune wrote a new table)
+#   rebuild         build again (e.g. after tune wrote a new table: the sources no longer
+#                   match a carried .prebuilt library, so this one compiles)
 #   moe             bench/moe.py ($MOE_ARGS)
 #   e2e             bench/e2e.py ($E2E_ARGS)
 #   split           bench/split_cost.py ($SPLIT_ARGS): where pcg loses time vs one whole graph
@@ -38,7 +41,17 @@ echo "gpus: $ngpu"
 t0=$(date +%s)
 deadline=$(( t0 + ${BUDGET_S:-560} ))
 build() {
-  local s=$(date +%s)
+  local s=$(date +%s) lib=$PWD/.prebuilt/libpcg_ops.so
+  # A library prebuilt here from these very sources (scripts/prebuild_device_lib.sh,
+  # carried as .prebuilt) saves the build, if it loads.
+  if [ -f .prebuilt/STAMP ] && [ "$(bash scripts/source_stamp.sh)" = "$(cat .prebuilt/STAMP)" ] &&
+     PCG_LIBRARY=$lib PYTHONPATH=$PWD/python $py -c "import pcg" > "$L/prebuilt.log" 2>&1; then
+    export PCG_LIBRARY=$lib PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+    echo "build: prebuilt library (.prebuilt, stamp $(cat .prebuilt/STAMP))"
+    return 0
+  fi
+  [ -f .prebuilt/STAMP ] && echo "build: .prebuilt is stale or does not load; building"
+  unset PCG_LIBRARY
   $py -m pip install -q --no-build-isolation --no-deps -e . > "$L/build.log" 2>&1 || { tail -60 "$L/build.log"; return 1; }
   echo "build: $(( $(date +%s) - s )) s"
 }
