@@ -19,15 +19,6 @@ namespace {
 constexpr const char* kOp = "fused_moe";
 constexpr const char* kPath = "the CUTLASS path (config [-1, g1, g2])";
 
-// A GEMM's variant of the config: -1 -> the default, a listed id as is.
-int variant_of(int id, int gemm, const moe::MoeConfig& c) {
-  PCG_CHECK_ARG(kOp, "config", moe::is_gemm_variant_id(id), "GEMM", gemm,
-                "'s kernel variant ", id, " is not one of the ", moe::kNumGemmVariants,
-                " CUTLASS variants (pcg.ops.fused_moe.fused_moe_cutlass_variants()), got [",
-                c.block_m, ", ", c.tile1, ", ", c.tile2, "]");
-  return moe::resolve_gemm_variant(id);
-}
-
 }  // namespace
 
 at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& in,
@@ -58,8 +49,10 @@ at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& 
   check_aligned16("out", out, kPath);
 
   moe::FusedMoeParams p = in.params(s, alpha, limit);
-  p.config = moe::MoeConfig{moe::kCutlassBlockM, variant_of(config.tile1, 1, config),
-                           variant_of(config.tile2, 2, config)};
+  // Variant ids are valid here: a forced config passed check_fused_moe_config,
+  // the table's rows are checked at compile time.
+  p.config = moe::MoeConfig{moe::kCutlassBlockM, moe::resolve_gemm_variant(config.tile1),
+                           moe::resolve_gemm_variant(config.tile2)};
   p.max_blocks = moe::cutlass_moe_max_blocks(s.T, s.k, s.E);
 
   // Workspaces: sizes from the shapes and the device only.

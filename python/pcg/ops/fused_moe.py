@@ -74,18 +74,19 @@ class MoeTile(NamedTuple):
     smem: int
 
 
-_TILE_FIELDS = 9
+def _records(info: List[int], names: List[str]):
+    """(name, fields) of the native list ops' answer: ``info`` holds len(names)
+    records of equal length, flattened."""
+    n = len(info) // max(len(names), 1)
+    return [(name, info[i * n:(i + 1) * n]) for i, name in enumerate(names)]
 
 
 def fused_moe_tiles() -> List[MoeTile]:
     """Every tile id of pcg::fused_moe's bf16/fp16 kernels, read from the native
     library (``torch.ops.pcg.fused_moe_tiles``), so Python and C++ agree."""
-    info, names = torch.ops.pcg.fused_moe_tiles()
-    tiles = []
-    for i, name in enumerate(names):
-        tid, bm, bn, bk, wm, wn, st, gated, smem = info[i * _TILE_FIELDS:(i + 1) * _TILE_FIELDS]
-        tiles.append(MoeTile(tid, name, bm, bn, bk, wm, wn, st, bool(gated), smem))
-    return tiles
+    return [MoeTile(tid, name, bm, bn, bk, wm, wn, st, bool(gated), smem)
+            for name, (tid, bm, bn, bk, wm, wn, st, gated, smem)
+            in _records(*torch.ops.pcg.fused_moe_tiles())]
 
 
 class CutlassVariant(NamedTuple):
@@ -103,20 +104,13 @@ class CutlassVariant(NamedTuple):
     cluster_m: int
 
 
-_CUTLASS_VARIANT_FIELDS = 6
-
-
 def fused_moe_cutlass_variants() -> List[CutlassVariant]:
     """Every GEMM kernel variant id of pcg::fused_moe's CUTLASS path, read from the
     native library (``torch.ops.pcg.fused_moe_cutlass_variants``). The list is
     the same in every build; whether this one runs the path: ``fused_moe_paths``."""
-    info, names = torch.ops.pcg.fused_moe_cutlass_variants()
-    out = []
-    n = _CUTLASS_VARIANT_FIELDS
-    for i, name in enumerate(names):
-        vid, pingpong, tm, tn, tk, cm = info[i * n:(i + 1) * n]
-        out.append(CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm))
-    return out
+    return [CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm)
+            for name, (vid, pingpong, tm, tn, tk, cm)
+            in _records(*torch.ops.pcg.fused_moe_cutlass_variants())]
 
 
 def fused_moe_config(num_local_experts: int, top_k: int, hidden_size: int,
