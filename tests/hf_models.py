@@ -179,6 +179,66 @@ def llama(dtype: torch.dtype = torch.float32, device: Any = "cpu", seed: int = 0
     return build_from_config(config, dtype=dtype, device=device, seed=seed)
 
 
+# More transformers MoE families, built from one generic tiny config (the
+# attribute names of every family are in it; a family ignores the others).
+# Tested by tests/test_hf_more.py; skipped where the installed transformers
+# lacks the family.
+_GENERIC = dict(_BASE, intermediate_size=96, moe_intermediate_size=32, head_dim=16, num_experts=8,
+                n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2, moe_k=2,
+                moe_num_experts=8, first_k_dense_replace=1, n_group=1, topk_group=1,
+                moe_topk=2, num_shared_experts=1, n_shared_experts=1, shared_intermediate_size=32,
+                moe_layer_freq=1, decoder_sparse_step=1, mlp_only_layers=[])
+MORE_FAMILIES = ["glm4_moe", "ernie4_5_moe", "dots1", "hunyuan_v1_moe", "minimax_m2", "phimoe",
+                 "granitemoe", "granitemoeshared", "exaone_moe", "afmoe"]
+
+# Hybrid models (linear attention, state-space, short convolution layers):
+# pcg.wrap must refuse them (their token mixers would run over the packed row).
+HYBRID_FAMILIES = {
+    "minimax": dict(num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
+                    num_experts_per_tok=2),
+    "qwen3_next": dict(num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32,
+                       num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32,
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16),
+    "lfm2_moe": dict(num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32,
+                     num_experts=8, num_experts_per_tok=2, num_dense_layers=1,
+                     layer_types=["full_attention", "conv", "full_attention", "conv"]),
+    "granitemoehybrid": dict(num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
+                             num_experts_per_tok=2, layer_types=["mamba", "attention"],
+                             mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1),
+    "jamba": dict(num_hidden_layers=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
+                  expert_layer_offset=0, mamba_d_state=8, mamba_expand=2, mamba_dt_rank=8,
+                  use_mamba_kernels=False),
+}
+
+
+def has_family(model_type: str) -> bool:
+    from transformers import CONFIG_MAPPING
+    return model_type in CONFIG_MAPPING
+
+
+def build_auto(model_type: str, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+               seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny random ``*ForCausalLM`` of any transformers family through the
+    Auto classes: MORE_FAMILIES from the generic config, HYBRID_FAMILIES from
+    theirs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = dict(_BASE, **HYBRID_FAMILIES[model_type]) if model_type in HYBRID_FAMILIES \
+        else dict(_GENERIC)
+    kw.update(overrides)
+    config = AutoConfig.for_model(model_type, **kw)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    except ValueError:  # a family without sdpa
+        config._attn_implementation = "eager"
+        model = AutoModelForCausalLM.from_config(config)
+    randomize(model, seed=seed)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def padding_mask(lens: list, seq_len: int, side: str) -> torch.Tensor:
     """[B, S] attention mask (1 = real token) for rows of the given lengths,
     padded on the ``side`` ("left" or "right")."""

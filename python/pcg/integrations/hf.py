@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 from typing import Any, Callable, Optional
 
@@ -326,6 +327,62 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
     return w13, w2, b13, b2
 
 
+# ---- token mixers other than attention -------------------------------------------
+
+# Class-name parts of transformers' sequence mixers that do not go through the
+# attention interface (linear / lightning attention, gated delta rules, state
+# space models, short convolutions, recurrences).
+_MIXER_NAME = re.compile(r"(^|_)(linear_attention|lightning|delta_net|mamba\d*|ssm|short_conv|rwkv\d*|"
+                         r"recurrent|retention|hyena|conv1d)(_|$)")
+
+
+def _name_words(cls_name: str) -> str:
+    """``GatedDeltaNet`` -> ``gated_delta_net``, ``FalconSSMLayer`` -> ``falcon_ssm_layer``."""
+    words = re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+\d*[a-z]*|[A-Z]+\d*|\d+", cls_name)
+    return "_".join(w.lower() for w in words)
+
+
+def _check_token_mixers(model: nn.Module, attention: list) -> None:
+    """Refuse models whose layers mix tokens outside the attention interface.
+
+    pcg packs a batch's sequences into one row and only its attention op knows
+    where a sequence ends; a linear-attention, state-space or convolution layer
+    would run over the packed row and mix tokens across sequences (a silently
+    wrong result). Two checks: every layer of a decoder-layer list that holds
+    attention must hold an attention module, and no transformers module may be
+    a known non-attention token mixer."""
+    name_of_model = type(model).__name__
+    attn_names = {n for n, _ in attention}
+    modules = dict(model.named_modules())
+    lists = {n.rsplit(".", 2)[0] for n in attn_names if n.count(".") >= 2}
+    for list_name in sorted(lists):
+        layers = modules.get(list_name)
+        if not isinstance(layers, nn.ModuleList):
+            continue
+        for i, layer in enumerate(layers):
+            prefix = f"{list_name}.{i}."
+            if not any(a.startswith(prefix) for a in attn_names):
+                children = ", ".join(type(c).__name__ for c in layer.children())
+                raise NotImplementedError(
+                    f"pcg.wrap: model {name_of_model}: layer {list_name}.{i} ({type(layer).__name__}: "
+                    f"{children}) has no attention module using transformers' attention interface, so "
+                    "it mixes tokens some other way (linear attention, state-space or convolution). pcg "
+                    "packs a batch's sequences into one row and only its attention knows where each "
+                    "sequence ends: such a layer would mix tokens across sequences. Hybrid "
+                    "linear-attention / state-space models are not supported.")
+    for n, m in modules.items():
+        cls = type(m)
+        if n in attn_names or not cls.__module__.startswith("transformers."):
+            continue
+        if _MIXER_NAME.search(_name_words(cls.__name__)):
+            raise NotImplementedError(
+                f"pcg.wrap: model {name_of_model}: module {n} ({cls.__name__}) looks like a token "
+                "mixer outside transformers' attention interface (linear attention, state-space or "
+                "convolution). pcg packs a batch's sequences into one row and only its attention "
+                "knows where each sequence ends: such a module would mix tokens across sequences. "
+                "Hybrid linear-attention / state-space models are not supported.")
+
+
 # ---- prepare ---------------------------------------------------------------------
 
 def prepare(model: nn.Module, ep_cfg: Any = None):
@@ -347,6 +404,7 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
             f"pcg.wrap: model {name_of_model} has no experts module using transformers' experts "
             "interface (use_experts_implementation); pcg.wrap supports Mixture-of-Experts models")
     # Check everything before changing anything.
+    _check_token_mixers(model, attention)
     for n, m in experts:
         if not m.has_gate:
             raise NotImplementedError(f"pcg.wrap: experts module {n} ({type(m).__name__}) is not "
