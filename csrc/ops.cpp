@@ -88,6 +88,10 @@ TORCH_LIBRARY(pcg, m) {
   // Split op: causal attention over the packed batch of the running forward.
   m.def("attention(Tensor q, Tensor k, Tensor v, int layer) -> Tensor");
   m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, int layer) -> ()");
+  // Split op: a hybrid model's other token mixer (linear attention, state
+  // space, convolution) x [rows, H] -> [rows, H], one packed sequence at a time.
+  m.def("mixer(Tensor x, int layer) -> Tensor");
+  m.def("mixer_out(Tensor x, Tensor(a!) out, int layer) -> ()");
   // Opaque MoE layer: experts (and EP communication) of layer `layer`.
   m.def("moe(Tensor hidden, Tensor topk_weights, Tensor topk_ids, int layer) -> Tensor");
   m.def(

@@ -1,8 +1,9 @@
-"""pcg.wrap on more transformers MoE families than tests/test_hf.py's, each
-from one generic tiny config (tests/hf_models.py MORE_FAMILIES): fp32 on the
-CPU against the unwrapped model, fp32 captured on CUDA; and the refusal of
-hybrid models (linear attention / state-space / convolution layers), whose
-token mixers would run over pcg's packed row across sequence boundaries."""
+"""pcg.wrap on more transformers MoE families than tests/test_hf.py's:
+MORE_FAMILIES from one generic tiny config, and the hybrid HYBRID_FAMILIES
+(linear / lightning attention, gated delta rule, Mamba, short convolution
+layers, which pcg runs per sequence as split ops: pcg::mixer). fp32 on the
+CPU against the unwrapped model (single, packed and padded batches), fp32
+captured on CUDA; a layer with an unknown token mixer is refused."""
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,10 @@ def _family(name: str) -> str:
     return name
 
 
-@pytest.fixture(scope="module", params=MORE_FAMILIES)
+ALL = MORE_FAMILIES + list(HYBRID_FAMILIES)
+
+
+@pytest.fixture(scope="module", params=ALL)
 def pair(request):
     model = build_auto(_family(request.param))
     ref = copy.deepcopy(model)
@@ -44,11 +48,20 @@ def _ref(ref, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch
     return ref(input_ids=ids[None], use_cache=False, **kw).logits[0]
 
 
-def test_registers_every_moe_layer(pair):
+def test_registers_every_layer(pair):
     family, ref, wrapped = pair
     rep = wrapped.report()
-    assert rep.attention_layers == ref.config.num_hidden_layers, rep
+    assert rep.attention_layers + rep.mixer_layers == ref.config.num_hidden_layers, rep
+    assert (rep.mixer_layers > 0) == (family in HYBRID_FAMILIES), rep
     assert rep.moe_layers >= 1, rep
+
+
+@pytest.mark.parametrize("t", [1, 6, 17])
+def test_single_sequence(pair, t):
+    family, ref, wrapped = pair
+    ids = torch.randint(0, VOCAB, (1, t), generator=torch.Generator().manual_seed(t))
+    err = rel_err(wrapped(ids).logits[0], _ref(ref, ids[0]))
+    assert err <= 1e-4, f"{family} T={t}: relative error {err:.3g}"
 
 
 def test_packed_and_padded_match_unwrapped(pair):
@@ -77,7 +90,7 @@ def test_packed_and_padded_match_unwrapped(pair):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", MORE_FAMILIES)
+@pytest.mark.parametrize("family", ALL)
 def test_fp32_capture_matches_unwrapped(family):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -91,16 +104,73 @@ def test_fp32_capture_matches_unwrapped(family):
             expect = ref(input_ids=ids, use_cache=False).logits
         err = rel_err(wrapped(ids).logits, expect)
         assert err <= 1e-3, f"{family} fp32 T={t}: relative error {err:.3g}"
+    lens = [5, 9, 1, 12]  # a packed batch replays the 32-token bucket
+    ids = torch.randint(0, VOCAB, (sum(lens),), generator=g).cuda()
+    pos = torch.cat([torch.arange(n) for n in lens]).cuda()
+    out = wrapped(ids[None], position_ids=pos[None]).logits[0]
+    start = 0
+    for n in lens:
+        with torch.inference_mode():
+            expect = ref(input_ids=ids[None, start:start + n], use_cache=False).logits[0]
+        err = rel_err(out[start:start + n], expect)
+        assert err <= 1e-3, f"{family} fp32 packed: relative error {err:.3g}"
+        start += n
     rep = wrapped.report()
     assert rep.capture_failures == {} and rep.graphs > 0, rep
 
 
-@pytest.mark.parametrize("family", list(HYBRID_FAMILIES))
-def test_hybrid_model_is_refused(family):
+@pytest.mark.parametrize("family,compiler", [("minimax", "eager"), ("qwen3_next", "inductor")])
+def test_hybrid_compile_mode(family, compiler):
+    """Compile mode splits the traced graph at pcg::mixer as at attention."""
     model = build_auto(_family(family))
-    with torch.inference_mode():  # the family itself runs
-        model(input_ids=torch.randint(0, VOCAB, (2, 7)), use_cache=False)
-    with pytest.raises(NotImplementedError, match="across sequences"):
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model, progress=False, compiler=compiler)
+    g = torch.Generator().manual_seed(4)
+    lens = [5, 9, 1, 12]
+    ids = torch.randint(0, VOCAB, (sum(lens),), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    out = wrapped(ids[None], position_ids=pos[None]).logits[0]
+    expect, start = [], 0
+    for n in lens:
+        expect.append(_ref(ref, ids[start:start + n]))
+        start += n
+    err = rel_err(out, torch.cat(expect))
+    assert err <= 1e-4, f"{family} {compiler} packed: relative error {err:.3g}"
+    stats = wrapped._forward_fn.stats
+    assert stats["compile_fallbacks"] == {}, stats
+    assert stats["split_kinds"].get("mixer", 0) == wrapped.report().mixer_layers > 0, stats
+
+
+class _Unknown(torch.nn.Module):
+    """A token mixer pcg does not know (a causal running mean)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        n = torch.arange(1, hidden_states.shape[1] + 1, device=hidden_states.device)
+        return hidden_states.cumsum(1) / n[None, :, None], None
+
+
+def test_unknown_token_mixer_is_refused():
+    model = build_auto(_family("glm4_moe"))
+    model.model.layers[1].self_attn = _Unknown()
+    with pytest.raises(NotImplementedError, match="no token mixer pcg recognises"):
         pcg.wrap(model, progress=False)
-    # Nothing was switched: the model still runs its own implementations.
-    assert model.config._attn_implementation != "pcg"
+    assert model.config._attn_implementation != "pcg"  # nothing was switched
+
+
+def test_mixer_op_outside_a_wrapped_forward_raises():
+    with pytest.raises(RuntimeError, match="outside a pcg-wrapped"):
+        torch.ops.pcg.mixer(torch.randn(3, 8), 0)
+
+
+def test_mixer_opcheck():
+    from pcg.batch import BatchMeta
+    from pcg.registry import LayerRegistry, RunContext, running
+    reg = LayerRegistry()
+    reg.add_mixer(forward=lambda x: (x.cumsum(1), None), name="cumsum")
+    x = torch.randn(7, 5)
+    with running(RunContext(registry=reg, batch=BatchMeta(6, [0, 2, 6], None, 7))):
+        out = torch.ops.pcg.mixer(x, 0)
+        torch.library.opcheck(torch.ops.pcg.mixer.default, (x, 0))
+        torch.library.opcheck(torch.ops.pcg.mixer_out.default, (x, torch.empty_like(x), 0))
+    expect = torch.cat([x[:2].cumsum(0), x[2:6].cumsum(0), torch.zeros(1, 5)])
+    torch.testing.assert_close(out, expect)  # per sequence, pad row zero

@@ -18,6 +18,7 @@ _library.load()
 from . import ops  # noqa: E402
 from . import attention as _attention  # noqa: E402,F401  (pcg::attention kernels)
 from . import moe as _moe  # noqa: E402,F401  (pcg::moe kernels)
+from . import mixer as _mixer  # noqa: E402,F401  (pcg::mixer kernels)
 from . import nn  # noqa: E402
 from .ops import fused_moe, route, weak_ref_tensor  # noqa: E402
 from .registry import LayerRegistry  # noqa: E402

@@ -105,11 +105,13 @@ def _layer_arg(node: torch.fx.Node) -> Optional[int]:
 
 
 def split_kind(node: torch.fx.Node, registry: LayerRegistry) -> Optional[str]:
-    """``"attention"`` / ``"moe"`` when ``node`` is a split op, else None."""
+    """``"attention"`` / ``"mixer"`` / ``"moe"`` when ``node`` is a split op, else None."""
     if node.op != "call_function":
         return None
     if _target_is(node, torch.ops.pcg.attention):
         return "attention"
+    if _target_is(node, torch.ops.pcg.mixer):
+        return "mixer"
     if _target_is(node, torch.ops.pcg.moe):
         lid = _layer_arg(node)
         if lid is not None and 0 <= lid < len(registry.moe_layers) and registry.moe(lid).split:

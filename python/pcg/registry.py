@@ -1,6 +1,7 @@
-"""Layer handles: every attention and MoE layer of a wrapped model gets an
-integer id; the ops ``torch.ops.pcg.attention`` / ``torch.ops.pcg.moe`` carry
-that id and resolve it here.
+"""Layer handles: every attention, MoE and (hybrid models) other token-mixer
+layer of a wrapped model gets an integer id; the ops ``torch.ops.pcg.attention``
+/ ``torch.ops.pcg.moe`` / ``torch.ops.pcg.mixer`` carry that id and resolve it
+here.
 
 Each wrapped model owns one :class:`LayerRegistry`. The registry of the model
 that is running is published through a context variable for the duration of
@@ -75,12 +76,31 @@ class MoELayer:
     name: str = ""
 
 
+@dataclass
+class MixerLayer:
+    """A token mixer that is not attention (linear attention, state-space,
+    short convolution layers of hybrid models). It runs eagerly between graph
+    replays, one sequence at a time: ``forward(x [1, s, H]) -> [1, s, H]`` (or
+    a tuple whose first element is that) is the module's own forward, called
+    with the module's keyword arguments of the first call that are not
+    per-batch tensors (``kwargs``).
+    """
+
+    layer_id: int
+    forward: Callable[..., Any]
+    kwargs: dict = field(default_factory=dict)
+    n_out: int = 0  # the forward returns a tensor (0) or a tuple of n_out led by it
+    module: Any = None
+    name: str = ""
+
+
 class LayerRegistry:
     """The layers of one wrapped model, by id (ids are 0, 1, 2, ... per kind)."""
 
     def __init__(self) -> None:
         self.attention_layers: list[AttentionLayer] = []
         self.moe_layers: list[MoELayer] = []
+        self.mixer_layers: list[MixerLayer] = []
         self.version = 0  # bumped when a layer's implementation changes (captures go stale)
 
     def add_attention(self, **kwargs: Any) -> AttentionLayer:
@@ -92,6 +112,17 @@ class LayerRegistry:
         layer = MoELayer(layer_id=len(self.moe_layers), **kwargs)
         self.moe_layers.append(layer)
         return layer
+
+    def add_mixer(self, **kwargs: Any) -> MixerLayer:
+        layer = MixerLayer(layer_id=len(self.mixer_layers), **kwargs)
+        self.mixer_layers.append(layer)
+        return layer
+
+    def mixer(self, layer_id: int) -> MixerLayer:
+        if not 0 <= layer_id < len(self.mixer_layers):
+            raise KeyError(f"pcg: no mixer layer with id {layer_id} in this model "
+                           f"({len(self.mixer_layers)} registered)")
+        return self.mixer_layers[layer_id]
 
     def attention(self, layer_id: int) -> AttentionLayer:
         if not 0 <= layer_id < len(self.attention_layers):

@@ -22,6 +22,7 @@ class Report:
     debug_max_rel_err: float = 0.0
     compile_fallbacks: dict = field(default_factory=dict)  # compile mode: reason -> calls run uncompiled
     graph_attention_per_bucket: dict = field(default_factory=dict)  # bucket -> attention calls inside its graphs
+    mixer_layers: int = 0  # hybrid models' other token mixers (split ops, run per sequence)
 
     @property
     def graph_attention_buckets(self) -> list:
@@ -51,6 +52,7 @@ class Report:
             compile_fallbacks=dict((getattr(wrapped._forward_fn, "stats", None) or {})
                                    .get("compile_fallbacks", {})),
             graph_attention_per_bucket={n: g.graph_attention for n, g in sorted(graphs.items())},
+            mixer_layers=len(wrapped.registry.mixer_layers),
         )
 
     def as_dict(self) -> dict:
@@ -61,6 +63,7 @@ class Report:
         lines = [
             f"pcg report ({self.integration})",
             f"  layers: {self.attention_layers} attention, {self.moe_layers} MoE"
+            + (f", {self.mixer_layers} other token mixers (split, per sequence)" if self.mixer_layers else "")
             + (f", {len(self.moe_split_layers)} MoE as split ops" if self.moe_split_layers else ""),
             f"  buckets captured: {len(self.buckets)} "
             + (f"({self.buckets[0]}..{self.buckets[-1]} tokens)" if self.buckets else ""),

@@ -265,9 +265,11 @@ def _activation(name: str, m: nn.Module) -> tuple[str, float, float]:
     act = getattr(m, "act_fn", None)
     hidden_act = getattr(m.config, "hidden_act", None)
     from transformers.activations import GELUActivation, SiLUActivation
-    if isinstance(act, (SiLUActivation, nn.SiLU)):
+    import torch.nn.functional as F
+    if isinstance(act, (SiLUActivation, nn.SiLU)) or act is F.silu:
         return "silu", 1.702, 7.0
-    if type(act) is GELUActivation or (isinstance(act, nn.GELU) and act.approximate == "none"):
+    if type(act) is GELUActivation or (isinstance(act, nn.GELU) and act.approximate == "none") or \
+            act is F.gelu:  # F.gelu's default is the exact (erf) form
         return "gelu", 1.702, 7.0
     raise NotImplementedError(
         f"pcg.wrap: experts module {name} ({cls}) uses activation "
@@ -342,18 +344,34 @@ def _name_words(cls_name: str) -> str:
     return "_".join(w.lower() for w in words)
 
 
-def _check_token_mixers(model: nn.Module, attention: list) -> None:
-    """Refuse models whose layers mix tokens outside the attention interface.
+def _find_mixers(model: nn.Module, attention: list) -> list:
+    """The token mixers of a hybrid model that are not attention modules:
+    [(name, module)], outermost matches only.
 
     pcg packs a batch's sequences into one row and only its attention op knows
     where a sequence ends; a linear-attention, state-space or convolution layer
-    would run over the packed row and mix tokens across sequences (a silently
-    wrong result). Two checks: every layer of a decoder-layer list that holds
-    attention must hold an attention module, and no transformers module may be
-    a known non-attention token mixer."""
+    run over the packed row would mix tokens across sequences (a silently wrong
+    result), so each one becomes a split op that runs per sequence. Every layer
+    of a decoder-layer list that holds attention must hold an attention module
+    or a recognised mixer (class-name parts: _MIXER_NAME); a layer with neither
+    mixes tokens in a way pcg does not know, and the model is refused."""
     name_of_model = type(model).__name__
     attn_names = {n for n, _ in attention}
     modules = dict(model.named_modules())
+    found = []
+    for n, m in modules.items():
+        cls = type(m)
+        if n in attn_names or not cls.__module__.startswith("transformers."):
+            continue
+        if not _MIXER_NAME.search(_name_words(cls.__name__)) or \
+                any(n.startswith(f + ".") for f, _ in found):
+            continue
+        # A decoder layer named after its mixer (JambaMambaDecoderLayer) holds
+        # experts or attention: the mixer is inside it.
+        if any(_is_experts_module(c) or _is_attention_module(c) for c in m.modules()):
+            continue
+        found.append((n, m))
+    names = attn_names | {n for n, _ in found}
     lists = {n.rsplit(".", 2)[0] for n in attn_names if n.count(".") >= 2}
     for list_name in sorted(lists):
         layers = modules.get(list_name)
@@ -361,26 +379,99 @@ def _check_token_mixers(model: nn.Module, attention: list) -> None:
             continue
         for i, layer in enumerate(layers):
             prefix = f"{list_name}.{i}."
-            if not any(a.startswith(prefix) for a in attn_names):
+            if not any(a.startswith(prefix) for a in names):
                 children = ", ".join(type(c).__name__ for c in layer.children())
                 raise NotImplementedError(
                     f"pcg.wrap: model {name_of_model}: layer {list_name}.{i} ({type(layer).__name__}: "
-                    f"{children}) has no attention module using transformers' attention interface, so "
-                    "it mixes tokens some other way (linear attention, state-space or convolution). pcg "
-                    "packs a batch's sequences into one row and only its attention knows where each "
-                    "sequence ends: such a layer would mix tokens across sequences. Hybrid "
-                    "linear-attention / state-space models are not supported.")
-    for n, m in modules.items():
-        cls = type(m)
-        if n in attn_names or not cls.__module__.startswith("transformers."):
-            continue
-        if _MIXER_NAME.search(_name_words(cls.__name__)):
-            raise NotImplementedError(
-                f"pcg.wrap: model {name_of_model}: module {n} ({cls.__name__}) looks like a token "
-                "mixer outside transformers' attention interface (linear attention, state-space or "
-                "convolution). pcg packs a batch's sequences into one row and only its attention "
-                "knows where each sequence ends: such a module would mix tokens across sequences. "
-                "Hybrid linear-attention / state-space models are not supported.")
+                    f"{children}) has no attention module using transformers' attention interface "
+                    "and no token mixer pcg recognises (linear attention, gated delta rule, Mamba, "
+                    "short convolution), so it mixes tokens some other way. pcg packs a batch's "
+                    "sequences into one row: such a layer would mix tokens across sequences.")
+    return found
+
+
+# Arguments of a mixer's forward that carry per-batch state pcg does not keep
+# (prefill without a cache): they must be None.
+_CACHE_ARGS = ("past_key_values", "cache_params", "past_key_value", "layer_past")
+
+
+class _MixerArgs:
+    """What a mixer's forward takes (read once, outside any trace): the
+    per-sequence calls get the model's non-tensor arguments as passed, and
+    None for per-batch tensors (masks, positions, rotary tables) the forward
+    requires; optional per-batch tensors are dropped."""
+
+    def __init__(self, orig: Callable, name: str) -> None:
+        self.name = name
+        try:
+            params = list(inspect.signature(orig).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        plain = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        self.positional = [p.name for p in plain[1:]]  # after hidden_states
+        self.required = {p.name for p in plain[1:] if p.default is inspect.Parameter.empty}
+        # What a call gets before (or without: a compiled forward replays no
+        # Python side effect) the model's first call: None for every required one.
+        self.defaults = {k: None for k in self.required}
+
+    def __call__(self, args: tuple, kwargs: dict) -> dict:
+        given = dict(zip(self.positional, args))
+        given.update(kwargs)
+        out = {}
+        for k, v in given.items():
+            if k in _CACHE_ARGS and v is not None:
+                raise NotImplementedError(f"pcg: mixer {self.name} got a cache ({k}); pcg runs "
+                                          "prefill without one (use_cache=False)")
+            if isinstance(v, torch.Tensor) or (
+                    isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v)):
+                if k in self.required:
+                    out[k] = None
+            else:
+                out[k] = v
+        return out
+
+
+def _probe_outputs(m: nn.Module, orig: Callable, spec: _MixerArgs, hidden: int) -> Optional[int]:
+    """The forward's return convention on a one-token dummy row: 0 (a tensor)
+    or the length of the tuple it returns; None if the probe fails (then the
+    op's first eager run tells)."""
+    p = next(iter(m.parameters()), None)
+    x = torch.zeros(1, 1, hidden, device=p.device if p is not None else "cpu",
+                    dtype=p.dtype if p is not None else torch.float32)
+    try:
+        with torch.no_grad():
+            y = orig(x, **spec.defaults)
+    except Exception:  # noqa: BLE001 - a probe only
+        return None
+    return len(y) if isinstance(y, (tuple, list)) else 0
+
+
+def _patch_mixer(m: nn.Module, layer: Any, hidden: int) -> None:
+    """Route the module's forward through pcg::mixer inside a wrapped forward
+    (its own forward everywhere else)."""
+    orig = m.forward
+    spec = _MixerArgs(orig, layer.name)
+    layer.kwargs = dict(spec.defaults)
+    n_out = _probe_outputs(m, orig, spec, hidden)
+    if n_out is not None:
+        layer.n_out = n_out
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        ctx = _reg._RUNNING.get()
+        if ctx is None:
+            return orig(hidden_states, *args, **kwargs)
+        lid = _layer_id(m, "mixer")
+        if hidden_states.dim() != 3 or hidden_states.shape[0] != 1:
+            raise RuntimeError(f"pcg: mixer {layer.name} expects one packed row [1, T, H], got "
+                               f"{tuple(hidden_states.shape)}")
+        layer.kwargs = spec(args, kwargs)
+        y = torch.ops.pcg.mixer(hidden_states[0], lid)[None]
+        n = layer.n_out  # the module's return convention: a tensor, or a tuple led by it
+        return (y,) + (None,) * (n - 1) if n else y
+
+    m.forward = forward
+    m._pcg_orig_forward = orig
 
 
 # ---- prepare ---------------------------------------------------------------------
@@ -404,7 +495,7 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
             f"pcg.wrap: model {name_of_model} has no experts module using transformers' experts "
             "interface (use_experts_implementation); pcg.wrap supports Mixture-of-Experts models")
     # Check everything before changing anything.
-    _check_token_mixers(model, attention)
+    mixers = _find_mixers(model, attention)
     for n, m in experts:
         if not m.has_gate:
             raise NotImplementedError(f"pcg.wrap: experts module {n} ({type(m).__name__}) is not "
@@ -417,6 +508,12 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
     for n, m in attention:
         lid = _add_attention(registry, n, m)
         _remember_id(m, registry, lid)
+    for n, m in mixers:
+        if "_pcg_orig_forward" in m.__dict__:  # wrapped before: patch the module's own forward again
+            m.forward = m._pcg_orig_forward
+        layer = registry.add_mixer(forward=m.forward, module=m, name=n)
+        _remember_id(m, registry, layer.layer_id)
+        _patch_mixer(m, layer, int(getattr(model.config, "hidden_size", 0) or 0))
     for n, m in experts:
         w13, w2, b13, b2 = _convert_experts(n, m)
         act, alpha, limit = activations[n]
