@@ -168,6 +168,11 @@ class CaptureEngine:
                     except Exception as exc:  # noqa: BLE001 - reported, bucket runs eagerly
                         self.stats.failures[n] = f"{type(exc).__name__}: {exc}"
                         torch.cuda.synchronize(self.device)
+                        if not self.graphs:
+                            # The failed bucket's graphs were the pool's only users:
+                            # destroying them released it, so the next bucket
+                            # captures into a fresh one.
+                            self.pool = tuple(torch.cuda.graph_pool_handle())
                     if bar is not None:
                         bar.set_postfix(tokens=n)
                         bar.update(1)
