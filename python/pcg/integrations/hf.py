@@ -1,7 +1,7 @@
 """Hugging Face transformers integration: ``pcg.wrap(model)`` on a transformers
 MoE model.
 
-Nothing of the model is patched: pcg registers an attention function and an
+No class is patched: pcg registers an attention function and an
 experts function named ``"pcg"`` with transformers' own interfaces
 (``AttentionInterface``, ``ExpertsInterface``) and switches the model to them
 (``set_attn_implementation`` / ``set_experts_implementation``). Every attention
@@ -10,6 +10,12 @@ and every experts module (a class decorated with ``@use_experts_implementation``
 gets a layer id in the wrapped model's registry; the registered functions call
 ``torch.ops.pcg.attention`` / ``torch.ops.pcg.moe`` with it. Routers, shared
 experts, dense layers, norms and embeddings stay the model's own code.
+
+Hybrid models' other token mixers (linear / lightning attention, gated delta
+rule, Mamba, short convolution), for which transformers has no interface,
+get an instance ``forward`` that calls the split op ``pcg::mixer`` inside a
+wrapped forward (their own forward, per packed sequence; see
+``pcg/mixer.py``) and is the module's own forward everywhere else.
 
 No attention mask is built: ``"pcg"`` is deliberately *not* registered with
 ``AttentionMaskInterface``. transformers' mask creation returns ``None`` right
