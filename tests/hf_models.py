@@ -189,7 +189,13 @@ _GENERIC = dict(_BASE, intermediate_size=96, moe_intermediate_size=32, head_dim=
                 moe_topk=2, num_shared_experts=1, n_shared_experts=1, shared_intermediate_size=32,
                 moe_layer_freq=1, decoder_sparse_step=1, mlp_only_layers=[])
 MORE_FAMILIES = ["glm4_moe", "ernie4_5_moe", "dots1", "hunyuan_v1_moe", "minimax_m2", "phimoe",
-                 "granitemoe", "granitemoeshared", "exaone_moe", "afmoe"]
+                 "granitemoe", "granitemoeshared", "exaone_moe", "afmoe", "glm4_moe_lite"]
+# Families the generic config does not fit (MLA dimensions).
+_MORE_OVERRIDES = {
+    "glm4_moe_lite": dict(num_hidden_layers=3, num_key_value_heads=4, n_group=4, topk_group=2,
+                          kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                          v_head_dim=12, norm_topk_prob=True),
+}
 
 # Hybrid models (linear attention, state-space, short convolution layers):
 # pcg.wrap must refuse them (their token mixers would run over the packed row).
@@ -206,6 +212,10 @@ HYBRID_FAMILIES = {
     "granitemoehybrid": dict(num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
                              num_experts_per_tok=2, layer_types=["mamba", "attention"],
                              mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1),
+    "qwen3_5_moe_text": dict(num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32,
+                             num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32,
+                             linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                             linear_value_head_dim=16),
     "jamba": dict(num_hidden_layers=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                   attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
                   expert_layer_offset=0, mamba_d_state=8, mamba_expand=2, mamba_dt_rank=8,
@@ -225,7 +235,7 @@ def build_auto(model_type: str, dtype: torch.dtype = torch.float32, device: Any 
     theirs."""
     from transformers import AutoConfig, AutoModelForCausalLM
     kw = dict(_BASE, **HYBRID_FAMILIES[model_type]) if model_type in HYBRID_FAMILIES \
-        else dict(_GENERIC)
+        else dict(_GENERIC, **_MORE_OVERRIDES.get(model_type, {}))
     kw.update(overrides)
     config = AutoConfig.for_model(model_type, **kw)
     config._attn_implementation = "sdpa"

@@ -33,6 +33,11 @@ def _family(name: str) -> str:
 
 
 ALL = MORE_FAMILIES + list(HYBRID_FAMILIES)
+# Tiny DeepSeek sparse-attention settings (MLA + an indexer).
+DSA = dict(num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+           n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+           n_group=4, topk_group=2, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16,
+           qk_rope_head_dim=8, v_head_dim=12, index_n_heads=4, index_head_dim=16, index_topk=4)
 # Families whose own forward cannot be captured (the error each bucket
 # reports): PhiMoE's rotary embedding rebuilds inv_freq on the CPU every call.
 NOT_CAPTURABLE = {"phimoe": "Cannot copy between CPU and CUDA tensors during CUDA graph capture"}
@@ -186,6 +191,16 @@ def test_unknown_token_mixer_is_refused():
     with pytest.raises(NotImplementedError, match="no token mixer pcg recognises"):
         pcg.wrap(model, progress=False)
     assert model.config._attn_implementation != "pcg"  # nothing was switched
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_with_indexer_is_refused(family):
+    """DeepSeek-V3.2-style sparse attention: its indexer picks keys per query
+    from a mask over the whole batch; pcg refuses it instead of running it dense."""
+    _family(family)
+    model = build_auto(family, **DSA)
+    with pytest.raises(NotImplementedError, match="top-k indexer"):
+        pcg.wrap(model, progress=False)
 
 
 def test_mixer_op_outside_a_wrapped_forward_raises():

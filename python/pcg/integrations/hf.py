@@ -66,6 +66,9 @@ def pcg_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     """transformers attention function ``"pcg"``: query [1, Hq, N, D], key/value
     [1, Hkv, N, D(v)] of the packed row -> ([1, N, Hq, Dv], None)."""
     lid = _layer_id(module, "attention")
+    if kwargs.get("indices") is not None:
+        raise NotImplementedError(f"pcg: {type(module).__name__} passes sparse-attention indices; pcg's "
+                                  "attention is dense causal")
     if query.shape[0] != 1:
         raise RuntimeError(f"pcg: attention expects one packed row (batch 1), got query of shape "
                            f"{tuple(query.shape)}")
@@ -499,7 +502,15 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
     if not experts:
         raise TypeError(
             f"pcg.wrap: model {name_of_model} has no experts module using transformers' experts "
-            "interface (use_experts_implementation); pcg.wrap supports Mixture-of-Experts models")
+            "interface (use_experts_implementation); pcg.wrap supports Mixture-of-Experts models whose "
+            "experts use it (dense models, and MoE families with their own expert code such as "
+            "Llama-4 or JetMoE, are not supported)")
+    for n, m in attention:
+        if isinstance(getattr(m, "indexer", None), nn.Module):
+            raise NotImplementedError(
+                f"pcg.wrap: model {name_of_model}: attention module {n} ({type(m).__name__}) is sparse "
+                "attention with a top-k indexer (DeepSeek-V3.2 style): it selects keys per query from "
+                "a mask over the whole batch, and pcg's attention is dense causal per packed sequence")
     # Check everything before changing anything.
     mixers = _find_mixers(model, attention)
     for n, m in experts:
