@@ -83,11 +83,11 @@ def compare(model, vocab, world, rank, modes, placement, results, tag, compiler=
 
 
 def scenario_hf(world, rank, args, results):
-    from hf_models import VOCAB, build
+    from hf_models import FAMILIES, VOCAB, build, build_auto
     families = args[0].split(",")
     modes = args[1].split(",")
     for i, family in enumerate(families):
-        model = build(family)
+        model = build(family) if family in FAMILIES else build_auto(family)
         placement = "contiguous" if i % 2 == 0 else "round_robin"
         compare(model, VOCAB, world, rank, modes, placement, results, family)
 
@@ -169,7 +169,9 @@ def _build_cuda(family: str, dev: torch.device):
         from pcg.models import qwen3_moe_model
         model = qwen3_moe_model(2, dtype=torch.float32, device=dev, seed=0)
         return model, model.config.vocab_size
-    from hf_models import VOCAB, build
+    from hf_models import FAMILIES, VOCAB, build, build_auto
+    if family not in FAMILIES:
+        return build_auto(family, dtype=torch.float32, device=dev), VOCAB
     return build(family, dtype=torch.float32, device=dev), VOCAB
 
 

@@ -474,6 +474,17 @@ def test_ep_hf_families_match_single_process(world):
     _assert_all_close(run_ranks(world, "hf", families, "allreduce,alltoall"))
 
 
+def test_ep_more_and_hybrid_families_match_single_process():
+    """Experts spread over 2 ranks in a family of tests/test_hf_more.py and in
+    hybrids (their pcg::mixer layers run on every rank, per sequence)."""
+    pytest.importorskip("transformers")
+    from transformers import CONFIG_MAPPING
+    families = [f for f in ("glm4_moe", "qwen3_next", "jamba") if f in CONFIG_MAPPING]
+    if not families:
+        pytest.skip("transformers has none of these families")
+    _assert_all_close(run_ranks(2, "hf", ",".join(families), "allreduce,alltoall"))
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_ep_pcg_nn_model_matches_single_process(world):
     _assert_all_close(run_ranks(world, "nn", "allreduce,alltoall"))
