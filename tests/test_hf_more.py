@@ -203,6 +203,24 @@ def test_sparse_attention_with_indexer_is_refused(family):
         pcg.wrap(model, progress=False)
 
 
+def test_hybrid_wrapped_twice():
+    model = build_auto(_family("qwen3_next"))
+    ref = copy.deepcopy(model)
+    w1 = pcg.wrap(model, progress=False)
+    w2 = pcg.wrap(model, progress=False)
+    g = torch.Generator().manual_seed(0)
+    for w in (w1, w2, w1):
+        ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+        out = w(ids).logits
+        for i in range(2):
+            assert rel_err(out[i], _ref(ref, ids[i])) <= 1e-4
+    # Outside a wrapped forward the mixers are the model's own again.
+    ids = torch.randint(0, VOCAB, (1, 5), generator=g)
+    mixer = next(m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet"))
+    x = torch.randn(1, 5, model.config.hidden_size)
+    torch.testing.assert_close(mixer(x), mixer._pcg_orig_forward(x))
+
+
 def test_mixer_op_outside_a_wrapped_forward_raises():
     with pytest.raises(RuntimeError, match="outside a pcg-wrapped"):
         torch.ops.pcg.mixer(torch.randn(3, 8), 0)

@@ -474,9 +474,10 @@ def _patch_mixer(m: nn.Module, layer: Any, hidden: int) -> None:
         if hidden_states.dim() != 3 or hidden_states.shape[0] != 1:
             raise RuntimeError(f"pcg: mixer {layer.name} expects one packed row [1, T, H], got "
                                f"{tuple(hidden_states.shape)}")
-        layer.kwargs = spec(args, kwargs)
+        running = ctx.registry.mixer(lid)  # this registry's layer (a model wrapped twice has two)
+        running.kwargs = spec(args, kwargs)
         y = torch.ops.pcg.mixer(hidden_states[0], lid)[None]
-        n = layer.n_out  # the module's return convention: a tensor, or a tuple led by it
+        n = running.n_out  # the module's return convention: a tensor, or a tuple led by it
         return (y,) + (None,) * (n - 1) if n else y
 
     m.forward = forward
@@ -529,6 +530,7 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
         if "_pcg_orig_forward" in m.__dict__:  # wrapped before: patch the module's own forward again
             m.forward = m._pcg_orig_forward
         layer = registry.add_mixer(forward=m.forward, module=m, name=n)
+        # (each wrapped model's layer calls the module's original forward)
         _remember_id(m, registry, layer.layer_id)
         _patch_mixer(m, layer, int(getattr(model.config, "hidden_size", 0) or 0))
     for n, m in experts:
