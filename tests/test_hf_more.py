@@ -221,6 +221,35 @@ def test_hybrid_wrapped_twice():
     torch.testing.assert_close(mixer(x), mixer._pcg_orig_forward(x))
 
 
+class _SneakyNorm(torch.nn.Module):
+    """A "norm" that also adds the running mean of the sequence: token mixing
+    no structural check sees (it sits inside an attention module)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        n = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype)
+        return self.inner(x) + 0.5 * x.cumsum(-2) / n[:, None]
+
+
+def test_hidden_token_mixing_is_caught_by_the_isolation_check():
+    model = build_auto(_family("glm4_moe"))
+    attn = model.model.layers[0].self_attn
+    assert not hasattr(attn, "q_norm") or attn.q_norm is not None
+    model.model.layers[0].post_attention_layernorm = _SneakyNorm(
+        model.model.layers[0].post_attention_layernorm)
+    with pytest.raises(NotImplementedError, match="mixes tokens across the sequences"):
+        pcg.wrap(model, progress=False)
+
+
+def test_zaya_convolution_in_attention_is_refused():
+    model = build_auto(_family("zaya"), num_experts_per_tok=1)
+    with pytest.raises(NotImplementedError, match="convolution along the sequence"):
+        pcg.wrap(model, progress=False)
+
+
 def test_mixer_op_outside_a_wrapped_forward_raises():
     with pytest.raises(RuntimeError, match="outside a pcg-wrapped"):
         torch.ops.pcg.mixer(torch.randn(3, 8), 0)

@@ -247,6 +247,14 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
             inductor); compiled pieces are captured by the same engine.
     Returns:
         a :class:`WrappedModel` with the model's call signature (prefill only).
+    Raises:
+        TypeError / NotImplementedError for models pcg cannot run correctly, with
+        the reason: no experts module, experts or attention it has no kernel for,
+        a token mixer it does not recognise. A transformers model (without
+        ``ep``) is also run twice on two tiny packed batches that differ in
+        their first sequence only: if the second sequence's logits change, the
+        model mixes tokens across packed sequences somewhere pcg cannot see, and
+        it is refused.
     """
     options = Options(max_tokens=max_tokens, buckets=list(buckets) if buckets is not None else None,
                       capture=capture, debug=debug, progress=progress,
@@ -263,8 +271,59 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         from .integrations import hf
         registry, forward_fn = hf.prepare(model, ep_cfg)
         integration = "transformers"
+    if integration == "transformers" and ep_cfg is None:
+        _check_sequences_isolated(model, registry, forward_fn)
     if compiler is not None:
         from .compile import compile_forward
         forward_fn = compile_forward(forward_fn, registry, compiler, check=debug)
         integration += f"+{compiler}"
     return WrappedModel(model, registry, forward_fn, options, integration, ep=ep_cfg)
+
+
+@torch.inference_mode()
+def _check_sequences_isolated(model: nn.Module, registry: LayerRegistry, forward_fn) -> None:
+    """pcg packs a batch's sequences into one row; only its attention and
+    mixer ops know the boundaries. Run two packed batches [a, b] and [a', b]
+    that differ in the first sequence only, through pcg's split path (no
+    graphs): b's logits must not change. They do when the model mixes tokens
+    some way pcg did not recognise (a convolution or recurrence hidden in a
+    module): refuse the model rather than give packed batches wrong outputs.
+    b's rows run the same kernels in both batches, so any change is leakage."""
+    import logging
+    from .capture import CaptureEngine
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    vocab = int(getattr(emb, "num_embeddings", 0) or 0)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if vocab < 2:
+        return
+    g = torch.Generator().manual_seed(0)
+    la, lb = 5, 6
+    a1 = torch.randint(0, vocab, (la,), generator=g)
+    a2 = (a1 + 1 + torch.randint(0, vocab - 1, (la,), generator=g)) % vocab  # differs everywhere
+    b = torch.randint(0, vocab, (lb,), generator=g)
+    pos = torch.cat([torch.arange(la), torch.arange(lb)]).to(device)
+    eng = CaptureEngine(forward_fn, registry, device, [la + lb], lambda: [], progress=False)
+    try:
+        outs = [eng.eager(torch.cat([a, b]).to(device), pos, [0, la, la + lb]) for a in (a1, a2)]
+    except Exception as exc:  # noqa: BLE001 - the model's first call will show it
+        logging.getLogger("pcg").warning("pcg.wrap: the sequence-isolation check could not run "
+                                         "(%s: %s)", type(exc).__name__, exc)
+        return
+    from torch.utils._pytree import tree_flatten
+    x = next((t for t in tree_flatten(outs[0])[0] if isinstance(t, torch.Tensor)
+              and t.is_floating_point() and t.dim() >= 2 and la + lb in t.shape[:2]), None)
+    y = next((t for t in tree_flatten(outs[1])[0] if isinstance(t, torch.Tensor)
+              and t.is_floating_point() and t.dim() >= 2 and la + lb in t.shape[:2]), None)
+    if x is None or y is None:
+        return
+    tok = 0 if x.shape[0] == la + lb else 1
+    xb, yb = x.narrow(tok, la, lb).float(), y.narrow(tok, la, lb).float()
+    err = ((xb - yb).norm() / yb.norm().clamp_min(1e-30)).item()
+    # b's rows run the same deterministic kernels both times (bit-identical
+    # in practice); the margin covers atomics-ordered sums in half precision.
+    tol = 1e-3 if x.dtype == torch.float32 else 2e-2
+    if not err <= tol:
+        raise NotImplementedError(
+            f"pcg.wrap: model {type(model).__name__} mixes tokens across the sequences of a packed "
+            f"batch outside the layers pcg splits at (changing one sequence moved another's logits by "
+            f"{err:.3g}): it has a token mixer pcg does not recognise, so it is not supported")

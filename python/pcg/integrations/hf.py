@@ -343,8 +343,13 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
 # Class-name parts of transformers' sequence mixers that do not go through the
 # attention interface (linear / lightning attention, gated delta rules, state
 # space models, short convolutions, recurrences).
-_MIXER_NAME = re.compile(r"(^|_)(linear_attention|lightning|delta_net|mamba\d*|ssm|short_conv|rwkv\d*|"
+_MIXER_NAME = re.compile(r"(^|_)(linear_attention|lightning|delta|mamba\d*|ssm|short_conv|rwkv\d*|"
                          r"recurrent|retention|hyena|conv1d)(_|$)")
+# Class-name words of modules that act on each token alone (a layer made of
+# these and of experts needs no token mixer: Nemotron-H's MoE-only blocks).
+_TOKENWISE_WORDS = {"norm", "rms", "layernorm", "router", "gate", "gating", "experts", "expert",
+                    "mlp", "moe", "act", "activation", "rotary", "scale", "scaling", "dropout",
+                    "identity", "linear", "embedding"}
 
 
 def _name_words(cls_name: str) -> str:
@@ -380,15 +385,24 @@ def _find_mixers(model: nn.Module, attention: list) -> list:
         if any(_is_experts_module(c) or _is_attention_module(c) for c in m.modules()):
             continue
         found.append((n, m))
+    # A convolution along the sequence outside those mixers (Zaya's attention
+    # convolves its q/k projections first) would run over the packed row.
+    for n, m in modules.items():
+        if isinstance(m, nn.Conv1d) and m.kernel_size[0] > 1 and \
+                not any(n.startswith(f + ".") for f, _ in found):
+            raise NotImplementedError(
+                f"pcg.wrap: model {name_of_model}: module {n} is a convolution along the sequence "
+                f"(kernel {m.kernel_size[0]}) outside any token mixer pcg runs per sequence: over pcg's "
+                "packed row it would mix tokens across sequences")
     names = attn_names | {n for n, _ in found}
-    lists = {n.rsplit(".", 2)[0] for n in attn_names if n.count(".") >= 2}
+    lists = {n.rsplit(".", 2)[0] for n in names if n.count(".") >= 2}
     for list_name in sorted(lists):
         layers = modules.get(list_name)
         if not isinstance(layers, nn.ModuleList):
             continue
         for i, layer in enumerate(layers):
             prefix = f"{list_name}.{i}."
-            if not any(a.startswith(prefix) for a in names):
+            if not any(a.startswith(prefix) for a in names) and not _tokenwise(layer):
                 children = ", ".join(type(c).__name__ for c in layer.children())
                 raise NotImplementedError(
                     f"pcg.wrap: model {name_of_model}: layer {list_name}.{i} ({type(layer).__name__}: "
@@ -397,6 +411,20 @@ def _find_mixers(model: nn.Module, attention: list) -> list:
                     "short convolution), so it mixes tokens some other way. pcg packs a batch's "
                     "sequences into one row: such a layer would mix tokens across sequences.")
     return found
+
+
+def _tokenwise(layer: nn.Module) -> bool:
+    """True when every leaf module of ``layer`` acts on each token alone
+    (norms, linear maps, activations, routers, experts): no token mixer."""
+    for m in layer.modules():
+        if next(m.children(), None) is not None or _is_experts_module(m):
+            continue
+        if isinstance(m, (nn.Linear, nn.Dropout, nn.Identity)) or \
+                type(m).__module__.startswith("torch.nn.modules.activation"):
+            continue
+        if not set(_name_words(type(m).__name__).split("_")) & _TOKENWISE_WORDS:
+            return False
+    return True
 
 
 # Arguments of a mixer's forward that carry per-batch state pcg does not keep
@@ -495,7 +523,8 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
     name_of_model = type(model).__name__
     attention = [(n, m) for n, m in model.named_modules() if _is_attention_module(m)]
     experts = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
-    if not attention:
+    if not attention and not any(_MIXER_NAME.search(_name_words(type(m).__name__))
+                                 for m in model.modules()):
         raise TypeError(
             f"pcg.wrap: model {name_of_model} has no attention module using transformers' attention "
             "interface (ALL_ATTENTION_FUNCTIONS); pcg.wrap supports transformers MoE models and models "
