@@ -190,8 +190,18 @@ _GENERIC = dict(_BASE, intermediate_size=96, moe_intermediate_size=32, head_dim=
                 moe_layer_freq=1, decoder_sparse_step=1, mlp_only_layers=[])
 MORE_FAMILIES = ["glm4_moe", "ernie4_5_moe", "dots1", "hunyuan_v1_moe", "minimax_m2", "phimoe",
                  "granitemoe", "granitemoeshared", "exaone_moe", "afmoe", "glm4_moe_lite"]
-# Families the generic config does not fit (MLA dimensions).
+# More families checked on the CPU only so far (tests/test_hf_more.py).
+CPU_FAMILIES = ["cohere2_moe", "flex_olmo", "granitemoe_swa", "hy_v3", "laguna", "mellum",
+                "mimo_v2_flash", "solar_open", "axk1", "kimi_linear"]
+_MLA = dict(num_hidden_layers=3, num_key_value_heads=4, n_group=4, topk_group=2, kv_lora_rank=16,
+            q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+            norm_topk_prob=True)
+# Families the generic config does not fit (MLA dimensions, layer patterns).
 _MORE_OVERRIDES = {
+    "axk1": dict(_MLA, head_dim=8),  # its rotary tables use head_dim (= qk_rope_head_dim)
+    "kimi_linear": dict(_MLA, num_hidden_layers=4, linear_attn_config=dict(
+        head_dim=16, num_heads=4, short_conv_kernel_size=4, full_attn_layers=[2, 4],
+        kda_layers=[1, 3])),
     "glm4_moe_lite": dict(num_hidden_layers=3, num_key_value_heads=4, n_group=4, topk_group=2,
                           kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
                           v_head_dim=12, norm_topk_prob=True),
@@ -238,6 +248,10 @@ def build_auto(model_type: str, dtype: torch.dtype = torch.float32, device: Any 
         else dict(_GENERIC, **_MORE_OVERRIDES.get(model_type, {}))
     kw.update(overrides)
     config = AutoConfig.for_model(model_type, **kw)
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):  # defaults of a real vocabulary
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v >= kw["vocab_size"]:
+            setattr(config, attr, 0)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     try:
