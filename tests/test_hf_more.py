@@ -240,8 +240,13 @@ def test_hidden_token_mixing_is_caught_by_the_isolation_check():
     assert not hasattr(attn, "q_norm") or attn.q_norm is not None
     model.model.layers[0].post_attention_layernorm = _SneakyNorm(
         model.model.layers[0].post_attention_layernorm)
+    ref = copy.deepcopy(model)
     with pytest.raises(NotImplementedError, match="mixes tokens across the sequences"):
         pcg.wrap(model, progress=False)
+    # Refused after the switch: switched back, the model runs its own code again.
+    assert model.config._attn_implementation != "pcg"
+    ids = torch.randint(0, VOCAB, (1, 7))
+    torch.testing.assert_close(_ref(model, ids[0]), _ref(ref, ids[0]))
 
 
 def test_zaya_convolution_in_attention_is_refused():

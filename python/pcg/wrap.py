@@ -272,7 +272,11 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         registry, forward_fn = hf.prepare(model, ep_cfg)
         integration = "transformers"
     if integration == "transformers" and ep_cfg is None:
-        _check_sequences_isolated(model, registry, forward_fn)
+        try:
+            _check_sequences_isolated(model, registry, forward_fn)
+        except NotImplementedError:
+            hf.restore(model, model.__dict__.get("_pcg_saved_implementations", []))
+            raise
     if compiler is not None:
         from .compile import compile_forward
         forward_fn = compile_forward(forward_fn, registry, compiler, check=debug)

@@ -170,8 +170,26 @@ def _configs(model: nn.Module) -> list:
     return list(seen.values())
 
 
-def _switch_implementations(model: nn.Module) -> None:
-    """Switch the model (and every sub-config its modules hold) to "pcg"."""
+def restore(model: nn.Module, saved: list) -> None:
+    """Undo prepare's switch (``saved``: what _switch_implementations
+    returned) and the mixers' forwards, for a model pcg.wrap refuses late.
+    Expert weights stay in pcg's layout, which the model's own experts code
+    reads too (the layout flags were updated with them)."""
+    for cfg, attn, experts in saved:
+        cfg._attn_implementation = attn
+        if experts is not None:
+            cfg._experts_implementation = experts
+    for m in model.modules():
+        if "_pcg_orig_forward" in m.__dict__:
+            m.forward = m._pcg_orig_forward
+            del m._pcg_orig_forward
+
+
+def _switch_implementations(model: nn.Module) -> list:
+    """Switch the model (and every sub-config its modules hold) to "pcg";
+    returns [(config, attention impl, experts impl)] as they were."""
+    saved = [(cfg, cfg._attn_implementation, getattr(cfg, "_experts_implementation", None))
+             for cfg in _configs(model)]
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover
@@ -186,6 +204,7 @@ def _switch_implementations(model: nn.Module) -> None:
             cfg._attn_implementation = IMPL
         if hasattr(cfg, "_experts_implementation") and cfg._experts_implementation != IMPL:
             cfg._experts_implementation = IMPL
+    return saved
 
 
 def _is_sliding(module: nn.Module) -> Optional[int]:
@@ -578,7 +597,7 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
                 _set_param(m, "gate_up_proj_bias", handle.b13)
             if handle.b2 is not None:
                 _set_param(m, "down_proj_bias", handle.b2)
-    _switch_implementations(model)
+    model._pcg_saved_implementations = _switch_implementations(model)
     model.eval()
 
     def forward_fn(ids: torch.Tensor, positions: torch.Tensor):
