@@ -192,13 +192,17 @@ MORE_FAMILIES = ["glm4_moe", "ernie4_5_moe", "dots1", "hunyuan_v1_moe", "minimax
                  "granitemoe", "granitemoeshared", "exaone_moe", "afmoe", "glm4_moe_lite"]
 # More families checked on the CPU only so far (tests/test_hf_more.py).
 CPU_FAMILIES = ["cohere2_moe", "flex_olmo", "granitemoe_swa", "hy_v3", "laguna", "mellum",
-                "mimo_v2_flash", "solar_open", "axk1", "kimi_linear"]
+                "mimo_v2_flash", "solar_open", "axk1", "kimi_linear", "gemma4_text"]
 _MLA = dict(num_hidden_layers=3, num_key_value_heads=4, n_group=4, topk_group=2, kv_lora_rank=16,
             q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
             norm_topk_prob=True)
 # Families the generic config does not fit (MLA dimensions, layer patterns).
 _MORE_OVERRIDES = {
-    "axk1": dict(_MLA, head_dim=8),  # its rotary tables use head_dim (= qk_rope_head_dim)
+    "axk1": dict(_MLA, head_dim=8),
+    # Gemma-4 with its MoE block (tanh-gelu experts), a sliding and a full layer.
+    "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
+                        enable_moe_block=True, num_experts=8, top_k_experts=2, global_head_dim=16,
+                        sliding_window=4, layer_types=["sliding_attention", "full_attention"]),  # its rotary tables use head_dim (= qk_rope_head_dim)
     "kimi_linear": dict(_MLA, num_hidden_layers=4, linear_attn_config=dict(
         head_dim=16, num_heads=4, short_conv_kernel_size=4, full_attn_layers=[2, 4],
         kda_layers=[1, 3])),

@@ -40,6 +40,9 @@ def _act(gate, up, activation, alpha, limit):
         return gate * torch.sigmoid(gate) * up
     if activation == "gelu":
         return 0.5 * gate * (1.0 + torch.erf(gate / math.sqrt(2.0))) * up
+    if activation == "gelu_tanh":
+        inner = math.sqrt(2.0 / math.pi) * (gate + 0.044715 * gate ** 3)
+        return 0.5 * gate * (1.0 + torch.tanh(inner)) * up
     assert activation == "swigluoai"
     gate = gate.clamp(max=limit)
     up = up.clamp(-limit, limit)
@@ -158,6 +161,7 @@ CASES = [
     (37, 6, 4, 72, 40, {"e_global": 16}),
     (128, 6, 4, 40, 24, {"e_global": 16, "bias": True, "activation": "gelu"}),
     (17, 8, 2, 72, 40, {"activation": "gelu"}),
+    (29, 8, 2, 72, 40, {"activation": "gelu_tanh", "bias": True}),
     (17, 8, 2, 72, 40, {"activation": "swigluoai", "bias": True}),
     (64, 8, 2, 72, 40, {"activation": "swigluoai", "limit": 0.5, "alpha": 1.2, "scale": 3.0}),
     (53, 8, 3, 72, 40, {"noncontig": True}),

@@ -221,6 +221,7 @@ def test_cutlass_same_experts_remote_and_long_rows(T, nv, H):
 @pytest.mark.parametrize("extra", [
     {"bias": True},
     {"e_global": 16, "bias": True, "activation": "gelu"},
+    {"activation": "gelu_tanh"},
     {"activation": "swigluoai", "bias": True},
     {"e_global": 12},   # ids out of range and experts mapped to -1
 ], ids=str)

@@ -148,6 +148,7 @@ def test_stream_expert_map_and_num_valid(T, dtype):
 @pytest.mark.parametrize("extra", [
     {"bias": True},
     {"bias": True, "activation": "gelu"},
+    {"bias": True, "activation": "gelu_tanh"},
     {"bias": True, "activation": "swigluoai"},
     {"activation": "swigluoai", "limit": 0.5, "alpha": 1.2, "scale": 3.0},
     {"e_global": 12, "bias": True, "activation": "gelu"},

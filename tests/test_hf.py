@@ -201,11 +201,21 @@ def test_plain_module_is_refused():
 
 
 def test_unsupported_activation_is_refused():
-    model = build("qwen3_moe", hidden_act="gelu_pytorch_tanh")
-    with pytest.raises(NotImplementedError, match="gelu_pytorch_tanh"):
+    model = build("qwen3_moe", hidden_act="relu2")
+    with pytest.raises(NotImplementedError, match="relu2"):
         pcg.wrap(model)
     # nothing was switched
     assert model.config._experts_implementation != "pcg"
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu_new"])
+def test_tanh_gelu_experts(act):
+    model = build("qwen3_moe", hidden_act=act)
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model)
+    assert all(l.activation == "gelu_tanh" for l in wrapped.registry.moe_layers)
+    ids = _ids(torch.Generator().manual_seed(9), 1, 12)
+    assert rel_err(wrapped(ids).logits[0], ref_logits(ref, ids[0])) <= RTOL
 
 
 def test_gelu_experts():

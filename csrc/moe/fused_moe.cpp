@@ -33,7 +33,9 @@ moe::Activation parse_activation(c10::string_view activation) {
   if (activation == "silu") return moe::Activation::kSilu;
   if (activation == "gelu") return moe::Activation::kGelu;
   if (activation == "swigluoai") return moe::Activation::kSwigluOai;
-  PCG_CHECK_ARG(kOp, "activation", false, "must be one of \"silu\", \"gelu\", \"swigluoai\", got \"",
+  if (activation == "gelu_tanh") return moe::Activation::kGeluTanh;
+  PCG_CHECK_ARG(kOp, "activation", false,
+                "must be one of \"silu\", \"gelu\", \"gelu_tanh\", \"swigluoai\", got \"",
                 std::string(activation), "\"");
   return moe::Activation::kSilu;
 }
@@ -308,6 +310,7 @@ at::Tensor activation_cpu(const at::Tensor& gate, const at::Tensor& up, moe::Act
   switch (act) {
     case moe::Activation::kSilu: return at::silu(gate) * up;
     case moe::Activation::kGelu: return at::gelu(gate) * up;
+    case moe::Activation::kGeluTanh: return at::gelu(gate, "tanh") * up;
     case moe::Activation::kSwigluOai: {
       const at::Tensor g = gate.clamp_max(limit);
       const at::Tensor u = up.clamp(-limit, limit);

@@ -41,7 +41,7 @@
 
 namespace pcg::moe {
 
-enum class Activation : int { kSilu = 0, kGelu = 1, kSwigluOai = 2 };
+enum class Activation : int { kSilu = 0, kGelu = 1, kSwigluOai = 2, kGeluTanh = 3 };
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Rows per GEMM block (= moe_align's block_m) chosen from the average number

@@ -12,6 +12,8 @@ __device__ __forceinline__ float gated_act(float g, float u, int act, float alph
     return g / (1.f + expf(-g)) * u;
   } else if (act == static_cast<int>(Activation::kGelu)) {
     return 0.5f * g * (1.f + erff(g * 0.70710678118654752440f)) * u;
+  } else if (act == static_cast<int>(Activation::kGeluTanh)) {  // Gemma's gelu_pytorch_tanh
+    return 0.5f * g * (1.f + tanhf(0.79788456080286535588f * (g + 0.044715f * g * g * g))) * u;
   } else {  // swigluoai (gpt-oss)
     g = fminf(g, limit);
     u = fminf(fmaxf(u, -limit), limit);

@@ -299,9 +299,18 @@ def _activation(name: str, m: nn.Module) -> tuple[str, float, float]:
     if type(act) is GELUActivation or (isinstance(act, nn.GELU) and act.approximate == "none") or \
             act is F.gelu:  # F.gelu's default is the exact (erf) form
         return "gelu", 1.702, 7.0
+    try:
+        from transformers.activations import GELUTanh, PytorchGELUTanh
+    except ImportError:  # older transformers: one of them
+        from transformers.activations import PytorchGELUTanh as GELUTanh  # type: ignore
+        PytorchGELUTanh = GELUTanh
+    from transformers.activations import NewGELUActivation
+    if type(act) in (GELUTanh, PytorchGELUTanh, NewGELUActivation) or \
+            (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return "gelu_tanh", 1.702, 7.0
     raise NotImplementedError(
         f"pcg.wrap: experts module {name} ({cls}) uses activation "
-        f"{hidden_act!r} ({type(act).__name__}); pcg's fused MoE supports silu, exact (erf) gelu and "
+        f"{hidden_act!r} ({type(act).__name__}); pcg's fused MoE supports silu, exact (erf) gelu, tanh gelu and "
         "gpt-oss's swigluoai")
 
 

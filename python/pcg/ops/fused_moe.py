@@ -6,7 +6,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-_ACTIVATIONS = ("silu", "gelu", "swigluoai")
+_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
 
 
 def _check(cond: bool, arg: str, msg: str) -> None:
@@ -199,7 +199,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         num_valid: optional int32 tensor of one element on hidden's device: rows
             t >= num_valid are exact zeros and touch no expert (clamped to [0, T]).
         b13: optional [E_local, 2I] bias of w13; b2: optional [E_local, H] bias of w2.
-        activation: "silu" (silu(gate) * up), "gelu" (exact erf gelu(gate) * up) or
+        activation: "silu" (silu(gate) * up), "gelu" (exact erf gelu(gate) * up),
+            "gelu_tanh" (tanh-approximate gelu(gate) * up, Gemma's gelu_pytorch_tanh) or
             "swigluoai" (gpt-oss: gate = min(gate, limit), up = clamp(up, -limit, limit),
             (up + 1) * gate * sigmoid(alpha * gate)).
         alpha, limit: parameters of "swigluoai".
