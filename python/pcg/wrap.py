@@ -314,10 +314,11 @@ def _check_sequences_isolated(model: nn.Module, registry: LayerRegistry, forward
                                          "(%s: %s)", type(exc).__name__, exc)
         return
     from torch.utils._pytree import tree_flatten
-    x = next((t for t in tree_flatten(outs[0])[0] if isinstance(t, torch.Tensor)
-              and t.is_floating_point() and t.dim() >= 2 and la + lb in t.shape[:2]), None)
-    y = next((t for t in tree_flatten(outs[1])[0] if isinstance(t, torch.Tensor)
-              and t.is_floating_point() and t.dim() >= 2 and la + lb in t.shape[:2]), None)
+
+    def logits(out: Any) -> Optional[torch.Tensor]:  # the first per-token float output
+        return next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                     and t.is_floating_point() and t.dim() >= 2 and la + lb in t.shape[:2]), None)
+    x, y = logits(outs[0]), logits(outs[1])
     if x is None or y is None:
         return
     tok = 0 if x.shape[0] == la + lb else 1

@@ -33,6 +33,7 @@ import sys
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import registry as _reg
@@ -292,20 +293,13 @@ def _activation(name: str, m: nn.Module) -> tuple[str, float, float]:
                                   "function (_apply_gate) that pcg has no native kernel for")
     act = getattr(m, "act_fn", None)
     hidden_act = getattr(m.config, "hidden_act", None)
-    from transformers.activations import GELUActivation, SiLUActivation
-    import torch.nn.functional as F
+    from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
     if isinstance(act, (SiLUActivation, nn.SiLU)) or act is F.silu:
         return "silu", 1.702, 7.0
     if type(act) is GELUActivation or (isinstance(act, nn.GELU) and act.approximate == "none") or \
             act is F.gelu:  # F.gelu's default is the exact (erf) form
         return "gelu", 1.702, 7.0
-    try:
-        from transformers.activations import GELUTanh, PytorchGELUTanh
-    except ImportError:  # older transformers: one of them
-        from transformers.activations import PytorchGELUTanh as GELUTanh  # type: ignore
-        PytorchGELUTanh = GELUTanh
-    from transformers.activations import NewGELUActivation
-    if type(act) in (GELUTanh, PytorchGELUTanh, NewGELUActivation) or \
+    if type(act) in (GELUTanh, NewGELUActivation) or \
             (isinstance(act, nn.GELU) and act.approximate == "tanh"):
         return "gelu_tanh", 1.702, 7.0
     raise NotImplementedError(
@@ -551,8 +545,8 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
     name_of_model = type(model).__name__
     attention = [(n, m) for n, m in model.named_modules() if _is_attention_module(m)]
     experts = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
-    if not attention and not any(_MIXER_NAME.search(_name_words(type(m).__name__))
-                                 for m in model.modules()):
+    mixers = _find_mixers(model, attention)
+    if not attention and not mixers:
         raise TypeError(
             f"pcg.wrap: model {name_of_model} has no attention module using transformers' attention "
             "interface (ALL_ATTENTION_FUNCTIONS); pcg.wrap supports transformers MoE models and models "
@@ -569,8 +563,7 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
                 f"pcg.wrap: model {name_of_model}: attention module {n} ({type(m).__name__}) is sparse "
                 "attention with a top-k indexer (DeepSeek-V3.2 style): it selects keys per query from "
                 "a mask over the whole batch, and pcg's attention is dense causal per packed sequence")
-    # Check everything before changing anything.
-    mixers = _find_mixers(model, attention)
+    # Check everything before changing anything (the mixers are checked above).
     for n, m in experts:
         if not m.has_gate:
             raise NotImplementedError(f"pcg.wrap: experts module {n} ({type(m).__name__}) is not "
@@ -587,7 +580,6 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
         if "_pcg_orig_forward" in m.__dict__:  # wrapped before: patch the module's own forward again
             m.forward = m._pcg_orig_forward
         layer = registry.add_mixer(forward=m.forward, module=m, name=n)
-        # (each wrapped model's layer calls the module's original forward)
         _remember_id(m, registry, layer.layer_id)
         _patch_mixer(m, layer, int(getattr(model.config, "hidden_size", 0) or 0))
     for n, m in experts:
