@@ -10,8 +10,10 @@
                 FLOPs = 2*T*topk*3*H*I (H200 measured peaks)
 
 Routing is uniform: random logits -> softmax -> top-k (renormalised). Timings
-are medians of CUDA-event timings over replays that rotate through --sets
-input sets (different hidden states and routing). Prints a table, writes
+are medians of CUDA-event timings of synchronised calls that rotate through
+--sets input sets (different hidden states and routing); the three
+implementations are timed in alternation (eager, graph, grouped_mm, eager, ...)
+so clock drift over the run hits them alike. Prints a table, writes
 JSON and a PNG plot to --out (default bench/out).
 
     python bench/moe.py                       # all shapes, T = 1 .. 16384
@@ -83,6 +85,27 @@ def time_us(fns, iters):
     return cuda_time_ms(fns, warmup=1, reps=iters) * 1e3
 
 
+class Rotation:
+    """Calls fns[0], fns[1], ... in turn (one per input set), so repeated calls
+    do not just measure the L2 cache."""
+
+    def __init__(self, fns):
+        self.fns, self.i = list(fns), 0
+
+    def __call__(self):
+        f = self.fns[self.i % len(self.fns)]
+        self.i += 1
+        return f()
+
+
+def paired_us(rotations, iters):
+    """Median microseconds of each rotation, measured in alternation (a, b, c,
+    a, b, c, ...; events per synchronised call), so a drift of the clocks over
+    the run (heavy GEMMs heat the GPU) hits every implementation alike."""
+    from pcg.timing import paired_time_ms
+    return [ms * 1e3 for ms in paired_time_ms(rotations, warmup=1, reps=iters)]
+
+
 def capture(fn):
     """Captures fn() (after a warm-up on a side stream); returns (graph, output)."""
     from pcg.timing import capture_graph
@@ -120,19 +143,20 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
         sets = [make_inputs(T, E, k, H, 100 + s, device) for s in range(args.sets)]
         fl_us, flops, hit = floor_us(sets, E, k, H, I, T)
         eager = [lambda s=s: pcg.fused_moe(s[0], w13, w2, s[1], s[2], config=cfg) for s in sets]
-        eager_us = time_us(eager, args.iters)
         graphs = [capture(f)[0] for f in eager]
-        graph_us = time_us([gr.replay for gr in graphs], args.iters)
-        del graphs
-        gmm_us = float("nan")
+        timed = [Rotation(eager), Rotation([gr.replay for gr in graphs])]
+        ggraphs = []
         if gmm_ok:
             try:
                 ggraphs = [capture(lambda s=s: grouped_mm_moe(s[0], w13, w2, s[1], s[2]))[0]
                            for s in sets]
-                gmm_us = time_us([gr.replay for gr in ggraphs], args.iters)
-                del ggraphs
+                timed.append(Rotation([gr.replay for gr in ggraphs]))
             except Exception as exc:
                 print(f"[{name}] grouped_mm T={T} failed: {exc}", file=sys.stderr)
+        us = paired_us(timed, args.iters)
+        eager_us, graph_us = us[0], us[1]
+        gmm_us = us[2] if len(us) > 2 else float("nan")
+        del graphs, ggraphs, timed
         from pcg.ops.fused_moe import fused_moe_config, fused_moe_paths
         cutlass, stream = fused_moe_paths(device)  # the paths this device lets the op take
         config = cfg or list(fused_moe_config(E, k, H, I, T, torch.bfloat16, cutlass=cutlass,
