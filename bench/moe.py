@@ -154,7 +154,8 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
             except Exception as exc:
                 print(f"[{name}] grouped_mm T={T} failed: {exc}", file=sys.stderr)
         # Staggered starts: in the alternation no call follows a call on the
-        # same input set (whose experts' weights would still be in L2).
+        # same input set (whose experts' weights would still be in L2); needs
+        # --sets >= 3 with two implementations.
         starts = [0, 1, 2] if len(impls) == 3 else [0, 2]
         timed = [Rotation(fns, st) for fns, st in zip(impls, starts)]
         us = paired_us(timed, args.iters)
