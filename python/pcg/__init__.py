@@ -24,7 +24,16 @@ from .ops import fused_moe, route, weak_ref_tensor  # noqa: E402
 from .registry import LayerRegistry  # noqa: E402
 from .wrap import WrappedModel, wrap  # noqa: E402
 
+
+def unwrap(model: WrappedModel):
+    """``model.unwrap()``: the wrapped model with its own implementations back
+    (see :meth:`WrappedModel.unwrap`)."""
+    if not isinstance(model, WrappedModel):
+        raise TypeError(f"pcg.unwrap: expected the model pcg.wrap returned, got {type(model).__name__}")
+    return model.unwrap()
+
+
 __version__ = "0.1.0"
 
 __all__ = ["LayerRegistry", "WrappedModel", "fused_moe", "nn", "route", "weak_ref_tensor",
-           "wrap", "__version__"]
+           "unwrap", "wrap", "__version__"]

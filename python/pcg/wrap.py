@@ -1,6 +1,7 @@
 """pcg.wrap(model): the same model, with a piecewise-captured prefill."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -52,6 +53,10 @@ class WrappedModel(nn.Module):
         self._engine: Optional[CaptureEngine] = None
         self._vocab: Optional[int] = None  # input embedding rows (0: unknown), read on first use
         self._device: Optional[torch.device] = None  # cached: read on every call
+        self._unwrapped = False
+        # Every wrapper of this model, so unwrap() retires them all (the model
+        # they would run is no longer switched to pcg's implementations).
+        model.__dict__.setdefault("_pcg_wrappers", []).append(weakref.ref(self))
 
     # ---- helpers --------------------------------------------------------------
     @property
@@ -88,6 +93,9 @@ class WrappedModel(nn.Module):
                                  f"size), got values in [{lo}, {hi}]")
 
     def engine(self) -> CaptureEngine:
+        if self._unwrapped:
+            raise RuntimeError("pcg: this wrapper was unwrapped (pcg.unwrap / WrappedModel.unwrap): call "
+                               "the model it returned, or pcg.wrap the model again")
         if self._engine is None:
             self._engine = CaptureEngine(self._forward_fn, self.registry, self.device, self.ladder,
                                          self._params, progress=self.options.progress,
@@ -115,7 +123,54 @@ class WrappedModel(nn.Module):
         return self
 
     def report(self) -> Report:
+        self.engine()  # raises for an unwrapped wrapper
         return Report.build(self)
+
+    def unwrap(self) -> nn.Module:
+        """The model with its own implementations back, for what pcg does not
+        run (``generate``, a KV cache): undoes pcg.wrap's switch of a
+        transformers model's attention / experts implementations and of its
+        hybrid mixers' forwards, and frees the captured graphs. Every wrapper
+        of the model is unusable afterwards (its calls raise); wrapping the
+        model again works. Expert weights pcg.wrap converted to its layout
+        are converted back. Not for an expert-parallel wrap: the model then
+        holds only this rank's experts.
+
+        Returns:
+            the wrapped ``nn.Module`` (the same object ``pcg.wrap`` was given).
+        """
+        if self.ep is not None:
+            raise NotImplementedError("pcg: cannot unwrap an expert-parallel wrap: the model holds only "
+                                      "this rank's experts")
+        model = self.model
+        if not self._unwrapped and self.integration.startswith("transformers"):
+            from .integrations import hf
+            hf.restore(model, model.__dict__.pop("_pcg_saved_implementations", []))
+        for ref in model.__dict__.pop("_pcg_wrappers", []):
+            w = ref()
+            if w is not None:
+                w._unwrapped = True
+                w._engine = None  # its graphs and their memory pool go with it
+                w.registry = LayerRegistry()  # and its references to the weights
+        return model
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "pcg.wrap captures prefill without a KV cache, so it does not run generation. "
+            "pcg.unwrap(wrapped) gives back the model with its own implementations (KV cache, "
+            "generate); an engine plugs its cached attention into pcg with "
+            "registry.register_attention_impl")
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from the wrapped model (``config``,
+        ``get_input_embeddings()``, ...), as torch.compile's wrapper does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("_"):
+                raise
+            return getattr(model, name)
 
     @torch.inference_mode()
     def forward(self, input_ids: Optional[torch.Tensor] = None,
@@ -275,7 +330,8 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         try:
             _check_sequences_isolated(model, registry, forward_fn)
         except NotImplementedError:
-            hf.restore(model, model.__dict__.get("_pcg_saved_implementations", []))
+            if not any(ref() is not None for ref in model.__dict__.get("_pcg_wrappers", [])):
+                hf.restore(model, model.__dict__.pop("_pcg_saved_implementations", []))
             raise
     if compiler is not None:
         from .compile import compile_forward

@@ -172,10 +172,11 @@ def _configs(model: nn.Module) -> list:
 
 
 def restore(model: nn.Module, saved: list) -> None:
-    """Undo prepare's switch (``saved``: what _switch_implementations
-    returned) and the mixers' forwards, for a model pcg.wrap refuses late.
-    Expert weights stay in pcg's layout, which the model's own experts code
-    reads too (the layout flags were updated with them)."""
+    """Undo prepare (``saved``: what _switch_implementations returned): the
+    attention / experts implementations, the mixers' forwards, and the expert
+    weights' layout (a module's own eager code may ignore the layout flags:
+    gpt-oss's indexes gate / up as interleaved columns). For a model pcg.wrap
+    refuses late, and for pcg.unwrap."""
     for cfg, attn, experts in saved:
         cfg._attn_implementation = attn
         if experts is not None:
@@ -184,6 +185,32 @@ def restore(model: nn.Module, saved: list) -> None:
         if "_pcg_orig_forward" in m.__dict__:
             m.forward = m._pcg_orig_forward
             del m._pcg_orig_forward
+        if "_pcg_orig_layout" in m.__dict__:
+            _restore_experts_layout(m, *m.__dict__.pop("_pcg_orig_layout"))
+
+
+def _restore_experts_layout(m: nn.Module, transposed: bool, interleaved: bool) -> None:
+    """_convert_experts backwards: pcg's [E, 2I, H] gate-then-up rows to the
+    module's original layout and flags."""
+    if not (transposed or interleaved):
+        return
+    with torch.no_grad():
+        w13 = m.gate_up_proj
+        if interleaved:  # gate rows, then up rows -> gate0, up0, gate1, up1, ...
+            half = w13.shape[1] // 2
+            w13 = torch.stack([w13[:, :half], w13[:, half:]], dim=2).flatten(1, 2)
+        if transposed:
+            w13 = w13.transpose(1, 2)
+        _set_param(m, "gate_up_proj", w13.contiguous())
+        if transposed:
+            _set_param(m, "down_proj", m.down_proj.transpose(1, 2).contiguous())
+        if interleaved and m.has_bias:
+            b13 = m.gate_up_proj_bias
+            half = b13.shape[1] // 2
+            _set_param(m, "gate_up_proj_bias", torch.stack([b13[:, :half], b13[:, half:]], dim=2)
+                       .flatten(1, 2).contiguous())
+    m.is_transposed = transposed
+    m.is_concatenated = not interleaved
 
 
 def _switch_implementations(model: nn.Module) -> list:
@@ -328,6 +355,8 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
         raise NotImplementedError(f"pcg.wrap: experts module {name} ({cls}) is not gated (up_proj "
                                   "only); pcg's fused MoE runs gated experts (gate_up_proj)")
     transposed, interleaved = bool(m.is_transposed), not m.is_concatenated
+    # The layout before the first wrap, for restore() (wrapped twice: already pcg's).
+    m.__dict__.setdefault("_pcg_orig_layout", (transposed, interleaved))
     with torch.no_grad():
         w13 = m.gate_up_proj
         if transposed:  # [E, H, 2I] -> [E, 2I, H]
@@ -598,7 +627,9 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
                 _set_param(m, "gate_up_proj_bias", handle.b13)
             if handle.b2 is not None:
                 _set_param(m, "down_proj_bias", handle.b2)
-    model._pcg_saved_implementations = _switch_implementations(model)
+    saved = _switch_implementations(model)
+    # Wrapped twice: keep the implementations the model had before the first wrap.
+    model.__dict__.setdefault("_pcg_saved_implementations", saved)
     model.eval()
 
     def forward_fn(ids: torch.Tensor, positions: torch.Tensor):

@@ -1,0 +1,89 @@
+"""pcg.unwrap / WrappedModel.unwrap: the model's own implementations back
+(generate, KV cache); attributes the wrapper lacks come from the model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pcg
+from hf_models import VOCAB, build
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_unwrap_restores_the_model(family):
+    model = build(family)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    w = pcg.wrap(model, progress=False)
+    torch.testing.assert_close(w(ids).logits, _logits(ref, ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="outside a pcg-wrapped model's forward"):
+        model(ids)  # switched to pcg's implementations while wrapped
+    back = pcg.unwrap(w)
+    assert back is model
+    # The model's own code again (its experts read pcg's weight layout), cache and generate included.
+    torch.testing.assert_close(_logits(back, ids), _logits(ref, ids), rtol=1e-5, atol=1e-5)
+    gen = back.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, ref.generate(ids, max_new_tokens=4, do_sample=False))
+    with pytest.raises(RuntimeError, match="unwrapped"):
+        w(ids)
+    with pytest.raises(RuntimeError, match="unwrapped"):
+        w.report()
+    # Wrapping again works.
+    w2 = pcg.wrap(back, progress=False)
+    torch.testing.assert_close(w2(ids).logits, _logits(ref, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_unwrap_retires_every_wrapper_and_restores_the_original():
+    model = build("qwen3_moe")
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    w1 = pcg.wrap(model, progress=False)
+    w2 = pcg.wrap(model, progress=False)  # the same model wrapped twice
+    w1(ids)
+    back = w2.unwrap()
+    for w in (w1, w2):
+        with pytest.raises(RuntimeError, match="unwrapped"):
+            w(ids)
+    # The implementations from before the first wrap, not the first wrap's "pcg".
+    assert back.config._attn_implementation != "pcg"
+    torch.testing.assert_close(_logits(back, ids[:1]), _logits(ref, ids[:1]), rtol=1e-5, atol=1e-5)
+
+
+def test_wrapper_forwards_attributes_and_refuses_generate():
+    model = build("mixtral")
+    w = pcg.wrap(model, progress=False)
+    assert w.config is model.config
+    assert w.get_input_embeddings() is model.get_input_embeddings()
+    with pytest.raises(AttributeError):
+        w.no_such_attribute
+    with pytest.raises(AttributeError):
+        w._no_such_private
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with pytest.raises(NotImplementedError, match="pcg.unwrap"):
+        w.generate(ids, max_new_tokens=2)
+
+
+def test_unwrap_pcg_nn_model():
+    from pcg.models import MoETransformer
+    torch.manual_seed(0)
+    model = MoETransformer().eval()
+    ids = torch.randint(0, 256, (1, 7))
+    w = pcg.wrap(model, progress=False)
+    want = w(ids)
+    back = pcg.unwrap(w)
+    assert back is model
+    torch.testing.assert_close(back(ids), want, rtol=1e-4, atol=1e-4)  # pcg.nn layers run eagerly
+    with pytest.raises(RuntimeError, match="unwrapped"):
+        w(ids)
+
+
+def test_unwrap_type_error():
+    with pytest.raises(TypeError, match="pcg.unwrap: expected the model pcg.wrap returned"):
+        pcg.unwrap(torch.nn.Linear(2, 2))
