@@ -87,3 +87,12 @@ def test_unwrap_pcg_nn_model():
 def test_unwrap_type_error():
     with pytest.raises(TypeError, match="pcg.unwrap: expected the model pcg.wrap returned"):
         pcg.unwrap(torch.nn.Linear(2, 2))
+
+
+def test_wrapped_model_stays_picklable(tmp_path):
+    model = build("qwen3_moe")
+    w = pcg.wrap(model, progress=False)
+    torch.save(model, tmp_path / "m.pt")  # pcg keeps no unpicklable state on the model
+    pcg.unwrap(w)
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(back) is type(model)

@@ -30,6 +30,12 @@ class Options:
     graph_attention: bool = True
 
 
+# model -> weak references to its wrappers, so unwrap() retires them all (the
+# model they would run is no longer switched to pcg's implementations). Kept
+# off the model: it stays picklable.
+_WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
 class WrappedModel(nn.Module):
     """A model whose forward replays captured piecewise graphs.
 
@@ -54,9 +60,7 @@ class WrappedModel(nn.Module):
         self._vocab: Optional[int] = None  # input embedding rows (0: unknown), read on first use
         self._device: Optional[torch.device] = None  # cached: read on every call
         self._unwrapped = False
-        # Every wrapper of this model, so unwrap() retires them all (the model
-        # they would run is no longer switched to pcg's implementations).
-        model.__dict__.setdefault("_pcg_wrappers", []).append(weakref.ref(self))
+        _WRAPPERS.setdefault(model, []).append(weakref.ref(self))
 
     # ---- helpers --------------------------------------------------------------
     @property
@@ -146,7 +150,7 @@ class WrappedModel(nn.Module):
         if not self._unwrapped and self.integration.startswith("transformers"):
             from .integrations import hf
             hf.restore(model, model.__dict__.pop("_pcg_saved_implementations", []))
-        for ref in model.__dict__.pop("_pcg_wrappers", []):
+        for ref in _WRAPPERS.pop(model, []):
             w = ref()
             if w is not None:
                 w._unwrapped = True
@@ -330,7 +334,7 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         try:
             _check_sequences_isolated(model, registry, forward_fn)
         except NotImplementedError:
-            if not any(ref() is not None for ref in model.__dict__.get("_pcg_wrappers", [])):
+            if not any(ref() is not None for ref in _WRAPPERS.get(model, [])):
                 hf.restore(model, model.__dict__.pop("_pcg_saved_implementations", []))
             raise
     if compiler is not None:
