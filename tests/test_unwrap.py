@@ -35,8 +35,9 @@ def test_unwrap_restores_the_model(family):
         w(ids)
     with pytest.raises(RuntimeError, match="unwrapped"):
         w.report()
-    # Wrapping again works.
+    # Wrapping again works, and the retired wrapper's unwrap leaves the new wrap alone.
     w2 = pcg.wrap(back, progress=False)
+    assert w.unwrap() is model
     torch.testing.assert_close(w2(ids).logits, _logits(ref, ids), rtol=1e-4, atol=1e-4)
 
 

@@ -147,7 +147,9 @@ class WrappedModel(nn.Module):
             raise NotImplementedError("pcg: cannot unwrap an expert-parallel wrap: the model holds only "
                                       "this rank's experts")
         model = self.model
-        if not self._unwrapped and self.integration.startswith("transformers"):
+        if self._unwrapped:  # already retired (the model may be wrapped again since: leave that be)
+            return model
+        if self.integration.startswith("transformers"):
             from .integrations import hf
             hf.restore(model, model.__dict__.pop("_pcg_saved_implementations", []))
         for ref in _WRAPPERS.pop(model, []):
