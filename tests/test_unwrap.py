@@ -97,3 +97,19 @@ def test_wrapped_model_stays_picklable(tmp_path):
     pcg.unwrap(w)
     back = torch.load(tmp_path / "m.pt", weights_only=False)
     assert type(back) is type(model)
+
+
+def test_unwrap_hybrid_and_compiled():
+    """A hybrid model (mixers' forwards patched) and a compile-mode wrap."""
+    from hf_models import build_auto
+    from test_hf_more import _family
+    for model, kw in ((build_auto(_family("qwen3_next")), {}), (build("deepseek_v3"), {"compiler": "eager"})):
+        ref = copy.deepcopy(model)
+        ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+        w = pcg.wrap(model, progress=False, **kw)
+        torch.testing.assert_close(w(ids).logits, _logits(ref, ids), rtol=1e-4, atol=1e-4)
+        back = pcg.unwrap(w)
+        assert not any("_pcg_orig_forward" in m.__dict__ for m in back.modules())
+        torch.testing.assert_close(_logits(back, ids), _logits(ref, ids), rtol=1e-5, atol=1e-5)
+        gen = back.generate(ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(gen, ref.generate(ids, max_new_tokens=3, do_sample=False))
