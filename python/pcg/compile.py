@@ -61,6 +61,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import compile_cache as _cache
 from . import registry as _reg
 from .registry import LayerRegistry
+from .timing import rel_err
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,6 @@ def split_graph(gm: torch.fx.GraphModule, registry: LayerRegistry):
     return split, pieces, splits
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _capturing() -> bool:
     ctx = _reg._RUNNING.get()
     if ctx is not None and ctx.recorder is not None:
@@ -184,7 +180,7 @@ class _CheckedPiece:
         b, _ = tree_flatten(ref)
         for x, y in zip(a, b):
             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-                err = _rel_err(x, y)
+                err = rel_err(x, y)
                 st = self.owner.stats
                 st["check_max_rel_err"] = max(st["check_max_rel_err"], err)
                 st["checks"] += 1

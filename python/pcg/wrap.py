@@ -13,6 +13,7 @@ from .batch import pack
 from .capture import CaptureEngine
 from .registry import LayerRegistry
 from .report import Report
+from .timing import rel_err
 
 
 @dataclass
@@ -96,10 +97,13 @@ class WrappedModel(nn.Module):
                 raise ValueError(f"pcg: input_ids must be in [0, {self._vocab}) (the input embedding's "
                                  f"size), got values in [{lo}, {hi}]")
 
-    def engine(self) -> CaptureEngine:
+    def _check_wrapped(self) -> None:
         if self._unwrapped:
             raise RuntimeError("pcg: this wrapper was unwrapped (pcg.unwrap / WrappedModel.unwrap): call "
                                "the model it returned, or pcg.wrap the model again")
+
+    def engine(self) -> CaptureEngine:
+        self._check_wrapped()
         if self._engine is None:
             self._engine = CaptureEngine(self._forward_fn, self.registry, self.device, self.ladder,
                                          self._params, progress=self.options.progress,
@@ -127,7 +131,7 @@ class WrappedModel(nn.Module):
         return self
 
     def report(self) -> Report:
-        self.engine()  # raises for an unwrapped wrapper
+        self._check_wrapped()
         return Report.build(self)
 
     def unwrap(self) -> nn.Module:
@@ -151,7 +155,7 @@ class WrappedModel(nn.Module):
             return model
         if self.integration.startswith("transformers"):
             from .integrations import hf
-            hf.restore(model, model.__dict__.pop("_pcg_saved_implementations", []))
+            hf.unprepare(model)
         for ref in _WRAPPERS.pop(model, []):
             w = ref()
             if w is not None:
@@ -275,7 +279,7 @@ class WrappedModel(nn.Module):
         b, _ = tree_flatten(eager)
         for x, y in zip(a, b):
             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
-                err = ((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30)).item()
+                err = rel_err(x, y)
                 eng = self.engine()
                 eng.stats.debug_max_rel_err = max(eng.stats.debug_max_rel_err, err)
                 tol = self.options.debug_rtol or (1e-4 if x.dtype == torch.float32 else 3e-2)
@@ -337,7 +341,7 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
             _check_sequences_isolated(model, registry, forward_fn)
         except NotImplementedError:
             if not any(ref() is not None for ref in _WRAPPERS.get(model, [])):
-                hf.restore(model, model.__dict__.pop("_pcg_saved_implementations", []))
+                hf.unprepare(model)
             raise
     if compiler is not None:
         from .compile import compile_forward
@@ -384,8 +388,7 @@ def _check_sequences_isolated(model: nn.Module, registry: LayerRegistry, forward
     if x is None or y is None:
         return
     tok = 0 if x.shape[0] == la + lb else 1
-    xb, yb = x.narrow(tok, la, lb).float(), y.narrow(tok, la, lb).float()
-    err = ((xb - yb).norm() / yb.norm().clamp_min(1e-30)).item()
+    err = rel_err(x.narrow(tok, la, lb), y.narrow(tok, la, lb))
     # b's rows run the same deterministic kernels both times (bit-identical
     # in practice); the margin covers atomics-ordered sums in half precision.
     tol = 1e-3 if x.dtype == torch.float32 else 2e-2

@@ -171,13 +171,13 @@ def _configs(model: nn.Module) -> list:
     return list(seen.values())
 
 
-def restore(model: nn.Module, saved: list) -> None:
-    """Undo prepare (``saved``: what _switch_implementations returned): the
-    attention / experts implementations, the mixers' forwards, and the expert
-    weights' layout (a module's own eager code may ignore the layout flags:
-    gpt-oss's indexes gate / up as interleaved columns). For a model pcg.wrap
-    refuses late, and for pcg.unwrap."""
-    for cfg, attn, experts in saved:
+def unprepare(model: nn.Module) -> None:
+    """Undo prepare: the attention / experts implementations saved before the
+    first wrap, the mixers' forwards, and the expert weights' layout (a
+    module's own eager code may ignore the layout flags: gpt-oss's indexes
+    gate / up as interleaved columns). For a model pcg.wrap refuses late, and
+    for pcg.unwrap."""
+    for cfg, attn, experts in model.__dict__.pop("_pcg_saved_implementations", []):
         cfg._attn_implementation = attn
         if experts is not None:
             cfg._experts_implementation = experts
@@ -195,22 +195,27 @@ def _restore_experts_layout(m: nn.Module, transposed: bool, interleaved: bool) -
     if not (transposed or interleaved):
         return
     with torch.no_grad():
-        w13 = m.gate_up_proj
-        if interleaved:  # gate rows, then up rows -> gate0, up0, gate1, up1, ...
-            half = w13.shape[1] // 2
-            w13 = torch.stack([w13[:, :half], w13[:, half:]], dim=2).flatten(1, 2)
+        w13 = _interleave(m.gate_up_proj) if interleaved else m.gate_up_proj
         if transposed:
             w13 = w13.transpose(1, 2)
         _set_param(m, "gate_up_proj", w13.contiguous())
         if transposed:
             _set_param(m, "down_proj", m.down_proj.transpose(1, 2).contiguous())
         if interleaved and m.has_bias:
-            b13 = m.gate_up_proj_bias
-            half = b13.shape[1] // 2
-            _set_param(m, "gate_up_proj_bias", torch.stack([b13[:, :half], b13[:, half:]], dim=2)
-                       .flatten(1, 2).contiguous())
+            _set_param(m, "gate_up_proj_bias", _interleave(m.gate_up_proj_bias).contiguous())
     m.is_transposed = transposed
     m.is_concatenated = not interleaved
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """Dim 1 gate0, up0, gate1, up1, ... -> gate rows, then up rows (pcg's layout)."""
+    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    """_deinterleave backwards."""
+    half = t.shape[1] // 2
+    return torch.stack([t[:, :half], t[:, half:]], dim=2).flatten(1, 2)
 
 
 def _switch_implementations(model: nn.Module) -> list:
@@ -362,7 +367,7 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
         if transposed:  # [E, H, 2I] -> [E, 2I, H]
             w13 = w13.transpose(1, 2)
         if interleaved:  # gate0, up0, gate1, up1, ... -> gate rows, then up rows
-            w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
+            w13 = _deinterleave(w13)
         _set_param(m, "gate_up_proj", w13.contiguous())
         w2 = m.down_proj
         if transposed:  # [E, I, H] -> [E, H, I]
@@ -371,7 +376,7 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
         if m.has_bias:
             b13 = m.gate_up_proj_bias
             if interleaved:
-                b13 = torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)
+                b13 = _deinterleave(b13)
             _set_param(m, "gate_up_proj_bias", b13.contiguous())
             _set_param(m, "down_proj_bias", m.down_proj_bias.contiguous())
     # The module's weights are now in pcg's layout.
