@@ -1,6 +1,8 @@
 """MoE layer (routed experts) benchmark on one GPU, bf16:
 
-  pcg eager     torch.ops.pcg.fused_moe called eagerly
+  pcg eager     torch.ops.pcg.fused_moe called eagerly, w13 in the layout pcg.wrap
+                gives it (--w13-block, default 8: the activation inside GEMM1 on
+                the CUTLASS path)
   pcg graph     the same call captured in a CUDA graph, replayed
   grouped_mm    a torch._grouped_mm implementation (sort pairs by expert with
                 torch ops, int32 offsets, grouped_mm for w13 and w2, silu*up,
@@ -125,11 +127,18 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
     g = torch.Generator(device="cpu").manual_seed(1234)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
+    # pcg runs w13 in the layout pcg.wrap gives it (the activation fused into
+    # GEMM1 on the CUTLASS path); grouped_mm the plain one.
+    blk = args.w13_block if I % max(args.w13_block, 1) == 0 else 0
+    w13p = pcg.interleave_w13(w13, blk)
+
+    def pcg_moe(hidden, wts, ids):
+        return pcg.fused_moe(hidden, w13p, w2, wts, ids, config=cfg, w13_block=blk)
 
     # Correctness of both implementations against each other before timing.
     hidden, wts, ids = make_inputs(args.check_t, E, k, H, 7, device)
     cfg = [-1, -1, -1] if args.cutlass else None  # [-1, -1, -1]: the CUTLASS sm_90a path
-    a = pcg.fused_moe(hidden, w13, w2, wts, ids, config=cfg)
+    a = pcg_moe(hidden, wts, ids)
     try:
         b = grouped_mm_moe(hidden, w13, w2, wts, ids)
         err = rel(a, b)
@@ -142,7 +151,7 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
     for T in tokens:
         sets = [make_inputs(T, E, k, H, 100 + s, device) for s in range(args.sets)]
         fl_us, flops, hit = floor_us(sets, E, k, H, I, T)
-        eager = [lambda s=s: pcg.fused_moe(s[0], w13, w2, s[1], s[2], config=cfg) for s in sets]
+        eager = [lambda s=s: pcg_moe(*s) for s in sets]
         graphs = [capture(f)[0] for f in eager]
         impls = [eager, [gr.replay for gr in graphs]]
         ggraphs = []
@@ -166,7 +175,8 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
         cutlass, stream = fused_moe_paths(device)  # the paths this device lets the op take
         config = cfg or list(fused_moe_config(E, k, H, I, T, torch.bfloat16, cutlass=cutlass,
                                               stream=stream))
-        row = dict(shape=name, E=E, topk=k, H=H, I=I, T=T, config=config, experts_hit=hit, floor_us=fl_us,
+        row = dict(shape=name, E=E, topk=k, H=H, I=I, T=T, config=config, w13_block=blk,
+                   experts_hit=hit, floor_us=fl_us,
                    pcg_eager_us=eager_us, pcg_graph_us=graph_us, grouped_mm_us=gmm_us,
                    pcg_over_floor=graph_us / fl_us, pcg_over_grouped_mm=graph_us / gmm_us,
                    tflops=flops / (graph_us * 1e-6) / 1e12, check_rel_err=err)
@@ -176,7 +186,7 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
               f"{row['tflops']:8.1f}   {config}", flush=True)
         del sets
         torch.cuda.empty_cache()
-    del w13, w2
+    del w13, w13p, w2
     torch.cuda.empty_cache()
     return rows
 
@@ -219,6 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--check-t", type=int, default=256)
     ap.add_argument("--cutlass", action="store_true",
                     help="force pcg onto config [-1, -1, -1] (the CUTLASS sm_90a path)")
+    ap.add_argument("--w13-block", type=int, default=8,
+                    help="pcg's w13 row layout (8 = pcg.FUSED_W13_BLOCK, what pcg.wrap uses; "
+                         "0: gate rows then up rows, the activation as a separate kernel)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args(argv)
 
@@ -241,7 +254,8 @@ def main(argv=None) -> int:
         rows += bench_shape(name, E, k, H, I, args.tokens, args, device)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, iters=args.iters,
-                sets=args.sets, cutlass=args.cutlass, peak_bw=PEAK_BW, peak_flops=PEAK_FLOPS)
+                sets=args.sets, cutlass=args.cutlass, w13_block=args.w13_block, peak_bw=PEAK_BW,
+                peak_flops=PEAK_FLOPS)
     stem = "moe_cutlass" if args.cutlass else "moe"
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)

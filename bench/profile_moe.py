@@ -70,18 +70,26 @@ def chosen_config(E, k, H, I, T, device, config):
     return list(fused_moe_config(E, k, H, I, T, torch.bfloat16, cutlass=cutlass, stream=stream))
 
 
-def profile_one(E, k, H, I, T, iters, device, config=None):
+def _weights(E, H, I, device, w13_block):
+    import pcg
+    g = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
+    blk = w13_block if I % max(w13_block, 1) == 0 else 0
+    return pcg.interleave_w13(w13, blk), w2, blk
+
+
+def profile_one(E, k, H, I, T, iters, device, config=None, w13_block=8):
     import pcg
     from pcg.ops.fused_moe import fused_moe_cutlass_variants
     from pcg.timing import capture_graph
     cfg = chosen_config(E, k, H, I, T, device, config)
     gemm_labels = (cutlass_gemm_labels(cfg, fused_moe_cutlass_variants()) if cfg[0] == -1
                    else ("cutlass_gemm?", "cutlass_gemm?"))
-    g = torch.Generator().manual_seed(0)
-    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
-    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
+    w13, w2, blk = _weights(E, H, I, device, w13_block)
     hidden, wts, ids = make_inputs(T, E, k, H, 5, device)
-    graph, _ = capture_graph(lambda: pcg.fused_moe(hidden, w13, w2, wts, ids, config=config))
+    graph, _ = capture_graph(lambda: pcg.fused_moe(hidden, w13, w2, wts, ids, config=config,
+                                                   w13_block=blk))
     graph.replay()
     torch.cuda.synchronize()
     acts = torch.profiler.ProfilerActivity
@@ -104,14 +112,12 @@ def profile_one(E, k, H, I, T, iters, device, config=None):
     return cfg, dict(per)
 
 
-def plain_calls(E, k, H, I, T, iters, device, config=None):
+def plain_calls(E, k, H, I, T, iters, device, config=None, w13_block=8):
     import pcg
-    g = torch.Generator().manual_seed(0)
-    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
-    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
+    w13, w2, blk = _weights(E, H, I, device, w13_block)
     hidden, wts, ids = make_inputs(T, E, k, H, 5, device)
     for _ in range(iters):
-        pcg.fused_moe(hidden, w13, w2, wts, ids, config=config)
+        pcg.fused_moe(hidden, w13, w2, wts, ids, config=config, w13_block=blk)
     torch.cuda.synchronize()
     print(f"E={E} k={k} H={H} I={I} T={T}: {iters} eager calls", flush=True)
 
@@ -122,6 +128,8 @@ def main() -> int:
     ap.add_argument("--tokens", nargs="*", type=int, default=[1, 16, 128, 1024, 4096, 16384])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--plain", action="store_true", help="eager calls only (run under ncu)")
+    ap.add_argument("--w13-block", type=int, default=8,
+                    help="w13 row layout (8: pcg.wrap's; 0: plain, separate activation kernel)")
     ap.add_argument("--config", nargs=3, type=int, default=None,
                     help="force [block_m, tile1, tile2], e.g. -1 -1 -1 (CUTLASS, default GEMM "
                          "kernels), -1 0 1 (CUTLASS, GEMM2 on variant 1) or -2 -1 -1 (stream)")
@@ -136,9 +144,10 @@ def main() -> int:
         for T in args.tokens:
             try:
                 if args.plain:
-                    plain_calls(E, k, H, I, T, args.iters, device, args.config)
+                    plain_calls(E, k, H, I, T, args.iters, device, args.config, args.w13_block)
                     continue
-                cfg, per = profile_one(E, k, H, I, T, args.iters, device, args.config)
+                cfg, per = profile_one(E, k, H, I, T, args.iters, device, args.config,
+                                       args.w13_block)
             except ValueError as exc:  # a forced config this call cannot take
                 if args.config is None:
                     raise

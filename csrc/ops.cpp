@@ -18,12 +18,13 @@ TORCH_LIBRARY(pcg, m) {
   // the CUTLASS sm_90a grouped-GEMM path with GEMM kernel variants g1 / g2
   // (-1: default; bf16/fp16 on sm_90 only, csrc/moe/moe_cutlass.h) and
   // [-2, -1, -1] the weight-streaming path (the CPU kernel validates and
-  // ignores config).
+  // ignores config). w13_block: w13's row layout (0: gate rows then up rows;
+  // B: blocks of B gate rows and B up rows alternate; csrc/moe/fused_moe.h).
   m.def(
       "fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, Tensor? num_valid=None, Tensor? b13=None, Tensor? b2=None, "
-      "str activation=\"silu\", float alpha=1.702, float limit=7.0, int[]? config=None) "
-      "-> Tensor");
+      "str activation=\"silu\", float alpha=1.702, float limit=7.0, int[]? config=None, "
+      "int w13_block=0) -> Tensor");
   // fused_moe's kernel configuration for these shapes: [block_m, tile1, tile2];
   // and its list of tiles (9 ints per tile: id, BM, BN, BK, warps_m, warps_n,
   // stages, gated, shared memory bytes; and the names).

@@ -32,7 +32,8 @@ def close(name, a, b, tol):
         failures.append(name)
 
 
-def moe_case(E, k, H, I, T, dtype, act="silu", bias=False, mapped=False, nvalid=None, config=None):
+def moe_case(E, k, H, I, T, dtype, act="silu", bias=False, mapped=False, nvalid=None, config=None,
+             w13_block=0):
     g = torch.Generator().manual_seed(T * 31 + E)
     hidden = torch.randn(T, H, generator=g).to(dtype)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dtype)
@@ -49,11 +50,12 @@ def moe_case(E, k, H, I, T, dtype, act="silu", bias=False, mapped=False, nvalid=
     nv = torch.tensor([nvalid], dtype=torch.int32) if nvalid is not None else None
     args = [hidden, w13, w2, w, ids, emap, nv, b13, b2, act]
     ref = pcg.fused_moe(*args)
-    out = pcg.fused_moe(*[a.to(dev) if isinstance(a, torch.Tensor) else a for a in args],
-                        config=config)
+    dargs = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in args]
+    dargs[1] = pcg.interleave_w13(dargs[1], w13_block)
+    out = pcg.fused_moe(*dargs, config=config, w13_block=w13_block)
     torch.cuda.synchronize()
     close(f"fused_moe E={E} k={k} H={H} I={I} T={T} {dtype} {act} bias={bias} map={mapped} "
-          f"nv={nvalid} config={config}", out, ref, 2e-2 if dtype != torch.float32 else 1e-4)
+          f"nv={nvalid} config={config} w13_block={w13_block}", out, ref, 2e-2 if dtype != torch.float32 else 1e-4)
 
 
 for dtype in (torch.bfloat16, torch.float16):
@@ -70,11 +72,20 @@ if torch.cuda.get_device_capability() == (9, 0):  # the CUTLASS sm_90a path
         moe_case(16, 4, 200, 72, 70, dtype, act="swigluoai", bias=True, nvalid=41,
                  config=[-1, -1, -1])
     moe_case(16, 4, 64, 32, 2100, torch.bfloat16, act="gelu", config=[-1, -1, -1])
+    # GEMM1 with the activation in its epilogue (w13 in the block layout), every variant
+    from pcg.ops.fused_moe import fused_moe_cutlass_variants
+    for v in fused_moe_cutlass_variants():
+        moe_case(16, 4, 200, 200, 70, torch.bfloat16, act="swigluoai", bias=True, nvalid=41,
+                 mapped=True, config=[-1, v.id, -1], w13_block=8)
+    moe_case(16, 4, 64, 32, 2100, torch.float16, config=[-1, -1, -1], w13_block=16)
 for dtype in (torch.bfloat16, torch.float16):  # the weight-streaming path (T*k <= 128)
     moe_case(8, 2, 256, 128, 5, dtype, bias=True, mapped=True, config=[-2, -1, -1])
     moe_case(16, 4, 200, 72, 30, dtype, act="swigluoai", bias=True, nvalid=17,
              config=[-2, -1, -1])
     moe_case(300, 8, 72, 40, 16, dtype, act="gelu", config=[-2, -1, -1])
+    moe_case(16, 4, 200, 72, 30, dtype, bias=True, config=[-2, -1, -1], w13_block=8)
+moe_case(8, 2, 136, 40, 300, torch.bfloat16, act="gelu", w13_block=8)  # mma.sync, block layout
+moe_case(8, 2, 96, 40, 33, torch.float32, bias=True, w13_block=40)     # SIMT, block layout
 
 for scoring, groups in (("softmax", 1), ("sigmoid", 4)):
     logits = torch.randn(77, 64)

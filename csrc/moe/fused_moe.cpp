@@ -47,7 +47,7 @@ FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w
                                    const std::optional<at::Tensor>& num_valid,
                                    const std::optional<at::Tensor>& b13,
                                    const std::optional<at::Tensor>& b2,
-                                   c10::string_view activation) {
+                                   c10::string_view activation, int64_t w13_block) {
   FusedMoeShape s;
   // Device.
   const c10::Device dev = hidden.device();
@@ -81,8 +81,12 @@ FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w
   s.H = hidden.size(1);
   s.E = w13.size(0);
   PCG_CHECK_ARG(kOp, "w13", w13.size(1) > 0 && w13.size(1) % 2 == 0,
-                "dim 1 must be 2*I (gate rows then up rows) with I >= 1, got shape ", w13.sizes());
+                "dim 1 must be 2*I (gate and up rows) with I >= 1, got shape ", w13.sizes());
   s.I = w13.size(1) / 2;
+  PCG_CHECK_ARG(kOp, "w13_block", moe::is_valid_w13_block(w13_block, s.I),
+                "must be 0 (gate rows, then up rows) or a positive multiple of 8 that divides ",
+                "I = ", s.I, ", got ", w13_block);
+  s.w13_block = static_cast<int>(w13_block);
   check_size(kOp, "w13", w13, 2, s.H, "H = hidden.size(1)");
   check_size(kOp, "w2", w2, 0, s.E, "E_local = w13.size(0)");
   check_size(kOp, "w2", w2, 1, s.H, "H = hidden.size(1)");
@@ -173,6 +177,7 @@ moe::FusedMoeParams FusedMoeInputs::params(const FusedMoeShape& s, double alpha,
   p.I = s.I;
   p.E = s.E;
   p.k = s.k;
+  p.w13_block = s.w13_block;
   p.act = s.act;
   p.alpha = static_cast<float>(alpha);
   p.limit = static_cast<float>(limit);
@@ -326,9 +331,10 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
                          const std::optional<at::Tensor>& num_valid,
                          const std::optional<at::Tensor>& b13, const std::optional<at::Tensor>& b2,
                          c10::string_view activation, double alpha, double limit,
-                         at::OptionalIntArrayRef config) {
+                         at::OptionalIntArrayRef config, int64_t w13_block) {
   const FusedMoeShape s = check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids,
-                                               expert_map, num_valid, b13, b2, activation);
+                                               expert_map, num_valid, b13, b2, activation,
+                                               w13_block);
   // Validated like on CUDA; the CPU result does not depend on the config.
   (void)check_fused_moe_config(config, hidden.scalar_type());
   const auto dt = hidden.scalar_type();
@@ -360,7 +366,14 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
     const at::Tensor idx = at::from_blob(tok[e].data(), {n}, at::kLong).clone();
     const at::Tensor we = at::from_blob(wt[e].data(), {n, 1}, at::kFloat).clone();
     const at::Tensor xe = x.index_select(0, idx);
-    at::Tensor gu = at::mm(xe, w13[e].to(at::kFloat).t());
+    // The expert's w13 in fp32, contiguous, gate rows then up rows: the same
+    // product (bitwise) whatever the caller's layout and strides.
+    at::Tensor w = w13[e].to(at::kFloat).contiguous();
+    if (s.w13_block > 0) {  // [I/B, 2 (gate, up), B, H] -> [2, I/B, B, H]
+      w = w.view({s.I / s.w13_block, 2, s.w13_block, s.H}).transpose(0, 1).reshape(
+          {2 * s.I, s.H});
+    }
+    at::Tensor gu = at::mm(xe, w.t());
     if (b13) gu = gu + (*b13)[e].to(at::kFloat);
     at::Tensor h = activation_cpu(gu.narrow(1, 0, s.I), gu.narrow(1, s.I, s.I), s.act, alpha, limit);
     h = h.to(dt).to(at::kFloat);  // the intermediate is rounded to the hidden dtype

@@ -1,6 +1,7 @@
 // pcg::fused_moe kernels: torch-free interface (raw pointers, plain types).
 //
 //   out[t] = sum_j topk_weights[t,j] * (w2[e] @ act(w13[e] @ x_t + b13[e]) + b2[e])
+//   (gate / up rows of w13[e] as w13_block says: w13_row below)
 //   e = expert_map[topk_ids[t,j]] (identity without a map); invalid pairs and
 //   rows t >= num_valid contribute nothing (rows >= num_valid are zeros).
 //
@@ -43,6 +44,26 @@ namespace pcg::moe {
 
 enum class Activation : int { kSilu = 0, kGelu = 1, kSwigluOai = 2, kGeluTanh = 3 };
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// w13's row layout (the op's `w13_block` argument). 0: the I gate rows, then
+// the I up rows. B > 0 (a multiple of 8 dividing I): blocks of B gate rows and
+// B up rows alternate, [g_0..g_B-1, u_0..u_B-1, g_B..g_2B-1, u_B.., ...], so a
+// tile of GEMM1's output holds gate and up of the same columns. With
+// B == kFusedW13Block the CUTLASS path applies the activation in GEMM1's
+// epilogue (gate and up in one thread's registers: no gate_up buffer, no
+// activation kernel). b13 keeps the plain layout either way.
+constexpr int kFusedW13Block = 8;
+constexpr bool is_valid_w13_block(int64_t block, int64_t I) {
+  return block == 0 || (block > 0 && block % 8 == 0 && I % block == 0);
+}
+// Row of w13[e] (and column of GEMM1's [M, 2I] output) holding gate (up:
+// up) column n of [0, I).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr int64_t w13_row(int64_t n, int64_t I, int block, bool up) {
+  return block > 0 ? (n / block) * 2 * block + (up ? block : 0) + n % block : (up ? I + n : n);
+}
 
 // Rows per GEMM block (= moe_align's block_m) chosen from the average number
 // of pairs per local expert; a pure function of the shapes, so a captured
@@ -179,7 +200,7 @@ struct FusedMoeParams {
   DType dtype = DType::kBFloat16;
   // Inputs (contiguous).
   const void* hidden = nullptr;          // [T, H]
-  const void* w13 = nullptr;             // [E, 2I, H]
+  const void* w13 = nullptr;             // [E, 2I, H], rows as w13_block says
   const void* w2 = nullptr;              // [E, H, I]
   const void* b13 = nullptr;             // [E, 2I] or null
   const void* b2 = nullptr;              // [E, H] or null
@@ -189,6 +210,7 @@ struct FusedMoeParams {
   int64_t num_global = 0;                // map size, or E without a map
   const int32_t* num_valid = nullptr;    // device scalar or null
   int64_t T = 0, H = 0, I = 0, E = 0, k = 0;
+  int w13_block = 0;                     // w13's row layout (w13_row)
   Activation act = Activation::kSilu;
   float alpha = 1.702f, limit = 7.0f;
   // Configuration: block_m and concrete tile ids (fp32: tile ids unused). The

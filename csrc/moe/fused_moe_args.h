@@ -13,6 +13,7 @@ namespace pcg {
 struct FusedMoeShape {
   int64_t T = 0, H = 0, I = 0, E = 0, k = 0;
   int64_t num_global = 0;  // expert_map size, or E without a map
+  int w13_block = 0;       // w13's row layout (moe::w13_row)
   moe::Activation act = moe::Activation::kSilu;
 };
 
@@ -26,7 +27,7 @@ FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w
                                    const std::optional<at::Tensor>& num_valid,
                                    const std::optional<at::Tensor>& b13,
                                    const std::optional<at::Tensor>& b2,
-                                   c10::string_view activation);
+                                   c10::string_view activation, int64_t w13_block);
 
 // Validates fused_moe's optional `config` override [block_m, tile1, tile2]
 // (errors name the argument 'config'); returns the config to use for `dtype`

@@ -52,9 +52,11 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
                           const std::optional<at::Tensor>& num_valid,
                           const std::optional<at::Tensor>& b13,
                           const std::optional<at::Tensor>& b2, c10::string_view activation,
-                          double alpha, double limit, at::OptionalIntArrayRef config) {
+                          double alpha, double limit, at::OptionalIntArrayRef config,
+                          int64_t w13_block) {
   const FusedMoeShape s = check_fused_moe_args(hidden, w13, w2, topk_weights, topk_ids,
-                                               expert_map, num_valid, b13, b2, activation);
+                                               expert_map, num_valid, b13, b2, activation,
+                                               w13_block);
   const std::optional<moe::MoeConfig> forced = check_fused_moe_config(config, hidden.scalar_type());
   PCG_CHECK_ARG("fused_moe", "w13", s.E <= moe::kMoeAlignMaxExperts,
                 "the CUDA kernel supports at most ", moe::kMoeAlignMaxExperts,

@@ -90,8 +90,16 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     g.num_blocks = p.num_blocks;
     g.a1 = b.a_sorted;
     g.w13 = p.w13;
+    // w13 in the block layout of the fused epilogue: GEMM1 writes inter
+    // directly; otherwise gate_up, and an activation kernel follows.
+    g.fused_act = p.w13_block == kFusedW13Block;
+    if (!g.fused_act && b.gate_up == nullptr) return cudaErrorInvalidValue;
     g.d1 = b.gate_up;
     g.a2 = p.inter;
+    g.b13 = p.b13;
+    g.act = p.act;
+    g.alpha = p.alpha;
+    g.limit = p.limit;
     g.w2 = p.w2;
     g.d2 = b.a_sorted;  // a_sorted is dead after GEMM1
     g.args = b.gemm_args;
@@ -100,9 +108,12 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     g.sm_count = b.sm_count;
     if ((err = grouped_gemm_sm90_setup(g, stream)) != cudaSuccess) return err;
     if ((err = grouped_gemm_sm90_run(g, 1, p.config.tile1, stream)) != cudaSuccess) return err;
-    err = launch_moe_gated_act(p.dtype, b.gate_up, p.sorted_pairs, p.block_expert, kCutlassBlockM,
-                               slots, p.I, p.b13, p.act, p.alpha, p.limit, p.inter, stream);
-    if (err != cudaSuccess) return err;
+    if (!g.fused_act) {
+      err = launch_moe_gated_act(p.dtype, b.gate_up, p.sorted_pairs, p.block_expert,
+                                 kCutlassBlockM, slots, p.I, p.w13_block, p.b13, p.act, p.alpha,
+                                 p.limit, p.inter, stream);
+      if (err != cudaSuccess) return err;
+    }
     if ((err = grouped_gemm_sm90_run(g, 2, p.config.tile2, stream)) != cudaSuccess) return err;
   }
   // Every row of out is written (zeros for rows without valid pairs).

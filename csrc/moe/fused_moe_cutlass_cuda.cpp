@@ -65,7 +65,10 @@ at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& 
   at::Tensor align_scratch = at::empty({moe::moe_align_scratch_ints(s.T * s.k, s.E)}, i32);
   at::Tensor inter = at::empty({slots, s.I}, in.hidden.options());
   at::Tensor a_sorted = at::empty({slots, s.H}, in.hidden.options());
-  at::Tensor gate_up = at::empty({slots, 2 * s.I}, in.hidden.options());
+  // GEMM1's output before the activation; none when its epilogue applies the
+  // activation (w13 in the block layout of moe::kFusedW13Block).
+  const bool fused_act = s.w13_block == moe::kFusedW13Block;
+  at::Tensor gate_up = at::empty({fused_act ? 0 : slots, 2 * s.I}, in.hidden.options());
   at::Tensor pair_slot = at::empty({s.T * s.k}, i32);
   at::Tensor gemm_args =
       at::empty({static_cast<int64_t>(moe::grouped_gemm_sm90_args_bytes(s.E))}, u8);
@@ -82,7 +85,7 @@ at::Tensor fused_moe_cutlass_cuda(const FusedMoeShape& s, const FusedMoeInputs& 
   p.inter = inter.data_ptr();
   p.out = out.data_ptr();
   b.a_sorted = a_sorted.data_ptr();
-  b.gate_up = gate_up.data_ptr();
+  b.gate_up = fused_act ? nullptr : gate_up.data_ptr();
   b.pair_slot = pair_slot.data_ptr<int32_t>();
   b.gemm_args = gemm_args.data_ptr();
   b.gemm_workspace = gemm_ws.numel() > 0 ? gemm_ws.data_ptr() : nullptr;

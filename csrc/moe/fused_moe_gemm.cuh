@@ -8,7 +8,8 @@
 // rows and weight tiles are reused from L2). A CTA whose row block is >=
 // num_blocks (read on the device) exits at once: the grid size depends only
 // on the shapes, so the kernels capture in CUDA graphs.
-//   GEMM1 (GATED): inter[slot, n] = act(x . w13[e, n] + b, x . w13[e, I+n] + b),
+//   GEMM1 (GATED): inter[slot, n] = act(x . w13[e, n] + b, x . w13[e, I+n] + b)
+//   (w13 rows as a.w13_block says: w13_row),
 //                  x = hidden[pair / k] gathered while loading A
 //   GEMM2        : pair_out[pair, n] = w[pair] * (inter[slot] . w2[e, n] + b2[e, n])
 // Both are "A row-major [M,K] times B row-major [N,K]^T" with K contiguous.
@@ -54,6 +55,7 @@ struct GemmArgs {
   int act;
   float alpha, limit;
   int vec;  // 16-byte loads allowed (K % 8 == 0 and 16-byte aligned bases)
+  int w13_block;  // GEMM1: w13's row layout (w13_row in fused_moe.h)
 };
 
 // Tensor-core GEMM with tile `tile` (fused_moe_tiles.h) over a.m_tiles =
@@ -330,7 +332,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) moe_gemm_tc(const GemmArgs args)
         const int r = c / CPR, cc = c % CPR;
         const bool up = GATED && r >= BN;
         const int64_t n = n0 + (up ? r - BN : r);
-        const uint16_t* row = n < N ? B + (up ? N + n : n) * K : nullptr;
+        const uint16_t* row = n < N ? B + w13_row(n, N, args.w13_block, up) * K : nullptr;
         load_chunk16(bs + r * LDS + cc * 8, row, k0 + cc * 8, K, args.vec);
       }
     }

@@ -46,7 +46,9 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
       const int half = r / BN, nn = r % BN;
       const int64_t n = n0 + nn;
       Bs[half][kk][nn] =
-          (n < N && k0 + kk < K) ? to_float(B[(half * N + n) * K + k0 + kk]) : 0.f;
+          (n < N && k0 + kk < K)
+              ? to_float(B[w13_row(n, N, args.w13_block, half != 0) * K + k0 + kk])
+              : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -195,6 +197,7 @@ cudaError_t run_gemms(const FusedMoeParams& p, cudaStream_t stream) {
   g1.alpha = p.alpha;
   g1.limit = p.limit;
   g1.vec = (p.H % 8 == 0) && aligned16(p.hidden) && aligned16(p.w13);
+  g1.w13_block = p.w13_block;
   err = launch_gemm<T, true>(g1, p.config, p.max_blocks, stream);
   if (err != cudaSuccess) return err;
 
@@ -206,6 +209,7 @@ cudaError_t run_gemms(const FusedMoeParams& p, cudaStream_t stream) {
   g2.N = p.H;
   g2.K = p.I;
   g2.vec = (p.I % 8 == 0) && aligned16(p.inter) && aligned16(p.w2);
+  g2.w13_block = 0;
   return launch_gemm<T, false>(g2, p.config, p.max_blocks, stream);
 }
 

@@ -21,6 +21,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "moe/gated_act_epilogue.cuh"
 #include "moe/grouped_gemm_sm90.h"
 #include "moe/grouped_gemm_variants.h"
 
@@ -70,24 +71,54 @@ struct GroupedGemmKernel {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-// Variant<Element, id>: the kernel type of list entry `id`.
+// The same mainloop with the gated-activation epilogue (gated_act_epilogue.cuh):
+// GEMM1 over block-interleaved w13, writing inter instead of gate_up.
+template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule>
+struct GatedGroupedGemmKernel {
+  using Plain = GroupedGemmKernel<Element, TileShape_, ClusterShape_, Schedule>;
+  using ProblemShape = typename Plain::ProblemShape;
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
+  using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      GatedActEpilogue<Element, cutlass::detail::TagToStrideC_t<typename Plain::LayoutD*>>>;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, typename Plain::LayoutA*,
+      Plain::kAlign, Element, typename Plain::LayoutB*, Plain::kAlign, typename Plain::Acc,
+      TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      typename Schedule::Kernel>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// Variant<Element, id> / GatedVariant<Element, id>: the kernel types of list
+// entry `id` (plain epilogue / gated-activation epilogue).
 template <typename Element, int Id>
 struct Variant;
-#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm)                               \
-  template <typename Element>                                                                \
-  struct Variant<Element, id>                                                                \
-      : GroupedGemmKernel<Element, Shape<Int<tm>, Int<tn>, Int<tk>>, Shape<Int<cm>, _1, _1>, \
-                          sched##Schedule> {};
+template <typename Element, int Id>
+struct GatedVariant;
+#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm)                                    \
+  template <typename Element>                                                                     \
+  struct Variant<Element, id>                                                                     \
+      : GroupedGemmKernel<Element, Shape<Int<tm>, Int<tn>, Int<tk>>, Shape<Int<cm>, _1, _1>,      \
+                          sched##Schedule> {};                                                    \
+  template <typename Element>                                                                     \
+  struct GatedVariant<Element, id>                                                                \
+      : GatedGroupedGemmKernel<Element, Shape<Int<tm>, Int<tn>, Int<tk>>, Shape<Int<cm>, _1, _1>, \
+                               sched##Schedule> {};
 PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_TYPE)
 #undef PCG_SM90_VARIANT_TYPE
 
-// Calls f(Variant<Element, id>{}) for a listed id (f returns cudaError_t);
-// cudaErrorInvalidValue for another id.
-template <typename Element, typename F>
+// Calls f(Variant<Element, id>{}) (Gated: f(GatedVariant<Element, id>{})) for
+// a listed id (f returns cudaError_t); cudaErrorInvalidValue for another id.
+template <typename Element, bool Gated, typename F>
 cudaError_t with_variant(int id, F&& f) {
   switch (id) {
-#define PCG_SM90_VARIANT_CASE(vid, ...) \
-    case vid: return f(Variant<Element, vid>{});
+#define PCG_SM90_VARIANT_CASE(vid, ...)                            \
+    case vid:                                                      \
+      if constexpr (Gated) return f(GatedVariant<Element, vid>{}); \
+      else return f(Variant<Element, vid>{});
     PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_CASE)
 #undef PCG_SM90_VARIANT_CASE
     default: return cudaErrorInvalidValue;
@@ -115,7 +146,8 @@ struct GroupedGemm {
   using StrideB = typename Base::Kernel::InternalStrideB;
   using StrideD = typename Base::Kernel::InternalStrideD;
 #define PCG_SM90_VARIANT_SHARES(id, name, ...)                                          \
-  static_assert(kSameArgTypes<Base, Variant<Element, id>>,                             \
+  static_assert(kSameArgTypes<Base, Variant<Element, id>> &&                           \
+                    kSameArgTypes<Base, GatedVariant<Element, id>>,                    \
                 "variant " #name ": the setup kernel writes one set of shapes / strides " \
                 "for every variant");
   PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_SHARES)
@@ -151,13 +183,38 @@ struct GroupedGemm {
     return r;
   }
 
+  static cutlass::KernelHardwareInfo hw_info(const MoeGroupedGemmArgs& a) {
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = a.device;
+    hw.sm_count = a.sm_count;
+    return hw;
+  }
+
+  // Arguments of kernel K (a GatedVariant) for GEMM1 with the activation fused.
+  template <typename K>
+  static typename K::Gemm::Arguments gated_arguments(const MoeGroupedGemmArgs& a) {
+    const Arrays r = arrays(a.args, a.E, 1);
+    typename K::Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
+    args.mainloop = {r.a, r.sa, r.b, r.sb};
+    args.epilogue.ptr_D = r.d;
+    args.epilogue.dD = r.sd;
+    GatedActParams<Element>& p = args.epilogue.act;
+    p.b13 = static_cast<const Element*>(a.b13);
+    p.I = static_cast<int>(a.I);
+    p.act = static_cast<int>(a.act);
+    p.alpha = a.alpha;
+    p.limit = a.limit;
+    args.hw_info = hw_info(a);
+    return args;
+  }
+
   // Arguments of kernel K (a Variant) for GEMM `which`.
   template <typename K>
   static typename K::Gemm::Arguments arguments(const MoeGroupedGemmArgs& a, int which) {
     const Arrays r = arrays(a.args, a.E, which);
-    cutlass::KernelHardwareInfo hw;
-    hw.device_id = a.device;
-    hw.sm_count = a.sm_count;
+    const cutlass::KernelHardwareInfo hw = hw_info(a);
     typename K::Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
     args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
@@ -209,10 +266,15 @@ __global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, typename GroupedGemm<
   g1.shape[e] = make_shape(M, 2 * I, H);
   g1.a[e] = static_cast<const Element*>(a.a1) + off * H;
   g1.b[e] = w13 + e * 2 * I * static_cast<int64_t>(H);
-  g1.d[e] = static_cast<Element*>(a.d1) + off * 2 * I;
   g1.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, H, 1));
   g1.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(2 * I, H, 1));
-  g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, 2 * I, 1));
+  if (a.fused_act) {  // D = inter [M, I]: the epilogue writes one column per gate/up pair
+    g1.d[e] = static_cast<Element*>(a.a2) + off * I;
+    g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, I, 1));
+  } else {
+    g1.d[e] = static_cast<Element*>(a.d1) + off * 2 * I;
+    g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, 2 * I, 1));
+  }
 
   g2.shape[e] = make_shape(M, H, I);
   g2.a[e] = static_cast<const Element*>(a.a2) + off * I;
@@ -223,15 +285,19 @@ __global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, typename GroupedGemm<
   g2.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, H, 1));
 }
 
-template <typename Element, typename K>
+template <typename Element, int Id>
 size_t workspace_bytes_of(const MoeGroupedGemmArgs& a) {
   using G = GroupedGemm<Element>;
+  using K = Variant<Element, Id>;
+  using KG = GatedVariant<Element, Id>;
   const size_t w1 = K::Gemm::get_workspace_size(G::template arguments<K>(a, 1));
   const size_t w2 = K::Gemm::get_workspace_size(G::template arguments<K>(a, 2));
-  return w1 > w2 ? w1 : w2;
+  const size_t wg = KG::Gemm::get_workspace_size(G::template gated_arguments<KG>(a));
+  const size_t w = w1 > w2 ? w1 : w2;
+  return wg > w ? wg : w;
 }
 
-// The largest workspace of any variant for either GEMM (one buffer serves
+// The largest workspace of any variant for any GEMM (one buffer serves
 // whichever variants the config names).
 template <typename Element>
 size_t workspace_bytes(int64_t E, int sm_count) {
@@ -244,7 +310,7 @@ size_t workspace_bytes(int64_t E, int sm_count) {
   size_t w = 0;
 #define PCG_SM90_VARIANT_WORKSPACE(id, ...)                                  \
   {                                                                          \
-    const size_t v = workspace_bytes_of<Element, Variant<Element, id>>(a);   \
+    const size_t v = workspace_bytes_of<Element, id>(a);                     \
     w = v > w ? v : w;                                                       \
   }
   PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_WORKSPACE)
@@ -263,28 +329,36 @@ cudaError_t setup(const MoeGroupedGemmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename Element, typename K>
-cudaError_t run_kernel(const MoeGroupedGemmArgs& a, int which, cudaStream_t stream) {
-  using G = GroupedGemm<Element>;
+template <typename K>
+cudaError_t run_gemm(const typename K::Gemm::Arguments& args, void* workspace,
+                     cudaStream_t stream) {
   typename K::Gemm gemm;
-  const typename K::Gemm::Arguments args = G::template arguments<K>(a, which);
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
   // initialize: host-side parameter building, cudaFuncSetAttribute and at
   // most workspace memsets on `stream` (capturable).
-  if (gemm.initialize(args, a.workspace, stream) != cutlass::Status::kSuccess) {
+  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
     return cudaErrorInvalidConfiguration;
   }
   if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
   return cudaGetLastError();
 }
 
-// GEMM `which` (1 or 2) with kernel variant `variant` (a listed id).
+// GEMM `which` (1 or 2; GEMM1 with the activation when a.fused_act) with
+// kernel variant `variant` (a listed id).
 template <typename Element>
 cudaError_t run(const MoeGroupedGemmArgs& a, int which, int variant, cudaStream_t stream) {
+  using G = GroupedGemm<Element>;
   if (which != 1 && which != 2) return cudaErrorInvalidValue;
   if (a.E <= 0) return cudaSuccess;
-  return with_variant<Element>(variant, [&](auto v) {
-    return run_kernel<Element, decltype(v)>(a, which, stream);
+  if (which == 1 && a.fused_act) {
+    return with_variant<Element, true>(variant, [&](auto v) {
+      using K = decltype(v);
+      return run_gemm<K>(G::template gated_arguments<K>(a), a.workspace, stream);
+    });
+  }
+  return with_variant<Element, false>(variant, [&](auto v) {
+    using K = decltype(v);
+    return run_gemm<K>(G::template arguments<K>(a, which), a.workspace, stream);
   });
 }
 

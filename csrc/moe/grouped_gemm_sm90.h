@@ -2,7 +2,9 @@
 // ptr-array grouped kernel): one group per local expert e,
 //   D_e[M_e, N] = A_e[M_e, K] . B_e[N, K]^T   (bf16/fp16 in, fp32 accumulate,
 //                                              D in the input dtype)
-//   GEMM1: A = sorted hidden rows, B = w13[e], N = 2I, K = H -> gate_up
+//   GEMM1: A = sorted hidden rows, B = w13[e], N = 2I, K = H -> gate_up, or
+//          with a.fused_act (w13 in the block layout, B = kFusedW13Block) the
+//          gated-activation epilogue (gated_act_epilogue.cuh) -> inter [M_e, I]
 //   GEMM2: A = inter,              B = w2[e],  N = H,  K = I -> d2
 // Each GEMM runs one of the kernel variants of grouped_gemm_variants.h.
 // A_e / D_e start at expert e's first sorted slot (moe_align with block_m,
@@ -43,10 +45,16 @@ struct MoeGroupedGemmArgs {
   // Operands (device, dtype, row-major, K contiguous).
   const void* a1 = nullptr;   // [slots, H] hidden rows in sorted order
   const void* w13 = nullptr;  // [E, 2I, H]
-  void* d1 = nullptr;         // [slots, 2I] gate (first I columns) and up
-  const void* a2 = nullptr;   // [slots, I] activation
+  void* d1 = nullptr;         // [slots, 2I] gate and up (unused when fused_act)
+  void* a2 = nullptr;         // [slots, I] activation (GEMM1 writes it when fused_act)
   const void* w2 = nullptr;   // [E, H, I]
   void* d2 = nullptr;         // [slots, H]
+  // GEMM1 with the activation in its epilogue: w13 rows in the block layout
+  // with B = kFusedW13Block (fused_moe.h); b13 [E, 2I] (plain layout) or null.
+  bool fused_act = false;
+  const void* b13 = nullptr;
+  Activation act = Activation::kSilu;
+  float alpha = 0.f, limit = 0.f;
   // Workspaces (device): grouped_gemm_sm90_args_bytes(E) and
   // grouped_gemm_sm90_workspace_bytes(dtype, E, sm_count).
   void* args = nullptr;
@@ -68,7 +76,8 @@ size_t grouped_gemm_sm90_workspace_bytes(DType dtype, int64_t E, int sm_count);
 // every variant).
 cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs& a, cudaStream_t stream);
 
-// Runs GEMM `which` (1 or 2) from the arrays the setup wrote, with kernel
+// Runs GEMM `which` (1 or 2; GEMM1 fused with the activation when
+// a.fused_act) from the arrays the setup wrote, with kernel
 // `variant` (an id of grouped_gemm_variants.h; cudaErrorInvalidValue otherwise).
 cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, int variant,
                                   cudaStream_t stream);

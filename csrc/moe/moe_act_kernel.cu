@@ -1,5 +1,6 @@
 // Gated activation of fused_moe's CUTLASS path (interface: moe_permute.h):
-// GEMM1 writes gate|up rows (dtype); this kernel adds b13, applies the
+// GEMM1 writes gate|up rows (dtype; columns in w13's row layout, w13_row);
+// this kernel adds b13, applies the
 // activation in fp32 (moe_activation.cuh, the mma.sync kernels' math) and
 // writes the intermediate rows GEMM2 reads. 8 columns per thread step.
 #include <cuda_bf16.h>
@@ -37,8 +38,8 @@ template <typename T>
 __global__ void __launch_bounds__(kActWarps * 32)
     gated_act_kernel(const T* __restrict__ gate_up, const int32_t* __restrict__ sorted_pairs,
                      const int32_t* __restrict__ block_expert, int block_m, int64_t slots,
-                     int64_t I, const T* __restrict__ b13, int act, float alpha, float limit,
-                     T* __restrict__ inter) {
+                     int64_t I, int w13_block, const T* __restrict__ b13, int act, float alpha,
+                     float limit, T* __restrict__ inter) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * kActWarps + (threadIdx.x >> 5);
   if (slot >= slots || sorted_pairs[slot] < 0) return;
@@ -49,8 +50,9 @@ __global__ void __launch_bounds__(kActWarps * 32)
 #pragma unroll 2
   for (int64_t n = static_cast<int64_t>(threadIdx.x & 31) * 8; n < I; n += 32 * 8) {
     float gv[8], uv[8];
-    load8(g + n, gv, kBf16);
-    load8(g + I + n, uv, kBf16);
+    // 8 columns stay in one block of w13_block (a multiple of 8) columns.
+    load8(g + w13_row(n, I, w13_block, false), gv, kBf16);
+    load8(g + w13_row(n, I, w13_block, true), uv, kBf16);
     if (bias != nullptr) {
       float bg[8], bu[8];
       load8(bias + n, bg, kBf16);
@@ -72,11 +74,11 @@ __global__ void __launch_bounds__(kActWarps * 32)
 template <typename T>
 cudaError_t act_typed(const void* gate_up, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int block_m, int64_t slots, int64_t I,
-                      const void* b13, Activation act, float alpha, float limit, void* inter,
-                      cudaStream_t stream) {
+                      int w13_block, const void* b13, Activation act, float alpha, float limit,
+                      void* inter, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>((slots + kActWarps - 1) / kActWarps);
   gated_act_kernel<T><<<grid, kActWarps * 32, 0, stream>>>(
-      static_cast<const T*>(gate_up), sorted_pairs, block_expert, block_m, slots, I,
+      static_cast<const T*>(gate_up), sorted_pairs, block_expert, block_m, slots, I, w13_block,
       static_cast<const T*>(b13), static_cast<int>(act), alpha, limit, static_cast<T*>(inter));
   return cudaGetLastError();
 }
@@ -85,17 +87,17 @@ cudaError_t act_typed(const void* gate_up, const int32_t* sorted_pairs,
 
 cudaError_t launch_moe_gated_act(DType dtype, const void* gate_up, const int32_t* sorted_pairs,
                                  const int32_t* block_expert, int block_m, int64_t slots,
-                                 int64_t I, const void* b13, Activation act, float alpha,
-                                 float limit, void* inter, cudaStream_t stream) {
-  if (I % 8 != 0) return cudaErrorInvalidValue;
+                                 int64_t I, int w13_block, const void* b13, Activation act,
+                                 float alpha, float limit, void* inter, cudaStream_t stream) {
+  if (I % 8 != 0 || !is_valid_w13_block(w13_block, I)) return cudaErrorInvalidValue;
   if (slots <= 0 || I <= 0) return cudaSuccess;
   switch (dtype) {
     case DType::kBFloat16:
-      return act_typed<__nv_bfloat16>(gate_up, sorted_pairs, block_expert, block_m, slots, I, b13,
-                                      act, alpha, limit, inter, stream);
+      return act_typed<__nv_bfloat16>(gate_up, sorted_pairs, block_expert, block_m, slots, I,
+                                      w13_block, b13, act, alpha, limit, inter, stream);
     case DType::kFloat16:
-      return act_typed<__half>(gate_up, sorted_pairs, block_expert, block_m, slots, I, b13, act,
-                               alpha, limit, inter, stream);
+      return act_typed<__half>(gate_up, sorted_pairs, block_expert, block_m, slots, I, w13_block,
+                               b13, act, alpha, limit, inter, stream);
     default: return cudaErrorInvalidValue;
   }
 }

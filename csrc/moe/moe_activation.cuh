@@ -1,6 +1,7 @@
 // The gated activations of fused_moe (act(gate, up) in fp32), shared by the
 // mma.sync kernels' epilogue (fused_moe_gemm.cuh), the stream kernels and the
-// CUTLASS path's activation kernel (moe_act_kernel.cu), so all compute the
+// CUTLASS path's activation kernel (moe_act_kernel.cu) and GEMM1 epilogue
+// (gated_act_epilogue.cuh), so all compute the
 // same math. The sigmoid comes from the approximate ex2 / rcp units (relative
 // error ~1e-7, far below the bf16 / fp16 rounding of the result): expf and an
 // IEEE division made the activation kernel compute-bound (84 -> 74.5 us on
@@ -46,6 +47,16 @@ __device__ __forceinline__ float gated_act(float g, float u, int act, float alph
   if (act == static_cast<int>(Activation::kGelu)) return ActGelu::apply(g, u, alpha, limit);
   if (act == static_cast<int>(Activation::kGeluTanh)) return ActGeluTanh::apply(g, u, alpha, limit);
   return ActSwigluOai::apply(g, u, alpha, limit);
+}
+
+// f(ActX{}) for the functor of `act` (swigluoai for any other value, as
+// gated_act): a caller with many elements switches once, outside its loop.
+template <typename F>
+__device__ __forceinline__ void with_activation(int act, F&& f) {
+  if (act == static_cast<int>(Activation::kSilu)) f(ActSilu{});
+  else if (act == static_cast<int>(Activation::kGelu)) f(ActGelu{});
+  else if (act == static_cast<int>(Activation::kGeluTanh)) f(ActGeluTanh{});
+  else f(ActSwigluOai{});
 }
 
 }  // namespace pcg::moe

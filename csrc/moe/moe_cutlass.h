@@ -9,6 +9,8 @@
 //   3. setup: per-expert problem shapes / pointers / strides on the device
 //   4. GEMM1 (CUTLASS grouped, variant g1): gate_up = a_sorted . w13[e]^T  (dtype)
 //   5. activation: inter = act(gate + b13, up + b13)                 (dtype)
+//   (4 + 5 in one kernel when w13_block == kFusedW13Block: the activation in
+//   GEMM1's epilogue, gated_act_epilogue.cuh; same rounding, bitwise equal)
 //   6. GEMM2 (CUTLASS grouped, variant g2): d2 = inter . w2[e]^T  (dtype, into a_sorted)
 //   7. unpermute-reduce: out[t] = sum_j w[t,j] * (d2[slot(t,j)] + b2[e])
 // Rounding differs from the mma.sync path in two places: gate/up are rounded
@@ -36,7 +38,7 @@ inline int64_t cutlass_moe_max_blocks(int64_t T, int64_t k, int64_t E) {
 // num_blocks / inter are sized with kCutlassBlockM; pair_out is unused).
 struct CutlassMoeBuffers {
   void* a_sorted = nullptr;        // [slots, H] dtype; GEMM2 writes d2 here too
-  void* gate_up = nullptr;         // [slots, 2I] dtype
+  void* gate_up = nullptr;         // [slots, 2I] dtype; null when GEMM1 fuses the activation
   int32_t* pair_slot = nullptr;    // [T * k], written by moe_align
   void* gemm_args = nullptr;       // grouped_gemm_sm90_args_bytes(E)
   void* gemm_workspace = nullptr;  // cutlass_moe_gemm_workspace_bytes(...)

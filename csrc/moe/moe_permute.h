@@ -23,13 +23,14 @@ cudaError_t launch_moe_permute(DType dtype, const void* hidden, int64_t H, int t
                                const int32_t* pair_slot, int64_t T, void* a_sorted,
                                cudaStream_t stream);
 
-// inter[slot, n] = act(gate_up[slot, n] + b13[e, n], gate_up[slot, I + n] + b13[e, I + n])
-// for every valid slot (e = block_expert[slot / block_m]; b13 may be null), in
-// fp32, rounded to dtype (as the mma.sync kernels' GEMM1 epilogue).
+// inter[slot, n] = act(gate_up[slot, g(n)] + b13[e, n], gate_up[slot, u(n)] + b13[e, I + n])
+// for every valid slot (e = block_expert[slot / block_m]; b13 may be null;
+// g(n) / u(n) = w13_row(n, I, w13_block, false / true)), in fp32, rounded to
+// dtype (as the mma.sync kernels' GEMM1 epilogue). I % 8 == 0.
 cudaError_t launch_moe_gated_act(DType dtype, const void* gate_up, const int32_t* sorted_pairs,
                                  const int32_t* block_expert, int block_m, int64_t slots,
-                                 int64_t I, const void* b13, Activation act, float alpha,
-                                 float limit, void* inter, cudaStream_t stream);
+                                 int64_t I, int w13_block, const void* b13, Activation act,
+                                 float alpha, float limit, void* inter, cudaStream_t stream);
 
 // out[t] = sum over the valid j (fixed order) of w[t,j] * (d2[pair_slot[t*k+j]] + b2[e]),
 // fp32 accumulation, rounded to dtype; rows t >= num_valid are zeros. Same

@@ -49,7 +49,7 @@ constexpr int down_unroll() { return NB == 1 ? 8 : 4; }
 
 struct StreamArgs {
   const void* hidden;           // [T, H]
-  const void* w13;              // [E, 2I, H]
+  const void* w13;              // [E, 2I, H], rows as w13_block says (w13_row)
   const void* w2;               // [E, H, I]
   const void* b13;              // [E, 2I] or null
   const void* b2;               // [E, H] or null
@@ -62,6 +62,7 @@ struct StreamArgs {
   void* out;                    // [T, H]
   int64_t T, H, I, E;
   int k, P;                     // P = T*k <= kMaxPairs
+  int w13_block;
   int act;
   float alpha, limit;
   int down_ks_max;              // K slices the down kernel's partial sums hold
@@ -272,8 +273,8 @@ __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
   const int64_t H = a.H, I = a.I;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 8 + g;  // < I: gridDim.x = I / 8
   const T* w = static_cast<const T*>(a.w13) + static_cast<int64_t>(e) * 2 * I * H;
-  const uint4* wa = reinterpret_cast<const uint4*>(w + col * H);
-  const uint4* wb = reinterpret_cast<const uint4*>(w + (I + col) * H);
+  const uint4* wa = reinterpret_cast<const uint4*>(w + w13_row(col, I, a.w13_block, false) * H);
+  const uint4* wb = reinterpret_cast<const uint4*>(w + w13_row(col, I, a.w13_block, true) * H);
   const T* hidden = static_cast<const T*>(a.hidden);
   const int64_t nvec = H / 8, steps = (nvec + 3) / 4;
   // Chunks of 8*NB pairs; a larger group streams the rows again (from L2).
@@ -502,6 +503,7 @@ cudaError_t launch_fused_moe_stream(const FusedMoeParams& p, const StreamMoeOpti
   StreamArgs a{};
   a.hidden = p.hidden;
   a.w13 = p.w13;
+  a.w13_block = p.w13_block;
   a.w2 = p.w2;
   a.b13 = p.b13;
   a.b2 = p.b2;

@@ -20,7 +20,8 @@ from . import attention as _attention  # noqa: E402,F401  (pcg::attention kernel
 from . import moe as _moe  # noqa: E402,F401  (pcg::moe kernels)
 from . import mixer as _mixer  # noqa: E402,F401  (pcg::mixer kernels)
 from . import nn  # noqa: E402
-from .ops import fused_moe, route, weak_ref_tensor  # noqa: E402
+from .ops import FUSED_W13_BLOCK, deinterleave_w13, fused_moe, interleave_w13, route  # noqa: E402
+from .ops import weak_ref_tensor  # noqa: E402
 from .registry import LayerRegistry  # noqa: E402
 from .wrap import WrappedModel, wrap  # noqa: E402
 
@@ -35,5 +36,5 @@ def unwrap(model: WrappedModel):
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerRegistry", "WrappedModel", "fused_moe", "nn", "route", "weak_ref_tensor",
-           "unwrap", "wrap", "__version__"]
+__all__ = ["FUSED_W13_BLOCK", "LayerRegistry", "WrappedModel", "deinterleave_w13", "fused_moe",
+           "interleave_w13", "nn", "route", "weak_ref_tensor", "unwrap", "wrap", "__version__"]

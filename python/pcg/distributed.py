@@ -432,7 +432,8 @@ class EPContext:
             return hidden.new_zeros(hidden.shape)
         return torch.ops.pcg.fused_moe(hidden, layer.w13, layer.w2, weights, ids,
                                        layer.expert_map if mapped else None, None, layer.b13,
-                                       layer.b2, layer.activation, layer.alpha, layer.limit)
+                                       layer.b2, layer.activation, layer.alpha, layer.limit, None,
+                                       layer.w13_block)
 
     def run(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: Any,
             num_valid: Optional[torch.Tensor]) -> torch.Tensor:

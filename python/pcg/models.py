@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import nn as pcg_nn
+from .ops.fused_moe import FUSED_W13_BLOCK
 
 
 @dataclass
@@ -62,7 +63,10 @@ class _Block(nn.Module):
         self.o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, **kw)
         self.attn = pcg_nn.Attention(c.num_heads, c.num_kv_heads, c.head_dim)
         self.norm2 = _RMSNorm(c.hidden_size, c.rms_eps, **kw)
-        self.moe = pcg_nn.MoE(c.hidden_size, c.intermediate_size, c.num_experts, c.top_k, **kw)
+        # Random weights: the layout that fuses the activation on the CUTLASS path.
+        block = FUSED_W13_BLOCK if c.intermediate_size % FUSED_W13_BLOCK == 0 else 0
+        self.moe = pcg_nn.MoE(c.hidden_size, c.intermediate_size, c.num_experts, c.top_k,
+                              w13_block=block, **kw)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         c = self.c

@@ -25,7 +25,7 @@ def run_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
         return layer.ep.run(hidden, weights, ids, layer, num_valid)
     return torch.ops.pcg.fused_moe(
         hidden, layer.w13, layer.w2, weights, ids, layer.expert_map, num_valid,
-        layer.b13, layer.b2, layer.activation, layer.alpha, layer.limit)
+        layer.b13, layer.b2, layer.activation, layer.alpha, layer.limit, None, layer.w13_block)
 
 
 def _check(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:

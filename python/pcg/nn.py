@@ -51,16 +51,23 @@ class MoE(nn.Module):
     """Routed experts: router -> ``pcg.route`` -> experts (``pcg::moe``).
 
     x [T, H] -> [T, H]. Weights in pcg's layout: ``w13`` [E, 2I, H] (gate rows,
-    then up rows), ``w2`` [E, H, I]; optional ``b13`` [E, 2I], ``b2`` [E, H];
-    ``correction_bias`` [E] (DeepSeek-V3 style selection bias).
+    then up rows; with ``w13_block`` B > 0, blocks of B gate rows and B up rows
+    alternate, see ``pcg.interleave_w13``), ``w2`` [E, H, I]; optional ``b13``
+    [E, 2I] (gate biases, then up biases), ``b2`` [E, H]; ``correction_bias`` [E]
+    (DeepSeek-V3 style selection bias). ``w13_block = pcg.FUSED_W13_BLOCK`` (8)
+    lets the CUTLASS path apply the activation in the first GEMM (faster at
+    large T); load a gate-then-up checkpoint through ``pcg.interleave_w13`` then.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  scoring: str = "softmax", renormalize: bool = True, num_groups: int = 1,
                  topk_groups: int = 1, scale: float = 1.0, correction_bias: bool = False,
                  activation: str = "silu", bias: bool = False, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, w13_block: int = 0) -> None:
         super().__init__()
+        from .ops.fused_moe import _check_w13_block
+        _check_w13_block(w13_block, intermediate_size, "pcg.nn.MoE")
+        self.w13_block = w13_block
         kw = {"dtype": dtype, "device": device}
         self.top_k, self.scoring, self.renormalize = top_k, scoring, renormalize
         self.num_groups, self.topk_groups, self.scale = num_groups, topk_groups, scale
@@ -86,7 +93,8 @@ class MoE(nn.Module):
         if self.layer_id is not None and _reg._RUNNING.get() is not None:
             return torch.ops.pcg.moe(x, weights, ids, self.layer_id)
         return torch.ops.pcg.fused_moe(x, self.w13, self.w2, weights, ids, None, None,
-                                       self.b13, self.b2, self.activation)
+                                       self.b13, self.b2, self.activation, 1.702, 7.0, None,
+                                       self.w13_block)
 
 
 def uses_pcg_layers(model: nn.Module) -> bool:
@@ -105,8 +113,8 @@ def prepare(model: nn.Module, ep_cfg=None):
                                                 sliding_window=m.sliding_window, name=name).layer_id
         elif isinstance(m, MoE):
             handle = registry.add_moe(w13=m.w13, w2=m.w2, b13=m.b13, b2=m.b2,
-                                      activation=m.activation, num_global_experts=m.w13.shape[0],
-                                      module=m, name=name)
+                                      activation=m.activation, w13_block=m.w13_block,
+                                      num_global_experts=m.w13.shape[0], module=m, name=name)
             m.layer_id = handle.layer_id
             if ep_cfg is not None:
                 from .distributed import shard_layer

@@ -52,7 +52,8 @@ class AttentionLayer:
 class MoELayer:
     """One MoE layer's experts in pcg's layout (see ``pcg.fused_moe``).
 
-    ``w13`` [E_local, 2I, H] (gate rows, then up rows), ``w2`` [E_local, H, I],
+    ``w13`` [E_local, 2I, H] (gate rows, then up rows; or the block layout of
+    ``w13_block``, see ``pcg.interleave_w13``), ``w2`` [E_local, H, I],
     optional biases ``b13`` [E_local, 2I] and ``b2`` [E_local, H];
     ``expert_map`` [E_global] int32 (global id -> local id or -1) for expert
     parallelism. ``split`` marks a layer whose MoE must run outside the graphs
@@ -68,6 +69,7 @@ class MoELayer:
     activation: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
+    w13_block: int = 0
     num_global_experts: int = 0
     split: bool = False
     split_reason: str = ""

@@ -38,6 +38,7 @@ from torch import nn
 
 from .. import registry as _reg
 from ..registry import LayerRegistry
+from ..ops.fused_moe import FUSED_W13_BLOCK, deinterleave_w13, interleave_w13
 
 IMPL = "pcg"
 
@@ -185,6 +186,10 @@ def unprepare(model: nn.Module) -> None:
         if "_pcg_orig_forward" in m.__dict__:
             m.forward = m._pcg_orig_forward
             del m._pcg_orig_forward
+        if "_pcg_w13_block" in m.__dict__:  # pcg's block rows -> gate rows, then up rows
+            with torch.no_grad():
+                _set_param(m, "gate_up_proj", deinterleave_w13(m.gate_up_proj,
+                                                               m.__dict__.pop("_pcg_w13_block")))
         if "_pcg_orig_layout" in m.__dict__:
             _restore_experts_layout(m, *m.__dict__.pop("_pcg_orig_layout"))
 
@@ -351,10 +356,12 @@ def _set_param(m: nn.Module, attr: str, t: torch.Tensor) -> None:
 
 
 def _convert_experts(name: str, m: nn.Module) -> tuple:
-    """(w13 [E,2I,H], w2 [E,H,I], b13 [E,2I]|None, b2 [E,H]|None) in pcg's
-    layout. A weight already in that layout is used as is (the module's own
-    parameter, no copy); one that is not is converted once and replaces the
-    module's parameter, so memory is not doubled."""
+    """(w13 [E,2I,H], w2 [E,H,I], b13 [E,2I]|None, b2 [E,H]|None, w13_block) in
+    pcg's layout: w13 in the block layout of FUSED_W13_BLOCK when I allows it
+    (the CUTLASS path's activation in GEMM1's epilogue), gate rows then up rows
+    otherwise (w13_block 0). The weights are converted once and replace the
+    module's parameters, so memory is not doubled; the module remembers its
+    layout (wrapped again, or unwrapped: restore())."""
     cls = type(m).__name__
     if not m.has_gate:
         raise NotImplementedError(f"pcg.wrap: experts module {name} ({cls}) is not gated (up_proj "
@@ -363,7 +370,8 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
     # The layout before the first wrap, for restore() (wrapped twice: already pcg's).
     m.__dict__.setdefault("_pcg_orig_layout", (transposed, interleaved))
     with torch.no_grad():
-        w13 = m.gate_up_proj
+        # Wrapped before: back to gate rows, then up rows (the block is chosen again below).
+        w13 = deinterleave_w13(m.gate_up_proj, m.__dict__.pop("_pcg_w13_block", 0))
         if transposed:  # [E, H, 2I] -> [E, 2I, H]
             w13 = w13.transpose(1, 2)
         if interleaved:  # gate0, up0, gate1, up1, ... -> gate rows, then up rows
@@ -391,7 +399,13 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
             (b2 is not None and tuple(b2.shape) != (E, H)):
         raise ValueError(f"pcg.wrap: experts module {name} ({cls}): unexpected weight shapes "
                          f"gate_up_proj {tuple(w13.shape)}, down_proj {tuple(w2.shape)} (pcg layout)")
-    return w13, w2, b13, b2
+    block = FUSED_W13_BLOCK if (two_i // 2) % FUSED_W13_BLOCK == 0 else 0
+    if block:
+        with torch.no_grad():
+            _set_param(m, "gate_up_proj", interleave_w13(w13, block))
+        m.__dict__["_pcg_w13_block"] = block
+        w13 = m.gate_up_proj
+    return w13, w2, b13, b2, block
 
 
 # ---- token mixers other than attention -------------------------------------------
@@ -617,10 +631,11 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
         _remember_id(m, registry, layer.layer_id)
         _patch_mixer(m, layer, int(getattr(model.config, "hidden_size", 0) or 0))
     for n, m in experts:
-        w13, w2, b13, b2 = _convert_experts(n, m)
+        w13, w2, b13, b2, w13_block = _convert_experts(n, m)
         act, alpha, limit = activations[n]
         handle = registry.add_moe(w13=w13, w2=w2, b13=b13, b2=b2, activation=act, alpha=alpha,
-                                  limit=limit, num_global_experts=int(w13.shape[0]), module=m, name=n)
+                                  limit=limit, w13_block=w13_block,
+                                  num_global_experts=int(w13.shape[0]), module=m, name=n)
         _remember_id(m, registry, handle.layer_id)
         if ep_cfg is not None:
             from ..distributed import shard_layer

@@ -8,6 +8,48 @@ import torch
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
 
+#: The w13 row layout (``w13_block``) with which the CUTLASS path applies the
+#: activation inside GEMM1 (csrc/moe/fused_moe.h: kFusedW13Block): what
+#: :func:`pcg.wrap` and :class:`pcg.nn.MoE` use when ``I % 8 == 0``.
+FUSED_W13_BLOCK = 8
+
+
+def _check_w13_block(block: int, I: int, who: str = "pcg::fused_moe") -> None:
+    if not (block == 0 or (block > 0 and block % 8 == 0 and I % block == 0)):
+        raise ValueError(f"{who}: argument 'w13_block' must be 0 (gate rows, then up rows) or a "
+                         f"positive multiple of 8 that divides I = {I}, got {block}")
+
+
+def interleave_w13(w13: torch.Tensor, block: int = FUSED_W13_BLOCK) -> torch.Tensor:
+    """w13 [..., 2I, H] with gate rows 0..I-1 then up rows I..2I-1 -> the block
+    layout of ``fused_moe(..., w13_block=block)``: ``block`` gate rows, then
+    ``block`` up rows, alternating (gate row n at ``(n // block) * 2 * block +
+    n % block``, up row n ``block`` rows later). fused_moe's b13 keeps the plain
+    layout. Returns a new contiguous tensor; ``block == 0`` returns w13 itself."""
+    return _regroup(w13, block, to_blocks=True)
+
+
+def deinterleave_w13(w13: torch.Tensor, block: int = FUSED_W13_BLOCK) -> torch.Tensor:
+    """The inverse of :func:`interleave_w13`."""
+    return _regroup(w13, block, to_blocks=False)
+
+
+def _regroup(w: torch.Tensor, block: int, to_blocks: bool) -> torch.Tensor:
+    if block == 0:
+        return w
+    if w.dim() < 2:
+        raise ValueError(f"pcg: w13 must be [..., 2I, H], got shape {tuple(w.shape)}")
+    lead, two_i, H = w.shape[:-2], w.shape[-2], w.shape[-1]
+    if two_i % 2:
+        raise ValueError(f"pcg: w13 dim -2 must be 2I, got shape {tuple(w.shape)}")
+    _check_w13_block(block, two_i // 2, "pcg.interleave_w13")
+    nb = two_i // 2 // block
+    if to_blocks:  # [2, nb, B] -> [nb, 2, B]
+        v = w.reshape(*lead, 2, nb, block, H).transpose(-4, -3)
+    else:          # [nb, 2, B] -> [2, nb, B]
+        v = w.reshape(*lead, nb, 2, block, H).transpose(-4, -3)
+    return v.reshape(w.shape).contiguous()
+
 
 def _check(cond: bool, arg: str, msg: str) -> None:
     if not cond:
@@ -16,7 +58,8 @@ def _check(cond: bool, arg: str, msg: str) -> None:
 
 @torch.library.register_fake("pcg::fused_moe")
 def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, num_valid=None,
-                    b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0, config=None):
+                    b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0, config=None,
+                    w13_block=0):
     _check(hidden.dim() == 2, "hidden", f"must be 2-D [T, H], got shape {tuple(hidden.shape)}")
     _check(w13.dim() == 3, "w13", f"must be 3-D [E, 2I, H], got shape {tuple(w13.shape)}")
     _check(w2.dim() == 3, "w2", f"must be 3-D [E, H, I], got shape {tuple(w2.shape)}")
@@ -39,6 +82,9 @@ def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, nu
     # The tile ids are checked by the real kernels (they own the tile list).
     _check(config is None or len(config) == 3, "config",
            f"must be [block_m, tile1, tile2] (3 ints), got {config!r}")
+    I = w2.shape[2]
+    if isinstance(I, int):  # a symbolic I: the real kernel checks
+        _check_w13_block(w13_block, I)
     return hidden.new_empty((T, H))
 
 
@@ -182,7 +228,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               expert_map: Optional[torch.Tensor] = None, num_valid: Optional[torch.Tensor] = None,
               b13: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
               activation: str = "silu", alpha: float = 1.702, limit: float = 7.0,
-              config: Optional[Sequence[int]] = None) -> torch.Tensor:
+              config: Optional[Sequence[int]] = None, w13_block: int = 0) -> torch.Tensor:
     """Fused expert MLPs of an MoE layer over routed (token, k) pairs.
 
     ``out[t] = sum_j topk_weights[t, j] * (w2[e] @ act(w13[e] @ hidden[t] + b13[e]) + b2[e])``
@@ -190,7 +236,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
     Args:
         hidden: [T, H] float32, float16 or bfloat16 (CPU: all three, computed in fp32).
-        w13: [E_local, 2I, H], hidden's dtype: gate rows 0..I-1, then up rows I..2I-1.
+        w13: [E_local, 2I, H], hidden's dtype: gate rows 0..I-1, then up rows I..2I-1
+            (``w13_block=0``), or the block layout of ``w13_block`` (:func:`interleave_w13`).
         w2: [E_local, H, I], hidden's dtype.
         topk_weights: [T, k] float32 router weights.
         topk_ids: [T, k] int32 global expert ids.
@@ -222,6 +269,11 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             ignores it; on CUDA a tile needing more shared memory than the device has is
             an error. Results differ between configs only by fp32 summation order (and,
             on the CUTLASS path, two extra roundings to the dtype).
+        w13_block: w13's row layout: 0 (gate rows, then up rows) or B, a multiple of 8
+            dividing I (blocks of B gate rows and B up rows alternate). Every path and
+            config takes either, with the same result; with B = ``FUSED_W13_BLOCK`` (8) the
+            CUTLASS path applies the activation in GEMM1's epilogue (one kernel and one
+            [slots, 2I] buffer less). b13 keeps the plain layout.
 
     Pairs whose id is outside [0, E_global), or maps to -1 / outside [0, E_local),
     contribute nothing. Products accumulate in fp32; the intermediate
@@ -235,9 +287,10 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """
     return torch.ops.pcg.fused_moe(hidden, w13, w2, topk_weights, topk_ids, expert_map,
                                    num_valid, b13, b2, activation, alpha, limit,
-                                   None if config is None else [int(c) for c in config])
+                                   None if config is None else [int(c) for c in config],
+                                   int(w13_block))
 
 
-__all__ = ["CutlassVariant", "MoeTile", "fused_moe", "fused_moe_candidates", "fused_moe_config",
-           "fused_moe_cutlass_variants", "fused_moe_paths", "fused_moe_tiles",
-           "moe_align_max_blocks"]
+__all__ = ["FUSED_W13_BLOCK", "CutlassVariant", "MoeTile", "deinterleave_w13", "fused_moe",
+           "fused_moe_candidates", "fused_moe_config", "fused_moe_cutlass_variants",
+           "fused_moe_paths", "fused_moe_tiles", "interleave_w13", "moe_align_max_blocks"]

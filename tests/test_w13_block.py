@@ -1,0 +1,227 @@
+"""pcg::fused_moe's w13_block argument: w13 in the block layout (B gate rows,
+B up rows, alternating; pcg.interleave_w13) gives the same result as the plain
+layout (gate rows, then up rows) on every path and config, bitwise: the paths
+read the same values through another row index. On the CUTLASS path,
+B = pcg.FUSED_W13_BLOCK applies the activation in GEMM1's epilogue instead of a
+separate kernel, with the same rounding (bitwise equal too).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pcg
+from pcg.ops.fused_moe import fused_moe_cutlass_variants, fused_moe_paths
+from pcg.timing import capture_graph
+from test_fused_moe import make_case
+
+ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "swigluoai"]
+
+
+def _blocked(args, kw, block, noncontig=False):
+    """The same case with w13 in the block layout of `block`."""
+    w13 = pcg.interleave_w13(args[1], block)
+    if noncontig:  # same values, transposed storage
+        w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)
+    return [args[0], w13, *args[2:]], dict(kw, w13_block=block)
+
+
+# ---------------------------------------------------------------------------
+# The layout helpers
+
+@pytest.mark.parametrize("block", [8, 16, 48])
+def test_interleave_layout_and_round_trip(block):
+    E, I, H = 3, 48, 5
+    w13 = torch.randn(E, 2 * I, H)
+    b = pcg.interleave_w13(w13, block)
+    for n in range(I):
+        g_row = (n // block) * 2 * block + n % block
+        assert torch.equal(b[:, g_row], w13[:, n])
+        assert torch.equal(b[:, g_row + block], w13[:, I + n])
+    assert torch.equal(pcg.deinterleave_w13(b, block), w13)
+    # One expert [2I, H]
+    assert torch.equal(pcg.interleave_w13(w13[0], block), b[0])
+    assert pcg.interleave_w13(w13, 0) is w13
+
+
+@pytest.mark.parametrize("block,I,what", [(4, 16, "multiple of 8"), (12, 24, "multiple of 8"),
+                                          (16, 24, "divides I = 24"), (-8, 16, "got -8")])
+def test_interleave_rejects_bad_blocks(block, I, what):
+    with pytest.raises(ValueError, match=f"w13_block.*{what}"):
+        pcg.interleave_w13(torch.zeros(2, 2 * I, 4), block)
+
+
+# ---------------------------------------------------------------------------
+# CPU kernel
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("block", [8, 40])
+def test_cpu_block_layout_matches_plain(block, activation, dtype):
+    args, kw = make_case(13, 5, 3, 24, 40, dtype=dtype, e_global=7, bias=True, noncontig=True)
+    kw["activation"] = activation
+    want = pcg.fused_moe(*args, **kw)
+    bargs, bkw = _blocked(args, kw, block, noncontig=True)
+    assert torch.equal(pcg.fused_moe(*bargs, **bkw), want)
+
+
+@pytest.mark.parametrize("block,what", [(4, "multiple of 8"), (3, "multiple of 8"),
+                                        (24, "divides I = 40"), (-8, "got -8")])
+def test_cpu_rejects_bad_w13_block(block, what):
+    args, kw = make_case(5, 4, 2, 16, 40)
+    with pytest.raises(ValueError, match=f"pcg::fused_moe: argument 'w13_block'.*{what}"):
+        pcg.fused_moe(*args, **kw, w13_block=block)
+
+
+def test_opcheck_with_w13_block_cpu():
+    args, kw = make_case(9, 4, 2, 16, 16, bias=True)
+    bargs, bkw = _blocked(args, kw, 8)
+    torch.library.opcheck(torch.ops.pcg.fused_moe.default, bargs, bkw)
+
+
+def test_fake_kernel_rejects_bad_w13_block():
+    args, kw = make_case(5, 4, 2, 16, 40)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert pcg.fused_moe(*args, **kw, w13_block=8).shape == args[0].shape
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match="w13_block"):
+        pcg.fused_moe(*args, **kw, w13_block=12)
+
+
+def test_nn_moe_block_layout_matches_plain():
+    torch.manual_seed(0)
+    plain = pcg.nn.MoE(32, 24, 6, 2)
+    blocked = pcg.nn.MoE(32, 24, 6, 2, w13_block=8)
+    blocked.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        blocked.w13.copy_(pcg.interleave_w13(plain.w13, 8))
+    x = torch.randn(7, 32)
+    assert torch.equal(blocked(x), plain(x))
+    with pytest.raises(ValueError, match="pcg.nn.MoE: argument 'w13_block'"):
+        pcg.nn.MoE(32, 20, 6, 2, w13_block=8)
+
+
+# ---------------------------------------------------------------------------
+# GPU: every path and config
+
+def _is_sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+sm90 = pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 GPU (H100/H200)")
+
+CUTLASS_CONFIGS = [[-1, v.id, v.id] for v in fused_moe_cutlass_variants()]
+MMA_CONFIGS = [None, [16, -1, -1], [32, -1, -1], [64, -1, -1], [128, -1, -1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("config", MMA_CONFIGS, ids=str)
+@pytest.mark.parametrize("T", [3, 300])
+def test_gpu_mma_paths_block_layout_match_plain(T, config, dtype):
+    args, kw = make_case(T, 6, 3, 72, 40, dtype=dtype, device="cuda", e_global=9, bias=True,
+                         noncontig=True)
+    want = pcg.fused_moe(*args, **kw, config=config)
+    bargs, bkw = _blocked(args, kw, 8, noncontig=True)
+    assert torch.equal(pcg.fused_moe(*bargs, **bkw, config=config), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_gpu_stream_path_block_layout_matches_plain(T, activation, dtype):
+    if not fused_moe_paths("cuda")[1]:
+        pytest.skip("no stream path on this device")
+    args, kw = make_case(T, 10, 8, 256, 96, dtype=dtype, device="cuda", bias=True)
+    kw["activation"] = activation
+    want = pcg.fused_moe(*args, **kw, config=[-2, -1, -1])
+    for block in (8, 32):
+        bargs, bkw = _blocked(args, kw, block)
+        assert torch.equal(pcg.fused_moe(*bargs, **bkw, config=[-2, -1, -1]), want)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", CUTLASS_CONFIGS, ids=str)
+@pytest.mark.parametrize("shape", [(6, 3, 72, 40), (8, 2, 256, 200), (32, 8, 1024, 768)],
+                         ids=lambda s: "E{}-k{}-H{}-I{}".format(*s))
+@pytest.mark.parametrize("T", [7, 1000])
+def test_gpu_cutlass_fused_activation_matches_separate(T, shape, config, dtype):
+    """B = 8: GEMM1's epilogue applies the activation (no gate_up, no activation
+    kernel); B = 40 / 16: the separate activation kernel reads the block layout.
+    I = 200: 2I = 400 is not a multiple of any tile's N (partial n-tiles)."""
+    E, k, H, I = shape
+    args, kw = make_case(T, E, k, H, I, dtype=dtype, device="cuda", bias=True)
+    want = pcg.fused_moe(*args, **kw, config=config)
+    for block in (8, 40 if I % 40 == 0 else 16):
+        bargs, bkw = _blocked(args, kw, block)
+        assert torch.equal(pcg.fused_moe(*bargs, **bkw, config=config), want), block
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_cutlass_fused_activation_every_activation(activation, bias):
+    args, kw = make_case(700, 16, 4, 256, 128, dtype=torch.bfloat16, device="cuda", e_global=20,
+                         bias=bias, scale=3.0)
+    kw["activation"] = activation
+    want = pcg.fused_moe(*args, **kw, config=[-1, -1, -1])
+    bargs, bkw = _blocked(args, kw, pcg.FUSED_W13_BLOCK)
+    assert torch.equal(pcg.fused_moe(*bargs, **bkw, config=[-1, -1, -1]), want)
+
+
+@pytest.mark.gpu
+@sm90
+def test_gpu_cutlass_fused_activation_capture_replay():
+    T, E, k, H, I = 600, 12, 4, 128, 64
+    args, kw = make_case(T, E, k, H, I, dtype=torch.bfloat16, device="cuda", e_global=15,
+                         bias=True)
+    bargs, bkw = _blocked(args, kw, pcg.FUSED_W13_BLOCK)
+    hidden, w13b, w2, wts, ids = bargs
+    num_valid = torch.tensor([T], dtype=torch.int32, device="cuda")
+
+    def run(w13=w13b, block=pcg.FUSED_W13_BLOCK):
+        return pcg.fused_moe(hidden, w13, w2, wts, ids, num_valid=num_valid,
+                             config=[-1, -1, -1], **dict(bkw, w13_block=block))
+
+    graph, out = capture_graph(run)
+    for trial, nv in enumerate([T, 311, 0, 599]):
+        g = torch.Generator().manual_seed(trial)
+        hidden.copy_(torch.randn(T, H, generator=g).to(hidden.dtype))
+        ids.copy_(torch.randint(-1, 17, (T, k), generator=g, dtype=torch.int32))
+        wts.copy_(torch.rand(T, k, generator=g))
+        num_valid.fill_(nv)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, run()), trial
+        assert torch.equal(out, run(args[1], 0)), trial  # the plain layout, separate activation
+        assert (out[nv:] == 0).all()
+
+
+# ---------------------------------------------------------------------------
+# pcg.wrap: transformers experts in the block layout, and back on unwrap
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_wrap_uses_the_block_layout_and_unwrap_restores(family):
+    from hf_models import VOCAB, build
+    model = build(family)
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
+    before = [(m.gate_up_proj.clone(), m.down_proj.clone()) for m in experts]
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+    for _ in range(2):  # wrapped twice: the layout is converted once
+        w = pcg.wrap(model, progress=False)
+        layers = w.registry.moe_layers
+        assert layers and all(layer.w13_block == pcg.FUSED_W13_BLOCK for layer in layers)
+        for layer in layers:
+            assert layer.w13 is layer.module.gate_up_proj  # converted in place, not copied
+        torch.testing.assert_close(w(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    back = pcg.unwrap(w)
+    for m, (w13, w2) in zip(experts, before):
+        assert torch.equal(m.gate_up_proj, w13) and torch.equal(m.down_proj, w2)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ref)
