@@ -76,11 +76,11 @@ def moe_only_ms(wrapped, t: int) -> float:
     w, ids = torch.ops.pcg.route(torch.randn(t, e, device="cuda"), k)
     with torch.inference_mode():
         for layer in layers:  # warm-up
-            pcg.fused_moe(x, layer.w13, layer.w2, w, ids)
+            pcg.fused_moe(x, layer.w13, layer.w2, w, ids, w13_block=layer.w13_block)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for layer in layers:
-                pcg.fused_moe(x, layer.w13, layer.w2, w, ids)
+                pcg.fused_moe(x, layer.w13, layer.w2, w, ids, w13_block=layer.w13_block)
         return time_ms(g.replay)
 
 

@@ -85,7 +85,7 @@ for dtype in (torch.bfloat16, torch.float16):  # the weight-streaming path (T*k 
     moe_case(300, 8, 72, 40, 16, dtype, act="gelu", config=[-2, -1, -1])
     moe_case(16, 4, 200, 72, 30, dtype, bias=True, config=[-2, -1, -1], w13_block=8)
 moe_case(8, 2, 136, 40, 300, torch.bfloat16, act="gelu", w13_block=8)  # mma.sync, block layout
-moe_case(8, 2, 96, 40, 33, torch.float32, bias=True, w13_block=40)     # SIMT, block layout
+moe_case(8, 2, 96, 48, 33, torch.float32, bias=True, w13_block=16)     # SIMT, block layout
 
 for scoring, groups in (("softmax", 1), ("sigmoid", 4)):
     logits = torch.randn(77, 64)

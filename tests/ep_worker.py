@@ -105,7 +105,8 @@ def check_pad_rows_never_reach_experts(model, world, rank, modes, results):
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
     weights = torch.rand(T, k, generator=g)
     num_valid = torch.tensor([nv], dtype=torch.int32)
-    exp = torch.ops.pcg.fused_moe(hidden[:nv], ref_layer.w13, ref_layer.w2, weights[:nv], ids[:nv])
+    exp = torch.ops.pcg.fused_moe(hidden[:nv], ref_layer.w13, ref_layer.w2, weights[:nv], ids[:nv],
+                                  w13_block=ref_layer.w13_block)
     for mode in modes:
         layer = pcg.wrap(copy.deepcopy(model), ep=dist.group.WORLD, ep_mode=mode,
                          progress=False).registry.moe_layers[0]

@@ -311,8 +311,12 @@ def test_capture_counts_and_replay_matches_eager(monkeypatch):
     monkeypatch.setattr(pcg.attention, "USE_GRAPH_ATTENTION", True)  # the default
     torch.manual_seed(0)
     layers = 3
+    # w13_block=0: the random model this test's token tolerance was set on (the
+    # same tensors read in the block layout are another model, whose near-tied
+    # routing flips elsewhere; the layout itself is bitwise neutral:
+    # test_w13_block.py::test_gpu_wrapped_model_block_layout_matches_plain).
     model = tiny(5, device="cuda", dtype=torch.bfloat16, num_layers=layers, hidden_size=128,
-                 intermediate_size=64, num_experts=16, top_k=4)
+                 intermediate_size=64, num_experts=16, top_k=4, w13_block=0)
     ref = copy.deepcopy(model)
     w = pcg.wrap(model, buckets=[4, 16, 64, 96], progress=False).capture()
     rep = w.report()

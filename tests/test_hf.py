@@ -134,11 +134,16 @@ def test_layers_registered(pair):
 
 def test_weights_reused_without_copy():
     model = build("qwen3_moe")
-    ptrs = [m.gate_up_proj.data_ptr() for m in model.modules() if hasattr(m, "gate_up_proj")]
-    params = [m.gate_up_proj for m in model.modules() if hasattr(m, "gate_up_proj")]
+    w2_ptrs = [m.down_proj.data_ptr() for m in model.modules() if hasattr(m, "gate_up_proj")]
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     wrapped = pcg.wrap(model)
-    assert [l.w13.data_ptr() for l in wrapped.registry.moe_layers] == ptrs
-    assert all(l.w13 is p for l, p in zip(wrapped.registry.moe_layers, params))
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
+    # w2 is already in pcg's layout: the module's own tensor. w13 is re-laid out
+    # once (pcg's block rows) and replaces the module's parameter: one copy.
+    assert [l.w2.data_ptr() for l in wrapped.registry.moe_layers] == w2_ptrs
+    assert all(l.w13 is m.gate_up_proj and l.w2 is m.down_proj
+               for l, m in zip(wrapped.registry.moe_layers, experts))
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == nbytes
 
 
 def test_gpt_oss_weights_converted():
@@ -148,8 +153,10 @@ def test_gpt_oss_weights_converted():
     for layer, rm in zip(wrapped.registry.moe_layers,
                          [m for m in ref.modules() if type(m).__name__ == "GptOssExperts"]):
         i = rm.gate_up_proj.shape[-1] // 2
-        assert torch.equal(layer.w13[:, :i], rm.gate_up_proj[:, :, 0::2].transpose(1, 2))
-        assert torch.equal(layer.w13[:, i:], rm.gate_up_proj[:, :, 1::2].transpose(1, 2))
+        assert layer.w13_block == pcg.FUSED_W13_BLOCK
+        w13 = pcg.deinterleave_w13(layer.w13, layer.w13_block)  # pcg's block rows -> plain
+        assert torch.equal(w13[:, :i], rm.gate_up_proj[:, :, 0::2].transpose(1, 2))
+        assert torch.equal(w13[:, i:], rm.gate_up_proj[:, :, 1::2].transpose(1, 2))
         assert torch.equal(layer.w2, rm.down_proj.transpose(1, 2))
         assert torch.equal(layer.b13[:, :i], rm.gate_up_proj_bias[:, 0::2])
         assert torch.equal(layer.b2, rm.down_proj_bias)

@@ -84,7 +84,7 @@ FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w
                 "dim 1 must be 2*I (gate and up rows) with I >= 1, got shape ", w13.sizes());
   s.I = w13.size(1) / 2;
   PCG_CHECK_ARG(kOp, "w13_block", moe::is_valid_w13_block(w13_block, s.I),
-                "must be 0 (gate rows, then up rows) or a positive multiple of 8 that divides ",
+                "must be 0 (gate rows, then up rows) or a power of two >= 8 that divides ",
                 "I = ", s.I, ", got ", w13_block);
   s.w13_block = static_cast<int>(w13_block);
   check_size(kOp, "w13", w13, 2, s.H, "H = hidden.size(1)");

@@ -46,7 +46,7 @@ enum class Activation : int { kSilu = 0, kGelu = 1, kSwigluOai = 2, kGeluTanh = 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // w13's row layout (the op's `w13_block` argument). 0: the I gate rows, then
-// the I up rows. B > 0 (a multiple of 8 dividing I): blocks of B gate rows and
+// the I up rows. B > 0 (a power of two >= 8 dividing I): blocks of B gate rows and
 // B up rows alternate, [g_0..g_B-1, u_0..u_B-1, g_B..g_2B-1, u_B.., ...], so a
 // tile of GEMM1's output holds gate and up of the same columns. With
 // B == kFusedW13Block the CUTLASS path applies the activation in GEMM1's
@@ -54,15 +54,25 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // activation kernel). b13 keeps the plain layout either way.
 constexpr int kFusedW13Block = 8;
 constexpr bool is_valid_w13_block(int64_t block, int64_t I) {
-  return block == 0 || (block > 0 && block % 8 == 0 && I % block == 0);
+  return block == 0 || (block >= 8 && (block & (block - 1)) == 0 && I % block == 0);
 }
 // Row of w13[e] (and column of GEMM1's [M, 2I] output) holding gate (up:
-// up) column n of [0, I).
+// up) column n of [0, I): n + (n & w13_row_mask(B)) + (up ? w13_up_offset(B, I) : 0),
+// since with B a power of two (n / B) * 2B + n % B = n + (n & ~(B - 1)). A GEMM
+// computes the mask and the offset once and pays an AND and an add per row.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr int64_t w13_row_mask(int block) { return block > 0 ? ~static_cast<int64_t>(block - 1) : 0; }
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr int64_t w13_up_offset(int block, int64_t I) { return block > 0 ? block : I; }
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
 constexpr int64_t w13_row(int64_t n, int64_t I, int block, bool up) {
-  return block > 0 ? (n / block) * 2 * block + (up ? block : 0) + n % block : (up ? I + n : n);
+  return n + (n & w13_row_mask(block)) + (up ? w13_up_offset(block, I) : 0);
 }
 
 // Rows per GEMM block (= moe_align's block_m) chosen from the average number

@@ -311,6 +311,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) moe_gemm_tc(const GemmArgs args)
   const uint16_t* A = static_cast<const uint16_t*>(args.A);
   const uint16_t* B =
       static_cast<const uint16_t*>(args.B) + static_cast<int64_t>(e) * (GATED ? 2 * N : N) * K;
+  // w13's row layout (w13_row): the row of column n is n + (n & mask) (+ up_off for up).
+  const int64_t row_mask = GATED ? w13_row_mask(args.w13_block) : 0;
+  const int64_t up_off = GATED ? w13_up_offset(args.w13_block, N) : 0;
 
   auto load_stage = [&](int stage, int64_t k0) {
     uint16_t* as = As + stage * BM * LDS;
@@ -332,7 +335,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) moe_gemm_tc(const GemmArgs args)
         const int r = c / CPR, cc = c % CPR;
         const bool up = GATED && r >= BN;
         const int64_t n = n0 + (up ? r - BN : r);
-        const uint16_t* row = n < N ? B + w13_row(n, N, args.w13_block, up) * K : nullptr;
+        const uint16_t* row = n < N ? B + (n + (n & row_mask) + (up ? up_off : 0)) * K : nullptr;
         load_chunk16(bs + r * LDS + cc * 8, row, k0 + cc * 8, K, args.vec);
       }
     }

@@ -18,6 +18,7 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
   __shared__ float Bs[NB][BK][BN + 1];
   __shared__ int64_t a_off[BM];
   __shared__ int32_t s_pair[BM];
+  __shared__ int32_t b_row[NB][BN];  // w13 / w2 row of each tile column, -1: past N
 
   int64_t blk, ntile;
   tile_coords(args, blockIdx.x, blk, ntile);
@@ -29,6 +30,12 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 
   load_row_table<BM, GATED>(args, blk, K, tid, 256, s_pair, a_off);
+  for (int r = tid; r < NB * BN; r += 256) {
+    const int half = r / BN;
+    const int64_t n = n0 + r % BN;
+    b_row[half][r % BN] =
+        n < N ? static_cast<int32_t>(GATED ? w13_row(n, N, args.w13_block, half != 0) : n) : -1;
+  }
   __syncthreads();
 
   const T* A = static_cast<const T*>(args.A);
@@ -44,11 +51,9 @@ __global__ void __launch_bounds__(256) moe_gemm_simt(const GemmArgs args) {
     for (int idx = tid; idx < NB * BN * BK; idx += 256) {
       const int r = idx / BK, kk = idx % BK;
       const int half = r / BN, nn = r % BN;
-      const int64_t n = n0 + nn;
+      const int32_t row = b_row[half][nn];
       Bs[half][kk][nn] =
-          (n < N && k0 + kk < K)
-              ? to_float(B[w13_row(n, N, args.w13_block, half != 0) * K + k0 + kk])
-              : 0.f;
+          (row >= 0 && k0 + kk < K) ? to_float(B[static_cast<int64_t>(row) * K + k0 + kk]) : 0.f;
     }
     __syncthreads();
 #pragma unroll

@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kActWarps * 32)
 #pragma unroll 2
   for (int64_t n = static_cast<int64_t>(threadIdx.x & 31) * 8; n < I; n += 32 * 8) {
     float gv[8], uv[8];
-    // 8 columns stay in one block of w13_block (a multiple of 8) columns.
+    // 8 columns stay in one block of w13_block (>= 8, a power of two) columns.
     load8(g + w13_row(n, I, w13_block, false), gv, kBf16);
     load8(g + w13_row(n, I, w13_block, true), uv, kBf16);
     if (bias != nullptr) {

@@ -91,6 +91,20 @@ class CaptureStats:
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
 
 
+_CAPTURE_STREAMS: dict = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every engine's captures (captures run one
+    at a time): torch caches a cuBLAS workspace per stream for the life of the
+    process, so a new stream per wrap would keep another one per wrap."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _CAPTURE_STREAMS[index]
+
+
 def _slice_tokens(t: torch.Tensor, padded: int, n: int) -> torch.Tensor:
     """Drop pad rows from an output whose token dim is 0 ([N, ...]) or 1 ([1, N, ...])."""
     if t.dim() >= 2 and t.shape[0] == 1 and t.shape[1] == padded:
@@ -147,7 +161,7 @@ class CaptureEngine:
         if not hasattr(torch.classes.pcg, "SegmentChain"):
             raise RuntimeError("pcg: the native library was built without CUDA; cannot capture")
         self.pool = tuple(torch.cuda.graph_pool_handle())
-        self.stream = torch.cuda.Stream(device=self.device)
+        self.stream = _capture_stream(self.device)
         sizes = sorted(self.ladder, reverse=True)
         bar = None
         if self.progress:

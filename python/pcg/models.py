@@ -31,6 +31,9 @@ class MoETransformerConfig:
     top_k: int = 2
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
+    # w13's row layout (pcg.nn.MoE): None picks pcg.FUSED_W13_BLOCK when it
+    # divides intermediate_size (the activation inside GEMM1), else 0.
+    w13_block: Optional[int] = None
 
 
 class _RMSNorm(nn.Module):
@@ -63,8 +66,9 @@ class _Block(nn.Module):
         self.o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, **kw)
         self.attn = pcg_nn.Attention(c.num_heads, c.num_kv_heads, c.head_dim)
         self.norm2 = _RMSNorm(c.hidden_size, c.rms_eps, **kw)
-        # Random weights: the layout that fuses the activation on the CUTLASS path.
-        block = FUSED_W13_BLOCK if c.intermediate_size % FUSED_W13_BLOCK == 0 else 0
+        block = c.w13_block
+        if block is None:  # the layout that fuses the activation on the CUTLASS path
+            block = FUSED_W13_BLOCK if c.intermediate_size % FUSED_W13_BLOCK == 0 else 0
         self.moe = pcg_nn.MoE(c.hidden_size, c.intermediate_size, c.num_experts, c.top_k,
                               w13_block=block, **kw)
 

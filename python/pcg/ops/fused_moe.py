@@ -15,9 +15,9 @@ FUSED_W13_BLOCK = 8
 
 
 def _check_w13_block(block: int, I: int, who: str = "pcg::fused_moe") -> None:
-    if not (block == 0 or (block > 0 and block % 8 == 0 and I % block == 0)):
+    if not (block == 0 or (block >= 8 and block & (block - 1) == 0 and I % block == 0)):
         raise ValueError(f"{who}: argument 'w13_block' must be 0 (gate rows, then up rows) or a "
-                         f"positive multiple of 8 that divides I = {I}, got {block}")
+                         f"power of two >= 8 that divides I = {I}, got {block}")
 
 
 def interleave_w13(w13: torch.Tensor, block: int = FUSED_W13_BLOCK) -> torch.Tensor:
@@ -269,7 +269,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             ignores it; on CUDA a tile needing more shared memory than the device has is
             an error. Results differ between configs only by fp32 summation order (and,
             on the CUTLASS path, two extra roundings to the dtype).
-        w13_block: w13's row layout: 0 (gate rows, then up rows) or B, a multiple of 8
+        w13_block: w13's row layout: 0 (gate rows, then up rows) or B, a power of two >= 8
             dividing I (blocks of B gate rows and B up rows alternate). Every path and
             config takes either, with the same result; with B = ``FUSED_W13_BLOCK`` (8) the
             CUTLASS path applies the activation in GEMM1's epilogue (one kernel and one
