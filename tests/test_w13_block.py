@@ -213,12 +213,17 @@ def test_wrap_uses_the_block_layout_and_unwrap_restores(family):
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(ids).logits
+    first = None
     for _ in range(2):  # wrapped twice: the layout is converted once
         w = pcg.wrap(model, progress=False)
         layers = w.registry.moe_layers
         assert layers and all(layer.w13_block == pcg.FUSED_W13_BLOCK for layer in layers)
         for layer in layers:
             assert layer.w13 is layer.module.gate_up_proj  # converted in place, not copied
+        if first is None:
+            first = [layer.w13 for layer in layers]
+        else:  # the second wrap shares the first one's tensors
+            assert all(a is layer.w13 for a, layer in zip(first, layers))
         torch.testing.assert_close(w(ids).logits, ref, rtol=1e-4, atol=1e-4)
     back = pcg.unwrap(w)
     for m, (w13, w2) in zip(experts, before):

@@ -369,9 +369,11 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
     transposed, interleaved = bool(m.is_transposed), not m.is_concatenated
     # The layout before the first wrap, for restore() (wrapped twice: already pcg's).
     m.__dict__.setdefault("_pcg_orig_layout", (transposed, interleaved))
+    # Wrapped before: the weights are in pcg's (block) layout already; the
+    # tensors stay the same, shared with any wrapper still alive.
+    block = m.__dict__.get("_pcg_w13_block", 0)
     with torch.no_grad():
-        # Wrapped before: back to gate rows, then up rows (the block is chosen again below).
-        w13 = deinterleave_w13(m.gate_up_proj, m.__dict__.pop("_pcg_w13_block", 0))
+        w13 = m.gate_up_proj
         if transposed:  # [E, H, 2I] -> [E, 2I, H]
             w13 = w13.transpose(1, 2)
         if interleaved:  # gate0, up0, gate1, up1, ... -> gate rows, then up rows
@@ -399,6 +401,8 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
             (b2 is not None and tuple(b2.shape) != (E, H)):
         raise ValueError(f"pcg.wrap: experts module {name} ({cls}): unexpected weight shapes "
                          f"gate_up_proj {tuple(w13.shape)}, down_proj {tuple(w2.shape)} (pcg layout)")
+    if block:  # wrapped before
+        return w13, w2, b13, b2, block
     block = FUSED_W13_BLOCK if (two_i // 2) % FUSED_W13_BLOCK == 0 else 0
     if block:
         with torch.no_grad():
