@@ -16,7 +16,7 @@ using FusedMoeFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Te
                               const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                              c10::string_view, double, double, at::OptionalIntArrayRef);
+                              c10::string_view, double, double, at::OptionalIntArrayRef, int64_t);
 
 at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                      const at::Tensor& weights, const at::Tensor& ids,
@@ -25,11 +25,17 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
                      const std::optional<at::Tensor>& b13 = std::nullopt,
                      const std::optional<at::Tensor>& b2 = std::nullopt,
                      c10::string_view activation = "silu",
-                     at::OptionalIntArrayRef config = std::nullopt) {
+                     at::OptionalIntArrayRef config = std::nullopt, int64_t w13_block = 0) {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pcg::fused_moe", "").typed<FusedMoeFn>();
   return op.call(hidden, w13, w2, weights, ids, expert_map, num_valid, b13, b2, activation, 1.702,
-                 7.0, config);
+                 7.0, config, w13_block);
+}
+
+// w13 [E, 2I, H] (gate rows, then up rows) in the block layout of B.
+at::Tensor interleave_w13(const at::Tensor& w13, int64_t B) {
+  const int64_t E = w13.size(0), I = w13.size(1) / 2, H = w13.size(2);
+  return w13.reshape({E, 2, I / B, B, H}).transpose(1, 2).reshape({E, 2 * I, H}).contiguous();
 }
 
 // Unfused ATen reference (fp32 everything): loops over tokens and k.
@@ -116,6 +122,52 @@ TEST(FusedMoe, ConfigOverride) {
           << e.what();
     }
   }
+}
+
+// w13 in the block layout: the same result; a bad block names the argument.
+TEST(FusedMoe, BlockLayoutMatchesPlain) {
+  at::manual_seed(1);
+  const int64_t T = 9, H = 12, I = 16, E = 3, k = 2;
+  auto hidden = at::randn({T, H});
+  auto w13 = at::randn({E, 2 * I, H}) * 0.3;
+  auto w2 = at::randn({E, H, I}) * 0.3;
+  auto weights = at::rand({T, k});
+  auto ids = at::randint(0, E, {T, k}).to(at::kInt);
+  auto b13 = at::randn({E, 2 * I});
+  auto want = fused_moe(hidden, w13, w2, weights, ids, std::nullopt, std::nullopt, b13);
+  for (const int64_t B : {8, 16}) {
+    auto got = fused_moe(hidden, interleave_w13(w13, B), w2, weights, ids, std::nullopt,
+                         std::nullopt, b13, std::nullopt, "silu", std::nullopt, B);
+    EXPECT_TRUE(at::equal(got, want)) << "B = " << B;
+  }
+  for (const int64_t bad : {4, 12, 32, -8}) {
+    try {
+      fused_moe(hidden, w13, w2, weights, ids, std::nullopt, std::nullopt, std::nullopt,
+                std::nullopt, "silu", std::nullopt, bad);
+      FAIL() << "expected an error for w13_block = " << bad;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("pcg::fused_moe: argument 'w13_block'"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+}
+
+// The row index every kernel uses for the block layout (torch-free).
+TEST(FusedMoe, W13Row) {
+  using namespace pcg::moe;
+  for (const int B : {8, 16, 64}) {
+    const int64_t I = 4 * B;
+    for (int64_t n = 0; n < I; ++n) {
+      EXPECT_EQ(w13_row(n, I, B, false), (n / B) * 2 * B + n % B);
+      EXPECT_EQ(w13_row(n, I, B, true), (n / B) * 2 * B + B + n % B);
+    }
+  }
+  EXPECT_EQ(w13_row(5, 40, 0, false), 5);
+  EXPECT_EQ(w13_row(5, 40, 0, true), 45);
+  EXPECT_TRUE(is_valid_w13_block(0, 40) && is_valid_w13_block(8, 40));
+  EXPECT_FALSE(is_valid_w13_block(16, 40) || is_valid_w13_block(24, 48) ||
+               is_valid_w13_block(4, 40));
 }
 
 // Torch-free selection: shapes outside the table get the heuristic; every
