@@ -260,3 +260,26 @@ def test_gpu_wrapped_model_block_layout_matches_plain():
         with torch.inference_mode():
             assert torch.equal(wb(ids), wp(ids)), n
             assert torch.equal(blocked(ids), plain(ids)), n
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_wrapped_state_dict_speaks_the_model_layout(family):
+    """state_dict() of a wrapped transformers model is the checkpoint layout (not
+    pcg's), and load_state_dict() of a checkpoint updates the captured weights in
+    place: the wrapped model then computes what the checkpoint's model does."""
+    from hf_models import VOCAB, build
+    model, ref = build(family), build(family)
+    other = build(family, seed=9)  # another checkpoint of the same architecture
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    w = pcg.wrap(model, progress=False)
+    sd, want = model.state_dict(), ref.state_dict()
+    assert sd.keys() == want.keys()
+    assert all(torch.equal(sd[k], want[k]) for k in want)
+    ptrs = [layer.w13.data_ptr() for layer in w.registry.moe_layers]
+    model.load_state_dict(other.state_dict())
+    assert [layer.w13.data_ptr() for layer in w.registry.moe_layers] == ptrs  # in place
+    with torch.no_grad():
+        torch.testing.assert_close(w(ids).logits, other(ids).logits, rtol=1e-4, atol=1e-4)
+    back = pcg.unwrap(w)
+    sd = back.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in other.state_dict().items())

@@ -186,30 +186,77 @@ def unprepare(model: nn.Module) -> None:
         if "_pcg_orig_forward" in m.__dict__:
             m.forward = m._pcg_orig_forward
             del m._pcg_orig_forward
-        if "_pcg_w13_block" in m.__dict__:  # pcg's block rows -> gate rows, then up rows
-            with torch.no_grad():
-                _set_param(m, "gate_up_proj", deinterleave_w13(m.gate_up_proj,
-                                                               m.__dict__.pop("_pcg_w13_block")))
+        for hook in m.__dict__.pop("_pcg_state_dict_hooks", ()):
+            hook.remove()
         if "_pcg_orig_layout" in m.__dict__:
-            _restore_experts_layout(m, *m.__dict__.pop("_pcg_orig_layout"))
+            _restore_experts_layout(m)
 
 
-def _restore_experts_layout(m: nn.Module, transposed: bool, interleaved: bool) -> None:
-    """_convert_experts backwards: pcg's [E, 2I, H] gate-then-up rows to the
-    module's original layout and flags."""
-    if not (transposed or interleaved):
-        return
+def _restore_experts_layout(m: nn.Module) -> None:
+    """_convert_experts backwards: pcg's layout to the module's original
+    layout and flags."""
+    transposed, interleaved = m.__dict__.pop("_pcg_orig_layout")
+    layout = (m.__dict__.pop("_pcg_w13_block", 0), transposed, interleaved)
     with torch.no_grad():
-        w13 = _interleave(m.gate_up_proj) if interleaved else m.gate_up_proj
-        if transposed:
-            w13 = w13.transpose(1, 2)
-        _set_param(m, "gate_up_proj", w13.contiguous())
+        _set_param(m, "gate_up_proj", _w13_to_model(m.gate_up_proj, *layout))
         if transposed:
             _set_param(m, "down_proj", m.down_proj.transpose(1, 2).contiguous())
         if interleaved and m.has_bias:
             _set_param(m, "gate_up_proj_bias", _interleave(m.gate_up_proj_bias).contiguous())
     m.is_transposed = transposed
     m.is_concatenated = not interleaved
+
+
+# ---- the experts' layouts: the module's own ([E, H, 2I] when transposed; gate /
+# up columns alternating when interleaved) and pcg's ([E, 2I, H], w13 in blocks of
+# `block` gate and up rows) ------------------------------------------------------
+
+def _w13_to_model(w: torch.Tensor, block: int, transposed: bool, interleaved: bool) -> torch.Tensor:
+    w = deinterleave_w13(w, block)
+    if interleaved:
+        w = _interleave(w)
+    if transposed:
+        w = w.transpose(1, 2)
+    return w.contiguous()
+
+
+def _w13_to_pcg(w: torch.Tensor, block: int, transposed: bool, interleaved: bool) -> torch.Tensor:
+    if transposed:
+        w = w.transpose(1, 2)
+    if interleaved:
+        w = _deinterleave(w)
+    return interleave_w13(w.contiguous(), block)
+
+
+def _experts_state(m: nn.Module) -> tuple:
+    return (m.__dict__.get("_pcg_w13_block", 0), *m.__dict__["_pcg_orig_layout"])
+
+
+def _state_dict_in_model_layout(m: nn.Module, state_dict: dict, prefix: str, _meta) -> None:
+    """state_dict hook of a converted experts module: the checkpoint layout
+    (the module's own) rather than pcg's. The experts' tensors are converted
+    copies (memory: one more gate_up_proj; unwrap first to avoid them)."""
+    block, transposed, interleaved = _experts_state(m)
+    for name, fn in (("gate_up_proj", lambda w: _w13_to_model(w, block, transposed, interleaved)),
+                     ("down_proj", (lambda w: w.transpose(1, 2).contiguous()) if transposed else None),
+                     ("gate_up_proj_bias", (lambda b: _interleave(b).contiguous()) if interleaved
+                      else None)):
+        if fn is not None and prefix + name in state_dict:
+            state_dict[prefix + name] = fn(state_dict[prefix + name].detach())
+
+
+def _load_state_dict_into_pcg_layout(m: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """load_state_dict pre-hook of a converted experts module: a checkpoint in
+    the module's own layout is converted to pcg's before it is copied into the
+    (captured) tensors in place."""
+    block, transposed, interleaved = _experts_state(m)
+    for name, fn in (("gate_up_proj", lambda w: _w13_to_pcg(w, block, transposed, interleaved)),
+                     ("down_proj", (lambda w: w.transpose(1, 2).contiguous()) if transposed else None),
+                     ("gate_up_proj_bias", (lambda b: _deinterleave(b).contiguous()) if interleaved
+                      else None)):
+        w = state_dict.get(prefix + name)
+        if fn is not None and isinstance(w, torch.Tensor) and w.dim() >= 2:
+            state_dict[prefix + name] = fn(w)
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
@@ -409,6 +456,11 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
             _set_param(m, "gate_up_proj", interleave_w13(w13, block))
         m.__dict__["_pcg_w13_block"] = block
         w13 = m.gate_up_proj
+    # state_dict() / load_state_dict() keep speaking the module's own layout.
+    if "_pcg_state_dict_hooks" not in m.__dict__:
+        m.__dict__["_pcg_state_dict_hooks"] = (
+            m.register_state_dict_post_hook(_state_dict_in_model_layout),
+            m.register_load_state_dict_pre_hook(_load_state_dict_into_pcg_layout))
     return w13, w2, b13, b2, block
 
 
