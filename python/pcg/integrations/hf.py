@@ -420,12 +420,8 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
     # tensors stay the same, shared with any wrapper still alive.
     block = m.__dict__.get("_pcg_w13_block", 0)
     with torch.no_grad():
-        w13 = m.gate_up_proj
-        if transposed:  # [E, H, 2I] -> [E, 2I, H]
-            w13 = w13.transpose(1, 2)
-        if interleaved:  # gate0, up0, gate1, up1, ... -> gate rows, then up rows
-            w13 = _deinterleave(w13)
-        _set_param(m, "gate_up_proj", w13.contiguous())
+        # [E, H, 2I] -> [E, 2I, H]; gate0, up0, gate1, up1, ... -> gate rows, then up rows
+        _set_param(m, "gate_up_proj", _w13_to_pcg(m.gate_up_proj, 0, transposed, interleaved))
         w2 = m.down_proj
         if transposed:  # [E, I, H] -> [E, H, I]
             w2 = w2.transpose(1, 2)
