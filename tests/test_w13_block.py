@@ -175,6 +175,28 @@ def test_gpu_cutlass_fused_activation_every_activation(activation, bias):
 
 @pytest.mark.gpu
 @sm90
+def test_gpu_cutlass_fused_activation_skips_the_activation_kernel():
+    """The fused path really runs: with B = 8 no activation kernel is launched
+    (GEMM1's epilogue does its work); with the plain layout one is."""
+    args, kw = make_case(500, 8, 2, 128, 64, dtype=torch.bfloat16, device="cuda")
+
+    def kernels(block):
+        bargs, bkw = _blocked(args, kw, block)
+        pcg.fused_moe(*bargs, **bkw, config=[-1, -1, -1])  # warm-up
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            pcg.fused_moe(*bargs, **bkw, config=[-1, -1, -1])
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    fused, plain = kernels(pcg.FUSED_W13_BLOCK), kernels(0)
+    assert any("gated_act_kernel" in n for n in plain), plain
+    assert not any("gated_act_kernel" in n for n in fused), fused
+    assert len(fused) == len(plain) - 1, (fused, plain)
+
+
+@pytest.mark.gpu
+@sm90
 def test_gpu_cutlass_fused_activation_capture_replay():
     T, E, k, H, I = 600, 12, 4, 128, 64
     args, kw = make_case(T, E, k, H, I, dtype=torch.bfloat16, device="cuda", e_global=15,
