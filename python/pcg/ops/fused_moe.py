@@ -10,7 +10,8 @@ _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
 
 #: The w13 row layout (``w13_block``) with which the CUTLASS path applies the
 #: activation inside GEMM1 (csrc/moe/fused_moe.h: kFusedW13Block): what
-#: :func:`pcg.wrap` and :class:`pcg.nn.MoE` use when ``I % 8 == 0``.
+#: :func:`pcg.wrap` gives transformers experts and pcg's built-in model uses
+#: when ``I % 8 == 0`` (:class:`pcg.nn.MoE` takes it as ``w13_block``).
 FUSED_W13_BLOCK = 8
 
 
@@ -37,12 +38,11 @@ def deinterleave_w13(w13: torch.Tensor, block: int = FUSED_W13_BLOCK) -> torch.T
 def _regroup(w: torch.Tensor, block: int, to_blocks: bool) -> torch.Tensor:
     if block == 0:
         return w
-    if w.dim() < 2:
-        raise ValueError(f"pcg: w13 must be [..., 2I, H], got shape {tuple(w.shape)}")
+    who = "pcg.interleave_w13" if to_blocks else "pcg.deinterleave_w13"
+    if w.dim() < 2 or w.shape[-2] % 2:
+        raise ValueError(f"{who}: argument 'w13' must be [..., 2I, H], got shape {tuple(w.shape)}")
     lead, two_i, H = w.shape[:-2], w.shape[-2], w.shape[-1]
-    if two_i % 2:
-        raise ValueError(f"pcg: w13 dim -2 must be 2I, got shape {tuple(w.shape)}")
-    _check_w13_block(block, two_i // 2, "pcg.interleave_w13")
+    _check_w13_block(block, two_i // 2, who)
     nb = two_i // 2 // block
     if to_blocks:  # [2, nb, B] -> [nb, 2, B]
         v = w.reshape(*lead, 2, nb, block, H).transpose(-4, -3)
