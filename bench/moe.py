@@ -129,7 +129,8 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
     # pcg runs w13 in the layout pcg.wrap gives it (the activation fused into
     # GEMM1 on the CUTLASS path); grouped_mm the plain one.
-    blk = args.w13_block if I % max(args.w13_block, 1) == 0 else 0
+    from pcg.ops.fused_moe import w13_block_for
+    blk = w13_block_for(I, args.w13_block)
     w13p = pcg.interleave_w13(w13, blk)
 
     def pcg_moe(hidden, wts, ids):

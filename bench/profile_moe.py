@@ -75,7 +75,8 @@ def _weights(E, H, I, device, w13_block):
     g = torch.Generator().manual_seed(0)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
-    blk = w13_block if I % max(w13_block, 1) == 0 else 0
+    from pcg.ops.fused_moe import w13_block_for
+    blk = w13_block_for(I, w13_block)
     return pcg.interleave_w13(w13, blk), w2, blk
 
 

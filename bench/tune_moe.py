@@ -258,9 +258,9 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log, variants=()):
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
     # Tuned in the layout pcg.wrap gives w13 (GEMM1 with the activation fused).
-    import pcg
-    blk = pcg.FUSED_W13_BLOCK if I % pcg.FUSED_W13_BLOCK == 0 else 0
-    w13 = pcg.interleave_w13(w13, blk)
+    from pcg.ops.fused_moe import interleave_w13, w13_block_for
+    blk = w13_block_for(I)
+    w13 = interleave_w13(w13, blk)
 
     def op(*a, **kw):
         return torch.ops.pcg.fused_moe(*a, **kw, w13_block=blk)

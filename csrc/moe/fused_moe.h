@@ -36,6 +36,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define PCG_HD __host__ __device__ __forceinline__
+#else
+#define PCG_HD inline
+#endif
+
 #include "moe/fused_moe_tiles.h"
 #include "moe/fused_moe_tuning.h"
 #include "moe/grouped_gemm_variants.h"
@@ -60,18 +66,11 @@ constexpr bool is_valid_w13_block(int64_t block, int64_t I) {
 // up) column n of [0, I): n + (n & w13_row_mask(B)) + (up ? w13_up_offset(B, I) : 0),
 // since with B a power of two (n / B) * 2B + n % B = n + (n & ~(B - 1)). A GEMM
 // computes the mask and the offset once and pays an AND and an add per row.
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-constexpr int64_t w13_row_mask(int block) { return block > 0 ? ~static_cast<int64_t>(block - 1) : 0; }
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-constexpr int64_t w13_up_offset(int block, int64_t I) { return block > 0 ? block : I; }
-#if defined(__CUDACC__)
-__host__ __device__
-#endif
-constexpr int64_t w13_row(int64_t n, int64_t I, int block, bool up) {
+PCG_HD constexpr int64_t w13_row_mask(int block) {
+  return block > 0 ? ~static_cast<int64_t>(block - 1) : 0;
+}
+PCG_HD constexpr int64_t w13_up_offset(int block, int64_t I) { return block > 0 ? block : I; }
+PCG_HD constexpr int64_t w13_row(int64_t n, int64_t I, int block, bool up) {
   return n + (n & w13_row_mask(block)) + (up ? w13_up_offset(block, I) : 0);
 }
 

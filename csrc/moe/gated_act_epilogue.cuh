@@ -131,27 +131,27 @@ class GatedActEpilogue {
                   "a tile must hold whole gate/up block pairs, 4 stores of 8 columns per quad");
 
     const int M = static_cast<int>(get<0>(problem_shape_mnkl));
-    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
+    const auto m_coord = get<0>(blk_coord_mnkl);
+    const int n_coord = static_cast<int>(get<1>(blk_coord_mnkl));
     if (static_cast<int>(m_coord) * decltype(size<0>(blk_shape_MNK))::value >= M) return;
     auto cD = local_tile(make_identity_tensor(make_shape(M, get<1>(problem_shape_mnkl))),
                          take<0, 2>(blk_shape_MNK), make_coord(m_coord, n_coord));
     auto tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(cD);
     CUTE_STATIC_ASSERT_V(size(tCcD) == size(accumulators));
 
-    const int e = static_cast<int>(l_coord);
+    const int e = static_cast<int>(get<3>(blk_coord_mnkl));
     const Element* bias =
         params.act.b13 != nullptr ? params.act.b13 + static_cast<int64_t>(e) * 2 * params.act.I
                                   : nullptr;
     // One instantiation per activation and bias presence: nothing but the math in the loop.
+    const int inter_col0 = n_coord * (kTileN / 2);
     with_activation(params.act.act, [&](auto act) {
       if (bias != nullptr) {
-        store<decltype(act), true, FrgShape, kNB, kMM>(accumulators, tCcD, M, e, bias,
-                                                       static_cast<int>(n_coord) * (kTileN / 2),
+        store<decltype(act), true, FrgShape, kNB, kMM>(accumulators, tCcD, M, e, bias, inter_col0,
                                                        thread_idx & 3);
       } else {
         store<decltype(act), false, FrgShape, kNB, kMM>(accumulators, tCcD, M, e, bias,
-                                                        static_cast<int>(n_coord) * (kTileN / 2),
-                                                        thread_idx & 3);
+                                                        inter_col0, thread_idx & 3);
       }
     });
   }

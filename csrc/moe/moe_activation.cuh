@@ -42,21 +42,21 @@ struct ActSwigluOai {  // gpt-oss: clamped, (up + 1) * gate * sigmoid(alpha * ga
   }
 };
 
-__device__ __forceinline__ float gated_act(float g, float u, int act, float alpha, float limit) {
-  if (act == static_cast<int>(Activation::kSilu)) return ActSilu::apply(g, u, alpha, limit);
-  if (act == static_cast<int>(Activation::kGelu)) return ActGelu::apply(g, u, alpha, limit);
-  if (act == static_cast<int>(Activation::kGeluTanh)) return ActGeluTanh::apply(g, u, alpha, limit);
-  return ActSwigluOai::apply(g, u, alpha, limit);
-}
-
-// f(ActX{}) for the functor of `act` (swigluoai for any other value, as
-// gated_act): a caller with many elements switches once, outside its loop.
+// f(ActX{}) for the functor of `act` (swigluoai for any other value): a
+// caller with many elements switches once, outside its loop.
 template <typename F>
 __device__ __forceinline__ void with_activation(int act, F&& f) {
   if (act == static_cast<int>(Activation::kSilu)) f(ActSilu{});
   else if (act == static_cast<int>(Activation::kGelu)) f(ActGelu{});
   else if (act == static_cast<int>(Activation::kGeluTanh)) f(ActGeluTanh{});
   else f(ActSwigluOai{});
+}
+
+// One element: act(g, u) for a runtime `act`.
+__device__ __forceinline__ float gated_act(float g, float u, int act, float alpha, float limit) {
+  float r = 0.f;
+  with_activation(act, [&](auto a) { r = decltype(a)::apply(g, u, alpha, limit); });
+  return r;
 }
 
 }  // namespace pcg::moe

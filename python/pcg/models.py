@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import nn as pcg_nn
-from .ops.fused_moe import FUSED_W13_BLOCK
+from .ops.fused_moe import w13_block_for
 
 
 @dataclass
@@ -66,9 +66,8 @@ class _Block(nn.Module):
         self.o = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False, **kw)
         self.attn = pcg_nn.Attention(c.num_heads, c.num_kv_heads, c.head_dim)
         self.norm2 = _RMSNorm(c.hidden_size, c.rms_eps, **kw)
-        block = c.w13_block
-        if block is None:  # the layout that fuses the activation on the CUTLASS path
-            block = FUSED_W13_BLOCK if c.intermediate_size % FUSED_W13_BLOCK == 0 else 0
+        # Default: the layout that fuses the activation on the CUTLASS path.
+        block = w13_block_for(c.intermediate_size) if c.w13_block is None else c.w13_block
         self.moe = pcg_nn.MoE(c.hidden_size, c.intermediate_size, c.num_experts, c.top_k,
                               w13_block=block, **kw)
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import registry as _reg
 from ..registry import LayerRegistry
-from ..ops.fused_moe import FUSED_W13_BLOCK, deinterleave_w13, interleave_w13
+from ..ops.fused_moe import deinterleave_w13, interleave_w13, w13_block_for
 
 IMPL = "pcg"
 
@@ -446,7 +446,7 @@ def _convert_experts(name: str, m: nn.Module) -> tuple:
                          f"gate_up_proj {tuple(w13.shape)}, down_proj {tuple(w2.shape)} (pcg layout)")
     if block:  # wrapped before
         return w13, w2, b13, b2, block
-    block = FUSED_W13_BLOCK if (two_i // 2) % FUSED_W13_BLOCK == 0 else 0
+    block = w13_block_for(two_i // 2)
     if block:
         with torch.no_grad():
             _set_param(m, "gate_up_proj", interleave_w13(w13, block))

@@ -15,6 +15,12 @@ _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
 FUSED_W13_BLOCK = 8
 
 
+def w13_block_for(I: int, block: int = FUSED_W13_BLOCK) -> int:
+    """The w13 layout pcg gives intermediate size ``I``: ``block`` when it
+    divides I, else 0 (gate rows, then up rows)."""
+    return block if block > 0 and I % block == 0 else 0
+
+
 def _check_w13_block(block: int, I: int, who: str = "pcg::fused_moe") -> None:
     if not (block == 0 or (block >= 8 and block & (block - 1) == 0 and I % block == 0)):
         raise ValueError(f"{who}: argument 'w13_block' must be 0 (gate rows, then up rows) or a "
@@ -293,4 +299,5 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 __all__ = ["FUSED_W13_BLOCK", "CutlassVariant", "MoeTile", "deinterleave_w13", "fused_moe",
            "fused_moe_candidates", "fused_moe_config", "fused_moe_cutlass_variants",
-           "fused_moe_paths", "fused_moe_tiles", "interleave_w13", "moe_align_max_blocks"]
+           "fused_moe_paths", "fused_moe_tiles", "interleave_w13", "moe_align_max_blocks",
+           "w13_block_for"]
