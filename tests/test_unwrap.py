@@ -85,6 +85,45 @@ def test_unwrap_pcg_nn_model():
         w(ids)
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "pcg_nn"])
+def test_load_state_dict_assign_is_refused_while_wrapped(kind):
+    """assign=True would hand the model new tensors while the captured graphs
+    keep reading the old ones: refused, nothing replaced; in-place loads work;
+    after unwrap the guard is gone."""
+    if kind == "pcg_nn":
+        from pcg.models import MoETransformer
+        torch.manual_seed(0)
+        model, vocab = MoETransformer().eval(), 256
+    else:
+        model, vocab = build(kind), VOCAB
+    ids = torch.randint(0, vocab, (1, 9), generator=torch.Generator().manual_seed(2))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sd = other.state_dict  # fresh dicts: torch records assign=True in a dict's _metadata for good
+    w = pcg.wrap(model, progress=False)
+    w2 = pcg.wrap(model, progress=False)  # a second wrapper: one guard for the model
+    assert len(model._load_state_dict_pre_hooks) >= 1
+    before = [p.data_ptr() for p in model.parameters()]
+    out = w(ids)
+    for target, state in ((model, sd()), (w, {f"model.{k}": v for k, v in sd().items()})):
+        with pytest.raises(RuntimeError, match="assign=True"):
+            target.load_state_dict(state, assign=True)
+    assert [p.data_ptr() for p in model.parameters()] == before
+    torch.testing.assert_close(w(ids), out, rtol=0, atol=0)
+    model.load_state_dict(sd())  # in place: the wrapper runs the new weights
+    assert [p.data_ptr() for p in model.parameters()] == before
+    want = other(ids)
+    got = w(ids)
+    if kind != "pcg_nn":
+        want, got = want.logits, got.logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    del w2
+    back = pcg.unwrap(w)
+    back.load_state_dict(sd(), assign=True)  # the guard went with the wrap
+
+
 def test_unwrap_type_error():
     with pytest.raises(TypeError, match="pcg.unwrap: expected the model pcg.wrap returned"):
         pcg.unwrap(torch.nn.Linear(2, 2))

@@ -35,6 +35,25 @@ class Options:
 # model they would run is no longer switched to pcg's implementations). Kept
 # off the model: it stays picklable.
 _WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+# model -> the handle of its load_state_dict guard (one per model, removed by unwrap).
+_ASSIGN_GUARDS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def _refuse_assign(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
+                   *_args: Any) -> None:
+    """load_state_dict pre-hook of a wrapped model: ``assign=True`` would put
+    new tensors in place of the ones the captured graphs read (they would keep
+    replaying the old weights, silently). An in-place load is fine."""
+    if local_metadata.get("assign_to_params_buffers", False):
+        raise RuntimeError(
+            "pcg: load_state_dict(..., assign=True) on a wrapped model would replace the tensors its "
+            "captured graphs read (they would keep using the old weights). Load in place (assign=False: "
+            "the graphs then see the new weights), or pcg.unwrap the model, load, and wrap it again.")
+
+
+def _guard_assign(model: nn.Module) -> None:
+    if model not in _ASSIGN_GUARDS:
+        _ASSIGN_GUARDS[model] = model.register_load_state_dict_pre_hook(_refuse_assign)
 
 
 class WrappedModel(nn.Module):
@@ -62,6 +81,7 @@ class WrappedModel(nn.Module):
         self._device: Optional[torch.device] = None  # cached: read on every call
         self._unwrapped = False
         _WRAPPERS.setdefault(model, []).append(weakref.ref(self))
+        _guard_assign(model)
 
     # ---- helpers --------------------------------------------------------------
     @property
@@ -156,6 +176,9 @@ class WrappedModel(nn.Module):
         if self.integration.startswith("transformers"):
             from .integrations import hf
             hf.unprepare(model)
+        guard = _ASSIGN_GUARDS.pop(model, None)
+        if guard is not None:
+            guard.remove()
         for ref in _WRAPPERS.pop(model, []):
             w = ref()
             if w is not None:
