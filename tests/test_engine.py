@@ -523,3 +523,48 @@ def test_pad_rows_never_change_real_rows(dtype):
     assert padded.shape == plain.shape == (50, 256)
     assert torch.equal(padded, plain)
     assert torch.isfinite(two_seqs).all()
+
+
+def test_params_moved_samples_the_weights():
+    """The per-call check: a dtype or device conversion of the model moves
+    every parameter (the sampled ones included); in-place updates move none."""
+    from pcg.capture import CaptureEngine
+    model = tiny(10)
+    eng = CaptureEngine(lambda ids, pos: None, pcg.registry.LayerRegistry(), torch.device("cpu"), [8],
+                        lambda: list(model.parameters()), progress=False)
+    assert not eng.params_moved()  # nothing recorded before a capture
+    eng._record_params()
+    assert not eng.params_moved()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # in place (a load_state_dict): same addresses
+    assert not eng.params_moved()
+    model.to(torch.float64)
+    assert eng.params_moved()
+    eng._record_params()
+    assert not eng.params_moved()
+    last = list(model.parameters())[-1]
+    last.data = last.data.clone()  # the sampled last parameter re-pointed
+    assert eng.params_moved()
+    eng.reset()
+    assert not eng.params_moved()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("on", ["model", "wrapper"])
+def test_weights_converted_after_capture_are_recaptured(on):
+    """.to(dtype) after capture (on the model itself or on the wrapper): the
+    next call captures again and runs the converted weights, not freed memory."""
+    model = tiny(11, device="cuda", dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    w = pcg.wrap(model, buckets=[8, 32], progress=False).capture()
+    ids = torch.randint(0, 256, (1, 7), device="cuda", generator=None)
+    assert rel(w(ids), ref(ids)) < 1e-4
+    (model if on == "model" else w).to(torch.bfloat16)
+    ref.to(torch.bfloat16)
+    out = w(ids)
+    assert out.dtype == torch.bfloat16
+    assert w.engine().stats.recaptures == 1
+    assert rel(out, ref(ids)) < 2e-2
+    assert rel(w(ids), out) == 0  # replays the new graphs, no further recapture
+    assert w.engine().stats.recaptures == 1

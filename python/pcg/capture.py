@@ -21,6 +21,7 @@ import contextlib
 
 import gc
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -135,6 +136,7 @@ class CaptureEngine:
         self.stats = CaptureStats()
         self.captured = False
         self._param_ptrs: list[int] = []
+        self._sentinels: list[tuple[weakref.ref, int]] = []  # (parameter, its address at capture)
         max_n = max(ladder)
         self.static_ids = torch.zeros(max_n, dtype=torch.int64, device=device)
         # Positions hold arange(max_n) until a batch brings its own: the common
@@ -197,9 +199,28 @@ class CaptureEngine:
                 bar.close()
         self.stats.capture_seconds = time.perf_counter() - t0
         self.stats.graph_memory_bytes = sum(g.memory_bytes for g in self.graphs.values())
-        self._param_ptrs = [p.data_ptr() for p in self.params()]
+        self._record_params()
         self.registry_version = self.registry.version
         self.captured = True
+
+    def _record_params(self) -> None:
+        """The parameter addresses the graphs read: all of them (the debug
+        check) and three samples (first, middle, last: the per-call check)."""
+        params = self.params()
+        self._param_ptrs = [p.data_ptr() for p in params]
+        picks = sorted({0, len(params) // 2, len(params) - 1}) if params else []
+        self._sentinels = [(weakref.ref(params[i]), params[i].data_ptr()) for i in picks]
+
+    def params_moved(self) -> bool:
+        """Whether a sampled parameter has a new address since capture (or is
+        gone): ``.to(dtype)`` / ``.half()`` / ``.to(device)`` on the model
+        move every one. About a microsecond: checked before every replay.
+        A single replaced tensor elsewhere is caught only by the debug check."""
+        for ref, ptr in self._sentinels:
+            t = ref()
+            if t is None or t.data_ptr() != ptr:
+                return True
+        return False
 
     def _eager_static(self, n: int) -> Any:
         self.num_valid.fill_(n)
@@ -329,3 +350,4 @@ class CaptureEngine:
         self.graphs.clear()
         self.captured = False
         self.registry_version = -1
+        self._sentinels = []

@@ -1,6 +1,7 @@
 """pcg.wrap(model): the same model, with a piecewise-captured prefill."""
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -124,6 +125,8 @@ class WrappedModel(nn.Module):
 
     def engine(self) -> CaptureEngine:
         self._check_wrapped()
+        if self._engine is not None and self._engine.device != self.device:
+            self._engine = None  # the model moved to another device: its graphs are of no use
         if self._engine is None:
             self._engine = CaptureEngine(self._forward_fn, self.registry, self.device, self.ladder,
                                          self._params, progress=self.options.progress,
@@ -228,6 +231,14 @@ class WrappedModel(nn.Module):
             raise TypeError(f"pcg: input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         packed = pack(input_ids, attention_mask, position_ids)
         self._check_token_range(packed.input_ids)
+        moved = (self._engine is not None and self._engine.captured and not self.options.debug
+                 and self._engine.params_moved())
+        if moved:
+            # .to(dtype) / .half() / .to(device) since capture (on the wrapper or on the model
+            # itself): the graphs read the old tensors. Debug mode raises instead, naming how many.
+            logging.getLogger("pcg").warning("pcg: the model's weights moved since capture (e.g. "
+                                             ".to() / .half()); capturing again")
+            self._device = None  # read the device again: the model may have moved
         ids = packed.input_ids.to(self.device)
         pos = packed.positions.to(self.device) if packed.positions is not None else None
         eng = self.engine()
@@ -245,6 +256,9 @@ class WrappedModel(nn.Module):
         if reason is None:
             if eng.captured and eng.registry_version != self.registry.version:
                 eng.reset()  # a layer's attention implementation changed: its recorded calls are stale
+                eng.stats.recaptures += 1
+            elif eng.captured and moved:
+                eng.reset()
                 eng.stats.recaptures += 1
             eng.capture()
             if self.ep is not None:
@@ -279,7 +293,8 @@ class WrappedModel(nn.Module):
                 or self.ep is not None or self.options.debug or input_ids is None
                 or input_ids.dtype is not torch.int64 or input_ids.dim() != 2 or input_ids.shape[0] != 1
                 or eng.registry_version != self.registry.version or input_ids.device != eng.device
-                or self.device != eng.device):  # a model moved since capture: the general path decides
+                or self.device != eng.device  # a model moved since capture: the general path decides
+                or eng.params_moved()):
             return None
         n = input_ids.shape[1]
         bucket = _buckets.pick(self.ladder, n)
