@@ -104,7 +104,7 @@ def test_load_state_dict_assign_is_refused_while_wrapped(kind):
     sd = other.state_dict  # fresh dicts: torch records assign=True in a dict's _metadata for good
     w = pcg.wrap(model, progress=False)
     w2 = pcg.wrap(model, progress=False)  # a second wrapper: one guard for the model
-    assert len(model._load_state_dict_pre_hooks) >= 1
+    assert _assign_guards(model) == 1
     before = [p.data_ptr() for p in model.parameters()]
     out = w(ids)
     for target, state in ((model, sd()), (w, {f"model.{k}": v for k, v in sd().items()})):
@@ -121,7 +121,14 @@ def test_load_state_dict_assign_is_refused_while_wrapped(kind):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     del w2
     back = pcg.unwrap(w)
+    assert _assign_guards(back) == 0
     back.load_state_dict(sd(), assign=True)  # the guard went with the wrap
+
+
+def _assign_guards(model):
+    import sys
+    guard = sys.modules["pcg.wrap"]._refuse_assign
+    return sum(getattr(h, "hook", h) is guard for h in model._load_state_dict_pre_hooks.values())
 
 
 def test_unwrap_type_error():
