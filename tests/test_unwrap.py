@@ -145,6 +145,26 @@ def test_wrapped_model_stays_picklable(tmp_path):
     assert type(back) is type(model)
 
 
+def test_wrapped_hybrid_model_stays_picklable(tmp_path):
+    """A hybrid model's mixers carry pcg's forward while wrapped: it pickles, and
+    the loaded model runs its own forward (outside pcg) to the same logits."""
+    from hf_models import build_auto
+    from test_hf_more import _family
+    model = build_auto(_family("qwen3_next"))
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(5))
+    w = pcg.wrap(model, progress=False)
+    assert any("_pcg_orig_forward" in m.__dict__ for m in model.modules())
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    mixers = [m for m in back.modules() if "_pcg_orig_forward" in m.__dict__]
+    assert mixers
+    x = torch.randn(1, 5, back.config.hidden_size)
+    for m in mixers:  # outside a wrapped forward: the module's own code
+        torch.testing.assert_close(m(x), type(m).forward(m, x))
+    torch.testing.assert_close(w(ids).logits, _logits(ref, ids), rtol=1e-4, atol=1e-4)
+
+
 def test_unwrap_hybrid_and_compiled():
     """A hybrid model (mixers' forwards patched) and a compile-mode wrap."""
     from hf_models import build_auto

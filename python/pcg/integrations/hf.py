@@ -184,8 +184,7 @@ def unprepare(model: nn.Module) -> None:
             cfg._experts_implementation = experts
     for m in model.modules():
         if "_pcg_orig_forward" in m.__dict__:
-            m.forward = m._pcg_orig_forward
-            del m._pcg_orig_forward
+            _restore_forward(m)
         for hook in m.__dict__.pop("_pcg_state_dict_hooks", ()):
             hook.remove()
         if "_pcg_orig_layout" in m.__dict__:
@@ -606,32 +605,64 @@ def _probe_outputs(m: nn.Module, orig: Callable, spec: _MixerArgs, hidden: int) 
     return len(y) if isinstance(y, (tuple, list)) else 0
 
 
-def _patch_mixer(m: nn.Module, layer: Any, hidden: int) -> None:
-    """Route the module's forward through pcg::mixer inside a wrapped forward
-    (its own forward everywhere else)."""
-    orig = m.forward
-    spec = _MixerArgs(orig, layer.name)
-    layer.kwargs = dict(spec.defaults)
-    n_out = _probe_outputs(m, orig, spec, hidden)
-    if n_out is not None:
-        layer.n_out = n_out
+class _ClassForward:
+    """A module's own class forward, callable and picklable (a bound method
+    pickles as getattr(module, "forward"), which on load would find the
+    patched forward instead)."""
 
-    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+class _MixerForward:
+    """The forward pcg.wrap gives a mixer module: pcg::mixer inside a wrapped
+    forward, the module's own forward everywhere else. An object, not a
+    closure, so that a wrapped model still pickles."""
+
+    def __init__(self, module: nn.Module, orig: Callable, spec: "_MixerArgs", name: str) -> None:
+        self.module, self.orig, self.spec, self.name = module, orig, spec, name
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         ctx = _reg._RUNNING.get()
         if ctx is None:
-            return orig(hidden_states, *args, **kwargs)
-        lid = _layer_id(m, "mixer")
+            return self.orig(hidden_states, *args, **kwargs)
+        lid = _layer_id(self.module, "mixer")
         if hidden_states.dim() != 3 or hidden_states.shape[0] != 1:
-            raise RuntimeError(f"pcg: mixer {layer.name} expects one packed row [1, T, H], got "
+            raise RuntimeError(f"pcg: mixer {self.name} expects one packed row [1, T, H], got "
                                f"{tuple(hidden_states.shape)}")
         running = ctx.registry.mixer(lid)  # this registry's layer (a model wrapped twice has two)
-        running.kwargs = spec(args, kwargs)
+        running.kwargs = self.spec(args, kwargs)
         y = torch.ops.pcg.mixer(hidden_states[0], lid)[None]
         n = running.n_out  # the module's return convention: a tensor, or a tuple led by it
         return (y,) + (None,) * (n - 1) if n else y
 
-    m.forward = forward
+
+def _patch_mixer(m: nn.Module, layer: Any, hidden: int) -> None:
+    """Route the module's forward through pcg::mixer inside a wrapped forward
+    (its own forward everywhere else)."""
+    orig = m.forward
+    spec = _MixerArgs(orig, layer.name)  # the real signature
+    if getattr(orig, "__self__", None) is m and \
+            getattr(orig, "__func__", None) is getattr(type(m), "forward", None):
+        orig = _ClassForward(m)  # the common case: picklable
+    layer.kwargs = dict(spec.defaults)
+    n_out = _probe_outputs(m, orig, spec, hidden)
+    if n_out is not None:
+        layer.n_out = n_out
+    m.forward = _MixerForward(m, orig, spec, layer.name)
     m._pcg_orig_forward = orig
+
+
+def _restore_forward(m: nn.Module) -> None:
+    """_patch_mixer backwards."""
+    orig = m.__dict__.pop("_pcg_orig_forward")
+    if isinstance(orig, _ClassForward):
+        m.__dict__.pop("forward", None)  # the class's forward again
+    else:
+        m.forward = orig
 
 
 # ---- prepare ---------------------------------------------------------------------
@@ -678,7 +709,7 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
         _remember_id(m, registry, lid)
     for n, m in mixers:
         if "_pcg_orig_forward" in m.__dict__:  # wrapped before: patch the module's own forward again
-            m.forward = m._pcg_orig_forward
+            _restore_forward(m)
         layer = registry.add_mixer(forward=m.forward, module=m, name=n)
         _remember_id(m, registry, layer.layer_id)
         _patch_mixer(m, layer, int(getattr(model.config, "hidden_size", 0) or 0))
