@@ -254,10 +254,9 @@ class WrappedModel(nn.Module):
             reason = reason or "empty_batch"
             n_run = 1
         if reason is None:
-            if eng.captured and eng.registry_version != self.registry.version:
-                eng.reset()  # a layer's attention implementation changed: its recorded calls are stale
-                eng.stats.recaptures += 1
-            elif eng.captured and moved:
+            # A layer's attention implementation changed (its recorded calls are stale) or the
+            # weights moved (the graphs read the old tensors): capture again.
+            if eng.captured and (moved or eng.registry_version != self.registry.version):
                 eng.reset()
                 eng.stats.recaptures += 1
             eng.capture()
