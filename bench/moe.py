@@ -3,7 +3,12 @@
   pcg eager     torch.ops.pcg.fused_moe called eagerly, w13 in the layout pcg.wrap
                 gives it (--w13-block, default 8: the activation inside GEMM1 on
                 the CUTLASS path)
-  pcg graph     the same call captured in a CUDA graph, replayed
+  pcg graph     the same call captured in a CUDA graph, replayed (one synchronised
+                replay per call: includes the host's graph launch, a few us)
+  pcg chain     per-call time of CHAIN calls (rotating the input sets) captured
+                back to back in one graph: the op as one node among others in a
+                model's graph, its kernels and the gaps between them, no host
+                launch (T <= 512 only: above, the launch is under 1% of a call)
   grouped_mm    a torch._grouped_mm implementation (sort pairs by expert with
                 torch ops, int32 offsets, grouped_mm for w13 and w2, silu*up,
                 weighted scatter-add combine), captured and replayed
@@ -114,6 +119,12 @@ def capture(fn):
     return capture_graph(fn)
 
 
+def chain_len(T, sets):
+    """Calls per chain graph (enough to amortise its one launch), one more than
+    a multiple of `sets`; 0 (no chain) above T = 512."""
+    return 0 if T > 512 else 15 // sets * sets + 1
+
+
 def floor_us(sets, E, k, H, I, T):
     hit = statistics.mean(int(torch.unique(ids).numel()) for _, _, ids in sets)
     bytes_ = hit * 3 * H * I * 2 + T * H * 2 * 2
@@ -154,7 +165,12 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
         fl_us, flops, hit = floor_us(sets, E, k, H, I, T)
         eager = [lambda s=s: pcg_moe(*s) for s in sets]
         graphs = [capture(f)[0] for f in eager]
-        impls = [eager, [gr.replay for gr in graphs]]
+        # Chains j = 0, 1, ... start on set j; n_chain % sets == 1 ends them on set j too.
+        n_chain = chain_len(T, len(sets))
+        chains = [capture(lambda j=j: [pcg_moe(*sets[(j + i) % len(sets)])
+                                       for i in range(n_chain)])[0]
+                  for j in range(len(sets) if n_chain else 0)]
+        impls = [eager, [gr.replay for gr in graphs]] + ([[c.replay for c in chains]] if chains else [])
         ggraphs = []
         if gmm_ok:
             try:
@@ -165,25 +181,31 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
                 print(f"[{name}] grouped_mm T={T} failed: {exc}", file=sys.stderr)
         # Staggered starts: in the alternation no call follows a call on the
         # same input set (whose experts' weights would still be in L2); needs
-        # --sets >= 3 with two implementations.
-        starts = [0, 1, 2] if len(impls) == 3 else [0, 2]
+        # --sets >= 3 with grouped_mm. A chain starts and ends on round r's set r.
+        starts = [0, 1] + ([0] if chains else []) + [2]
+        if not ggraphs:
+            starts[1] = 2
         timed = [Rotation(fns, st) for fns, st in zip(impls, starts)]
         us = paired_us(timed, args.iters)
         eager_us, graph_us = us[0], us[1]
-        gmm_us = us[2] if len(us) > 2 else float("nan")
-        del graphs, ggraphs, timed
+        chain_us = us[2] / n_chain if chains else float("nan")
+        gmm_us = us[-1] if ggraphs else float("nan")
+        del graphs, ggraphs, timed, chains
         from pcg.ops.fused_moe import fused_moe_config, fused_moe_paths
         cutlass, stream = fused_moe_paths(device)  # the paths this device lets the op take
         config = cfg or list(fused_moe_config(E, k, H, I, T, torch.bfloat16, cutlass=cutlass,
                                               stream=stream))
         row = dict(shape=name, E=E, topk=k, H=H, I=I, T=T, config=config, w13_block=blk,
                    experts_hit=hit, floor_us=fl_us,
-                   pcg_eager_us=eager_us, pcg_graph_us=graph_us, grouped_mm_us=gmm_us,
+                   pcg_eager_us=eager_us, pcg_graph_us=graph_us, pcg_chain_us=chain_us,
+                   chain_calls=n_chain, grouped_mm_us=gmm_us,
                    pcg_over_floor=graph_us / fl_us, pcg_over_grouped_mm=graph_us / gmm_us,
+                   chain_over_floor=chain_us / fl_us,
                    tflops=flops / (graph_us * 1e-6) / 1e12, check_rel_err=err)
         rows.append(row)
-        print(f"{name:17s} {T:6d} {fl_us:9.1f} {eager_us:9.1f} {graph_us:9.1f} {gmm_us:9.1f} "
-              f"{row['pcg_over_floor']:8.2f} {row['pcg_over_grouped_mm']:8.2f} "
+        print(f"{name:17s} {T:6d} {fl_us:9.1f} {eager_us:9.1f} {graph_us:9.1f} {chain_us:9.1f} "
+              f"{gmm_us:9.1f} {row['pcg_over_floor']:8.2f} {row['chain_over_floor']:8.2f} "
+              f"{row['pcg_over_grouped_mm']:8.2f} "
               f"{row['tflops']:8.1f}   {config}", flush=True)
         del sets
         torch.cuda.empty_cache()
@@ -206,6 +228,7 @@ def plot(rows, path):
         rs = [r for r in rows if r["shape"] == name]
         ts = [r["T"] for r in rs]
         for key, label in [("floor_us", "floor"), ("pcg_graph_us", "pcg graph"),
+                           ("pcg_chain_us", "pcg chain"),
                            ("pcg_eager_us", "pcg eager"), ("grouped_mm_us", "grouped_mm graph")]:
             ax.plot(ts, [r[key] for r in rs], marker="o", label=label)
         ax.set_xscale("log", base=2)
@@ -247,8 +270,9 @@ def main(argv=None) -> int:
         names.append(match[0])
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"{'shape':17s} {'T':>6s} {'floor':>9s} {'eager':>9s} {'graph':>9s} {'gmm':>9s} "
-          f"{'pcg/flr':>8s} {'pcg/gmm':>8s} {'TFLOP/s':>8s}   config (-1: CUTLASS, -2: stream)   (us)")
+    print(f"{'shape':17s} {'T':>6s} {'floor':>9s} {'eager':>9s} {'graph':>9s} {'chain':>9s} "
+          f"{'gmm':>9s} {'pcg/flr':>8s} {'chn/flr':>8s} {'pcg/gmm':>8s} {'TFLOP/s':>8s}   "
+          f"config (-1: CUTLASS, -2: stream)   (us)")
     rows = []
     for name in names:
         E, k, H, I = SHAPES[name]

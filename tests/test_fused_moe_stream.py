@@ -101,6 +101,18 @@ def test_stream_target_shapes(shape, dtype):
     torch.cuda.empty_cache()
 
 
+@pytest.mark.gpu
+@sm80
+@pytest.mark.parametrize("H", [2048, 2880, 7168])
+def test_stream_down_kernel_widths(H):
+    """H picks the down kernel's warps per CTA (moe::stream_down_warps): on a
+    132-SM H200, 2048 -> 16, 2880 -> 8, 7168 -> 4 (all three variants run)."""
+    E, k, I = 12, 3, 200
+    for T in [1, 5, MAX_PAIRS // k]:
+        args = _routed_case(T, E, k, H, I, torch.bfloat16, seed=T)
+        _check(args, {}, torch.bfloat16, f"H={H} T={T}")
+
+
 SMALL = [
     # (E, k, H, I): H, I multiples of 8 but not of 16 / 32 (row and K tails)
     (5, 3, 72, 40),

@@ -55,8 +55,9 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
   p.inter = inter.data_ptr();
   p.out = out.data_ptr();
 
-  C10_CUDA_CHECK(
-      moe::launch_fused_moe_stream(p, moe::StreamMoeOptions{}, at::cuda::getCurrentCUDAStream()));
+  moe::StreamMoeOptions o;
+  o.down_warps = moe::stream_down_warps(s.H, prop->multiProcessorCount);
+  C10_CUDA_CHECK(moe::launch_fused_moe_stream(p, o, at::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -14,8 +14,10 @@
 //   2. down: out[t, h] = sum_j w[t,j] * (inter[p] . w2[e, h] + b2[e, h]) in
 //            fp32, j in fixed order (deterministic), rounded to the dtype;
 //            rows t >= num_valid and tokens without a valid pair are zeros.
-//            Grid ceil(H / 16) row blocks; a CTA streams its 16 rows of every
-//            hit expert's w2 (units (expert, K slice) spread over 8 warps,
+//            Grid ceil(H / 16) row blocks of W warps (stream_down_warps: one
+//            wave over the SMs where it can); a CTA streams its 16 rows of
+//            every hit expert's w2 (units (expert, K slice) spread over the
+//            warps, each warp's first weights loaded before the PDL wait;
 //            partial sums in shared memory, summed in slice order).
 // Both kernels multiply with mma.sync m16n8k16 (fp32 accumulators): 16
 // weight rows times 8 pairs per instruction, fed by 16-byte global loads
@@ -45,6 +47,19 @@ constexpr bool stream_supported(DType dtype, int64_t T, int64_t k, int64_t H, in
 // neither written nor read).
 inline int64_t stream_inter_elems(int64_t T, int64_t k, int64_t I) { return T * k * I; }
 
+// Warps of a down CTA (16, 8 or 4, with 1, 2 or 4 CTAs resident per SM) for
+// ceil(H / 16) row blocks on `sms` SMs: the most warps that keep every CTA
+// resident at once (one wave), 16 when none does. H200, Qwen3 (128 row blocks)
+// 16; gpt-oss-20b (180) and Mixtral (256) 8: 2-5% faster than 16 in two waves,
+// while 4 or splitting a row block over several CTAs (tried) was slower.
+constexpr int stream_down_warps(int64_t H, int64_t sms) {
+  const int64_t rb = (H + 15) / 16;
+  if (sms <= 0 || rb <= sms) return 16;
+  if (rb <= 2 * sms) return 8;
+  if (rb <= 4 * sms) return 4;
+  return 16;
+}
+
 // Beyond FusedMoeParams (whose moe_align workspaces and pair_out are unused;
 // `inter` is [T*k, I] in the dtype).
 struct StreamMoeOptions {
@@ -52,6 +67,8 @@ struct StreamMoeOptions {
   // (sm_90: its routing scan and first weight prefetch overlap the up
   // kernel's tail). Used only where the device code has the wait (sm_90+).
   bool pdl = true;
+  // Warps of a down CTA: stream_down_warps for this device (16, 8 or 4).
+  int down_warps = 16;
 };
 
 }  // namespace pcg::moe

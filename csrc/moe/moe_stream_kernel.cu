@@ -24,20 +24,17 @@ namespace {
 
 constexpr int kMaxPairs = static_cast<int>(kStreamMaxPairs);
 constexpr int kUpWarps = 4;      // warps of an up CTA (they split K)
-// Down: H/16 CTAs only (128 for H = 2048), so each needs many loads in flight:
-// 8 warps streamed w2 at 1.5 TB/s at T = 1 (H200, ncu: 10% achieved occupancy).
-constexpr int kDownWarps = 16;   // warps of a down CTA (they split (expert, K slice) units)
+// Down: W warps a CTA (stream_down_warps: 16, 8 or 4, with 1, 2 or 4 CTAs an
+// SM: <= 128 registers, all resident at once), each with many loads in flight.
 constexpr int kDownRows = 16;    // rows of w2 (columns of out) per down CTA
 // Register budgets (65536 / (threads * blocks)): without them ptxas keeps few
 // registers and issues each batch's loads one step at a time.
 constexpr int kUpMinBlocks = 6;    // <= 85 registers
-constexpr int kDownMinBlocks = 1;  // <= 128 registers
 // Units per down CTA to aim for (several per warp: balance), and the shared
 // memory its partial sums may take (with the static tables, under 48 KB).
 constexpr int kDownUnitsTarget = 64;
-constexpr int64_t kDownPartBytes = 40 * 1024;
-static_assert(kMaxPairs % 32 == 0 && kUpWarps * 32 >= kMaxPairs &&
-                  kDownWarps * 32 >= kMaxPairs,
+constexpr int64_t kDownPartBytes = 32 * 1024;  // + [P][16] fp32 of y after it
+static_assert(kMaxPairs % 32 == 0 && kUpWarps * 32 >= kMaxPairs,
               "build_routing gives every pair a thread");
 
 // K steps (32 elements each) whose loads one warp issues before its mmas:
@@ -213,21 +210,38 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], uint32_t a0, uin
 }
 
 // One batch of U K steps starting at step s (steps >= s_end or vectors >=
-// nvec are zeros). wa / wb: this lane's weight rows g and g + 8 (16-byte
-// vectors); x[nb]: the activation row of pair g + 8nb of the chunk. acc[nb]
-// is the m16n8 accumulator: [0], [1] row g, pairs 2q, 2q+1; [2], [3] row g+8.
-template <typename T, int NB, int U>
-__device__ __forceinline__ void mma_batch(const uint4* wa, bool ok_a, const uint4* wb, bool ok_b,
-                                          const uint4* const (&x)[NB], const bool (&ok_x)[NB],
-                                          int q, int64_t nvec, int64_t s, int64_t s_end,
-                                          float (&acc)[NB][4]) {
-  uint4 ra[U], rb[U], rx[NB][U];
+// nvec are zeros), in two halves so that a batch's weight loads can be issued
+// early (the down kernel issues its first before griddepcontrol.wait).
+// WBatch: this lane's 16-byte vectors of weight rows g (a) and g + 8 (b).
+template <int U>
+struct WBatch {
+  uint4 a[U], b[U];
+};
+
+template <int U>
+__device__ __forceinline__ void load_wbatch(WBatch<U>& w, const uint4* wa, bool ok_a,
+                                            const uint4* wb, bool ok_b, int q, int64_t nvec,
+                                            int64_t s, int64_t s_end) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int64_t v = (s + u) * 4 + q;
     const bool in = s + u < s_end && v < nvec;
-    ra[u] = ld_weight(wa + v, in && ok_a);
-    rb[u] = ld_weight(wb + v, in && ok_b);
+    w.a[u] = ld_weight(wa + v, in && ok_a);
+    w.b[u] = ld_weight(wb + v, in && ok_b);
+  }
+}
+
+// x[nb]: the activation row of pair g + 8nb of the chunk. acc[nb] is the
+// m16n8 accumulator: [0], [1] row g, pairs 2q, 2q+1; [2], [3] row g+8.
+template <typename T, int NB, int U>
+__device__ __forceinline__ void mma_wbatch(const WBatch<U>& w, const uint4* const (&x)[NB],
+                                           const bool (&ok_x)[NB], int q, int64_t nvec, int64_t s,
+                                           int64_t s_end, float (&acc)[NB][4]) {
+  uint4 rx[NB][U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t v = (s + u) * 4 + q;
+    const bool in = s + u < s_end && v < nvec;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) rx[nb][u] = ld_act(x[nb] + v, in && ok_x[nb]);
   }
@@ -235,10 +249,20 @@ __device__ __forceinline__ void mma_batch(const uint4* wa, bool ok_a, const uint
   for (int u = 0; u < U; ++u) {
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
-      mma16816<T>(acc[nb], ra[u].x, rb[u].x, ra[u].y, rb[u].y, rx[nb][u].x, rx[nb][u].y);
-      mma16816<T>(acc[nb], ra[u].z, rb[u].z, ra[u].w, rb[u].w, rx[nb][u].z, rx[nb][u].w);
+      mma16816<T>(acc[nb], w.a[u].x, w.b[u].x, w.a[u].y, w.b[u].y, rx[nb][u].x, rx[nb][u].y);
+      mma16816<T>(acc[nb], w.a[u].z, w.b[u].z, w.a[u].w, w.b[u].w, rx[nb][u].z, rx[nb][u].w);
     }
   }
+}
+
+template <typename T, int NB, int U>
+__device__ __forceinline__ void mma_batch(const uint4* wa, bool ok_a, const uint4* wb, bool ok_b,
+                                          const uint4* const (&x)[NB], const bool (&ok_x)[NB],
+                                          int q, int64_t nvec, int64_t s, int64_t s_end,
+                                          float (&acc)[NB][4]) {
+  WBatch<U> w;
+  load_wbatch<U>(w, wa, ok_a, wb, ok_b, q, nvec, s, s_end);
+  mma_wbatch<T, NB, U>(w, x, ok_x, q, nvec, s, s_end, acc);
 }
 
 __device__ __forceinline__ void pdl_launch_dependents() {
@@ -327,17 +351,20 @@ __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
 }
 
 // ---------------------------------------------------------------------------
-// down: CTA of rows [h0, h0 + 16) of every hit expert's w2. Units (group d,
-// K slice) go round-robin to the warps; a unit's sums land in part[slice][slot]
-// (each written once), then out[t, h] sums the slices in order, adds b2,
-// weights and sums the pairs of t in j order.
-template <typename T, int NB>
-__global__ void __launch_bounds__(kDownWarps * 32, kDownMinBlocks)
-    stream_down_kernel(const StreamArgs a) {
+// down: CTA of rows [h0, h0 + 16) of every hit expert's w2, W warps. Units
+// (group d, K slice) go round-robin to the warps; a unit's sums land in
+// part[slice][slot] (each written once). Each warp's first batch of weights is
+// loaded into registers before griddepcontrol.wait (weights do not depend on
+// the up kernel). Then every (pair, row) at once: its slices in order, + b2,
+// x router weight; and out[t, h] sums the pairs of t in j order.
+template <typename T, int NB, int W, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamArgs a) {
+  static_assert(W * 32 >= kMaxPairs, "build_routing gives every pair a thread");
   constexpr int U = down_unroll<NB>();
   __shared__ Routing R;
-  extern __shared__ float part[];  // [down_ks_max][P][kDownRows]
-  build_routing(R, a);             // inputs only: may overlap the up kernel
+  __shared__ float wsm[kMaxPairs];  // router weights
+  extern __shared__ float part[];   // [down_ks_max][P][kDownRows], then y: [P][kDownRows]
+  build_routing(R, a);              // inputs only: may overlap the up kernel
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int64_t H = a.H, I = a.I;
   const int64_t h0 = static_cast<int64_t>(blockIdx.x) * kDownRows;
@@ -355,27 +382,23 @@ __global__ void __launch_bounds__(kDownWarps * 32, kDownMinBlocks)
   }
   const int units = groups * ks;
   const T* w2 = static_cast<const T*>(a.w2);
-  // Warm L2 with the first batch of this warp's first unit (no inter yet).
+  const bool ok_b = h0 + 8 + g < H;  // rows h0 + g < H always (H % 8 == 0)
+  if (threadIdx.x < a.P) wsm[threadIdx.x] = a.topk_weights[threadIdx.x];
+  WBatch<U> wcur;  // the next batch's weights
+  bool have = false;
   if (warp < units) {
     const int e = R.gexp[warp / ks];
-    const int64_t row = h0 + (lane >> 1);
-    const int64_t k0 = (warp % ks) * slice * 32 + (lane & 1) * 128;  // elements
-    if (row < H) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int64_t kk = k0 + i * 64;  // 128-byte lines
-        if (kk < I) {
-          const T* ptr = w2 + (static_cast<int64_t>(e) * H + row) * I + kk;
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-        }
-      }
-    }
+    const T* w = w2 + static_cast<int64_t>(e) * H * I;
+    const uint4* wa = reinterpret_cast<const uint4*>(w + (h0 + g) * I);
+    const uint4* wb = ok_b ? reinterpret_cast<const uint4*>(w + (h0 + 8 + g) * I) : wa;
+    const int64_t s0 = (warp % ks) * slice;
+    load_wbatch<U>(wcur, wa, true, wb, ok_b, q, nvec, s0, s0 + slice < steps ? s0 + slice : steps);
+    have = true;
   }
   pdl_wait();  // inter is complete and visible from here on
 
-  const bool ok_b = h0 + 8 + g < H;  // rows h0 + g < H always (H % 8 == 0)
   const T* inter = static_cast<const T*>(a.inter);
-  for (int u = warp; u < units; u += kDownWarps) {
+  for (int u = warp; u < units; u += W) {
     const int d = u / ks, sl = u % ks;
     const int e = R.gexp[d];
     const int first = R.goff[d], n = R.goff[d + 1] - first;
@@ -396,7 +419,10 @@ __global__ void __launch_bounds__(kDownWarps * 32, kDownMinBlocks)
       }
       float acc[NB][4] = {};
       for (int64_t s = s_begin; s < s_end; s += U) {
-        mma_batch<T, NB, U>(wa, true, wb, ok_b, x, ok_x, q, nvec, s, s_end, acc);
+        // The preloaded batch is (first unit, first chunk, s_begin): the first one met.
+        if (!have) load_wbatch<U>(wcur, wa, true, wb, ok_b, q, nvec, s, s_end);
+        have = false;
+        mma_wbatch<T, NB, U>(wcur, x, ok_x, q, nvec, s, s_end, acc);
       }
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb)
@@ -412,28 +438,34 @@ __global__ void __launch_bounds__(kDownWarps * 32, kDownMinBlocks)
   }
   __syncthreads();
 
-  const float* wts = a.topk_weights;
+  // Per (pair, row): its slices in order, + b2, x router weight (0: invalid pair).
+  const int items = a.P * kDownRows;
+  float* y = part + static_cast<int64_t>(a.down_ks_max) * items;  // [P][kDownRows]
   const T* b2 = static_cast<const T*>(a.b2);
+  for (int idx = threadIdx.x; idx < items; idx += W * 32) {
+    const int p = idx / kDownRows, r = idx % kDownRows;
+    const int e = R.e[p];
+    float v = 0.f;
+    if (e >= 0 && h0 + r < H) {
+      const int slot = R.slot[p];
+      for (int sl = 0; sl < ks; ++sl) v += part[(static_cast<int64_t>(sl) * a.P + slot) * kDownRows + r];
+      if (b2 != nullptr) v += to_float(b2[static_cast<int64_t>(e) * H + h0 + r]);
+      v *= wsm[p];
+    }
+    y[idx] = v;
+  }
+  __syncthreads();
+  // out[t, h]: the pairs of t in j order.
   T* out = static_cast<T*>(a.out);
-  for (int64_t idx = threadIdx.x; idx < a.T * kDownRows; idx += blockDim.x) {
+  for (int64_t idx = threadIdx.x; idx < a.T * kDownRows; idx += W * 32) {
     const int64_t t = idx / kDownRows;
     const int r = static_cast<int>(idx % kDownRows);
     const int64_t h = h0 + r;
     if (h >= H) continue;
     float sum = 0.f;
     if (t < R.nv) {
-      for (int j = 0; j < a.k; ++j) {
-        const int p = static_cast<int>(t) * a.k + j;
-        const int e = R.e[p];
-        if (e < 0) continue;
-        const int slot = R.slot[p];
-        float y = 0.f;
-        for (int sl = 0; sl < ks; ++sl) {
-          y += part[(static_cast<int64_t>(sl) * a.P + slot) * kDownRows + r];
-        }
-        if (b2 != nullptr) y += to_float(b2[static_cast<int64_t>(e) * H + h]);
-        sum += y * wts[p];
-      }
+      const float* src = y + t * a.k * kDownRows + r;
+      for (int j = 0; j < a.k; ++j) sum += src[j * kDownRows];
     }
     out[t * H + h] = from_float<T>(sum);
   }
@@ -451,20 +483,12 @@ bool has_pdl_wait(K kernel) {
   return attr.ptxVersion >= 90;
 }
 
-template <typename T, int NB>
-cudaError_t launch_typed(const StreamArgs& a, bool pdl, cudaStream_t stream) {
-  const bool up = a.P > 0 && a.E > 0 && a.I > 0;
-  if (up) {
-    const dim3 grid(static_cast<unsigned>(a.I / 8),
-                    static_cast<unsigned>(a.P < a.E ? a.P : a.E));
-    stream_up_kernel<T, NB><<<grid, kUpWarps * 32, 0, stream>>>(a);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
+template <typename T, int NB, int W, int MINB>
+cudaError_t launch_down(const StreamArgs& a, bool up, bool pdl, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.H + kDownRows - 1) / kDownRows));
-  const size_t smem =
-      static_cast<size_t>(a.down_ks_max) * static_cast<size_t>(a.P) * kDownRows * sizeof(float);
-  auto* kernel = stream_down_kernel<T, NB>;
+  const size_t smem = static_cast<size_t>(a.down_ks_max + 1) * static_cast<size_t>(a.P) *
+                      kDownRows * sizeof(float);
+  auto* kernel = stream_down_kernel<T, NB, W, MINB>;
   // Only behind our own up kernel: its inputs are complete before it starts.
   if (up && pdl) {
     static const bool has_wait = has_pdl_wait(kernel);  // per instantiation
@@ -473,7 +497,7 @@ cudaError_t launch_typed(const StreamArgs& a, bool pdl, cudaStream_t stream) {
   if (up && pdl) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
-    cfg.blockDim = dim3(kDownWarps * 32);
+    cfg.blockDim = dim3(W * 32);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
@@ -483,15 +507,33 @@ cudaError_t launch_typed(const StreamArgs& a, bool pdl, cudaStream_t stream) {
     cfg.numAttrs = 1;
     return cudaLaunchKernelEx(&cfg, kernel, a);
   }
-  kernel<<<grid, kDownWarps * 32, smem, stream>>>(a);
+  kernel<<<grid, W * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
+template <typename T, int NB>
+cudaError_t launch_typed(const StreamArgs& a, int down_warps, bool pdl, cudaStream_t stream) {
+  const bool up = a.P > 0 && a.E > 0 && a.I > 0;
+  if (up) {
+    const dim3 grid(static_cast<unsigned>(a.I / 8),
+                    static_cast<unsigned>(a.P < a.E ? a.P : a.E));
+    stream_up_kernel<T, NB><<<grid, kUpWarps * 32, 0, stream>>>(a);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  switch (down_warps) {
+    case 4: return launch_down<T, NB, 4, 4>(a, up, pdl, stream);
+    case 8: return launch_down<T, NB, 8, 2>(a, up, pdl, stream);
+    default: return launch_down<T, NB, 16, 1>(a, up, pdl, stream);
+  }
+}
+
 template <typename T>
-cudaError_t launch_dtype(const StreamArgs& a, bool pdl, cudaStream_t stream) {
+cudaError_t launch_dtype(const StreamArgs& a, int down_warps, bool pdl, cudaStream_t stream) {
   // Groups of up to 8 pairs per pass at T <= 8 (an expert rarely gets more
   // pairs than tokens), 16 above.
-  return a.T <= 8 ? launch_typed<T, 1>(a, pdl, stream) : launch_typed<T, 2>(a, pdl, stream);
+  return a.T <= 8 ? launch_typed<T, 1>(a, down_warps, pdl, stream)
+                  : launch_typed<T, 2>(a, down_warps, pdl, stream);
 }
 
 }  // namespace
@@ -523,13 +565,18 @@ cudaError_t launch_fused_moe_stream(const FusedMoeParams& p, const StreamMoeOpti
   a.act = static_cast<int>(p.act);
   a.alpha = p.alpha;
   a.limit = p.limit;
-  // Partial sums: [ks][P][16] fp32 within kDownPartBytes (>= 5 slices at 128 pairs).
-  a.down_ks_max =
-      a.P > 0 ? static_cast<int>(kDownPartBytes / (static_cast<int64_t>(a.P) * kDownRows * 4))
-              : 1;
+  // Partial sums: [ks][P][16] fp32 within kDownPartBytes (>= 4 slices at 128
+  // pairs), no more slices than batches of K (the kernel's ks never exceeds it).
+  {
+    const int64_t batches = (p.I / 8 + 3) / 4 / (p.T <= 8 ? down_unroll<1>() : down_unroll<2>());
+    int64_t ks = a.P > 0 ? kDownPartBytes / (static_cast<int64_t>(a.P) * kDownRows * 4) : 1;
+    ks = ks < batches + 1 ? ks : batches + 1;
+    a.down_ks_max = static_cast<int>(ks < 1 ? 1 : ks);
+  }
+  const int down_warps = o.down_warps == 4 || o.down_warps == 8 ? o.down_warps : 16;
   switch (p.dtype) {
-    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, o.pdl, stream);
-    case DType::kFloat16: return launch_dtype<__half>(a, o.pdl, stream);
+    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, down_warps, o.pdl, stream);
+    case DType::kFloat16: return launch_dtype<__half>(a, down_warps, o.pdl, stream);
     default: return cudaErrorInvalidValue;
   }
 }

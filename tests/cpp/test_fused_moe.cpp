@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moe/fused_moe.h"
+#include "moe/moe_stream.h"
 
 namespace {
 
@@ -210,6 +211,24 @@ TEST(FusedMoe, PathConfigs) {
   // Untuned shapes take the CUTLASS path with the default kernels.
   const MoeConfig c = choose_config(3, 2, 16, 8, 1000, DType::kBFloat16, {true, false});
   EXPECT_EQ(c, (MoeConfig{kCutlassConfig, -1, -1}));
+}
+
+// The stream path's down kernel: the most warps per CTA that keep all
+// ceil(H / 16) row-block CTAs resident at once (1, 2 or 4 CTAs per SM).
+TEST(FusedMoe, StreamDownWarps) {
+  using pcg::moe::stream_down_warps;
+  EXPECT_EQ(stream_down_warps(2048, 132), 16);  // 128 row blocks: Qwen3, DeepSeek-V2-Lite
+  EXPECT_EQ(stream_down_warps(2112, 132), 16);  // 132: one per SM
+  EXPECT_EQ(stream_down_warps(2128, 132), 8);   // 133
+  EXPECT_EQ(stream_down_warps(2880, 132), 8);   // 180: gpt-oss
+  EXPECT_EQ(stream_down_warps(4096, 132), 8);   // 256: Mixtral
+  EXPECT_EQ(stream_down_warps(4232, 132), 4);   // 265
+  EXPECT_EQ(stream_down_warps(7168, 132), 4);   // 448: DeepSeek-V3
+  EXPECT_EQ(stream_down_warps(8448, 132), 4);   // 528
+  EXPECT_EQ(stream_down_warps(8464, 132), 16);  // 529: several waves whatever the size
+  EXPECT_EQ(stream_down_warps(8, 132), 16);
+  EXPECT_EQ(stream_down_warps(2048, 0), 16);    // unknown SM count
+  static_assert(stream_down_warps(2880, 132) == 8, "constexpr");
 }
 
 #ifdef PCG_WITH_CUDA
