@@ -8,7 +8,7 @@
   pcg chain     per-call time of CHAIN calls (rotating the input sets) captured
                 back to back in one graph: the op as one node among others in a
                 model's graph, its kernels and the gaps between them, no host
-                launch (T <= 512 only: above, the launch is under 1% of a call)
+                launch (calls under ~0.5 ms: 4-16 calls, about 2 ms a chain)
   grouped_mm    a torch._grouped_mm implementation (sort pairs by expert with
                 torch ops, int32 offsets, grouped_mm for w13 and w2, silu*up,
                 weighted scatter-add combine), captured and replayed
@@ -119,10 +119,14 @@ def capture(fn):
     return capture_graph(fn)
 
 
-def chain_len(T, sets):
-    """Calls per chain graph (enough to amortise its one launch), one more than
-    a multiple of `sets`; 0 (no chain) above T = 512."""
-    return 0 if T > 512 else 15 // sets * sets + 1
+def chain_len(call_us, sets):
+    """Calls per chain graph: up to 16 and about 2 ms of work (longer runs of
+    back-to-back heavy calls heat the GPU and slow what is timed next to them),
+    one more than a multiple of `sets`; 0 (no chain) below 4 calls, i.e. for
+    calls over ~0.5 ms, where the host launch is under 1% anyway."""
+    n = min(16, int(2000.0 / max(call_us, 1e-3)))
+    n = (n - 1) // sets * sets + 1 if n >= 1 else 0
+    return n if n >= 4 else 0
 
 
 def floor_us(sets, E, k, H, I, T):
@@ -166,7 +170,9 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
         eager = [lambda s=s: pcg_moe(*s) for s in sets]
         graphs = [capture(f)[0] for f in eager]
         # Chains j = 0, 1, ... start on set j; n_chain % sets == 1 ends them on set j too.
-        n_chain = chain_len(T, len(sets))
+        from pcg.timing import cuda_time_ms
+        n_chain = chain_len(cuda_time_ms([gr.replay for gr in graphs], warmup=1, reps=6) * 1e3,
+                            len(sets))
         chains = [capture(lambda j=j: [pcg_moe(*sets[(j + i) % len(sets)])
                                        for i in range(n_chain)])[0]
                   for j in range(len(sets) if n_chain else 0)]
