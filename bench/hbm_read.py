@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             out = torch.empty(rows * 4096 // 1024 + 1, device=dev, dtype=torch.float32)
             for cfg in settings:
                 us = chain_us([lambda b=b, cfg=cfg: reader(b, out, *cfg) for b in bufs])
-                if not us >= st_us:
+                if st_cfg is None or us < st_us:
                     st_us, st_cfg = us, cfg
         print(f"{nbytes / 1e6:7.1f} {nbytes / 4.3e12 * 1e6:9.1f} {sum_us:8.1f} {nbytes / sum_us / 1e6:6.2f} "
               f"{gemv_us:8.1f} {nbytes / gemv_us / 1e6:6.2f} {st_us:9.1f} {nbytes / st_us / 1e6:6.2f}  "

@@ -49,9 +49,10 @@ inline int64_t stream_inter_elems(int64_t T, int64_t k, int64_t I) { return T * 
 
 // Warps of a down CTA (16, 8 or 4, with 1, 2 or 4 CTAs resident per SM) for
 // ceil(H / 16) row blocks on `sms` SMs: the most warps that keep every CTA
-// resident at once (one wave), 16 when none does. H200, Qwen3 (128 row blocks)
-// 16; gpt-oss-20b (180) and Mixtral (256) 8: 2-5% faster than 16 in two waves,
-// while 4 or splitting a row block over several CTAs (tried) was slower.
+// resident at once (one wave), 16 when none does. H200: Qwen3 (128 row blocks)
+// 16 (8 or 4 there leave warps idle: slower); gpt-oss-20b (180) and Mixtral
+// (256) 8, 2-5% faster than 16 in two waves; H = 7168 (448) 4, tied with 8.
+// Splitting a row block over several CTAs (tried) was slower everywhere.
 constexpr int stream_down_warps(int64_t H, int64_t sms) {
   const int64_t rb = (H + 15) / 16;
   if (sms <= 0 || rb <= sms) return 16;
@@ -67,7 +68,8 @@ struct StreamMoeOptions {
   // (sm_90: its routing scan and first weight prefetch overlap the up
   // kernel's tail). Used only where the device code has the wait (sm_90+).
   bool pdl = true;
-  // Warps of a down CTA: stream_down_warps for this device (16, 8 or 4).
+  // Warps of a down CTA: stream_down_warps for this device (16, 8 or 4;
+  // any other value runs 16).
   int down_warps = 16;
 };
 

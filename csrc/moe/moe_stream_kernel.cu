@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/float_convert.cuh"
@@ -484,7 +485,13 @@ bool has_pdl_wait(K kernel) {
 }
 
 template <typename T, int NB, int W, int MINB>
-cudaError_t launch_down(const StreamArgs& a, bool up, bool pdl, cudaStream_t stream) {
+cudaError_t launch_down(const StreamArgs& args, bool up, bool pdl, cudaStream_t stream) {
+  // Partial sums: [ks][P][16] fp32 within kDownPartBytes (>= 4 slices at 128
+  // pairs), and no more slices than batches of K (the kernel's ks is at most both).
+  StreamArgs a = args;
+  const int64_t batches = ((a.I / 8 + 3) / 4 + down_unroll<NB>() - 1) / down_unroll<NB>();
+  const int64_t fit = a.P > 0 ? kDownPartBytes / (static_cast<int64_t>(a.P) * kDownRows * 4) : 1;
+  a.down_ks_max = static_cast<int>(std::max<int64_t>(1, std::min(fit, batches)));
   const dim3 grid(static_cast<unsigned>((a.H + kDownRows - 1) / kDownRows));
   const size_t smem = static_cast<size_t>(a.down_ks_max + 1) * static_cast<size_t>(a.P) *
                       kDownRows * sizeof(float);
@@ -565,18 +572,9 @@ cudaError_t launch_fused_moe_stream(const FusedMoeParams& p, const StreamMoeOpti
   a.act = static_cast<int>(p.act);
   a.alpha = p.alpha;
   a.limit = p.limit;
-  // Partial sums: [ks][P][16] fp32 within kDownPartBytes (>= 4 slices at 128
-  // pairs), no more slices than batches of K (the kernel's ks never exceeds it).
-  {
-    const int64_t batches = (p.I / 8 + 3) / 4 / (p.T <= 8 ? down_unroll<1>() : down_unroll<2>());
-    int64_t ks = a.P > 0 ? kDownPartBytes / (static_cast<int64_t>(a.P) * kDownRows * 4) : 1;
-    ks = ks < batches + 1 ? ks : batches + 1;
-    a.down_ks_max = static_cast<int>(ks < 1 ? 1 : ks);
-  }
-  const int down_warps = o.down_warps == 4 || o.down_warps == 8 ? o.down_warps : 16;
   switch (p.dtype) {
-    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, down_warps, o.pdl, stream);
-    case DType::kFloat16: return launch_dtype<__half>(a, down_warps, o.pdl, stream);
+    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, o.down_warps, o.pdl, stream);
+    case DType::kFloat16: return launch_dtype<__half>(a, o.down_warps, o.pdl, stream);
     default: return cudaErrorInvalidValue;
   }
 }
