@@ -57,6 +57,7 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
 
   moe::StreamMoeOptions o;
   o.down_warps = moe::stream_down_warps(s.H, prop->multiProcessorCount);
+  o.down_unroll = moe::stream_down_unroll(s.T, s.k, s.E, s.I, o.down_warps);
   C10_CUDA_CHECK(moe::launch_fused_moe_stream(p, o, at::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -2,7 +2,8 @@
 // Torch-free. At T*k <= kStreamMaxPairs the op is a stream of the hit
 // experts' weights (Qwen3-30B-A3B, T = 1: 8 experts, 75 MB); this path reads
 // each hit expert's w13 and w2 once, with two kernels on one stream, no
-// moe_align, no host synchronisation, fixed sizes (capturable):
+// moe_align, no host synchronisation, fixed sizes (capturable), both launched
+// as programmatic dependents (sm_90 PDL) of the kernel before them:
 //   1. up:   inter[p, n] = act(hidden[t] . w13[e, n] + b13[e, n],
 //                              hidden[t] . w13[e, I + n] + b13[e, I + n])
 //            for every valid pair p = t*k + j (fp32 sums, bias and activation
@@ -61,16 +62,74 @@ constexpr int stream_down_warps(int64_t H, int64_t sms) {
   return 16;
 }
 
+// How the down kernel cuts K (I / 32 steps of 32 elements): slices of whole
+// batches of U steps, about kStreamDownUnits units (hit expert, slice) a CTA,
+// at most ks_max slices (its shared memory holds a partial sum per slice).
+constexpr int kStreamDownUnits = 64;
+constexpr int64_t kStreamDownPartBytes = 32 * 1024;  // the partial sums, at most
+
+constexpr int64_t stream_steps(int64_t K) { return (K / 8 + 3) / 4; }
+
+// Slices the partial sums of P pairs may use at unroll U (>= 1).
+constexpr int stream_down_ks_max(int64_t P, int64_t I, int U) {
+  const int64_t batches = (stream_steps(I) + U - 1) / U;
+  const int64_t fit = P > 0 ? kStreamDownPartBytes / (P * 16 * 4) : 1;
+  const int64_t m = fit < batches ? fit : batches;
+  return static_cast<int>(m < 1 ? 1 : m);
+}
+
+struct StreamDownSlicing {
+  int64_t slice = 0;  // steps a slice
+  int ks = 0;         // slices
+};
+
+constexpr StreamDownSlicing stream_down_slicing(int64_t groups, int64_t I, int U, int ks_max) {
+  StreamDownSlicing r;
+  const int64_t steps = stream_steps(I);
+  if (steps <= 0 || groups <= 0) return r;
+  int64_t want = (kStreamDownUnits + groups - 1) / groups;
+  want = want < 1 ? 1 : (want > ks_max ? ks_max : want);
+  const int64_t batches = (steps + U - 1) / U;
+  r.slice = (batches + want - 1) / want * U;
+  r.ks = static_cast<int>((steps + r.slice - 1) / r.slice);
+  return r;
+}
+
+// The down kernel's unroll at T <= 8, 8 or 6 (K steps a warp loads at once):
+// the one whose units take fewer rounds over the CTA's `warps` warps, then
+// the one that fills its last round better (warps idle in it wait on the
+// others), 8 on a tie. The hit experts are taken as min(T*k, E) (exact at
+// T = 1; the kernel slices for the real count). H200, T = 1: Qwen3-30B-A3B 24
+// units in 2 rounds at 8, 32 at 6 (-0.6 us); DeepSeek-V2-Lite 36 / 48 in 3.
+constexpr int stream_down_unroll(int64_t T, int64_t k, int64_t E, int64_t I, int warps) {
+  const int64_t groups = T * k < E ? T * k : E;
+  if (groups <= 0 || warps <= 0) return 8;
+  int64_t rounds[2] = {0, 0}, units[2] = {0, 0};
+  const int us[2] = {8, 6};
+  for (int i = 0; i < 2; ++i) {
+    const StreamDownSlicing sl = stream_down_slicing(groups, I, us[i], stream_down_ks_max(T * k, I, us[i]));
+    units[i] = groups * sl.ks;
+    rounds[i] = (units[i] + warps - 1) / warps;
+  }
+  if (rounds[1] != rounds[0]) return rounds[1] < rounds[0] ? 6 : 8;
+  // Same rounds: the fuller last round (more units in the same rounds).
+  return units[1] > units[0] ? 6 : 8;
+}
+
 // Beyond FusedMoeParams (whose moe_align workspaces and pair_out are unused;
 // `inter` is [T*k, I] in the dtype).
 struct StreamMoeOptions {
-  // Launch the down kernel as a programmatic dependent of the up kernel
-  // (sm_90: its routing scan and first weight prefetch overlap the up
-  // kernel's tail). Used only where the device code has the wait (sm_90+).
+  // Programmatic dependent launches (sm_90; used only where the device code
+  // has the wait): the up kernel's CTAs start as the previous kernel on the
+  // stream drains and wait for it before reading anything; the down kernel's
+  // routing scan and first weight loads overlap the up kernel's tail.
   bool pdl = true;
   // Warps of a down CTA: stream_down_warps for this device (16, 8 or 4;
   // any other value runs 16).
   int down_warps = 16;
+  // Down kernel unroll at T <= 8: stream_down_unroll (6; any other value
+  // runs 8). Above T = 8 it is 4.
+  int down_unroll = 8;
 };
 
 }  // namespace pcg::moe

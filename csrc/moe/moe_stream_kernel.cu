@@ -31,19 +31,17 @@ constexpr int kDownRows = 16;    // rows of w2 (columns of out) per down CTA
 // Register budgets (65536 / (threads * blocks)): without them ptxas keeps few
 // registers and issues each batch's loads one step at a time.
 constexpr int kUpMinBlocks = 6;    // <= 85 registers
-// Units per down CTA to aim for (several per warp: balance), and the shared
-// memory its partial sums may take (with the static tables, under 48 KB).
-constexpr int kDownUnitsTarget = 64;
-constexpr int64_t kDownPartBytes = 32 * 1024;  // + [P][16] fp32 of y after it
+// The down kernel's partial sums (kStreamDownPartBytes, moe_stream.h) + [P][16]
+// fp32 of y after them, with the static tables: under 48 KB of shared memory.
+static_assert(kDownRows == 16, "stream_down_ks_max counts 16 rows a CTA");
 static_assert(kMaxPairs % 32 == 0 && kUpWarps * 32 >= kMaxPairs,
               "build_routing gives every pair a thread");
 
 // K steps (32 elements each) whose loads one warp issues before its mmas:
-// 16-byte loads in flight per lane ~ 2U (weights) + U*NB (activations).
+// 16-byte loads in flight per lane ~ 2U (weights) + U*NB (activations). The
+// down kernel's: 8 or 6 at NB = 1 (stream_down_unroll), 4 at NB = 2.
 template <int NB>
 constexpr int up_unroll() { return NB == 1 ? 4 : 2; }
-template <int NB>
-constexpr int down_unroll() { return NB == 1 ? 8 : 4; }
 
 struct StreamArgs {
   const void* hidden;           // [T, H]
@@ -285,7 +283,11 @@ template <typename T, int NB>
 __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
     stream_up_kernel(const StreamArgs a) {
   constexpr int U = up_unroll<NB>();
-  // The down kernel's CTAs may start (routing, prefetch) once every up CTA runs.
+  // A programmatic dependent of the stream's previous kernel (o.pdl): any
+  // input may be its output, so nothing is read before this.
+  pdl_wait();
+  // The down kernel's CTAs may start (routing, first loads) once every up CTA
+  // is past its wait: they read the inputs before their own wait.
   pdl_launch_dependents();
   __shared__ Routing R;
   __shared__ float red[kUpWarps][NB][4][32];
@@ -358,10 +360,9 @@ __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
 // loaded into registers before griddepcontrol.wait (weights do not depend on
 // the up kernel). Then every (pair, row) at once: its slices in order, + b2,
 // x router weight; and out[t, h] sums the pairs of t in j order.
-template <typename T, int NB, int W, int MINB>
+template <typename T, int NB, int W, int MINB, int U>
 __global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamArgs a) {
   static_assert(W * 32 >= kMaxPairs, "build_routing gives every pair a thread");
-  constexpr int U = down_unroll<NB>();
   __shared__ Routing R;
   __shared__ float wsm[kMaxPairs];  // router weights
   extern __shared__ float part[];   // [down_ks_max][P][kDownRows], then y: [P][kDownRows]
@@ -371,16 +372,9 @@ __global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamA
   const int64_t h0 = static_cast<int64_t>(blockIdx.x) * kDownRows;
   const int64_t nvec = I / 8, steps = (nvec + 3) / 4;
   const int groups = R.num_groups;
-  // K slices of a whole number of batches, about kDownUnitsTarget units.
-  int ks = 0;
-  int64_t slice = 0;
-  if (steps > 0 && groups > 0) {
-    int want = (kDownUnitsTarget + groups - 1) / groups;
-    want = want < 1 ? 1 : (want > a.down_ks_max ? a.down_ks_max : want);
-    const int64_t batches = (steps + U - 1) / U;
-    slice = (batches + want - 1) / want * U;
-    ks = static_cast<int>((steps + slice - 1) / slice);
-  }
+  const StreamDownSlicing cut = stream_down_slicing(groups, I, U, a.down_ks_max);
+  const int ks = cut.ks;
+  const int64_t slice = cut.slice;
   const int units = groups * ks;
   const T* w2 = static_cast<const T*>(a.w2);
   const bool ok_b = h0 + 8 + g < H;  // rows h0 + g < H always (H % 8 == 0)
@@ -484,63 +478,87 @@ bool has_pdl_wait(K kernel) {
   return attr.ptxVersion >= 90;
 }
 
-template <typename T, int NB, int W, int MINB>
+// Launch with the programmatic-stream-serialization attribute (sm_90 PDL).
+template <typename K>
+cudaError_t launch_pdl(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       const StreamArgs& a) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+template <typename T, int NB>
+cudaError_t launch_up(const StreamArgs& a, bool pdl, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.I / 8), static_cast<unsigned>(a.P < a.E ? a.P : a.E));
+  auto* kernel = stream_up_kernel<T, NB>;
+  if (pdl) {
+    static const bool has_wait = has_pdl_wait(kernel);  // per instantiation
+    pdl = has_wait;
+  }
+  if (pdl) return launch_pdl(kernel, grid, dim3(kUpWarps * 32), 0, stream, a);
+  kernel<<<grid, kUpWarps * 32, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, int NB, int W, int MINB, int U>
 cudaError_t launch_down(const StreamArgs& args, bool up, bool pdl, cudaStream_t stream) {
-  // Partial sums: [ks][P][16] fp32 within kDownPartBytes (>= 4 slices at 128
-  // pairs), and no more slices than batches of K (the kernel's ks is at most both).
+  // Partial sums: [ks][P][16] fp32 within kStreamDownPartBytes (>= 4 slices at
+  // 128 pairs), and no more slices than batches of K.
   StreamArgs a = args;
-  const int64_t batches = ((a.I / 8 + 3) / 4 + down_unroll<NB>() - 1) / down_unroll<NB>();
-  const int64_t fit = a.P > 0 ? kDownPartBytes / (static_cast<int64_t>(a.P) * kDownRows * 4) : 1;
-  a.down_ks_max = static_cast<int>(std::max<int64_t>(1, std::min(fit, batches)));
+  a.down_ks_max = stream_down_ks_max(a.P, a.I, U);
   const dim3 grid(static_cast<unsigned>((a.H + kDownRows - 1) / kDownRows));
   const size_t smem = static_cast<size_t>(a.down_ks_max + 1) * static_cast<size_t>(a.P) *
                       kDownRows * sizeof(float);
-  auto* kernel = stream_down_kernel<T, NB, W, MINB>;
-  // Only behind our own up kernel: its inputs are complete before it starts.
+  auto* kernel = stream_down_kernel<T, NB, W, MINB, U>;
+  // Only behind our own up kernel: the inputs it reads before its wait are
+  // complete once every up CTA is past the up kernel's wait.
   if (up && pdl) {
     static const bool has_wait = has_pdl_wait(kernel);  // per instantiation
     pdl = has_wait;
   }
-  if (up && pdl) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(W * 32);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, kernel, a);
-  }
+  if (up && pdl) return launch_pdl(kernel, grid, dim3(W * 32), smem, stream, a);
   kernel<<<grid, W * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
+template <typename T, int NB, int U>
+cudaError_t launch_down_warps(const StreamArgs& a, int down_warps, bool up, bool pdl,
+                              cudaStream_t stream) {
+  switch (down_warps) {
+    case 4: return launch_down<T, NB, 4, 4, U>(a, up, pdl, stream);
+    case 8: return launch_down<T, NB, 8, 2, U>(a, up, pdl, stream);
+    default: return launch_down<T, NB, 16, 1, U>(a, up, pdl, stream);
+  }
+}
+
 template <typename T, int NB>
-cudaError_t launch_typed(const StreamArgs& a, int down_warps, bool pdl, cudaStream_t stream) {
+cudaError_t launch_typed(const StreamArgs& a, const StreamMoeOptions& o, cudaStream_t stream) {
   const bool up = a.P > 0 && a.E > 0 && a.I > 0;
   if (up) {
-    const dim3 grid(static_cast<unsigned>(a.I / 8),
-                    static_cast<unsigned>(a.P < a.E ? a.P : a.E));
-    stream_up_kernel<T, NB><<<grid, kUpWarps * 32, 0, stream>>>(a);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_up<T, NB>(a, o.pdl, stream);
     if (err != cudaSuccess) return err;
   }
-  switch (down_warps) {
-    case 4: return launch_down<T, NB, 4, 4>(a, up, pdl, stream);
-    case 8: return launch_down<T, NB, 8, 2>(a, up, pdl, stream);
-    default: return launch_down<T, NB, 16, 1>(a, up, pdl, stream);
+  if constexpr (NB == 1) {
+    if (o.down_unroll == 6) return launch_down_warps<T, NB, 6>(a, o.down_warps, up, o.pdl, stream);
+    return launch_down_warps<T, NB, 8>(a, o.down_warps, up, o.pdl, stream);
+  } else {
+    return launch_down_warps<T, NB, 4>(a, o.down_warps, up, o.pdl, stream);
   }
 }
 
 template <typename T>
-cudaError_t launch_dtype(const StreamArgs& a, int down_warps, bool pdl, cudaStream_t stream) {
+cudaError_t launch_dtype(const StreamArgs& a, const StreamMoeOptions& o, cudaStream_t stream) {
   // Groups of up to 8 pairs per pass at T <= 8 (an expert rarely gets more
   // pairs than tokens), 16 above.
-  return a.T <= 8 ? launch_typed<T, 1>(a, down_warps, pdl, stream)
-                  : launch_typed<T, 2>(a, down_warps, pdl, stream);
+  return a.T <= 8 ? launch_typed<T, 1>(a, o, stream) : launch_typed<T, 2>(a, o, stream);
 }
 
 }  // namespace
@@ -573,8 +591,8 @@ cudaError_t launch_fused_moe_stream(const FusedMoeParams& p, const StreamMoeOpti
   a.alpha = p.alpha;
   a.limit = p.limit;
   switch (p.dtype) {
-    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, o.down_warps, o.pdl, stream);
-    case DType::kFloat16: return launch_dtype<__half>(a, o.down_warps, o.pdl, stream);
+    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, o, stream);
+    case DType::kFloat16: return launch_dtype<__half>(a, o, stream);
     default: return cudaErrorInvalidValue;
   }
 }

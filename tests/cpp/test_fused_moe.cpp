@@ -231,6 +231,38 @@ TEST(FusedMoe, StreamDownWarps) {
   static_assert(stream_down_warps(2880, 132) == 8, "constexpr");
 }
 
+// The down kernel's K slicing and its unroll at T <= 8 (fewer rounds of units
+// over the warps, then a fuller last round; 8 on a tie).
+TEST(FusedMoe, StreamDownSlicingAndUnroll) {
+  using namespace pcg::moe;
+  EXPECT_EQ(stream_steps(768), 24);
+  EXPECT_EQ(stream_steps(200), 7);  // 25 vectors of 8: the last step is partial
+  // Qwen3-30B-A3B, T = 1: 8 experts, 24 steps of K.
+  EXPECT_EQ(stream_down_ks_max(8, 768, 8), 3);  // 3 batches of 8 steps
+  EXPECT_EQ(stream_down_ks_max(8, 768, 6), 4);
+  StreamDownSlicing c = stream_down_slicing(8, 768, 8, 3);
+  EXPECT_EQ(c.slice, 8);
+  EXPECT_EQ(c.ks, 3);  // 24 units: 2 rounds over 16 warps, the second half empty
+  c = stream_down_slicing(8, 768, 6, 4);
+  EXPECT_EQ(c.slice, 6);
+  EXPECT_EQ(c.ks, 4);  // 32 units: 2 full rounds
+  EXPECT_EQ(stream_down_unroll(1, 8, 128, 768, 16), 6);
+  EXPECT_EQ(stream_down_unroll(2, 8, 128, 768, 16), 8);   // 48 units in 3 rounds vs 64 in 4
+  EXPECT_EQ(stream_down_unroll(1, 6, 64, 1408, 16), 6);   // DeepSeek-V2-Lite: 36 vs 48 in 3
+  EXPECT_EQ(stream_down_unroll(1, 4, 32, 2880, 8), 8);    // gpt-oss: 6 rounds vs 8
+  EXPECT_EQ(stream_down_unroll(1, 2, 8, 14336, 8), 8);    // Mixtral
+  // The partial sums' room caps the slices: 128 pairs leave 4.
+  EXPECT_EQ(stream_down_ks_max(128, 14336, 8), 4);
+  EXPECT_EQ(stream_down_slicing(100, 14336, 8, 4).ks, 1);
+  // Degenerate sizes: nothing to slice, unroll 8.
+  EXPECT_EQ(stream_down_slicing(0, 768, 8, 3).ks, 0);
+  EXPECT_EQ(stream_down_slicing(8, 0, 8, 1).ks, 0);
+  EXPECT_EQ(stream_down_ks_max(0, 768, 8), 1);
+  EXPECT_EQ(stream_down_unroll(0, 8, 128, 768, 16), 8);
+  EXPECT_EQ(stream_down_unroll(1, 8, 128, 768, 0), 8);
+  static_assert(stream_down_unroll(1, 8, 128, 768, 16) == 6, "constexpr");
+}
+
 #ifdef PCG_WITH_CUDA
 TEST(FusedMoe, CudaMatchesCpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
