@@ -80,19 +80,51 @@ struct Routing {
   int32_t nv;                   // num_valid clamped to [0, T]
 };
 
-// All threads of the CTA (blockDim >= kMaxPairs) call this.
-__device__ __forceinline__ void build_routing(Routing& R, const StreamArgs& a) {
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5, lane = tid & 31;
+// num_valid clamped to [0, T] (T without it).
+__device__ __forceinline__ int64_t clamp_valid(const StreamArgs& a) {
   int64_t nv = a.T;
   if (a.num_valid != nullptr) {
     nv = *a.num_valid;
     nv = nv < 0 ? 0 : (nv > a.T ? a.T : nv);
   }
+  return nv;
+}
+
+// The up kernel's routing at P <= 32, computed by every warp on its own from
+// the ids (no shared memory, no barrier): group y's expert and its pairs as a
+// bit mask (ascending pairs; groups in order of their first pair, as Routing).
+struct WarpGroup {
+  int num_groups;
+  int e;             // local expert of group y (valid when y < num_groups)
+  unsigned members;  // pair p of group y <=> bit p
+};
+
+__device__ __forceinline__ WarpGroup warp_group(const StreamArgs& a, int y) {
+  const int lane = threadIdx.x & 31;
+  const int32_t id = lane < a.P ? a.topk_ids[lane] : -1;
+  const int64_t nv = clamp_valid(a);
   int e = -1;
-  if (tid < a.P && tid / a.k < nv) {
-    e = local_expert(a.topk_ids[tid], a.expert_map, a.num_global, a.E);
+  if (lane < a.P && lane / a.k < nv) e = local_expert(id, a.expert_map, a.num_global, a.E);
+  const unsigned same = __match_any_sync(0xffffffffu, e);  // lanes of this lane's expert
+  const unsigned firsts = __ballot_sync(0xffffffffu, e >= 0 && __ffs(same) - 1 == lane);
+  WarpGroup w{__popc(firsts), -1, 0u};
+  if (y < w.num_groups) {
+    const int f = static_cast<int>(__fns(firsts, 0, y + 1));  // group y's first pair
+    w.e = __shfl_sync(0xffffffffu, e, f);
+    w.members = __shfl_sync(0xffffffffu, same, f);
   }
+  return w;
+}
+
+// All threads of the CTA (blockDim >= kMaxPairs) call this.
+__device__ __forceinline__ void build_routing(Routing& R, const StreamArgs& a) {
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  // The ids' load does not wait for num_valid's (one round trip, not two).
+  const int32_t id = tid < a.P ? a.topk_ids[tid] : -1;
+  const int64_t nv = clamp_valid(a);
+  int e = -1;
+  if (tid < a.P && tid / a.k < nv) e = local_expert(id, a.expert_map, a.num_global, a.E);
   if (tid < a.P) R.e[tid] = e;
   if (tid == 0) R.nv = static_cast<int32_t>(nv);
   __syncthreads();
@@ -291,11 +323,29 @@ __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
   pdl_launch_dependents();
   __shared__ Routing R;
   __shared__ float red[kUpWarps][NB][4][32];
-  build_routing(R, a);
   const int d = blockIdx.y;
-  if (d >= R.num_groups) return;  // CTA-uniform: no barrier follows for it
-  const int e = R.gexp[d];
-  const int first = R.goff[d], n = R.goff[d + 1] - first;
+  // Up to 32 pairs (T <= 4 at k = 8): each warp routes on its own, no barrier
+  // between the ids' load and the first weight loads.
+  const bool by_warp = a.P <= 32;  // CTA-uniform
+  int e = 0, first = 0, n = 0;
+  unsigned members = 0u;
+  if (by_warp) {
+    const WarpGroup wg = warp_group(a, d);
+    if (d >= wg.num_groups) return;  // the same in every warp: no barrier follows for it
+    e = wg.e;
+    members = wg.members;
+    n = __popc(members);
+  } else {
+    build_routing(R, a);
+    if (d >= R.num_groups) return;  // CTA-uniform: no barrier follows for it
+    e = R.gexp[d];
+    first = R.goff[d];
+    n = R.goff[d + 1] - first;
+  }
+  // Pair i of the group (i < n).
+  auto pair_of = [&](int i) {
+    return by_warp ? static_cast<int>(__fns(members, 0, i + 1)) : R.pairs[first + i];
+  };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int64_t H = a.H, I = a.I;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 8 + g;  // < I: gridDim.x = I / 8
@@ -312,7 +362,7 @@ __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
     for (int nb = 0; nb < NB; ++nb) {
       const int i = c0 + nb * 8 + g;
       ok_x[nb] = i < n;
-      const int p = R.pairs[first + (ok_x[nb] ? i : 0)];
+      const int p = pair_of(ok_x[nb] ? i : 0);
       x[nb] = reinterpret_cast<const uint4*>(hidden + static_cast<int64_t>(p / a.k) * H);
     }
     float acc[NB][4] = {};
@@ -344,7 +394,7 @@ __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
             gs += red[w2][nb][i][lane];
             us += red[w2][nb][2 + i][lane];
           }
-          const int p = R.pairs[first + ci];
+          const int p = pair_of(ci);
           inter[static_cast<int64_t>(p) * I + col] =
               from_float<T>(gated_act(gs + bg, us + bu, a.act, a.alpha, a.limit));
         }
