@@ -16,6 +16,7 @@ import torch
 
 import pcg
 from pcg.ops.fused_moe import fused_moe_paths
+from pcg.timing import capture_graph
 from test_fused_moe import GPU_TOL, _check_capture_replay, make_case, reference, rel_err
 
 STREAM = [-2, -1, -1]
@@ -238,6 +239,40 @@ def test_stream_capture_replay(dtype, T):
     """Captured once; new inputs, routing and num_valid per replay (bitwise equal to eager)."""
     _check_capture_replay(T, 12, 4, 72, 40, 16, dtype, [T, max(T // 2, 1), 0, T + 3], seed=400,
                           config=STREAM)
+
+
+@pytest.mark.gpu
+@sm80
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_stream_inputs_from_the_kernels_before(T):
+    """Both kernels are programmatic dependents (sm_90): the up kernel of the
+    kernel before it. Inputs written by the kernels right before the op (a
+    router's softmax / top-k, a scale of hidden), captured in the same graph,
+    must be the ones it reads: replays with new activations equal eager calls
+    and the reference."""
+    E, k, H, I = 64, 4, 1024, 256
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, H, generator=g, device="cuda").to(torch.bfloat16)
+    gate = torch.randn(E, H, generator=g, device="cuda") / math.sqrt(H)
+    w13 = (torch.randn(E, 2 * I, H, generator=g, device="cuda") / math.sqrt(H)).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g, device="cuda") / math.sqrt(I)).to(torch.bfloat16)
+
+    def route():
+        wts, ids = torch.softmax(x.float() @ gate.t(), -1).topk(k, -1)
+        return x * 2, wts, ids.int()
+
+    def run():
+        h, wts, ids = route()
+        return pcg.fused_moe(h, w13, w2, wts, ids, config=STREAM)
+
+    graph, out = capture_graph(run)
+    for trial in range(3):
+        x.copy_(torch.randn(T, H, generator=g, device="cuda").to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, run()), f"trial {trial}: replay != eager"
+        h, wts, ids = route()
+        assert rel_err(out, reference(h, w13, w2, wts, ids, compute_device="cuda")) < GPU_TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
