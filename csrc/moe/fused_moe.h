@@ -36,11 +36,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PCG_HD __host__ __device__ __forceinline__
-#else
-#define PCG_HD inline
-#endif
+#include "common/host_device.h"
 
 #include "moe/fused_moe_tiles.h"
 #include "moe/fused_moe_tuning.h"

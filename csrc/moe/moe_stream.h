@@ -65,6 +65,7 @@ constexpr int stream_down_warps(int64_t H, int64_t sms) {
 // How the down kernel cuts K (I / 32 steps of 32 elements): slices of whole
 // batches of U steps, about kStreamDownUnits units (hit expert, slice) a CTA,
 // at most ks_max slices (its shared memory holds a partial sum per slice).
+constexpr int64_t kStreamDownRows = 16;  // rows of w2 (columns of out) a down CTA streams
 constexpr int kStreamDownUnits = 64;
 constexpr int64_t kStreamDownPartBytes = 32 * 1024;  // the partial sums, at most
 
@@ -73,7 +74,7 @@ constexpr int64_t stream_steps(int64_t K) { return (K / 8 + 3) / 4; }
 // Slices the partial sums of P pairs may use at unroll U (>= 1).
 constexpr int stream_down_ks_max(int64_t P, int64_t I, int U) {
   const int64_t batches = (stream_steps(I) + U - 1) / U;
-  const int64_t fit = P > 0 ? kStreamDownPartBytes / (P * 16 * 4) : 1;
+  const int64_t fit = P > 0 ? kStreamDownPartBytes / (P * kStreamDownRows * 4) : 1;
   const int64_t m = fit < batches ? fit : batches;
   return static_cast<int>(m < 1 ? 1 : m);
 }

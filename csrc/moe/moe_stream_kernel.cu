@@ -26,13 +26,12 @@ constexpr int kMaxPairs = static_cast<int>(kStreamMaxPairs);
 constexpr int kUpWarps = 4;      // warps of an up CTA (they split K)
 // Down: W warps a CTA (stream_down_warps: 16, 8 or 4, with 1, 2 or 4 CTAs an
 // SM: <= 128 registers, all resident at once), each with many loads in flight.
-constexpr int kDownRows = 16;    // rows of w2 (columns of out) per down CTA
+constexpr int kDownRows = static_cast<int>(kStreamDownRows);
 // Register budgets (65536 / (threads * blocks)): without them ptxas keeps few
 // registers and issues each batch's loads one step at a time.
 constexpr int kUpMinBlocks = 6;    // <= 85 registers
 // The down kernel's partial sums (kStreamDownPartBytes, moe_stream.h) + [P][16]
 // fp32 of y after them, with the static tables: under 48 KB of shared memory.
-static_assert(kDownRows == 16, "stream_down_ks_max counts 16 rows a CTA");
 static_assert(kMaxPairs % 32 == 0 && kUpWarps * 32 >= kMaxPairs,
               "build_routing gives every pair a thread");
 
@@ -352,7 +351,7 @@ __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
   const uint4* wa = reinterpret_cast<const uint4*>(w + w13_row(col, I, a.w13_block, false) * H);
   const uint4* wb = reinterpret_cast<const uint4*>(w + w13_row(col, I, a.w13_block, true) * H);
   const T* hidden = static_cast<const T*>(a.hidden);
-  const int64_t nvec = H / 8, steps = (nvec + 3) / 4;
+  const int64_t nvec = H / 8, steps = stream_steps(H);
   // Chunks of 8*NB pairs; a larger group streams the rows again (from L2).
   for (int c0 = 0; c0 < n; c0 += 8 * NB) {
     const uint4* x[NB];
@@ -419,7 +418,7 @@ __global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamA
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int64_t H = a.H, I = a.I;
   const int64_t h0 = static_cast<int64_t>(blockIdx.x) * kDownRows;
-  const int64_t nvec = I / 8, steps = (nvec + 3) / 4;
+  const int64_t nvec = I / 8, steps = stream_steps(I);
   const int groups = R.num_groups;
   const StreamDownSlicing cut = stream_down_slicing(groups, I, U, a.down_ks_max);
   const int ks = cut.ks;

@@ -13,11 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef __CUDACC__
-#define PCG_HD __host__ __device__ __forceinline__
-#else
-#define PCG_HD inline
-#endif
+#include "common/host_device.h"
 
 struct CUstream_st;  // cudaStream_t without the CUDA headers
 
