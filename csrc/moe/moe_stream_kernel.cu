@@ -196,9 +196,9 @@ __device__ __forceinline__ void build_routing(Routing& R, const StreamArgs& a) {
 // 16-byte loads, zero when !pred. Weights are read once: keep them out of L1.
 // A warp's load covers 64 bytes of each of 8 rows (the mma layout); the
 // .L2::128B prefetch size makes the L2 fetch each row's whole 128-byte line
-// at once, so the next load of that row hits L2 (scripts/read_pattern.cu:
-// 50 MB read this way 3.28 -> 3.62 TB/s, against 3.74 for whole 512-byte
-// warp loads; the op 5% faster at T = 1, 10% on Mixtral).
+// at once, so the next load of that row hits L2 (bench/read_pattern.cu:
+// 50 MB read this way at 3.25 -> 3.65 TB/s, against 3.71 for whole 512-byte
+// warp loads; the op 5-7% faster at T = 1-8, 7-12% on gpt-oss / Mixtral).
 __device__ __forceinline__ uint4 ld_weight(const uint4* p, bool pred) {
   uint4 r;
   asm("{\n"
