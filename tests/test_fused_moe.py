@@ -395,19 +395,30 @@ def test_config_op_table_choices_are_valid():
                 _heuristic_block_m(T, k, E), -1, -1)
 
 
-@pytest.mark.parametrize("E,k,H,I", [(6, 2, 72, 40), (37, 3, 101, 75)])
-def test_config_op_cutlass_heuristic_for_unknown_shapes(E, k, H, I):
+@pytest.mark.parametrize("E,k,H,I", [(6, 2, 72, 40), (37, 3, 101, 75), (2, 1, 64, 32),
+                                     (128, 8, 4096, 1536)])
+def test_config_op_paths_for_unknown_shapes(E, k, H, I):
     """Untuned shapes take the CUTLASS path (when the call can) once experts
-    average 16 rows; never for float32; the stream path is never a guess."""
-    for T in [0, 1, 3, 17, 100, 128, 1000, 5000]:
+    average 16 rows, else the stream path (when the call can) up to 64
+    (token, k) pairs, else the heuristic tiles; never a path for float32."""
+    for T in [0, 1, 3, 8, 17, 31, 32, 33, 64, 65, 100, 128, 1000, 5000]:
         want_cutlass = T * k >= 16 * E
+        want_stream = not want_cutlass and 1 <= T and T * k <= 64
+        bm = _heuristic_block_m(T, k, E)
+        heur = (bm, *_default_tiles(bm))
         for dt in (torch.bfloat16, torch.float16):
             got = fused_moe_config(E, k, H, I, T, dt, cutlass=True, stream=True)
-            bm = _heuristic_block_m(T, k, E)
-            assert got == ((-1, -1, -1) if want_cutlass else (bm, *_default_tiles(bm))), (T, dt)
-            assert fused_moe_config(E, k, H, I, T, dt, stream=True) == (bm, *_default_tiles(bm))
+            want = (-1, -1, -1) if want_cutlass else (-2, -1, -1) if want_stream else heur
+            assert got == want, (T, dt)
+            # Without the stream path (the call could not take it), its guesses are the tiles.
+            got = fused_moe_config(E, k, H, I, T, dt, cutlass=True)
+            assert got == ((-1, -1, -1) if want_cutlass else heur), (T, dt)
+            # Without the CUTLASS path, the stream guess still stops at 64 pairs.
+            got = fused_moe_config(E, k, H, I, T, dt, stream=True)
+            assert got == ((-2, -1, -1) if 1 <= T and T * k <= 64 else heur), (T, dt)
+            assert fused_moe_config(E, k, H, I, T, dt) == heur
         assert fused_moe_config(E, k, H, I, T, torch.float32, cutlass=True, stream=True) == (
-            _heuristic_block_m(T, k, E), -1, -1)
+            bm, -1, -1)
 
 
 def test_config_op_table_with_paths_is_valid():
@@ -769,12 +780,17 @@ def test_cuda_config_default_tiles_and_fp32(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_config_none_is_the_table_choice():
-    E, k, H, I, T = 8, 2, 72, 40, 500
+@pytest.mark.parametrize("T", [3, 40, 500])  # an untuned shape: stream, tiles, CUTLASS
+def test_cuda_config_none_is_the_table_choice(T):
+    E, k, H, I = 8, 2, 72, 40
     args, kw = make_case(T, E, k, H, I, dtype=torch.bfloat16, device="cuda")
     cutlass, stream = fused_moe_paths("cuda")
     chosen = fused_moe_config(E, k, H, I, T, cutlass=cutlass, stream=stream)
-    assert torch.equal(pcg.fused_moe(*args, **kw), pcg.fused_moe(*args, **kw, config=chosen))
+    if stream and T == 3:
+        assert chosen == (-2, -1, -1)
+    out = pcg.fused_moe(*args, **kw)
+    assert torch.equal(out, pcg.fused_moe(*args, **kw, config=chosen))
+    assert rel_err(out, reference(*args, **kw)) < GPU_TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu

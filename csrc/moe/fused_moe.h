@@ -27,8 +27,11 @@
 // block_m). choose_config picks it as a pure function of the shapes (a
 // captured graph and its replays agree): the tuning table (fused_moe_tuning.h,
 // generated on a GPU by bench/tune_moe.py, keyed by (E_local, top_k, H, I) and
-// ranges of T), else heuristic_config (block_m from the average pairs per
-// expert, default tiles). fp32 uses only block_m (tile ids -1). Callers may
+// ranges of T); for shapes it does not hold, the CUTLASS path from 16 rows
+// per expert, the stream path up to 64 (token, k) pairs, else
+// heuristic_config (block_m from the average pairs per expert, default
+// tiles); each path only where the call can take it. fp32 uses only block_m
+// (tile ids -1). Callers may
 // force a config (the op's `config` argument); the CUDA launcher checks that
 // the tiles' shared memory fits the device (a table choice that does not fit
 // falls back to the default tiles of its block_m).
@@ -120,6 +123,12 @@ struct PathSupport {
 // (H200, bench/moe.py: equal at 16 rows per expert on Mixtral, faster above).
 constexpr int64_t kCutlassMinRowsPerExpert = 16;
 
+// Below that, untuned shapes stream the weights (the stream path) up to this
+// many (token, k) pairs: every tuned bench shape picks the stream path there
+// (its crossover to the tiles lies at 78-128 pairs), and bench/untuned.py
+// measures the guess on shapes the table does not hold.
+constexpr int64_t kStreamGuessMaxPairs = 64;
+
 // The behaviour before tuning: choose_block_m and the default tiles.
 inline MoeConfig heuristic_config(int64_t num_tokens, int64_t top_k, int64_t num_experts,
                                   DType dtype) {
@@ -196,6 +205,9 @@ inline MoeConfig choose_config(int64_t E_local, int64_t top_k, int64_t H, int64_
     }
     if (ok.cutlass && num_tokens * top_k >= kCutlassMinRowsPerExpert * E_local) {
       return MoeConfig{kCutlassConfig, -1, -1};
+    }
+    if (ok.stream && num_tokens > 0 && num_tokens * top_k <= kStreamGuessMaxPairs) {
+      return MoeConfig{kStreamConfig, -1, -1};
     }
   }
   return heuristic_config(num_tokens, top_k, E_local, dtype);

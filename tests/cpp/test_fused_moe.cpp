@@ -211,6 +211,21 @@ TEST(FusedMoe, PathConfigs) {
   // Untuned shapes take the CUTLASS path with the default kernels.
   const MoeConfig c = choose_config(3, 2, 16, 8, 1000, DType::kBFloat16, {true, false});
   EXPECT_EQ(c, (MoeConfig{kCutlassConfig, -1, -1}));
+  // ... and stream the weights up to kStreamGuessMaxPairs (token, k) pairs, below
+  // the CUTLASS rule, where the call can.
+  const MoeConfig stream{kStreamConfig, -1, -1};
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 1, DType::kBFloat16, {true, true}), stream);
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 8, DType::kFloat16, {false, true}), stream);
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 9, DType::kBFloat16, {true, true}),
+            heuristic_config(9, 8, 128, DType::kBFloat16));
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 1, DType::kBFloat16, {true, false}),
+            heuristic_config(1, 8, 128, DType::kBFloat16));
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 0, DType::kBFloat16, {true, true}),
+            heuristic_config(0, 8, 128, DType::kBFloat16));
+  EXPECT_EQ(choose_config(2, 1, 64, 32, 40, DType::kBFloat16, {true, true}),
+            (MoeConfig{kCutlassConfig, -1, -1}));  // 40 pairs >= 16 rows x 2 experts
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 1, DType::kFloat32, {true, true}).block_m,
+            choose_block_m(1, 8, 128));
 }
 
 // The stream path's down kernel: the most warps per CTA that keep all
