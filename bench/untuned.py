@@ -2,7 +2,7 @@
 pcg picks for them (no config argument) against the stream path and the
 heuristic mma.sync tiles forced, side by side in one process.
 
-Untuned shapes stream the weights up to 64 (token, k) pairs
+Untuned shapes stream the weights up to 128 (token, k) pairs
 (moe::kStreamGuessMaxPairs); this measures that guess. Times as bench/moe.py
 (bf16, random routing, input sets and weight copies rotated so L2 holds none):
   graph  one synchronised graph replay per call

@@ -399,11 +399,11 @@ def test_config_op_table_choices_are_valid():
                                      (128, 8, 4096, 1536)])
 def test_config_op_paths_for_unknown_shapes(E, k, H, I):
     """Untuned shapes take the CUTLASS path (when the call can) once experts
-    average 16 rows, else the stream path (when the call can) up to 64
+    average 16 rows, else the stream path (when the call can) up to 128
     (token, k) pairs, else the heuristic tiles; never a path for float32."""
-    for T in [0, 1, 3, 8, 17, 31, 32, 33, 64, 65, 100, 128, 1000, 5000]:
+    for T in [0, 1, 3, 8, 16, 17, 31, 32, 33, 42, 43, 64, 65, 100, 128, 129, 1000, 5000]:
         want_cutlass = T * k >= 16 * E
-        want_stream = not want_cutlass and 1 <= T and T * k <= 64
+        want_stream = not want_cutlass and 1 <= T and T * k <= 128
         bm = _heuristic_block_m(T, k, E)
         heur = (bm, *_default_tiles(bm))
         for dt in (torch.bfloat16, torch.float16):
@@ -413,9 +413,9 @@ def test_config_op_paths_for_unknown_shapes(E, k, H, I):
             # Without the stream path (the call could not take it), its guesses are the tiles.
             got = fused_moe_config(E, k, H, I, T, dt, cutlass=True)
             assert got == ((-1, -1, -1) if want_cutlass else heur), (T, dt)
-            # Without the CUTLASS path, the stream guess still stops at 64 pairs.
+            # Without the CUTLASS path, the stream guess still stops at 128 pairs.
             got = fused_moe_config(E, k, H, I, T, dt, stream=True)
-            assert got == ((-2, -1, -1) if 1 <= T and T * k <= 64 else heur), (T, dt)
+            assert got == ((-2, -1, -1) if 1 <= T and T * k <= 128 else heur), (T, dt)
             assert fused_moe_config(E, k, H, I, T, dt) == heur
         assert fused_moe_config(E, k, H, I, T, torch.float32, cutlass=True, stream=True) == (
             bm, -1, -1)
@@ -780,7 +780,7 @@ def test_cuda_config_default_tiles_and_fp32(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [3, 40, 500])  # an untuned shape: stream, tiles, CUTLASS
+@pytest.mark.parametrize("T", [3, 65, 500])  # an untuned shape: stream, tiles, CUTLASS
 def test_cuda_config_none_is_the_table_choice(T):
     E, k, H, I = 8, 2, 72, 40
     args, kw = make_case(T, E, k, H, I, dtype=torch.bfloat16, device="cuda")

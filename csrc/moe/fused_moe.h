@@ -28,7 +28,7 @@
 // captured graph and its replays agree): the tuning table (fused_moe_tuning.h,
 // generated on a GPU by bench/tune_moe.py, keyed by (E_local, top_k, H, I) and
 // ranges of T); for shapes it does not hold, the CUTLASS path from 16 rows
-// per expert, the stream path up to 64 (token, k) pairs, else
+// per expert, the stream path up to 128 (token, k) pairs, else
 // heuristic_config (block_m from the average pairs per expert, default
 // tiles); each path only where the call can take it. fp32 uses only block_m
 // (tile ids -1). Callers may
@@ -124,10 +124,11 @@ struct PathSupport {
 constexpr int64_t kCutlassMinRowsPerExpert = 16;
 
 // Below that, untuned shapes stream the weights (the stream path) up to this
-// many (token, k) pairs: every tuned bench shape picks the stream path there
-// (its crossover to the tiles lies at 78-128 pairs), and bench/untuned.py
-// measures the guess on shapes the table does not hold.
-constexpr int64_t kStreamGuessMaxPairs = 64;
+// many (token, k) pairs, the stream path's limit. H200 (bench/untuned.py, four
+// public shapes the table does not hold): 1.13-1.50x faster than the default
+// tiles at 8-64 pairs, 1.03-1.17x at 128; the tuned bench shapes stream up to
+// 78-128 pairs (Qwen3-30B-A3B's tiles win at 128 by 3%).
+constexpr int64_t kStreamGuessMaxPairs = 128;
 
 // The behaviour before tuning: choose_block_m and the default tiles.
 inline MoeConfig heuristic_config(int64_t num_tokens, int64_t top_k, int64_t num_experts,

@@ -216,8 +216,9 @@ TEST(FusedMoe, PathConfigs) {
   const MoeConfig stream{kStreamConfig, -1, -1};
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 1, DType::kBFloat16, {true, true}), stream);
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 8, DType::kFloat16, {false, true}), stream);
-  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 9, DType::kBFloat16, {true, true}),
-            heuristic_config(9, 8, 128, DType::kBFloat16));
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 16, DType::kBFloat16, {true, true}), stream);
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 17, DType::kBFloat16, {true, true}),
+            heuristic_config(17, 8, 128, DType::kBFloat16));
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 1, DType::kBFloat16, {true, false}),
             heuristic_config(1, 8, 128, DType::kBFloat16));
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 0, DType::kBFloat16, {true, true}),
