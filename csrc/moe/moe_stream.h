@@ -36,6 +36,8 @@ namespace pcg::moe {
 // Most (token, k) pairs per call: the routing tables live in shared memory
 // and the down kernel keeps one partial sum per (K slice, pair, row) there.
 constexpr int64_t kStreamMaxPairs = 128;
+static_assert(kStreamGuessMaxPairs <= kStreamMaxPairs,
+              "choose_config guesses the stream path only where it can run");
 
 // Whether the shapes / dtype suit this path (alignment and the device are
 // the launcher's to check).
