@@ -6,10 +6,12 @@
 //         steps in turn (2U loads a lane in flight)
 //   flat  the same CTA region and loads a lane, each warp load 512 contiguous bytes
 // CTAs of 64 KB (16 rows of 4 KB: one wave at 6 CTAs an SM) or fewer bytes (several waves); with the
-// PTX prefetch-size hints .L2::64B / 128B / 256B. Built with the CUDA kernels (target pcg_read_pattern):
-//   build/<dir>/pcg_read_pattern
-#include <cstdio>
+// PTX prefetch-size hints .L2::64B / 128B / 256B. Built with the CUDA kernels (target pcg_read_pattern);
+// a table to stdout, and JSON to the path given:
+//   build/<dir>/pcg_read_pattern [out.json]
 #include <cstdint>
+#include <cstdio>
+#include <string>
 #include <cuda_runtime.h>
 
 // PF: 0 no prefetch-size hint, 1 .L2::64B, 2 .L2::128B, 3 .L2::256B
@@ -91,7 +93,7 @@ float run(uint4** bufs, int64_t bytes, int64_t cta_bytes, int rows, unsigned* si
   return best * 1000.f / 16;
 }
 
-int main() {
+int main(int argc, char** argv) {
   const int64_t bytes = 768LL * 65536;  // 50.3 MB
   uint4* bufs[4];
   for (auto& b : bufs) {
@@ -103,7 +105,14 @@ int main() {
   cudaStream_t st;
   cudaStreamCreate(&st);
   printf("read-only, %.1f MB per call, us per call (best of 20 x 16 back to back), TB/s\n", bytes / 1e6);
-  auto show = [&](const char* name, float us) { printf("  %-34s %7.2f us  %5.2f TB/s\n", name, us, bytes / us / 1e6); };
+  std::string json = "[";
+  auto show = [&](const char* name, float us) {
+    printf("  %-34s %7.2f us  %5.2f TB/s\n", name, us, bytes / us / 1e6);
+    char row[256];
+    snprintf(row, sizeof(row), "%s\n {\"pattern\": \"%s\", \"us\": %.3f, \"tb_per_s\": %.4f}",
+             json.size() > 1 ? "," : "", name, us, bytes / us / 1e6);
+    json += row;
+  };
   show("mma  64 KB CTAs U=4 (up kernel)", run<4, true>(bufs, bytes, 65536, 16, sink, st));
   show("mma  64 KB CTAs U=4 L2::64B", run<4, true, 1>(bufs, bytes, 65536, 16, sink, st));
   show("mma  64 KB CTAs U=4 L2::128B", run<4, true, 2>(bufs, bytes, 65536, 16, sink, st));
@@ -124,5 +133,16 @@ int main() {
   show("flat 16 KB CTAs U=2", run<2, false>(bufs, bytes, 16384, 16, sink, st));
   cudaError_t err = cudaDeviceSynchronize();
   printf("%s\n", cudaGetErrorString(err));
+  if (err != cudaSuccess) return 1;
+  if (argc > 1) {
+    FILE* f = fopen(argv[1], "w");
+    if (f == nullptr) {
+      fprintf(stderr, "cannot write %s\n", argv[1]);
+      return 1;
+    }
+    fprintf(f, "{\"mb\": %.1f, \"rows\": %s\n]}\n", bytes / 1e6, json.c_str());
+    fclose(f);
+    printf("wrote %s\n", argv[1]);
+  }
   return 0;
 }

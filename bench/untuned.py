@@ -7,9 +7,11 @@ Untuned shapes stream the weights up to 128 (token, k) pairs
 (bf16, random routing, input sets and weight copies rotated so L2 holds none):
   graph  one synchronised graph replay per call
   chain  per-call time of calls captured back to back in one graph
-Table to stdout, JSON to --out.
+Table to stdout, JSON to --out, a plot beside it (chain time over the floor
+against T, per shape); --plot JSON redraws the plot of a saved run.
 
     python bench/untuned.py [--shapes E,k,H,I ...] [--tokens 1 2 4 ...]
+    python bench/untuned.py --plot bench/results/untuned_s15.json
 """
 from __future__ import annotations
 
@@ -42,6 +44,37 @@ def parse_shape(text):
     return text, tuple(vals)
 
 
+def plot(rows, path):
+    """Chain time / floor against T for the picked config, the stream path and
+    the default tiles, one panel per shape."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    names = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rs = [r for r in rows if r["shape"] == name]
+        for key, label in [("picked_chain_us", "picked"), ("stream_chain_us", "stream path"),
+                           ("tiles_chain_us", "default tiles")]:
+            pts = [(r["T"], r[key] / r["floor_us"]) for r in rs if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.axhline(1.3, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("chain time / floor")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
@@ -49,7 +82,12 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
                                                   "untuned.json"))
+    ap.add_argument("--plot", metavar="JSON", help="only redraw the plot of a saved run")
     args = ap.parse_args()
+    if args.plot:
+        with open(args.plot) as f:
+            plot(json.load(f)["rows"], os.path.splitext(args.plot)[0] + ".png")
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench/untuned.py needs a CUDA GPU")
     import pcg
@@ -108,6 +146,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
+    plot(rows, os.path.splitext(args.out)[0] + ".png")
 
 
 if __name__ == "__main__":
