@@ -220,18 +220,27 @@ def bench_shape(name, E, k, H, I, tokens, args, device):
     return rows
 
 
-def plot(rows, path):
+def shape_panels(rows, width=5.0, height=4.0):
+    """One matplotlib panel per shape of rows (in order): (fig, [(ax, shape,
+    its rows)]), or None without matplotlib (after saying so)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plot")
-        return
+        return None
     names = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        rs = [r for r in rows if r["shape"] == name]
+    fig, axes = plt.subplots(1, len(names), figsize=(width * len(names), height), squeeze=False)
+    return fig, [(ax, name, [r for r in rows if r["shape"] == name]) for ax, name in zip(axes[0], names)]
+
+
+def plot(rows, path):
+    panels = shape_panels(rows)
+    if panels is None:
+        return
+    fig, panels = panels
+    for ax, name, rs in panels:
         ts = [r["T"] for r in rs]
         for key, label in [("floor_us", "floor"), ("pcg_graph_us", "pcg graph"),
                            ("pcg_chain_us", "pcg chain"),

@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe import floor_us, make_inputs  # noqa: E402
+from moe import floor_us, make_inputs, shape_panels  # noqa: E402
 
 # Shapes of public models, none in csrc/moe/fused_moe_tuning.h.
 SHAPES = {
@@ -47,17 +47,11 @@ def parse_shape(text):
 def plot(rows, path):
     """Chain time / floor against T for the picked config, the stream path and
     the default tiles, one panel per shape."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    panels = shape_panels(rows, 4.5, 3.8)
+    if panels is None:
         return
-    names = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        rs = [r for r in rows if r["shape"] == name]
+    fig, panels = panels
+    for ax, name, rs in panels:
         for key, label in [("picked_chain_us", "picked"), ("stream_chain_us", "stream path"),
                            ("tiles_chain_us", "default tiles")]:
             pts = [(r["T"], r[key] / r["floor_us"]) for r in rs if key in r]
