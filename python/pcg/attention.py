@@ -11,6 +11,9 @@ graph instead (the batch is read from device memory the engine rewrites
 before each replay): no split at all (default; USE_GRAPH_ATTENTION).
 Layers with attention sinks or logit soft-capping go through the model's own
 attention function, and a runtime's registered implementation replaces both.
+Chunked layers (Llama-4) are standard ones in calls their chunk holds (every
+bucket up to the chunk size); longer calls cut every sequence into chunks and
+run the C++ op over the pieces.
 
 q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] -> out [N, Hq, Dv] where N is the
 padded token count of the bucket; only the first ``batch.num_tokens`` rows are
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry as _reg
-from .batch import BatchMeta
+from .batch import META_HEAD, BatchMeta, write_host_meta
 from .registry import AttentionLayer
 
 _lib = torch.library.Library("pcg", "IMPL")
@@ -89,22 +92,39 @@ def window_left(layer: AttentionLayer) -> int:
     return -1 if layer.sliding_window is None else max(0, layer.sliding_window - 1)
 
 
-def native(layer: AttentionLayer) -> bool:
-    """True when the layer runs ``pcg::causal_attention_out`` (C++ end to end)."""
-    return layer.impl is None and not layer.needs_fallback()
+def native(layer: AttentionLayer, rows: int) -> bool:
+    """True when the layer runs ``pcg::causal_attention_out`` on the batch's own
+    metadata (C++ end to end: a capture records the op itself) for a call of
+    ``rows`` tokens. A chunked layer is one when its chunk holds every row (no
+    sequence is cut: Llama-4's 8192 against buckets of at most that); longer
+    calls run the op on the chunk pieces, from Python (:func:`compute`)."""
+    if layer.impl is not None or layer.needs_fallback():
+        return False
+    return not layer.chunk_size or rows <= layer.chunk_size
+
+
+def _boundaries(layer: AttentionLayer, batch: BatchMeta) -> list[int]:
+    """The pieces causal attention runs over: the sequences, each cut at its
+    chunk boundaries for a chunked layer."""
+    return batch.chunked_cu_seqlens(layer.chunk_size) if layer.chunk_size else batch.cu_seqlens
 
 
 def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             layer: AttentionLayer, batch: BatchMeta | None) -> None:
     if batch is None:
         batch = BatchMeta(q.shape[0], [0, q.shape[0]], None, q.shape[0])
-    if native(layer):
+    if native(layer, q.shape[0]):
         meta = batch.host_meta(USE_VARLEN, USE_SHORT_KERNEL)
         torch.ops.pcg.causal_attention_out(q, k, v, out, meta, layer.scaling, window_left(layer))
         return
-    n, cu = batch.num_tokens, batch.cu_seqlens
-    if layer.impl is not None:
+    n, cu = batch.num_tokens, _boundaries(layer, batch)
+    if layer.impl is not None:  # it reads layer.chunk_size / sliding_window itself
         layer.impl(q[:n], k[:n], v[:n], out[:n], batch, layer)
+    elif not layer.needs_fallback():  # chunked: the C++ op over the chunk pieces
+        meta = torch.empty(META_HEAD + len(cu), dtype=torch.int64)
+        write_host_meta(meta.numpy(), n, cu, USE_VARLEN, USE_SHORT_KERNEL)
+        torch.ops.pcg.causal_attention_out(q, k, v, out, meta, layer.scaling, window_left(layer))
+        return
     else:
         if layer.fallback is None:
             raise RuntimeError(f"pcg: attention layer {layer.layer_id} ({layer.name}) uses sinks or "
@@ -141,11 +161,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> 
     ctx = _reg.current()
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
     spec = ctx.registry.attention(layer)
+    standard = native(spec, q.shape[0])
     if ctx.recorder is not None:
         # Inside a capture: end the segment here, run and record the split call.
         # Standard layers record the C++ op itself (no Python at replay); its
         # batch metadata is the engine's static host tensor, rewritten per replay.
-        if native(spec) and ctx.graph_batch is not None:
+        if standard and ctx.graph_batch is not None:
             try:  # checked before any launch: a refusal leaves the capture as it was
                 torch.ops.pcg.causal_attention_graph(q, k, v, out, ctx.graph_batch, spec.scaling,
                                                      window_left(spec))
@@ -154,7 +175,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> 
             else:
                 ctx.stats["graph_attention"] = ctx.stats.get("graph_attention", 0) + 1
                 return out
-        if native(spec):
+        if standard:
             if ctx.batch is None or ctx.batch.meta is None:
                 raise RuntimeError("pcg: capturing attention needs the capture engine's batch metadata "
                                    "buffer (BatchMeta.meta), which replays rewrite")

@@ -4,7 +4,7 @@ to the caller's shape with pad positions zero-filled.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -27,6 +27,7 @@ class BatchMeta:
     positions: Optional[torch.Tensor]
     padded_tokens: int
     meta: Optional[torch.Tensor] = None
+    _chunked: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -49,6 +50,23 @@ class BatchMeta:
                              f"values; the buffer holds {self.meta.numel()}")
         write_host_meta(self.meta.numpy(), self.num_tokens, self.cu_seqlens, varlen, short_kernel)
         return self.meta
+
+    def chunked_cu_seqlens(self, chunk: int) -> list[int]:
+        """Sequence boundaries of chunked attention (Llama-4): every sequence
+        is cut every ``chunk`` tokens from its first, so causal attention over
+        the pieces is attention within chunks. Chunks count from the
+        sequence's first token, as transformers' chunked mask counts them from
+        a row's first real token (a prefill without cache). Cached per chunk."""
+        if chunk <= 0:
+            raise ValueError(f"pcg: attention chunk size must be positive, got {chunk}")
+        cached = self._chunked.get(chunk)
+        if cached is None:
+            cached = [self.cu_seqlens[0]]
+            for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:]):
+                cached.extend(range(a + chunk, b, chunk))
+                cached.append(b)
+            self._chunked[chunk] = cached
+        return cached
 
 META_HEAD = 4  # num_tokens, num_seqs, max_seqlen, flags; then cu_seqlens
 FLAG_NO_SHORT = 2  # flags bit 1: causal_attention_out skips its short-sequence kernel

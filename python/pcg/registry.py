@@ -28,7 +28,9 @@ class AttentionLayer:
 
     Static per-layer settings (filled at wrap time or from the first call):
     ``scaling`` (softmax scale; None = 1/sqrt(D)), ``sliding_window`` (a query
-    attends keys with ``q_pos - k_pos < sliding_window``), ``softcap`` (tanh
+    attends keys with ``q_pos - k_pos < sliding_window``), ``chunk_size``
+    (chunked attention, Llama-4: a query attends only keys of its own chunk of
+    positions, ``q_pos // chunk_size == k_pos // chunk_size``), ``softcap`` (tanh
     logit soft-capping), ``sinks`` ([Hq] sink logits, gpt-oss).
     ``fallback(q4, k4, v4, mask4) -> out [1,S,Hq,Dv]`` is the model's own
     attention function, used whenever a setting has no native path.
@@ -38,6 +40,7 @@ class AttentionLayer:
     module: Any = None
     scaling: Optional[float] = None
     sliding_window: Optional[int] = None
+    chunk_size: Optional[int] = None
     softcap: Optional[float] = None
     sinks: Optional[torch.Tensor] = None
     fallback: Optional[Callable[..., torch.Tensor]] = None

@@ -38,6 +38,7 @@ from torch import nn
 
 from .. import registry as _reg
 from ..registry import LayerRegistry
+from . import hf_llama4
 from ..ops.fused_moe import deinterleave_w13, interleave_w13, w13_block_for
 
 IMPL = "pcg"
@@ -78,11 +79,31 @@ def pcg_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
         raise RuntimeError("pcg: attention got an explicit attention mask; pcg's attention builds "
                            "its own (causal, per packed sequence)")
     _sync_settings(module, _reg.current().registry.attention(lid), scaling, kwargs)
+    temperature = module.__dict__.get("_pcg_temperature")
+    if temperature is not None:
+        query = _temperature_scaled(query, *temperature)
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     out = torch.ops.pcg.attention(q, k, v, lid)  # [N, Hq, Dv]
     return out[None], None
+
+
+def _temperature_scaled(query: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Llama-4's attention temperature tuning of NoPE layers, by position:
+    query [1, Hq, N, D] * (log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1).
+    The model computes it from the row index (``arange``), which over pcg's
+    packed row would be the wrong position for every sequence but the first;
+    pcg takes the setting over at wrap time and uses the batch's positions
+    (each sequence alone: the model's own numbers, bit for bit)."""
+    n = query.shape[2]
+    pos = _reg.current().batch.positions
+    if pos is None:
+        pos = torch.arange(n, device=query.device)
+    elif pos.shape[0] < n:  # pad rows (their output is discarded)
+        pos = torch.cat([pos, pos.new_zeros(n - pos.shape[0])])
+    scales = torch.log1p(torch.floor((pos[:n].float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return (query * scales.view(1, 1, n, 1)).to(query.dtype)
 
 
 def _sync_settings(module: nn.Module, layer: Any, scaling: Optional[float], kwargs: dict) -> None:
@@ -189,6 +210,8 @@ def unprepare(model: nn.Module) -> None:
             hook.remove()
         if "_pcg_orig_layout" in m.__dict__:
             _restore_experts_layout(m)
+        hf_llama4.unmark_layout(m)
+        _restore_temperature(m)
 
 
 def _restore_experts_layout(m: nn.Module) -> None:
@@ -308,6 +331,56 @@ def _is_sliding(module: nn.Module) -> Optional[int]:
     return int(w)
 
 
+# Attention layer types (transformers' config.layer_types) whose keys are not
+# a causal (sliding) window or position chunk of the sequence: pcg refuses them.
+_UNSUPPORTED_LAYER_TYPES = ("window_attention", "compressed_sparse_attention",
+                            "heavily_compressed_attention", "minimax_m3_sparse",
+                            "deepseek_sparse_attention", "qwen_sparse_attention")
+
+
+def _layer_type(module: nn.Module) -> Optional[str]:
+    layer_types = getattr(module.config, "layer_types", None)
+    idx = getattr(module, "layer_idx", None)
+    if isinstance(layer_types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(layer_types):
+        return layer_types[idx]
+    return None
+
+
+def _chunk_size(name: str, module: nn.Module) -> Optional[int]:
+    """The position chunk a chunked-attention layer (Llama-4) attends within
+    (None: not chunked); refuses layer types pcg has no attention for."""
+    kind = _layer_type(module)
+    if kind in _UNSUPPORTED_LAYER_TYPES:
+        raise NotImplementedError(f"pcg.wrap: attention module {name} ({type(module).__name__}) is a "
+                                  f"{kind!r} layer; pcg's attention is causal over each sequence "
+                                  "(optionally a sliding window or a position chunk)")
+    if kind != "chunked_attention":
+        return None
+    chunk = getattr(module.config, "attention_chunk_size", None)
+    if not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"pcg.wrap: attention module {name} ({type(module).__name__}) is a chunked "
+                         f"attention layer without a positive config.attention_chunk_size ({chunk!r})")
+    return chunk
+
+
+def _take_temperature(module: nn.Module) -> None:
+    """Llama-4's NoPE layers scale queries by a function of the row index
+    (attn_temperature_tuning); pcg applies it by position instead
+    (:func:`_temperature_scaled`) and turns the module's own off until unwrap."""
+    if "_pcg_temperature" in module.__dict__:  # wrapped before
+        return
+    if getattr(module, "attn_temperature_tuning", False) is True and \
+            getattr(module, "use_rope", True) in (False, 0) and \
+            hasattr(module, "floor_scale") and hasattr(module, "attn_scale"):
+        module._pcg_temperature = (float(module.floor_scale), float(module.attn_scale))
+        module.attn_temperature_tuning = False
+
+
+def _restore_temperature(module: nn.Module) -> None:
+    if module.__dict__.pop("_pcg_temperature", None) is not None:
+        module.attn_temperature_tuning = True
+
+
 def _eager_function(module: nn.Module) -> Optional[Callable]:
     mod = sys.modules.get(type(module).__module__)
     fn = getattr(mod, "eager_attention_forward", None) if mod is not None else None
@@ -346,14 +419,15 @@ def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
     softcap = float(softcap) if softcap else None
     scaling = getattr(m, "scaling", None)
     layer = registry.add_attention(module=m, scaling=float(scaling) if scaling is not None else None,
-                                   sliding_window=_is_sliding(m), softcap=softcap, sinks=sinks,
-                                   name=name)
+                                   sliding_window=_is_sliding(m), chunk_size=_chunk_size(name, m),
+                                   softcap=softcap, sinks=sinks, name=name)
     layer.fallback = _fallback_for(m, layer)
     if layer.fallback is None and layer.needs_fallback():
         raise NotImplementedError(
             f"pcg.wrap: attention module {name} ({type(m).__name__}) uses "
             f"{'sinks' if sinks is not None else 'logit soft-capping'} but its modeling file has no "
             "eager_attention_forward to run it with")
+    _take_temperature(m)
     return layer.layer_id
 
 
@@ -375,7 +449,7 @@ def _activation(name: str, m: nn.Module) -> tuple[str, float, float]:
         raise NotImplementedError(f"pcg.wrap: experts module {name} ({cls}) has a custom gate "
                                   "function (_apply_gate) that pcg has no native kernel for")
     act = getattr(m, "act_fn", None)
-    hidden_act = getattr(m.config, "hidden_act", None)
+    hidden_act = getattr(getattr(m, "config", None), "hidden_act", None)
     from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
     if isinstance(act, (SiLUActivation, nn.SiLU)) or act is F.silu:
         return "silu", 1.702, 7.0
@@ -676,18 +750,19 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
     name_of_model = type(model).__name__
     attention = [(n, m) for n, m in model.named_modules() if _is_attention_module(m)]
     experts = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
+    blocks = hf_llama4.find_blocks(model)  # MoE blocks with their own expert code (Llama-4)
     mixers = _find_mixers(model, attention)
     if not attention and not mixers:
         raise TypeError(
             f"pcg.wrap: model {name_of_model} has no attention module using transformers' attention "
             "interface (ALL_ATTENTION_FUNCTIONS); pcg.wrap supports transformers MoE models and models "
             "built from pcg.nn layers")
-    if not experts:
+    if not experts and not blocks:
         raise TypeError(
             f"pcg.wrap: model {name_of_model} has no experts module using transformers' experts "
             "interface (use_experts_implementation); pcg.wrap supports Mixture-of-Experts models whose "
-            "experts use it (dense models, and MoE families with their own expert code such as "
-            "Llama-4 or JetMoE, are not supported)")
+            "experts use it, and Llama-4 (dense models, and other MoE families with their own expert "
+            "code such as JetMoE, are not supported)")
     for n, m in attention:
         if isinstance(getattr(m, "indexer", None), nn.Module):
             raise NotImplementedError(
@@ -700,7 +775,12 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
             raise NotImplementedError(f"pcg.wrap: experts module {n} ({type(m).__name__}) is not "
                                       "gated (up_proj only); pcg's fused MoE runs gated experts "
                                       "(gate_up_proj)")
+    for n, m in attention:
+        _chunk_size(n, m)
+    for n, b in blocks:
+        hf_llama4.check_block(n, b)
     activations = {n: _activation(n, m) for n, m in experts}
+    activations.update({f"{n}.experts": _activation(f"{n}.experts", b.experts) for n, b in blocks})
 
     register()
     registry = LayerRegistry()
@@ -714,22 +794,13 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
         _remember_id(m, registry, layer.layer_id)
         _patch_mixer(m, layer, int(getattr(model.config, "hidden_size", 0) or 0))
     for n, m in experts:
-        w13, w2, b13, b2, w13_block = _convert_experts(n, m)
-        act, alpha, limit = activations[n]
-        handle = registry.add_moe(w13=w13, w2=w2, b13=b13, b2=b2, activation=act, alpha=alpha,
-                                  limit=limit, w13_block=w13_block,
-                                  num_global_experts=int(w13.shape[0]), module=m, name=n)
-        _remember_id(m, registry, handle.layer_id)
-        if ep_cfg is not None:
-            from ..distributed import shard_layer
-            shard_layer(handle, ep_cfg)
-            # The module keeps only this rank's experts.
-            _set_param(m, "gate_up_proj", handle.w13)
-            _set_param(m, "down_proj", handle.w2)
-            if handle.b13 is not None:
-                _set_param(m, "gate_up_proj_bias", handle.b13)
-            if handle.b2 is not None:
-                _set_param(m, "down_proj_bias", handle.b2)
+        _remember_id(m, registry, _add_experts(registry, n, m, activations[n], ep_cfg))
+    for n, b in blocks:
+        hf_llama4.mark_layout(b.experts)
+        lid = _add_experts(registry, f"{n}.experts", b.experts, activations[f"{n}.experts"], ep_cfg)
+        _remember_id(b.experts, registry, lid)
+        _remember_id(b, registry, lid)
+        hf_llama4.patch_forward(b, n)
     saved = _switch_implementations(model)
     # Wrapped twice: keep the implementations the model had before the first wrap.
     model.__dict__.setdefault("_pcg_saved_implementations", saved)
@@ -739,6 +810,28 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
         return model(input_ids=ids[None], position_ids=positions[None], use_cache=False)
 
     return registry, forward_fn
+
+
+def _add_experts(registry: LayerRegistry, name: str, m: nn.Module, activation: tuple,
+                 ep_cfg: Any) -> int:
+    """Convert an experts module's weights to pcg's layout and register them
+    (this rank's share of them under expert parallelism); the layer id."""
+    w13, w2, b13, b2, w13_block = _convert_experts(name, m)
+    act, alpha, limit = activation
+    handle = registry.add_moe(w13=w13, w2=w2, b13=b13, b2=b2, activation=act, alpha=alpha,
+                              limit=limit, w13_block=w13_block,
+                              num_global_experts=int(w13.shape[0]), module=m, name=name)
+    if ep_cfg is not None:
+        from ..distributed import shard_layer
+        shard_layer(handle, ep_cfg)
+        # The module keeps only this rank's experts.
+        _set_param(m, "gate_up_proj", handle.w13)
+        _set_param(m, "down_proj", handle.w2)
+        if handle.b13 is not None:
+            _set_param(m, "gate_up_proj_bias", handle.b13)
+        if handle.b2 is not None:
+            _set_param(m, "down_proj_bias", handle.b2)
+    return handle.layer_id
 
 
 def _remember_id(m: nn.Module, registry: LayerRegistry, lid: int) -> None:
