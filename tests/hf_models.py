@@ -99,6 +99,19 @@ def gpt_oss_config(**overrides: Any):
     return GptOssConfig(**kw)
 
 
+def llama4_config(**overrides: Any):
+    """Llama-4 (text): MoE blocks with their own expert code (the router
+    weight scales the expert's input; a shared expert), top-1; chunked
+    attention (chunk 16) with QK L2 norm on the RoPE layers, a NoPE layer every
+    4th with temperature tuning (floor_scale 8: positions >= 7 are scaled)."""
+    from transformers import Llama4TextConfig
+    kw = dict(_BASE, num_hidden_layers=4, intermediate_size=32, intermediate_size_mlp=96, head_dim=16,
+              num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=1,
+              attention_chunk_size=16, floor_scale=8, attn_scale=0.5)
+    kw.update(overrides)
+    return Llama4TextConfig(**kw)
+
+
 def _model_class(config):
     import transformers
     name = {
@@ -106,6 +119,7 @@ def _model_class(config):
         "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
         "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
         "gpt_oss": "GptOssForCausalLM", "llama": "LlamaForCausalLM",
+        "llama4_text": "Llama4ForCausalLM",
     }[config.model_type]
     return getattr(transformers, name)
 
@@ -118,6 +132,7 @@ FAMILIES: dict[str, Callable[..., Any]] = {
     "deepseek_v2": deepseek_v2_config,
     "deepseek_v3": deepseek_v3_config,
     "gpt_oss": gpt_oss_config,
+    "llama4": llama4_config,
 }
 
 

@@ -155,10 +155,15 @@ def test_padded_batch(case, side):
             mask[i, s - n:] = 1
     out = _logits(wrapped(ids, attention_mask=mask))
     assert out.shape == (b, s, _vocab(name))
+    padded = None
+    if name == "llama4":  # its NoPE query scale follows the row index: the padded batch is the reference
+        with torch.inference_mode():
+            padded = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
     for i, n in enumerate(lens):
         rows = mask[i].bool()
         # real tokens at the positions the caller's row gives them (arange(S))
-        expect = ref_logits(name, ref, ids[i][rows], rows.nonzero().flatten())
+        expect = ref_logits(name, ref, ids[i][rows], rows.nonzero().flatten()) if padded is None \
+            else padded[i][rows]
         err = rel_err(out[i][rows], expect)
         assert err <= RTOL, f"{name}/{compiler} padded {side} row {i}: relative error {err:.3g}"
         assert torch.all(out[i][~rows] == 0)

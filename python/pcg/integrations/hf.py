@@ -42,6 +42,10 @@ from . import hf_llama4
 from ..ops.fused_moe import deinterleave_w13, interleave_w13, w13_block_for
 
 IMPL = "pcg"
+# Keyword the wrapped forward passes the positions [1, N] to the model with,
+# for attention functions that need them (Llama-4's temperature tuning):
+# transformers forwards unknown keywords to the attention function.
+POSITIONS_KWARG = "pcg_positions"
 
 
 # ---- the functions transformers calls ------------------------------------------
@@ -81,7 +85,7 @@ def pcg_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     _sync_settings(module, _reg.current().registry.attention(lid), scaling, kwargs)
     temperature = module.__dict__.get("_pcg_temperature")
     if temperature is not None:
-        query = _temperature_scaled(query, *temperature)
+        query = _temperature_scaled(query, kwargs.get(POSITIONS_KWARG), *temperature)
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
@@ -89,20 +93,21 @@ def pcg_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return out[None], None
 
 
-def _temperature_scaled(query: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+def _temperature_scaled(query: torch.Tensor, positions: Optional[torch.Tensor], floor_scale: float,
+                        attn_scale: float) -> torch.Tensor:
     """Llama-4's attention temperature tuning of NoPE layers, by position:
     query [1, Hq, N, D] * (log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1).
     The model computes it from the row index (``arange``), which over pcg's
     packed row would be the wrong position for every sequence but the first;
-    pcg takes the setting over at wrap time and uses the batch's positions
-    (each sequence alone: the model's own numbers, bit for bit)."""
+    pcg takes the setting over at wrap time and uses the positions its
+    forward passes down ([1, N], keyword POSITIONS_KWARG: an argument, so a
+    compiled trace reads the call's positions, not the first call's).
+    Each sequence alone gets the model's own numbers, bit for bit."""
+    if positions is None:
+        raise RuntimeError("pcg: a Llama-4 NoPE attention layer got no positions from the wrapped "
+                           f"forward (keyword {POSITIONS_KWARG!r} did not reach the attention function)")
     n = query.shape[2]
-    pos = _reg.current().batch.positions
-    if pos is None:
-        pos = torch.arange(n, device=query.device)
-    elif pos.shape[0] < n:  # pad rows (their output is discarded)
-        pos = torch.cat([pos, pos.new_zeros(n - pos.shape[0])])
-    scales = torch.log1p(torch.floor((pos[:n].float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    scales = torch.log1p(torch.floor((positions.reshape(-1).float() + 1.0) / floor_scale)) * attn_scale + 1.0
     return (query * scales.view(1, 1, n, 1)).to(query.dtype)
 
 
@@ -806,8 +811,13 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
     model.__dict__.setdefault("_pcg_saved_implementations", saved)
     model.eval()
 
+    # Positions for the attention function, only where a layer needs them (a
+    # model whose forward takes no extra keywords is called as before).
+    needs_positions = any("_pcg_temperature" in m.__dict__ for _, m in attention)
+
     def forward_fn(ids: torch.Tensor, positions: torch.Tensor):
-        return model(input_ids=ids[None], position_ids=positions[None], use_cache=False)
+        extra = {POSITIONS_KWARG: positions[None]} if needs_positions else {}
+        return model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **extra)
 
     return registry, forward_fn
 
