@@ -10,8 +10,9 @@ from pcg.batch import BatchMeta
 from pcg.ops import causal_attention_out
 
 
-def reference(q, k, v, cu, scale=None, window_left=-1, rows=None):
-    """fp64 softmax attention per sequence, causal (+ window); pad rows zero."""
+def reference(q, k, v, cu, scale=None, window_left=-1, rows=None, chunk=None):
+    """fp64 softmax attention per sequence, causal (+ window, + chunks of
+    ``chunk`` tokens from the sequence's first); pad rows zero."""
     rows = q.shape[0] if rows is None else rows
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -29,6 +30,8 @@ def reference(q, k, v, cu, scale=None, window_left=-1, rows=None):
         keep = j <= i
         if window_left >= 0:
             keep &= (i - j) <= window_left
+        if chunk is not None:
+            keep &= (i // chunk) == (j // chunk)
         logits = logits.masked_fill(~keep, float("-inf"))
         out[a:b] = torch.einsum("hij,jhd->ihd", logits.softmax(-1), vs)
     return out
@@ -72,6 +75,101 @@ def test_matches_reference_cpu(case, strided):
     causal_attention_out(q, k, v, out, cu if len(cu) > 1 else [0, 0], scale=scale, window_left=wl)
     ref = reference(q, k, v, cu if len(cu) > 1 else [0, 0], scale, wl, rows)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+CHUNK_CASES = [  # rows, cu_seqlens, chunk, window_left
+    (29, [0, 9, 15, 15, 26], 4, -1),  # pad rows, an empty sequence
+    (40, [0, 40], 16, -1),
+    (23, [0, 1, 23], 5, 2),  # chunk and window together
+    (12, [0, 12], 12, -1),  # one chunk holds the call: the standard path
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chunked_layer_matches_reference(case, device):
+    """A chunked layer (Llama-4) through pcg::attention: keys of the query's
+    own chunk only, counted from its sequence's first token."""
+    from pcg import attention as attn
+    from pcg.registry import AttentionLayer
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rows, cu, chunk, wl = case
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = make(rows, 4, 2, 16, dtype=dtype, device=device, strided=True)
+    layer = AttentionLayer(0, chunk_size=chunk, sliding_window=None if wl < 0 else wl + 1)
+    out = torch.full((rows, 4, 16), float("nan"), dtype=dtype, device=device)
+    attn.compute(q, k, v, out, layer, BatchMeta(cu[-1], cu, None, rows))
+    ref = reference(q.cpu(), k.cpu(), v.cpu(), cu, None, wl, rows, chunk=chunk)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
+    assert attn.native(layer, rows) == (rows <= chunk)
+
+
+class _RecordingSplits:
+    """Stands in for the capture engine's SegmentRecorder on the CPU: runs
+    the split call and remembers which op a capture would record."""
+
+    def __init__(self):
+        self.calls = []
+
+    def split(self, op_name, args, out):
+        ns, name = op_name.split("::")
+        getattr(getattr(torch.ops, ns), name)(*args)
+        self.calls.append(op_name)
+        return out
+
+
+@pytest.mark.parametrize("rows,graph_attention,expect", [
+    (12, True, []),  # the chunk holds the bucket, <= 64 rows: inside the graph
+    (12, False, ["pcg::causal_attention_out"]),  # the chunk holds it: the C++ op is recorded
+    (40, False, ["pcg::attention_out"]),  # sequences are cut: Python runs the pieces at replay
+    (40, True, ["pcg::attention_out"]),
+])
+def test_chunked_layer_under_capture_records_the_right_call(rows, graph_attention, expect):
+    """What a capture of a chunked layer (chunk 16) records per bucket size,
+    and that the call it runs is right for the batch it runs."""
+    from pcg.ops import graph_batch
+    from pcg.registry import LayerRegistry, RunContext, running
+    reg = LayerRegistry()
+    reg.add_attention(chunk_size=16)
+    q, k, v = make(rows, 4, 2, 16)
+    rec = _RecordingSplits()
+    batch = BatchMeta(rows, [0, rows], None, rows, meta=torch.zeros(4 + rows + 1, dtype=torch.int64))
+    ctx = RunContext(reg, batch, None, rec)
+    if graph_attention:
+        ctx.graph_batch = graph_batch([0, rows])
+    with running(ctx):
+        out = torch.ops.pcg.attention(q, k, v, 0)
+    assert rec.calls == expect
+    assert ctx.stats.get("graph_attention", 0) == (0 if expect else 1)
+    torch.testing.assert_close(out.double(), reference(q, k, v, [0, rows], rows=rows, chunk=16),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pcg_nn_chunked_attention_wrapped_and_unwrapped():
+    """pcg.nn.Attention(chunk_size=...): the wrapped model (chunk pieces of
+    the packed batch) equals the unwrapped one (SDPA with a chunk mask), and
+    the chunks change the output (the check can fail)."""
+    import copy
+    from pcg.models import MoETransformer, MoETransformerConfig
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(num_layers=2)).eval()
+    full = copy.deepcopy(model)
+    for block in model.modules():
+        if isinstance(block, pcg.nn.Attention):
+            block.chunk_size = 3
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expect, unchunked = ref(ids), full(ids)
+        assert (expect - unchunked).abs().max() > 1e-3
+        w = pcg.wrap(model, progress=False)
+        assert [l.chunk_size for l in w.registry.attention_layers] == [3, 3]
+        got = w(ids)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        pcg.nn.Attention(4, 2, 16, chunk_size=0)
 
 
 def test_non_contiguous_out():

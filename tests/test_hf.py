@@ -267,7 +267,7 @@ def test_no_mask_is_built(monkeypatch):
     assert rel_err(out, expect) <= RTOL
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "llama4"])
 def test_same_model_wrapped_twice(family):
     model = build(family)
     ref = copy.deepcopy(model)

@@ -50,13 +50,17 @@ USE_SHORT_KERNEL = True
 USE_GRAPH_ATTENTION = os.environ.get("PCG_GRAPH_ATTENTION", "1") != "0"
 
 
-def _window_mask(n: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """[n, n] bool, True where query i may attend key j (causal, optional window)."""
+def _window_mask(n: int, window: int | None, device: torch.device,
+                 chunk: int | None = None) -> torch.Tensor:
+    """[n, n] bool, True where query i may attend key j (causal, optional
+    window, optional chunks of ``chunk`` tokens)."""
     i = torch.arange(n, device=device)[:, None]
     j = torch.arange(n, device=device)[None, :]
     keep = j <= i
     if window is not None:
         keep &= (i - j) < window
+    if chunk is not None:
+        keep &= (i // chunk) == (j // chunk)
     return keep
 
 
@@ -64,8 +68,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLay
     """One sequence with torch SDPA: q [s, Hq, D] ... -> [s, Hq, Dv]."""
     s = q.shape[0]
     qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, s, D]
-    if layer.sliding_window is not None and layer.sliding_window < s:
-        mask = _window_mask(s, layer.sliding_window, q.device)
+    window = layer.sliding_window if layer.sliding_window is not None and layer.sliding_window < s else None
+    chunk = layer.chunk_size if layer.chunk_size is not None and layer.chunk_size < s else None
+    if window is not None or chunk is not None:
+        mask = _window_mask(s, window, q.device, chunk)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=layer.scaling,
                                            enable_gqa=kh.shape[1] != qh.shape[1])
     else:

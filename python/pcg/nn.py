@@ -29,14 +29,18 @@ class Attention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scaling: Optional[float] = None, sliding_window: Optional[int] = None) -> None:
+                 scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                 chunk_size: Optional[int] = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"pcg.nn.Attention: num_heads ({num_heads}) must be a multiple of "
                              f"num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"pcg.nn.Attention: chunk_size must be positive, got {chunk_size}")
         self.sliding_window = sliding_window
+        self.chunk_size = chunk_size  # chunked attention (Llama-4): keys of the query's own chunk
         self.layer_id: Optional[int] = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -44,7 +48,8 @@ class Attention(nn.Module):
             return torch.ops.pcg.attention(q, k, v, self.layer_id)
         from .attention import _sdpa
         return _sdpa(q, k, v, _reg.AttentionLayer(-1, scaling=self.scaling,
-                                                  sliding_window=self.sliding_window))
+                                                  sliding_window=self.sliding_window,
+                                                  chunk_size=self.chunk_size))
 
 
 class MoE(nn.Module):
@@ -110,7 +115,9 @@ def prepare(model: nn.Module, ep_cfg=None):
     for name, m in model.named_modules():
         if isinstance(m, Attention):
             m.layer_id = registry.add_attention(module=m, scaling=m.scaling,
-                                                sliding_window=m.sliding_window, name=name).layer_id
+                                                sliding_window=m.sliding_window,
+                                                chunk_size=m.chunk_size,
+                                                name=name).layer_id
         elif isinstance(m, MoE):
             handle = registry.add_moe(w13=m.w13, w2=m.w2, b13=m.b13, b2=m.b2,
                                       activation=m.activation, w13_block=m.w13_block,

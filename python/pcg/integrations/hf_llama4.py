@@ -97,6 +97,9 @@ class MoeForward:
         lid = _layer_id(block, "experts")
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         scores, logits = block.router(x)  # [T, E]: sigmoid of the top-k logits, 0 elsewhere
+        if scores.dim() != 2 or scores.shape[0] != x.shape[0]:
+            raise RuntimeError(f"pcg: MoE block {self.name}: its router returned scores of shape "
+                               f"{tuple(scores.shape)}, expected [tokens {x.shape[0]}, experts]")
         vals, ids = torch.topk(scores, top_k(block), dim=1)
         out = block.shared_expert(x)
         ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
