@@ -52,6 +52,22 @@ def test_pack_single_and_restarting_positions():
     assert torch.equal(p.positions, pos[0])
 
 
+def test_pack_positions_that_jump_start_a_sequence():
+    """transformers' packed-sequence rule: a position that does not follow
+    the previous one by one starts a sequence (a jump as well as a restart)."""
+    ids = torch.arange(9)[None]
+    for pos, cu in (([0, 1, 2, 3, 10, 11, 12, 13, 14], [0, 4, 9]),
+                    ([3, 4, 5, 6, 0, 1, 2, 3, 4], [0, 4, 9]),
+                    ([0, 1, 2, 2, 3, 4, 5, 6, 7], [0, 3, 9]),
+                    ([5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 9]),
+                    ([0, 0, 0, 1, 2, 3, 9, 8, 9], [0, 1, 2, 6, 7, 9])):
+        assert pack(ids, position_ids=torch.tensor([pos])).cu_seqlens == cu, pos
+    # [B, S] rows: a row always starts a sequence; one token alone is one sequence
+    p = pack(torch.arange(8).view(2, 4), position_ids=torch.tensor([[0, 1, 7, 8], [4, 5, 6, 7]]))
+    assert p.cu_seqlens == [0, 2, 4, 8]
+    assert pack(torch.arange(1)[None], position_ids=torch.tensor([[6]])).cu_seqlens == [0, 1]
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_pack_padded_batch_and_unpack_zeros(side):
     ids = torch.arange(12).view(3, 4)

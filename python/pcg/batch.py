@@ -110,12 +110,14 @@ class PackedInput:
 
 
 def _starts_from_positions(pos: torch.Tensor) -> list[int]:
-    """Sequence starts of one packed row: index 0 and every position that restarts at 0."""
+    """Sequence starts of one packed row: index 0 and every token whose
+    position does not follow the one before it by one (transformers' rule for
+    packed position_ids: a restart at 0, or a jump, starts a sequence)."""
     host = pos.detach().to("cpu")
-    starts = (host == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    return starts
+    if host.numel() < 2:
+        return [0]
+    jumps = (host[1:] != host[:-1] + 1).nonzero().flatten() + 1
+    return [0] + jumps.tolist()
 
 
 def pack(input_ids: Optional[torch.Tensor] = None,
@@ -125,7 +127,9 @@ def pack(input_ids: Optional[torch.Tensor] = None,
     """Pack a caller batch.
 
     * ``input_ids`` [1, T] (or ``inputs_embeds`` [1, T, H]): one packed row; with
-      ``position_ids`` [1, T] restarting at 0 it holds several sequences.
+      ``position_ids`` [1, T] it holds several sequences: a token whose position
+      does not follow the previous one by one (a restart at 0, or a jump)
+      starts the next (transformers' packed-sequence rule).
     * [B, S] with an optional ``attention_mask`` [B, S] (1 = real token, left or
       right padding): each row is one sequence (or several, by ``position_ids``);
       pad tokens are dropped. Positions default to ``arange(S)`` per row, the
@@ -177,7 +181,7 @@ def pack(input_ids: Optional[torch.Tensor] = None,
         flat_pos = flat_pos.index_select(0, token_index)
         row_lens = attention_mask.to(torch.int64).sum(1).tolist()
     # Sequence boundaries: every row starts a sequence; explicit position_ids
-    # that restart at 0 start more (several packed sequences in one row). Only
+    # that restart (or jump) start more (several packed sequences in one row). Only
     # explicit positions are read back from the device (pass them on the CPU
     # to keep prefill free of device-to-host syncs).
     row_starts = [0]
