@@ -66,6 +66,10 @@ def test_pack_positions_that_jump_start_a_sequence():
     p = pack(torch.arange(8).view(2, 4), position_ids=torch.tensor([[0, 1, 7, 8], [4, 5, 6, 7]]))
     assert p.cu_seqlens == [0, 2, 4, 8]
     assert pack(torch.arange(1)[None], position_ids=torch.tensor([[6]])).cu_seqlens == [0, 1]
+    # with a mask, a pad hole is not a new sequence; a restart at 0 still is
+    p = pack(torch.arange(6)[None], attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1]]),
+             position_ids=torch.tensor([[0, 1, 2, 3, 0, 1]]))
+    assert p.cu_seqlens == [0, 3, 5] and p.positions.tolist() == [0, 1, 3, 0, 1]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

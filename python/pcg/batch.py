@@ -109,15 +109,17 @@ class PackedInput:
         return out.view(b, s, *t.shape[1:])
 
 
-def _starts_from_positions(pos: torch.Tensor) -> list[int]:
+def _starts_from_positions(pos: torch.Tensor, jumps: bool = True) -> list[int]:
     """Sequence starts of one packed row: index 0 and every token whose
     position does not follow the one before it by one (transformers' rule for
-    packed position_ids: a restart at 0, or a jump, starts a sequence)."""
+    packed position_ids: a restart at 0, or a jump, starts a sequence), or with
+    ``jumps=False`` only every restart at 0 (rows of a masked batch: a masked
+    hole in a row is a jump of the kept positions, not a new sequence)."""
     host = pos.detach().to("cpu")
     if host.numel() < 2:
         return [0]
-    jumps = (host[1:] != host[:-1] + 1).nonzero().flatten() + 1
-    return [0] + jumps.tolist()
+    new = (host[1:] != host[:-1] + 1) if jumps else (host[1:] == 0)
+    return [0] + (new.nonzero().flatten() + 1).tolist()
 
 
 def pack(input_ids: Optional[torch.Tensor] = None,
@@ -129,7 +131,9 @@ def pack(input_ids: Optional[torch.Tensor] = None,
     * ``input_ids`` [1, T] (or ``inputs_embeds`` [1, T, H]): one packed row; with
       ``position_ids`` [1, T] it holds several sequences: a token whose position
       does not follow the previous one by one (a restart at 0, or a jump)
-      starts the next (transformers' packed-sequence rule).
+      starts the next (transformers' packed-sequence rule; in a batch with an
+      ``attention_mask``, where pad holes make the kept positions jump, only a
+      restart at 0 does).
     * [B, S] with an optional ``attention_mask`` [B, S] (1 = real token, left or
       right padding): each row is one sequence (or several, by ``position_ids``);
       pad tokens are dropped. Positions default to ``arange(S)`` per row, the
@@ -190,7 +194,7 @@ def pack(input_ids: Optional[torch.Tensor] = None,
     total = row_starts[-1]
     starts = set(row_starts[:-1])
     if explicit_positions and total:
-        starts |= set(_starts_from_positions(flat_pos))
+        starts |= set(_starts_from_positions(flat_pos, jumps=attention_mask is None))
     cu = sorted(x for x in starts if x < total) + [total]
     if cu[0] != 0:
         cu = [0] + cu
