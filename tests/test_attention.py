@@ -1,6 +1,8 @@
 """pcg::causal_attention_out against a pure-PyTorch reference (CPU; CUDA marked gpu),
 its errors, opcheck, and its replay as a recorded split call of a segment chain."""
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,9 @@ import torch
 import pcg  # noqa: F401
 from pcg.batch import BatchMeta
 from pcg.ops import causal_attention_out
+
+sys.path.insert(0, os.path.dirname(__file__))
+from split_recorder import SplitRecorder  # noqa: E402
 
 
 def reference(q, k, v, cu, scale=None, window_left=-1, rows=None, chunk=None):
@@ -106,20 +111,6 @@ def test_chunked_layer_matches_reference(case, device):
     assert attn.native(layer, rows) == (rows <= chunk)
 
 
-class _RecordingSplits:
-    """Stands in for the capture engine's SegmentRecorder on the CPU: runs
-    the split call and remembers which op a capture would record."""
-
-    def __init__(self):
-        self.calls = []
-
-    def split(self, op_name, args, out):
-        ns, name = op_name.split("::")
-        getattr(getattr(torch.ops, ns), name)(*args)
-        self.calls.append(op_name)
-        return out
-
-
 @pytest.mark.parametrize("rows,graph_attention,expect", [
     (12, True, []),  # the chunk holds the bucket, <= 64 rows: inside the graph
     (12, False, ["pcg::causal_attention_out"]),  # the chunk holds it: the C++ op is recorded
@@ -134,7 +125,7 @@ def test_chunked_layer_under_capture_records_the_right_call(rows, graph_attentio
     reg = LayerRegistry()
     reg.add_attention(chunk_size=16)
     q, k, v = make(rows, 4, 2, 16)
-    rec = _RecordingSplits()
+    rec = SplitRecorder()
     batch = BatchMeta(rows, [0, rows], None, rows, meta=torch.zeros(4 + rows + 1, dtype=torch.int64))
     ctx = RunContext(reg, batch, None, rec)
     if graph_attention:

@@ -26,6 +26,7 @@ from pcg.models import MoETransformer, MoETransformerConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_models import FAMILIES, VOCAB, build  # noqa: E402
+from split_recorder import SplitRecorder  # noqa: E402
 
 RTOL = 1e-4
 INDUCTOR_FAST = ("moe", "qwen3_moe", "deepseek_v3")
@@ -508,20 +509,6 @@ def _meta_buffer(n):
     return torch.zeros(4 + n + 1, dtype=torch.int64)
 
 
-class _Recorder:
-    """What CaptureEngine's SegmentRecorder does at a split op, minus the CUDA
-    graphs: run the out= variant for real and record the call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def split(self, op_name, args, out):
-        ns, name = op_name.split("::")
-        getattr(getattr(torch.ops, ns), name)(*args)
-        self.calls.append(op_name)
-        return out
-
-
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 @torch.inference_mode()
 def test_split_ops_reach_the_recorder_inside_a_capture(compiler):
@@ -538,7 +525,7 @@ def test_split_ops_reach_the_recorder_inside_a_capture(compiler):
     fn = _fn(wrapped)
     checks = fn.stats["checks"]
     for n in (16, 8, 1):
-        rec = _Recorder()
+        rec = SplitRecorder()
         ids = torch.randint(0, 256, (n,))
         pos = torch.arange(n)
         ctx = RunContext(wrapped.registry, BatchMeta(n, [0, n], pos, n, meta=_meta_buffer(n)),
@@ -560,7 +547,7 @@ def test_first_call_inside_a_capture_falls_back():
     ref = copy.deepcopy(model)
     wrapped = pcg.wrap(model, compiler="eager", progress=False)
     fn = _fn(wrapped)
-    rec = _Recorder()
+    rec = SplitRecorder()
     ids, pos = torch.randint(0, 256, (6,)), torch.arange(6)
     with running(RunContext(wrapped.registry, BatchMeta(6, [0, 6], pos, 6, meta=_meta_buffer(6)), None, rec)):
         out = fn(ids, pos)
