@@ -74,6 +74,8 @@ def test_chunks_and_temperature_are_exercised():
     w = pcg.wrap(model, progress=False)
     reg = w.registry
     assert [l.chunk_size for l in reg.attention_layers] == [16, 16, 16, None]
+    assert w.report().attention_kinds == {"chunked 16": 3, "full": 1}
+    assert "attention: 3 chunked 16, 1 full" in str(w.report())
     # The NoPE layer's temperature is pcg's while wrapped (the model's own is off).
     attn = [m for m in model.modules() if type(m).__name__ == "Llama4TextAttention"]
     assert [m.attn_temperature_tuning for m in attn] == [True, True, True, False]

@@ -23,6 +23,7 @@ class Report:
     compile_fallbacks: dict = field(default_factory=dict)  # compile mode: reason -> calls run uncompiled
     graph_attention_per_bucket: dict = field(default_factory=dict)  # bucket -> attention calls inside its graphs
     mixer_layers: int = 0  # hybrid models' other token mixers (split ops, run per sequence)
+    attention_kinds: dict = field(default_factory=dict)  # "full" / "sliding W" / "chunked C" -> layers
 
     @property
     def graph_attention_buckets(self) -> list:
@@ -53,6 +54,7 @@ class Report:
                                    .get("compile_fallbacks", {})),
             graph_attention_per_bucket={n: g.graph_attention for n, g in sorted(graphs.items())},
             mixer_layers=len(wrapped.registry.mixer_layers),
+            attention_kinds=_attention_kinds(wrapped.registry.attention_layers),
         )
 
     def as_dict(self) -> dict:
@@ -65,6 +67,7 @@ class Report:
             f"  layers: {self.attention_layers} attention, {self.moe_layers} MoE"
             + (f", {self.mixer_layers} other token mixers (split, per sequence)" if self.mixer_layers else "")
             + (f", {len(self.moe_split_layers)} MoE as split ops" if self.moe_split_layers else ""),
+            "  attention: " + (", ".join(f"{n} {k}" for k, n in self.attention_kinds.items()) or "-"),
             f"  buckets captured: {len(self.buckets)} "
             + (f"({self.buckets[0]}..{self.buckets[-1]} tokens)" if self.buckets else ""),
             f"  segments per bucket: {segs[0] if len(segs) == 1 else segs}" if segs else "  segments per bucket: -",
@@ -87,3 +90,14 @@ class Report:
         if self.debug_max_rel_err:
             lines.append(f"  debug: max relative error replay vs eager {self.debug_max_rel_err:.3g}")
         return "\n".join(lines)
+
+
+def _attention_kinds(layers: list) -> dict:
+    """Layers per kind of key set: full causal, sliding window, position chunks."""
+    kinds: dict = {}
+    for layer in layers:
+        kind = ("full" if layer.sliding_window is None else f"sliding {layer.sliding_window}")
+        if layer.chunk_size:
+            kind = f"chunked {layer.chunk_size}" + ("" if layer.sliding_window is None else f" + {kind}")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
