@@ -227,6 +227,31 @@ def test_plain_module_is_refused():
         pcg.wrap(Plain())
 
 
+def test_non_causal_attention_is_refused_before_any_change():
+    model = build("qwen3_moe")
+    model.model.layers[1].self_attn.is_causal = False
+    w13 = model.model.layers[0].mlp.experts.gate_up_proj.clone()
+    with pytest.raises(NotImplementedError, match="is not causal") as err:
+        pcg.wrap(model)
+    assert "multimodal" not in str(err.value)
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, w13)
+    assert model.config._attn_implementation != "pcg"
+
+
+def test_multimodal_encoder_gets_a_hint():
+    """A model holding an encoder (non-causal attention) and a language model:
+    the error says to wrap the language model alone."""
+    class VisionLanguage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.language_model = build("qwen3_moe")
+            self.vision_tower = copy.deepcopy(self.language_model.model.layers[0].self_attn)
+            self.vision_tower.is_causal = False
+
+    with pytest.raises(NotImplementedError, match="vision_tower .* not causal.*language model alone"):
+        pcg.wrap(VisionLanguage())
+
+
 def test_unsupported_activation_is_refused():
     model = build("qwen3_moe", hidden_act="relu2")
     with pytest.raises(NotImplementedError, match="relu2"):

@@ -413,10 +413,24 @@ def _fallback_for(module: nn.Module, layer: Any) -> Optional[Callable]:
     return fallback
 
 
+# Name parts of a multimodal model's encoders (their attention is not causal).
+_ENCODER_WORDS = re.compile(r"(vision|visual|image|audio|speech|encoder|vit|siglip)", re.IGNORECASE)
+
+
+def _check_causal(name: str, m: nn.Module) -> None:
+    if getattr(m, "is_causal", True) is not False:
+        return
+    hint = ""
+    if _ENCODER_WORDS.search(name) or _ENCODER_WORDS.search(type(m).__name__):
+        hint = (" It looks like a multimodal model's encoder: pcg.wrap the language model alone (for "
+                "example model.language_model or model.model.language_model, a *ForCausalLM or its "
+                "decoder) and run the encoder as it is.")
+    raise NotImplementedError(f"pcg.wrap: attention module {name} ({type(m).__name__}) is not causal; "
+                              f"pcg runs causal (decoder) attention only.{hint}")
+
+
 def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
-    if getattr(m, "is_causal", True) is False:
-        raise NotImplementedError(f"pcg.wrap: attention module {name} ({type(m).__name__}) is not "
-                                  "causal; pcg runs causal (decoder) attention only")
+    _check_causal(name, m)
     sinks = getattr(m, "sinks", None)
     if not isinstance(sinks, torch.Tensor):
         sinks = None
@@ -781,6 +795,7 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
                                       "gated (up_proj only); pcg's fused MoE runs gated experts "
                                       "(gate_up_proj)")
     for n, m in attention:
+        _check_causal(n, m)
         _chunk_size(n, m)
     for n, b in blocks:
         hf_llama4.check_block(n, b)
