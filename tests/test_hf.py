@@ -227,6 +227,24 @@ def test_plain_module_is_refused():
         pcg.wrap(Plain())
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama4"])
+def test_decoder_without_its_head_gives_hidden_states(family):
+    """Wrapping the decoder (``model.model``) returns the last hidden states
+    [B, S, H], so an engine applies the head only to the rows it samples."""
+    lm = build(family)
+    ref = copy.deepcopy(lm)
+    w = pcg.wrap(lm.model)
+    g = torch.Generator().manual_seed(6)
+    ids = _ids(g, 2, 9)
+    mask = padding_mask([9, 5], 9, "right")
+    hidden = w(ids, attention_mask=mask).last_hidden_state
+    assert hidden.shape == (2, 9, ref.config.hidden_size)
+    last = torch.stack([hidden[0, 8], hidden[1, 4]])  # each sequence's last token
+    with torch.inference_mode():
+        expect = torch.stack([ref_logits(ref, ids[0])[8], ref_logits(ref, ids[1, :5])[4]])
+    assert rel_err(lm.lm_head(last), expect) <= RTOL
+
+
 def test_non_causal_attention_is_refused_before_any_change():
     model = build("qwen3_moe")
     model.model.layers[1].self_attn.is_causal = False
