@@ -245,6 +245,49 @@ def test_decoder_without_its_head_gives_hidden_states(family):
     assert rel_err(lm.lm_head(last), expect) <= RTOL
 
 
+def test_inputs_embeds_match_unwrapped(pair):
+    """inputs_embeds [B, S, H] (a multimodal model's merged embeddings) run
+    the split path: one sequence, packed positions and a padded batch."""
+    family, ref, wrapped = pair
+    g = torch.Generator().manual_seed(7)
+    emb = ref.get_input_embeddings()
+    ids = _ids(g, 2, 10)
+    with torch.inference_mode():
+        x = emb(ids) + 0.01 * torch.randn(2, 10, ref.config.hidden_size, generator=g)  # not a table row
+        before = wrapped.report().eager_fallbacks.get("not_cuda", 0)
+        got = wrapped(inputs_embeds=x[:1]).logits
+        assert wrapped.report().eager_fallbacks.get("not_cuda", 0) == before + 1
+        assert rel_err(got, ref(inputs_embeds=x[:1], use_cache=False).logits) <= RTOL
+        pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+        got = wrapped(inputs_embeds=x[:1], position_ids=pos).logits[0]
+        for a, b in ((0, 4), (4, 10)):
+            expect = ref(inputs_embeds=x[:1, a:b], position_ids=pos[:, a:b], use_cache=False).logits[0]
+            assert rel_err(got[a:b], expect) <= RTOL, (family, a, b)
+        mask = padding_mask([10, 6], 10, "right")
+        got = wrapped(inputs_embeds=x, attention_mask=mask).logits
+        expect = ref(inputs_embeds=x, attention_mask=mask, use_cache=False).logits
+        keep = mask.bool()
+        assert rel_err(got[keep], expect[keep]) <= RTOL and torch.all(got[~keep] == 0)
+
+
+def test_inputs_embeds_bad_calls_raise_clearly():
+    model = build("qwen3_moe")
+    w = pcg.wrap(model)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    x = model.get_input_embeddings()(ids).detach()
+    with pytest.raises(ValueError, match="exactly one"):
+        w(input_ids=ids, inputs_embeds=x)
+    with pytest.raises(TypeError, match="floating point"):
+        w(inputs_embeds=ids[..., None].expand(1, 5, 64))
+    with pytest.raises(ValueError, match="hidden_size=64"):
+        w(inputs_embeds=x[..., :-1])
+    with pytest.raises(ValueError, match="hidden_size"):
+        w(inputs_embeds=x[0])
+    compiled = pcg.wrap(build("qwen3_moe"), compiler="eager", progress=False)
+    with pytest.raises(NotImplementedError, match=r"transformers\+eager"):
+        compiled(inputs_embeds=x)
+
+
 def test_non_causal_attention_is_refused_before_any_change():
     model = build("qwen3_moe")
     model.model.layers[1].self_attn.is_causal = False

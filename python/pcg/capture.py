@@ -311,6 +311,8 @@ class CaptureEngine:
               padded_to: Optional[int] = None,
               leaf: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Any:
         """The same split path without graphs (CPU, or above the largest bucket).
+        ``ids`` [n] token ids, or [n, H] input embeddings where the forward
+        takes them (the transformers integration).
 
         ``padded_to`` > n runs that many rows, the pad rows masked by a device
         ``num_valid`` = n (expert parallelism needs equal shapes on every rank;
@@ -322,8 +324,8 @@ class CaptureEngine:
         if run < n:
             raise RuntimeError(f"pcg: cannot pad {n} tokens to {run}")
         num_valid = None
-        if run > n:
-            ids = torch.cat([ids, ids.new_zeros(run - n)])
+        if run > n:  # ids [n], or input embeddings [n, H]
+            ids = torch.cat([ids, ids.new_zeros((run - n, *ids.shape[1:]))])
             pad_pos = torch.zeros(run - n, dtype=torch.int64, device=ids.device)
             positions = (torch.arange(run, device=ids.device) if positions is None
                          else torch.cat([positions, pad_pos]))

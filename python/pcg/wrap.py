@@ -62,7 +62,9 @@ class WrappedModel(nn.Module):
 
     Call it like the original (``input_ids`` [1, T] or [B, S], optional
     ``attention_mask`` [B, S] and ``position_ids``); outputs come back in the
-    caller's shape, pad positions zero-filled. ``capture()`` captures every
+    caller's shape, pad positions zero-filled. ``inputs_embeds`` [B, S, H]
+    (transformers models, no compiler, no EP) run the split path without
+    graphs: correct, not yet captured (report: eager fallback "inputs_embeds"). ``capture()`` captures every
     bucket now (otherwise the first call does); ``report()`` says what was
     captured and how calls ran.
     """
@@ -225,11 +227,13 @@ class WrappedModel(nn.Module):
             raise TypeError(f"pcg: unsupported forward arguments {sorted(kwargs)}; the wrapped model "
                             "takes input_ids, attention_mask and position_ids")
         if inputs_embeds is not None:
-            raise NotImplementedError("pcg: inputs_embeds is not supported yet; pass input_ids")
+            self._check_embeds(input_ids, inputs_embeds)
         if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()
                                       or input_ids.dtype == torch.bool):
             raise TypeError(f"pcg: input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        packed = pack(input_ids, attention_mask, position_ids)
+        packed = pack(input_ids, attention_mask, position_ids, inputs_embeds)
+        if packed.inputs_embeds is not None:
+            return self._embeds_forward(packed)
         self._check_token_range(packed.input_ids)
         moved = (self._engine is not None and self._engine.captured and not self.options.debug
                  and self._engine.params_moved())
@@ -277,6 +281,36 @@ class WrappedModel(nn.Module):
         if self.options.debug:
             self._debug_compare(out, self._eager(eng, ids, pos, packed.cu_seqlens, n_run, unpack))
         return out
+
+    def _check_embeds(self, input_ids: Optional[torch.Tensor], embeds: torch.Tensor) -> None:
+        if input_ids is not None:
+            raise ValueError("pcg: pass exactly one of input_ids [B, S] or inputs_embeds [B, S, H]")
+        if self.integration != "transformers":
+            raise NotImplementedError(
+                f"pcg: inputs_embeds is supported for transformers models wrapped without a compiler "
+                f"(this wrap: {self.integration}); pass input_ids")
+        if self.ep is not None:
+            raise NotImplementedError("pcg: inputs_embeds with expert parallelism is not supported (every "
+                                      "rank must take the same path through the graphs); pass input_ids")
+        if not embeds.is_floating_point():
+            raise TypeError(f"pcg: inputs_embeds must be floating point, got dtype {embeds.dtype}")
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        if embeds.dim() != 3 or (isinstance(hidden, int) and embeds.shape[-1] != hidden):
+            raise ValueError(f"pcg: inputs_embeds must be [B, S, hidden_size={hidden}], got shape "
+                             f"{tuple(embeds.shape)}")
+
+    def _embeds_forward(self, packed: Any) -> Any:
+        """inputs_embeds run the split path without graphs (the graphs take
+        token ids): correct, reported as the eager fallback "inputs_embeds"."""
+        eng = self.engine()
+        n = packed.num_tokens
+        x = packed.inputs_embeds.to(self.device)
+        pos = packed.positions.to(self.device) if packed.positions is not None else None
+        eng.stats.fallback(self._can_capture() or "inputs_embeds")
+
+        def unpack(t: torch.Tensor) -> torch.Tensor:
+            return packed.unpack(t) if t.dim() >= 1 and t.shape[0] == n else t
+        return eng.eager(x, pos, packed.cu_seqlens, padded_to=max(n, 1), leaf=unpack)
 
     def _replay_one_sequence(self, input_ids, attention_mask, position_ids, inputs_embeds,
                              kwargs) -> Any:

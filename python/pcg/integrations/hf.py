@@ -831,8 +831,10 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
     needs_positions = any("_pcg_temperature" in m.__dict__ for _, m in attention)
 
     def forward_fn(ids: torch.Tensor, positions: torch.Tensor):
+        """ids [N] token ids, or [N, H] input embeddings (the eager path)."""
         extra = {POSITIONS_KWARG: positions[None]} if needs_positions else {}
-        return model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **extra)
+        inputs = {"inputs_embeds": ids[None]} if ids.dim() == 2 else {"input_ids": ids[None]}
+        return model(**inputs, position_ids=positions[None], use_cache=False, **extra)
 
     return registry, forward_fn
 
