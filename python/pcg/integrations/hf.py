@@ -11,11 +11,13 @@ gets a layer id in the wrapped model's registry; the registered functions call
 ``torch.ops.pcg.attention`` / ``torch.ops.pcg.moe`` with it. Routers, shared
 experts, dense layers, norms and embeddings stay the model's own code.
 
-Hybrid models' other token mixers (linear / lightning attention, gated delta
-rule, Mamba, short convolution), for which transformers has no interface,
-get an instance ``forward`` that calls the split op ``pcg::mixer`` inside a
-wrapped forward (their own forward, per packed sequence; see
-``pcg/mixer.py``) and is the module's own forward everywhere else.
+Llama-4's MoE blocks, whose experts do not use the experts interface, get an
+instance ``forward`` that runs them through ``torch.ops.pcg.moe``
+(``hf_llama4.py``). Hybrid models' other token mixers (linear / lightning
+attention, gated delta rule, Mamba, short convolution), for which transformers
+has no interface, get an instance ``forward`` that calls the split op
+``pcg::mixer`` inside a wrapped forward (their own forward, per packed
+sequence; see ``pcg/mixer.py``) and is the module's own forward everywhere else.
 
 No attention mask is built: ``"pcg"`` is deliberately *not* registered with
 ``AttentionMaskInterface``. transformers' mask creation returns ``None`` right
@@ -37,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import registry as _reg
+from ..ops.fused_moe import deinterleave_w13, interleave_w13, w13_block_for
 from ..registry import LayerRegistry
 from . import hf_llama4
-from ..ops.fused_moe import deinterleave_w13, interleave_w13, w13_block_for
 
 IMPL = "pcg"
 # Keyword the wrapped forward passes the positions [1, N] to the model with,
