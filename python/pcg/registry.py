@@ -149,6 +149,8 @@ class LayerRegistry:
         in place. ``batch`` (:class:`pcg.batch.BatchMeta`) has the sequence
         boundaries (``cu_seqlens``) and positions of the current batch; a
         runtime with a KV cache reads its own cache state there or in its closure.
+        ``layer`` carries the settings to honour (``scaling``, ``sliding_window``,
+        ``chunk_size``: ``batch.chunked_cu_seqlens(chunk_size)`` cuts the batch).
         Attention is a split op, so ``impl`` runs eagerly between graph replays
         and may use host-side metadata freely. Graphs captured before the
         change are recaptured on the next call.
