@@ -131,3 +131,16 @@ def test_moe_block_with_unexpected_experts_is_refused():
     experts = model.model.layers[2].feed_forward.experts
     experts.down_proj = torch.nn.Parameter(experts.down_proj.data[:, :-1])  # I no longer matches
     _refused_unchanged(model, "gate_up_proj", ValueError)
+
+
+def test_wrapped_model_pickles_and_wraps_again(tmp_path):
+    """The block's pcg forward is an object, so a wrapped Llama-4 pickles; the
+    loaded copy (weights in pcg's layout) wraps again to the same logits."""
+    model = build("llama4")
+    ref = copy.deepcopy(model)
+    pcg.wrap(model, progress=False)
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    out, expect = _packed(pcg.wrap(back, progress=False), ref, [20, 3])
+    assert rel_err(out, expect) <= RTOL
+
