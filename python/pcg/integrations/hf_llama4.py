@@ -102,7 +102,8 @@ class MoeForward:
                                f"{tuple(scores.shape)}, expected [tokens {x.shape[0]}, experts]")
         vals, ids = torch.topk(scores, top_k(block), dim=1)
         out = block.shared_expert(x)
-        ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
+        ids = ids.to(torch.int32)  # what pcg::fused_moe takes (one conversion for every j)
+        ones = torch.ones((x.shape[0], 1), dtype=torch.float32, device=x.device)
         for j in range(ids.shape[1]):
             routed_in = (x * vals[:, j:j + 1]).contiguous()
             out = out + torch.ops.pcg.moe(routed_in, ones, ids[:, j:j + 1].contiguous(), lid)
