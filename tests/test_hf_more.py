@@ -99,6 +99,29 @@ def test_packed_and_padded_match_unwrapped(pair):
         assert err <= 1e-4, f"{family} padded row {i}: relative error {err:.3g}"
 
 
+def test_jumping_positions_and_inputs_embeds(pair):
+    """Positions that jump start a sequence (transformers' rule); input
+    embeddings give the token ids' logits (where the family takes them)."""
+    family, ref, wrapped = pair
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (12,), generator=g)
+    pos = torch.tensor([0, 1, 2, 3, 4, 20, 21, 22, 23, 3, 4, 5])
+    out = wrapped(ids[None], position_ids=pos[None]).logits[0]
+    for a, b in ((0, 5), (5, 9), (9, 12)):
+        err = rel_err(out[a:b], _ref(ref, ids[a:b], pos[a:b]))
+        assert err <= 1e-4, f"{family} jump piece [{a}, {b}): relative error {err:.3g}"
+    with torch.inference_mode():
+        x = ref.get_input_embeddings()(ids[None])
+        try:
+            expect = ref(inputs_embeds=x, use_cache=False).logits
+        except (RuntimeError, ValueError) as exc:  # Gemma-4's per-layer inputs need input_ids
+            with pytest.raises(type(exc)):
+                wrapped(inputs_embeds=x)
+            return
+    err = rel_err(wrapped(inputs_embeds=x).logits, expect)
+    assert err <= 1e-4, f"{family} inputs_embeds: relative error {err:.3g}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ALL)
 def test_fp32_capture_matches_unwrapped(family):
