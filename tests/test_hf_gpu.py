@@ -147,6 +147,9 @@ def test_capture_report(captured):
             assert rep.graph_attention_per_bucket[n] == (rep.attention_layers if inside else 0), rep
         if family == "gpt_oss":  # attention sinks: the model's own attention, split
             assert rep.graph_attention_per_bucket[n] == 0, rep
+        if family == "llama4":  # chunk 16: above it the 3 chunked layers split (cut per batch)
+            expect = (rep.attention_layers if n <= 16 else 1) if inside else 0
+            assert rep.graph_attention_per_bucket[n] == expect, rep
 
 
 def test_single_sequence_bucket_and_non_bucket_sizes(captured):
