@@ -64,9 +64,9 @@ class WrappedModel(nn.Module):
     ``attention_mask`` [B, S] and ``position_ids``); outputs come back in the
     caller's shape, pad positions zero-filled. ``inputs_embeds`` [B, S, H]
     (transformers models, no compiler, no EP) run the split path without
-    graphs: correct, not yet captured (report: eager fallback "inputs_embeds"). ``capture()`` captures every
-    bucket now (otherwise the first call does); ``report()`` says what was
-    captured and how calls ran.
+    graphs: correct, not yet captured (report: eager fallback
+    "inputs_embeds"). ``capture()`` captures every bucket now (otherwise the
+    first call does); ``report()`` says what was captured and how calls ran.
     """
 
     def __init__(self, model: nn.Module, registry: LayerRegistry, forward_fn, options: Options,
