@@ -60,7 +60,8 @@ def check_sharding(wrapped, world: int, rank: int) -> None:
         assert not layer.split
         # the module itself keeps only the local slice (the full tensors are dropped)
         m = layer.module
-        mod_w13 = m.w13 if hasattr(m, "w13") else m.gate_up_proj
+        mod_w13 = (m.w13 if hasattr(m, "w13") else m.mlp.w1 if hasattr(m, "mlp")  # DBRX: mlp.w1 holds w13
+                   else m.gate_up_proj)
         assert mod_w13.shape[0] == len(mine) and mod_w13.data_ptr() == layer.w13.data_ptr()
 
 

@@ -112,6 +112,19 @@ def llama4_config(**overrides: Any):
     return Llama4TextConfig(**kw)
 
 
+def dbrx_config(**overrides: Any):
+    """DBRX: experts with their own code and [E * I, H] weights (w1 / v1 /
+    w2), softmax top-2 with p-norm renormalisation, clipped qkv."""
+    from transformers import DbrxConfig
+    ffn = dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)
+    ffn.update(overrides.pop("ffn_config", {}))
+    kw = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=512,
+              attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=ffn,
+              tie_word_embeddings=False)
+    kw.update(overrides)
+    return DbrxConfig(**kw)
+
+
 def _model_class(config):
     import transformers
     name = {
@@ -119,7 +132,7 @@ def _model_class(config):
         "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
         "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
         "gpt_oss": "GptOssForCausalLM", "llama": "LlamaForCausalLM",
-        "llama4_text": "Llama4ForCausalLM",
+        "llama4_text": "Llama4ForCausalLM", "dbrx": "DbrxForCausalLM",
     }[config.model_type]
     return getattr(transformers, name)
 
@@ -133,6 +146,7 @@ FAMILIES: dict[str, Callable[..., Any]] = {
     "deepseek_v3": deepseek_v3_config,
     "gpt_oss": gpt_oss_config,
     "llama4": llama4_config,
+    "dbrx": dbrx_config,
 }
 
 

@@ -462,7 +462,7 @@ def _assert_all_close(results: list[dict], rtol: float = 1e-5) -> None:
         assert not bad, f"rank {r}: relative errors above {rtol}: {bad}"
 
 
-HF_FAMILIES = "qwen3_moe,qwen2_moe,mixtral,olmoe,deepseek_v2,deepseek_v3,gpt_oss,llama4"
+HF_FAMILIES = "qwen3_moe,qwen2_moe,mixtral,olmoe,deepseek_v2,deepseek_v3,gpt_oss,llama4,dbrx"
 
 
 @pytest.mark.parametrize("world", [2, 4])

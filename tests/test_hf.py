@@ -138,12 +138,15 @@ def test_layers_registered(pair):
     # The experts weights are the module's own tensors (converted once, no second copy).
     for layer in reg.moe_layers:
         m = layer.module
-        assert layer.w13 is m.gate_up_proj and layer.w2 is m.down_proj
+        if family == "dbrx":  # its own parameter names: mlp.w1 holds w13, mlp.v1 is empty
+            assert layer.w13 is m.mlp.w1 and layer.w2 is m.mlp.w2 and m.mlp.v1.numel() == 0
+        else:
+            assert layer.w13 is m.gate_up_proj and layer.w2 is m.down_proj
         e, two_i, h = layer.w13.shape
         assert layer.w2.shape == (e, h, two_i // 2)
     n_ref = sum(p.numel() for p in ref.parameters())
     n_wrapped = sum(p.numel() for p in model.parameters())
-    assert n_ref == n_wrapped
+    assert n_ref == n_wrapped  # converted in place: no second copy of the experts
     if family == "gpt_oss":
         assert [l.sliding_window for l in reg.attention_layers] == [4, None]
         assert all(l.sinks is not None and l.fallback is not None for l in reg.attention_layers)
@@ -288,6 +291,21 @@ def test_inputs_embeds_bad_calls_raise_clearly():
         compiled(inputs_embeds=x)
 
 
+def test_dbrx_state_dict_keeps_the_checkpoint_layout():
+    """DBRX's experts are converted in place (mlp.w1 holds pcg's w13, mlp.v1
+    is empty): state_dict gives the checkpoint's w1 / v1 / w2 back, and an
+    in-place load of a checkpoint lands in pcg's layout."""
+    model = build("dbrx")
+    ref = copy.deepcopy(model)
+    w = pcg.wrap(model)
+    sd, sd_ref = model.state_dict(), ref.state_dict()
+    assert sd.keys() == sd_ref.keys() and all(torch.equal(sd[k], sd_ref[k]) for k in sd_ref)
+    other = build("dbrx", seed=3)
+    model.load_state_dict(other.state_dict())
+    ids = _ids(torch.Generator().manual_seed(8), 1, 13)
+    assert rel_err(w(ids).logits[0], ref_logits(other, ids[0])) <= RTOL
+
+
 def test_non_causal_attention_is_refused_before_any_change():
     model = build("qwen3_moe")
     model.model.layers[1].self_attn.is_causal = False
@@ -370,7 +388,7 @@ def test_no_mask_is_built(monkeypatch):
     assert rel_err(out, expect) <= RTOL
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "llama4"])
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "llama4", "dbrx"])
 def test_same_model_wrapped_twice(family):
     model = build(family)
     ref = copy.deepcopy(model)

@@ -16,7 +16,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4", "dbrx"])
 def test_unwrap_restores_the_model(family):
     model = build(family)
     ref = copy.deepcopy(model)

@@ -41,7 +41,7 @@ from torch import nn
 from .. import registry as _reg
 from ..ops.fused_moe import deinterleave_w13, interleave_w13, w13_block_for
 from ..registry import LayerRegistry
-from . import hf_llama4
+from . import hf_dbrx, hf_llama4
 
 IMPL = "pcg"
 # Keyword the wrapped forward passes the positions [1, N] to the model with,
@@ -218,6 +218,7 @@ def unprepare(model: nn.Module) -> None:
         if "_pcg_orig_layout" in m.__dict__:
             _restore_experts_layout(m)
         hf_llama4.unmark_layout(m)
+        hf_dbrx.restore(m)
         _restore_temperature(m)
 
 
@@ -454,8 +455,9 @@ def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
 
 # ---- experts: weights in pcg's layout -------------------------------------------
 
-def _activation(name: str, m: nn.Module) -> tuple[str, float, float]:
-    """(activation, alpha, limit) of an experts module in pcg's terms."""
+def _activation(name: str, m: nn.Module, act: Any = None) -> tuple[str, float, float]:
+    """(activation, alpha, limit) of an experts module in pcg's terms (its
+    ``act_fn``, or ``act`` where the module keeps it elsewhere)."""
     from transformers.integrations.moe import _default_apply_gate
     apply_gate = getattr(type(m), "_apply_gate", None)
     cls = type(m).__name__
@@ -469,7 +471,7 @@ def _activation(name: str, m: nn.Module) -> tuple[str, float, float]:
             return "swigluoai", float(m.alpha), float(m.limit)
         raise NotImplementedError(f"pcg.wrap: experts module {name} ({cls}) has a custom gate "
                                   "function (_apply_gate) that pcg has no native kernel for")
-    act = getattr(m, "act_fn", None)
+    act = getattr(m, "act_fn", None) if act is None else act
     hidden_act = getattr(getattr(m, "config", None), "hidden_act", None)
     from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
     if isinstance(act, (SiLUActivation, nn.SiLU)) or act is F.silu:
@@ -772,18 +774,19 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
     attention = [(n, m) for n, m in model.named_modules() if _is_attention_module(m)]
     experts = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
     blocks = hf_llama4.find_blocks(model)  # MoE blocks with their own expert code (Llama-4)
+    dbrx = hf_dbrx.find_experts(model)  # experts with their own weight layout (DBRX)
     mixers = _find_mixers(model, attention)
     if not attention and not mixers:
         raise TypeError(
             f"pcg.wrap: model {name_of_model} has no attention module using transformers' attention "
             "interface (ALL_ATTENTION_FUNCTIONS); pcg.wrap supports transformers MoE models and models "
             "built from pcg.nn layers")
-    if not experts and not blocks:
+    if not experts and not blocks and not dbrx:
         raise TypeError(
             f"pcg.wrap: model {name_of_model} has no experts module using transformers' experts "
             "interface (use_experts_implementation); pcg.wrap supports Mixture-of-Experts models whose "
-            "experts use it, and Llama-4 (dense models, and other MoE families with their own expert "
-            "code such as JetMoE, are not supported)")
+            "experts use it, Llama-4 and DBRX (dense models, and other MoE families with their own "
+            "expert code such as JetMoE, are not supported)")
     for n, m in attention:
         if isinstance(getattr(m, "indexer", None), nn.Module):
             raise NotImplementedError(
@@ -801,8 +804,11 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
         _chunk_size(n, m)
     for n, b in blocks:
         hf_llama4.check_block(n, b)
+    for n, m in dbrx:
+        hf_dbrx.check_experts(n, m)
     activations = {n: _activation(n, m) for n, m in experts}
     activations.update({f"{n}.experts": _activation(f"{n}.experts", b.experts) for n, b in blocks})
+    activations.update({n: _activation(n, m.mlp, getattr(m.mlp, "activation_fn", None)) for n, m in dbrx})
 
     register()
     registry = LayerRegistry()
@@ -823,6 +829,14 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
         _remember_id(b.experts, registry, lid)
         _remember_id(b, registry, lid)
         hf_llama4.patch_forward(b, n)
+    for n, m in dbrx:
+        w13, w2, block = hf_dbrx.to_pcg(m)
+        handle = _register_moe(registry, n, m, (w13, w2, None, None, block), activations[n], ep_cfg)
+        if ep_cfg is not None:  # the module keeps only this rank's experts
+            _set_param(m.mlp, "w1", handle.w13)
+            _set_param(m.mlp, "w2", handle.w2)
+        _remember_id(m, registry, handle.layer_id)
+        hf_dbrx.patch_forward(m)
     saved = _switch_implementations(model)
     # Wrapped twice: keep the implementations the model had before the first wrap.
     model.__dict__.setdefault("_pcg_saved_implementations", saved)
@@ -846,14 +860,8 @@ def _add_experts(registry: LayerRegistry, name: str, m: nn.Module, activation: t
     """Convert an experts module's weights to pcg's layout and register them
     (this rank's share of them under expert parallelism); the layer id."""
     w13, w2, b13, b2, w13_block = _convert_experts(name, m)
-    act, alpha, limit = activation
-    handle = registry.add_moe(w13=w13, w2=w2, b13=b13, b2=b2, activation=act, alpha=alpha,
-                              limit=limit, w13_block=w13_block,
-                              num_global_experts=int(w13.shape[0]), module=m, name=name)
-    if ep_cfg is not None:
-        from ..distributed import shard_layer
-        shard_layer(handle, ep_cfg)
-        # The module keeps only this rank's experts.
+    handle = _register_moe(registry, name, m, (w13, w2, b13, b2, w13_block), activation, ep_cfg)
+    if ep_cfg is not None:  # the module keeps only this rank's experts
         _set_param(m, "gate_up_proj", handle.w13)
         _set_param(m, "down_proj", handle.w2)
         if handle.b13 is not None:
@@ -861,6 +869,21 @@ def _add_experts(registry: LayerRegistry, name: str, m: nn.Module, activation: t
         if handle.b2 is not None:
             _set_param(m, "down_proj_bias", handle.b2)
     return handle.layer_id
+
+
+def _register_moe(registry: LayerRegistry, name: str, m: nn.Module, weights: tuple,
+                  activation: tuple, ep_cfg: Any) -> Any:
+    """Register converted weights (w13, w2, b13, b2, w13_block) as an MoE
+    layer; under expert parallelism the handle keeps this rank's share."""
+    w13, w2, b13, b2, w13_block = weights
+    act, alpha, limit = activation
+    handle = registry.add_moe(w13=w13, w2=w2, b13=b13, b2=b2, activation=act, alpha=alpha,
+                              limit=limit, w13_block=w13_block,
+                              num_global_experts=int(w13.shape[0]), module=m, name=name)
+    if ep_cfg is not None:
+        from ..distributed import shard_layer
+        shard_layer(handle, ep_cfg)
+    return handle
 
 
 def _remember_id(m: nn.Module, registry: LayerRegistry, lid: int) -> None:
