@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry as _reg
-from .batch import META_HEAD, BatchMeta, write_host_meta
+from .batch import BatchMeta
 from .registry import AttentionLayer
 
 _lib = torch.library.Library("pcg", "IMPL")
@@ -127,8 +127,7 @@ def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     if layer.impl is not None:  # it reads layer.chunk_size / sliding_window itself
         layer.impl(q[:n], k[:n], v[:n], out[:n], batch, layer)
     elif not layer.needs_fallback():  # chunked: the C++ op over the chunk pieces
-        meta = torch.empty(META_HEAD + len(cu), dtype=torch.int64)
-        write_host_meta(meta.numpy(), n, cu, USE_VARLEN, USE_SHORT_KERNEL)
+        meta = BatchMeta(n, cu, None, batch.padded_tokens).host_meta(USE_VARLEN, USE_SHORT_KERNEL)
         torch.ops.pcg.causal_attention_out(q, k, v, out, meta, layer.scaling, window_left(layer))
         return
     else:

@@ -269,9 +269,7 @@ class WrappedModel(nn.Module):
             if bucket not in eng.graphs:
                 reason = "capture_failed"
 
-        def unpack(t: torch.Tensor) -> torch.Tensor:  # [n, ...] rows -> the caller's layout
-            return packed.unpack(t) if t.dim() >= 1 and t.shape[0] == n else t
-
+        unpack = _unpacker(packed)
         if reason is not None:
             eng.stats.fallback(reason)
             return self._eager(eng, ids, pos, packed.cu_seqlens, n_run, unpack)
@@ -307,10 +305,7 @@ class WrappedModel(nn.Module):
         x = packed.inputs_embeds.to(self.device)
         pos = packed.positions.to(self.device) if packed.positions is not None else None
         eng.stats.fallback(self._can_capture() or "inputs_embeds")
-
-        def unpack(t: torch.Tensor) -> torch.Tensor:
-            return packed.unpack(t) if t.dim() >= 1 and t.shape[0] == n else t
-        return eng.eager(x, pos, packed.cu_seqlens, padded_to=max(n, 1), leaf=unpack)
+        return eng.eager(x, pos, packed.cu_seqlens, padded_to=max(n, 1), leaf=_unpacker(packed))
 
     def _replay_one_sequence(self, input_ids, attention_mask, position_ids, inputs_embeds,
                              kwargs) -> Any:
@@ -357,6 +352,15 @@ class WrappedModel(nn.Module):
                 if not err <= tol:
                     raise RuntimeError(f"pcg debug: replay differs from eager (relative error {err:.3g} "
                                        f"> {tol:g}) for an output of shape {tuple(x.shape)}")
+
+
+def _unpacker(packed: Any) -> Any:
+    """leaf for the engine: [n, ...] rows of the packed batch -> the caller's layout."""
+    n = packed.num_tokens
+
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return packed.unpack(t) if t.dim() >= 1 and t.shape[0] == n else t
+    return unpack
 
 
 def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable[int]] = None,

@@ -433,7 +433,7 @@ def _check_causal(name: str, m: nn.Module) -> None:
 
 
 def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
-    _check_causal(name, m)
+    """Register an attention module (prepare has checked it: _check_causal, _chunk_size)."""
     sinks = getattr(m, "sinks", None)
     if not isinstance(sinks, torch.Tensor):
         sinks = None
@@ -737,14 +737,32 @@ class _MixerForward:
         return (y,) + (None,) * (n - 1) if n else y
 
 
+def _own_forward(m: nn.Module) -> Callable:
+    """The module's forward as pcg keeps it (``_pcg_orig_forward``): its class
+    forward as a picklable :class:`_ClassForward` in the common case."""
+    orig = m.forward
+    if getattr(orig, "__self__", None) is m and \
+            getattr(orig, "__func__", None) is getattr(type(m), "forward", None):
+        return _ClassForward(m)
+    return orig
+
+
+def replace_forward(m: nn.Module, forward: Callable[[Callable], Callable]) -> None:
+    """Give ``m`` the instance forward ``forward(own_forward)``; the module's
+    own is kept for :func:`_restore_forward` (a module wrapped before gets
+    its own back first)."""
+    if "_pcg_orig_forward" in m.__dict__:
+        _restore_forward(m)
+    orig = _own_forward(m)
+    m.forward = forward(orig)
+    m._pcg_orig_forward = orig
+
+
 def _patch_mixer(m: nn.Module, layer: Any, hidden: int) -> None:
     """Route the module's forward through pcg::mixer inside a wrapped forward
     (its own forward everywhere else)."""
-    orig = m.forward
-    spec = _MixerArgs(orig, layer.name)  # the real signature
-    if getattr(orig, "__self__", None) is m and \
-            getattr(orig, "__func__", None) is getattr(type(m), "forward", None):
-        orig = _ClassForward(m)  # the common case: picklable
+    spec = _MixerArgs(m.forward, layer.name)  # the real signature
+    orig = _own_forward(m)
     layer.kwargs = dict(spec.defaults)
     n_out = _probe_outputs(m, orig, spec, hidden)
     if n_out is not None:

@@ -127,8 +127,5 @@ class ExpertsForward:
 
 
 def patch_forward(m: nn.Module) -> None:
-    from .hf import _ClassForward, _restore_forward
-    if "_pcg_orig_forward" in m.__dict__:  # wrapped before
-        _restore_forward(m)
-    m.forward = ExpertsForward(m)
-    m._pcg_orig_forward = _ClassForward(m)
+    from .hf import replace_forward
+    replace_forward(m, lambda _own: ExpertsForward(m))

@@ -18,7 +18,7 @@ layout once, like every experts module's; ``pcg.unwrap`` restores them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,8 +88,8 @@ class MoeForward:
     closure, so that a wrapped model still pickles. Outside a wrapped
     forward it raises (the experts' weights are in pcg's layout)."""
 
-    def __init__(self, block: nn.Module, orig: Callable, name: str) -> None:
-        self.block, self.orig, self.name = block, orig, name
+    def __init__(self, block: nn.Module, name: str) -> None:
+        self.block, self.name = block, name
 
     def __call__(self, hidden_states: torch.Tensor) -> tuple:
         from .hf import _layer_id
@@ -113,12 +113,5 @@ class MoeForward:
 def patch_forward(block: nn.Module, name: str) -> None:
     """Route the block through :class:`MoeForward` (``_restore_forward`` in
     pcg.integrations.hf undoes it)."""
-    from .hf import _ClassForward, _restore_forward
-    if "_pcg_orig_forward" in block.__dict__:  # wrapped before
-        _restore_forward(block)
-    orig = block.forward
-    if getattr(orig, "__self__", None) is block and \
-            getattr(orig, "__func__", None) is getattr(type(block), "forward", None):
-        orig = _ClassForward(block)
-    block.forward = MoeForward(block, orig, name)
-    block._pcg_orig_forward = orig
+    from .hf import replace_forward
+    replace_forward(block, lambda _own: MoeForward(block, name))
