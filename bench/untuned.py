@@ -1,6 +1,6 @@
-"""fused_moe at small T on shapes the tuning table does not hold: the config
-pcg picks for them (no config argument) against the stream path and the
-heuristic mma.sync tiles forced, side by side in one process.
+"""fused_moe at small and mid T on shapes the tuning table does not hold: the
+config pcg picks for them (no config argument) against the stream path, the
+heuristic mma.sync tiles and the CUTLASS path forced, side by side in one process.
 
 Untuned shapes stream the weights up to 128 (token, k) pairs
 (moe::kStreamGuessMaxPairs); this measures that guess. Times as bench/moe.py
@@ -56,7 +56,7 @@ def plot(rows, path):
     fig, panels = panels
     for ax, name, rs in panels:
         for key, label in [("picked_chain_us", "picked"), ("stream_chain_us", "stream path"),
-                           ("tiles_chain_us", "default tiles")]:
+                           ("tiles_chain_us", "default tiles"), ("cutlass_chain_us", "CUTLASS")]:
             pts = [(r["T"], r[key] / r["floor_us"]) for r in rs if key in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
@@ -95,7 +95,8 @@ def main():
     cutlass, stream = fused_moe_paths(dev)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  paths: cutlass={cutlass} stream={stream}")
     print(f"{'shape':17s} {'T':>4s} {'floor':>7s} | {'picked':>14s} {'graph':>7s} {'chain':>7s} | "
-          f"{'stream g':>8s} {'chain':>7s} | {'tiles':>12s} {'graph':>7s} {'chain':>7s} | chain x floor: picked / tiles")
+          f"{'stream g':>8s} {'chain':>7s} | {'tiles':>12s} {'graph':>7s} {'chain':>7s} | {'cutlass g':>9s} {'chain':>7s} | "
+          "chain x floor: picked / tiles")
     rows = []
     for text in args.shapes:
         name, (E, k, H, I) = parse_shape(text)
@@ -111,6 +112,8 @@ def main():
             configs = [("picked", None), ("tiles", list(tiles))]
             if stream and T * k <= 128:
                 configs.insert(1, ("stream", [-2, -1, -1]))
+            if cutlass:  # where the 16-rows-per-expert rule should sit for these shapes
+                configs.append(("cutlass", [-1, -1, -1]))
             fns, ref = [], None
             for label, cfg in configs:
                 def call(i, cfg=cfg):
@@ -129,10 +132,11 @@ def main():
                 fns += [lambda s=singles, it=it: s[next(it) % SETS].replay(), chain.replay]
             ms = paired_time_ms(fns, warmup=3, reps=args.reps)
             res = {label: (ms[2 * j] * 1e3, ms[2 * j + 1] * 1e3 / CHAIN) for j, (label, _) in enumerate(configs)}
-            st = res.get("stream", (float("nan"), float("nan")))
+            nan = (float("nan"), float("nan"))
+            st, cu = res.get("stream", nan), res.get("cutlass", nan)
             print(f"{name:17s} {T:4d} {fl:7.1f} | {str(list(picked)):>14s} {res['picked'][0]:7.1f} {res['picked'][1]:7.1f} | "
                   f"{st[0]:8.1f} {st[1]:7.1f} | {str(list(tiles)):>12s} {res['tiles'][0]:7.1f} {res['tiles'][1]:7.1f} | "
-                  f"{res['picked'][1] / fl:.2f} / {res['tiles'][1] / fl:.2f}", flush=True)
+                  f"{cu[0]:9.1f} {cu[1]:7.1f} | {res['picked'][1] / fl:.2f} / {res['tiles'][1] / fl:.2f}", flush=True)
             rows.append({"shape": name, "E": E, "topk": k, "H": H, "I": I, "T": T, "floor_us": fl,
                          "picked": list(picked), "tiles": list(tiles),
                          **{f"{lab}_graph_us": v[0] for lab, v in res.items()},

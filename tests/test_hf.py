@@ -286,6 +286,11 @@ def test_inputs_embeds_bad_calls_raise_clearly():
         w(inputs_embeds=x[..., :-1])
     with pytest.raises(ValueError, match="hidden_size"):
         w(inputs_embeds=x[0])
+    with pytest.raises(TypeError, match="embedding dtype torch.float32"):
+        w(inputs_embeds=x.double())
+    with pytest.raises(RuntimeError, match="not_cuda"):
+        w.capture(inputs_embeds=True)
+    assert w.report().embeds_buckets == [] and "inputs_embeds graphs" not in str(w.report())
     compiled = pcg.wrap(build("qwen3_moe"), compiler="eager", progress=False)
     with pytest.raises(NotImplementedError, match=r"transformers\+eager"):
         compiled(inputs_embeds=x)

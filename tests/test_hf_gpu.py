@@ -246,6 +246,45 @@ def test_fp32_capture_matches_unwrapped_tightly(family):
     assert wrapped.report().capture_failures == {}
 
 
+def test_inputs_embeds_replay_their_own_graphs(captured):
+    """inputs_embeds calls capture a second set of graphs on first use (same
+    pool as the token graphs, replayed in alternation with them here); with
+    the embedding table's own rows they must give what the token graphs give,
+    and pad rows left by a larger call must not leak into a smaller one."""
+    family, ref, wrapped = captured
+    g = torch.Generator().manual_seed(6)
+    emb = wrapped.get_input_embeddings()
+    before = wrapped.report()
+    calls = 0
+    with torch.inference_mode():
+        for t in (30, 9, 64, 1, 8):
+            ids = _ids(g, 1, t)
+            got = wrapped(inputs_embeds=emb(ids)).logits
+            calls += 1
+            err = rel_err(got, wrapped(ids).logits)
+            assert err <= 1e-3, f"{family} inputs_embeds T={t}: {err:.3g} from the token graphs"
+            assert ref.error(got[0], ids[0]) <= RTOL, f"{family} inputs_embeds T={t}: {ref.last}"
+        lens = [5, 9, 1, 12]  # packed
+        ids = _ids(g, 1, sum(lens))
+        pos = torch.cat([torch.arange(n) for n in lens])[None].cuda()
+        err = rel_err(wrapped(inputs_embeds=emb(ids), position_ids=pos).logits,
+                      wrapped(ids, position_ids=pos).logits)
+        assert err <= 1e-3, f"{family} inputs_embeds packed: {err:.3g}"
+        ids = _ids(g, 3, 11)  # padded
+        mask = padding_mask([11, 6, 2], 11, "left").cuda()
+        got = wrapped(inputs_embeds=emb(ids), attention_mask=mask).logits
+        err = rel_err(got, wrapped(ids, attention_mask=mask).logits)
+        assert err <= 1e-3 and torch.all(got[~mask.bool()] == 0), f"{family} inputs_embeds padded: {err:.3g}"
+        calls += 2
+    rep = wrapped.report()
+    assert rep.embeds_buckets == BUCKETS and rep.capture_failures == {}, rep
+    assert sum(rep.embeds_replays.values()) == calls, rep
+    assert rep.eager_fallbacks == before.eager_fallbacks, rep  # nothing ran eagerly
+    assert rep.buckets == before.buckets and rep.graphs > before.graphs
+    with pytest.raises(TypeError, match="embedding dtype"):
+        wrapped(inputs_embeds=emb(ids).float())
+
+
 def test_zz_aggregate_accuracy_matches_unwrapped_bf16(captured):
     """Runs after the other tests of its family (pytest keeps file order within a
     module-scoped fixture's parameter)."""

@@ -148,6 +148,17 @@ def test_fp32_capture_matches_unwrapped(family):
         assert all(NOT_CAPTURABLE[family] in e for e in rep.capture_failures.values()), rep
         return
     assert rep.capture_failures == {} and rep.graphs > 0, rep
+    ids = torch.randint(0, VOCAB, (1, 13), generator=g).cuda()  # inputs_embeds: their own graphs
+    with torch.inference_mode():
+        x = ref.get_input_embeddings()(ids)
+        try:
+            expect = ref(inputs_embeds=x, use_cache=False).logits
+        except (RuntimeError, ValueError):  # Gemma-4's per-layer inputs need input_ids
+            return
+    err = rel_err(wrapped(inputs_embeds=x).logits, expect)
+    assert err <= 1e-3, f"{family} fp32 inputs_embeds: relative error {err:.3g}"
+    rep = wrapped.report()
+    assert rep.embeds_buckets == [8, 32] and rep.embeds_replays == {32: 1} and rep.capture_failures == {}, rep
 
 
 @pytest.mark.parametrize("family,compiler", [("minimax", "eager"), ("qwen3_next", "inductor")])

@@ -124,7 +124,11 @@ class CaptureEngine:
 
     def __init__(self, forward_fn: ForwardFn, registry: LayerRegistry, device: torch.device,
                  ladder: list[int], params: Callable[[], list[torch.Tensor]],
-                 progress: bool = True, graph_attention: bool = True) -> None:
+                 progress: bool = True, graph_attention: bool = True,
+                 embeds: Optional[tuple[int, torch.dtype]] = None) -> None:
+        """``embeds`` (hidden size, dtype): the graphs take input embeddings
+        [n, H] of that dtype instead of token ids [n] (a wrap's second engine,
+        for ``inputs_embeds``; the forward must accept either)."""
         self.forward_fn = forward_fn
         self.graph_attention = graph_attention
         self.registry = registry
@@ -139,6 +143,10 @@ class CaptureEngine:
         self._sentinels: list[tuple[weakref.ref, int]] = []  # (parameter, its address at capture)
         max_n = max(ladder)
         self.static_ids = torch.zeros(max_n, dtype=torch.int64, device=device)
+        # The graphs' input embeddings (embeds engines): written by a copy before
+        # each replay; pad rows keep earlier batches' rows (finite, masked as pad ids are).
+        self.static_embeds = (torch.zeros(max_n, embeds[0], dtype=embeds[1], device=device)
+                              if embeds is not None else None)
         # Positions hold arange(max_n) until a batch brings its own: the common
         # one-sequence call then copies nothing but the ids.
         self.static_pos = torch.arange(max_n, dtype=torch.int64, device=device)
@@ -156,19 +164,27 @@ class CaptureEngine:
         self.pool: Optional[tuple[int, int]] = None
         self.stream: Optional[torch.cuda.Stream] = None
 
+    def _static_inputs(self, n: int) -> torch.Tensor:
+        return self.static_ids[:n] if self.static_embeds is None else self.static_embeds[:n]
+
     # ---- capture ------------------------------------------------------------
-    def capture(self) -> None:
+    def capture(self, pool: Optional[tuple[int, int]] = None) -> None:
+        """Capture every bucket (largest first) into ``pool`` (a
+        ``torch.cuda.graph_pool_handle()``; None: a new one). Engines that
+        replay one at a time on one stream may share a pool: outputs are copied
+        out right after each replay, so graphs may reuse each other's memory."""
         if self.captured:
             return
         if not hasattr(torch.classes.pcg, "SegmentChain"):
             raise RuntimeError("pcg: the native library was built without CUDA; cannot capture")
-        self.pool = tuple(torch.cuda.graph_pool_handle())
+        self.pool = tuple(pool) if pool is not None else tuple(torch.cuda.graph_pool_handle())
         self.stream = _capture_stream(self.device)
         sizes = sorted(self.ladder, reverse=True)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(sizes), desc="pcg capture", unit="bucket", leave=False)
+            desc = "pcg capture" + ("" if self.static_embeds is None else " (inputs_embeds)")
+            bar = tqdm(total=len(sizes), desc=desc, unit="bucket", leave=False)
         gc_was_enabled = gc.isenabled()
         gc.collect()
         gc.disable()
@@ -226,7 +242,7 @@ class CaptureEngine:
         self.num_valid.fill_(n)
         batch = BatchMeta(n, [0, n], self.static_pos[:n], n, meta=self.host_meta)
         with running(RunContext(self.registry, batch, self.num_valid)):
-            return self.forward_fn(self.static_ids[:n], self.static_pos[:n])
+            return self.forward_fn(self._static_inputs(n), self.static_pos[:n])
 
     def _capture_bucket(self, n: int) -> BucketGraphs:
         torch.cuda.synchronize(self.device)
@@ -247,7 +263,7 @@ class CaptureEngine:
         with running(ctx), torch.cuda.stream(self.stream):
             chain.capture_begin(*self.pool)
             try:
-                out = self.forward_fn(self.static_ids[:n], self.static_pos[:n])
+                out = self.forward_fn(self._static_inputs(n), self.static_pos[:n])
                 chain.capture_end()
             except BaseException:
                 chain.abort()
@@ -269,7 +285,8 @@ class CaptureEngine:
                bucket: int, leaf: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Any:
         """Replay bucket ``bucket`` for n = len(ids) real tokens; outputs trimmed to n rows
         (copies, not views of the graph's buffers), then passed through ``leaf``
-        (e.g. the caller's unpacking; one pytree pass for both).
+        (e.g. the caller's unpacking; one pytree pass for both). ``ids``: token
+        ids [n], or for an embeds engine input embeddings [n, H] of its dtype.
 
         ``positions`` None means arange(n). Pad rows keep whatever ids and
         positions the buffers hold (valid values from earlier batches): their
@@ -277,7 +294,10 @@ class CaptureEngine:
         """
         n = int(ids.shape[0])
         g = self.graphs[bucket]
-        if ids.dtype != torch.int64:
+        if self.static_embeds is not None:
+            self.static_embeds[:n].copy_(ids)
+            ids = self.static_ids[:n]  # staged onto itself: the kernel also writes positions and the batch
+        elif ids.dtype != torch.int64:
             ids = ids.long()
         if positions is None:
             if not self._pos_is_arange:

@@ -24,6 +24,10 @@ class Report:
     graph_attention_per_bucket: dict = field(default_factory=dict)  # bucket -> attention calls inside its graphs
     mixer_layers: int = 0  # hybrid models' other token mixers (split ops, run per sequence)
     attention_kinds: dict = field(default_factory=dict)  # "full" / "sliding W" / "chunked C" -> layers
+    # The graphs inputs_embeds calls replay (a second set, same pool; counted in
+    # graphs / capture_seconds / graph_memory_bytes above).
+    embeds_buckets: list = field(default_factory=list)  # captured bucket sizes, ascending
+    embeds_replays: dict = field(default_factory=dict)  # bucket -> replays
 
     @property
     def graph_attention_buckets(self) -> list:
@@ -35,6 +39,12 @@ class Report:
         eng = wrapped._engine
         graphs = eng.graphs if eng is not None else {}
         stats = eng.stats if eng is not None else None
+        emb = wrapped._embeds_engine
+        emb_graphs = emb.graphs if emb is not None else {}
+        emb_stats = emb.stats if emb is not None else None
+        failures = dict(stats.failures) if stats else {}
+        if emb_stats:
+            failures.update({f"inputs_embeds {n}": e for n, e in emb_stats.failures.items()})
         return cls(
             integration=wrapped.integration,
             attention_layers=len(wrapped.registry.attention_layers),
@@ -43,18 +53,20 @@ class Report:
             buckets=sorted(graphs),
             segments_per_bucket={n: int(g.chain.num_graphs()) for n, g in sorted(graphs.items())},
             split_calls_per_bucket={n: int(g.chain.num_calls()) for n, g in sorted(graphs.items())},
-            graphs=sum(int(g.chain.num_graphs()) for g in graphs.values()),
-            capture_seconds=stats.capture_seconds if stats else 0.0,
-            graph_memory_bytes=stats.graph_memory_bytes if stats else 0,
+            graphs=sum(int(g.chain.num_graphs()) for g in (*graphs.values(), *emb_graphs.values())),
+            capture_seconds=sum(s.capture_seconds for s in (stats, emb_stats) if s),
+            graph_memory_bytes=sum(s.graph_memory_bytes for s in (stats, emb_stats) if s),
             replays=dict(sorted(stats.replays.items())) if stats else {},
             eager_fallbacks=dict(stats.fallbacks) if stats else {},
-            capture_failures=dict(stats.failures) if stats else {},
+            capture_failures=failures,
             debug_max_rel_err=stats.debug_max_rel_err if stats else 0.0,
             compile_fallbacks=dict((getattr(wrapped._forward_fn, "stats", None) or {})
                                    .get("compile_fallbacks", {})),
             graph_attention_per_bucket={n: g.graph_attention for n, g in sorted(graphs.items())},
             mixer_layers=len(wrapped.registry.mixer_layers),
             attention_kinds=_attention_kinds(wrapped.registry.attention_layers),
+            embeds_buckets=sorted(emb_graphs),
+            embeds_replays=dict(sorted(emb_stats.replays.items())) if emb_stats else {},
         )
 
     def as_dict(self) -> dict:
@@ -81,6 +93,10 @@ class Report:
             + (f" (by bucket {self.replays})" if self.replays else ""),
             f"  eager fallbacks: {self.eager_fallbacks or 'none'}",
         ]
+        if self.embeds_buckets:
+            lines.insert(-1, f"  inputs_embeds graphs: {len(self.embeds_buckets)} buckets, replays "
+                             f"{sum(self.embeds_replays.values())}"
+                             + (f" (by bucket {self.embeds_replays})" if self.embeds_replays else ""))
         if self.moe_split_layers:
             lines.append(f"  MoE split layers: {self.moe_split_layers}")
         if self.capture_failures:

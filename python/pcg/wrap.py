@@ -63,10 +63,11 @@ class WrappedModel(nn.Module):
     Call it like the original (``input_ids`` [1, T] or [B, S], optional
     ``attention_mask`` [B, S] and ``position_ids``); outputs come back in the
     caller's shape, pad positions zero-filled. ``inputs_embeds`` [B, S, H]
-    (transformers models, no compiler, no EP) run the split path without
-    graphs: correct, not yet captured (report: eager fallback
-    "inputs_embeds"). ``capture()`` captures every bucket now (otherwise the
-    first call does); ``report()`` says what was captured and how calls ran.
+    (transformers models, no compiler, no EP; the dtype of the model's input
+    embeddings) replay a second set of graphs, captured on the first such call
+    (or by ``capture(inputs_embeds=True)``) into the same memory pool.
+    ``capture()`` captures every bucket now (otherwise the first call does);
+    ``report()`` says what was captured and how calls ran.
     """
 
     def __init__(self, model: nn.Module, registry: LayerRegistry, forward_fn, options: Options,
@@ -80,6 +81,7 @@ class WrappedModel(nn.Module):
         self._forward_fn = forward_fn
         self.ladder = _buckets.make_ladder(options.buckets, options.max_tokens)
         self._engine: Optional[CaptureEngine] = None
+        self._embeds_engine: Optional[CaptureEngine] = None  # graphs on inputs_embeds, made on first use
         self._vocab: Optional[int] = None  # input embedding rows (0: unknown), read on first use
         self._device: Optional[torch.device] = None  # cached: read on every call
         self._unwrapped = False
@@ -129,11 +131,66 @@ class WrappedModel(nn.Module):
         self._check_wrapped()
         if self._engine is not None and self._engine.device != self.device:
             self._engine = None  # the model moved to another device: its graphs are of no use
+            self._embeds_engine = None
         if self._engine is None:
             self._engine = CaptureEngine(self._forward_fn, self.registry, self.device, self.ladder,
                                          self._params, progress=self.options.progress,
                                          graph_attention=self.options.graph_attention)
         return self._engine
+
+    def embeds_engine(self) -> CaptureEngine:
+        """The engine whose graphs take input embeddings (``inputs_embeds``),
+        made on first use; it shares the token engine's memory pool and
+        recaptures with it."""
+        eng = self.engine()
+        old = self._embeds_engine
+        # new on another device or dtype (model.to(...) since): the old buffers no longer fit
+        if old is None or old.device != eng.device or old.static_embeds.dtype != self._embeds_dtype():
+            self._embeds_engine = CaptureEngine(
+                self._forward_fn, self.registry, eng.device, self.ladder, self._params,
+                progress=self.options.progress, graph_attention=self.options.graph_attention,
+                embeds=(self._hidden_size(), self._embeds_dtype()))
+        return self._embeds_engine
+
+    def _graph_pool(self) -> tuple[int, int]:
+        """The memory pool every engine of this wrap captures into (one, so the
+        inputs_embeds graphs reuse the token graphs' memory)."""
+        for e in (self._engine, self._embeds_engine):
+            if e is not None and e.captured and e.pool is not None:
+                return e.pool
+        return tuple(torch.cuda.graph_pool_handle())
+
+    def _capture_engine(self, eng: CaptureEngine, moved: bool) -> None:
+        """Capture ``eng`` (a no-op when it is up to date). Both engines are
+        reset first when a layer's attention implementation changed (their
+        recorded calls are stale) or the weights moved (the graphs read the old
+        tensors)."""
+        def stale(e: CaptureEngine) -> bool:
+            return e.captured and (e.registry_version != self.registry.version or e.params_moved())
+        if eng.captured and (moved or eng.registry_version != self.registry.version):
+            for e in (self._engine, self._embeds_engine):
+                if e is not None and (e is eng or stale(e)):
+                    e.reset()
+            eng.stats.recaptures += 1
+        eng.capture(pool=self._graph_pool())
+
+    def _hidden_size(self) -> int:
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        if not isinstance(hidden, int):
+            emb = getattr(self.model, "get_input_embeddings", lambda: None)()
+            hidden = getattr(emb, "embedding_dim", None)
+        if not isinstance(hidden, int):
+            raise NotImplementedError("pcg: inputs_embeds needs the model's hidden size (config.hidden_size)")
+        return hidden
+
+    def _embeds_dtype(self) -> torch.dtype:
+        """The dtype inputs_embeds must have: the input embeddings' (the
+        model's layers take that dtype; another one fails in them)."""
+        emb = getattr(self.model, "get_input_embeddings", lambda: None)()
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            return weight.dtype
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     def _can_capture(self) -> Optional[str]:
         """None when graphs may be used, else the reason they are not."""
@@ -144,15 +201,27 @@ class WrappedModel(nn.Module):
         return None
 
     # ---- public ---------------------------------------------------------------
-    def capture(self, force: bool = False) -> "WrappedModel":
-        """Capture every bucket now (largest first), with a progress bar."""
+    def capture(self, force: bool = False, inputs_embeds: bool = False) -> "WrappedModel":
+        """Capture every bucket now (largest first), with a progress bar.
+
+        Args:
+            force: capture again (e.g. after replacing weight tensors).
+            inputs_embeds: also capture the graphs ``inputs_embeds`` calls
+                replay (otherwise the first such call captures them).
+        """
         reason = self._can_capture()
         if reason is not None:
             raise RuntimeError(f"pcg: cannot capture ({reason}); calls run the split path eagerly")
         eng = self.engine()
+        if inputs_embeds:
+            self._check_embeds_supported()
         if force:
-            eng.reset()
-        eng.capture()
+            for e in (eng, self._embeds_engine):
+                if e is not None:
+                    e.reset()
+        self._capture_engine(eng, moved=False)
+        if inputs_embeds:
+            self._capture_engine(self.embeds_engine(), moved=False)
         return self
 
     def report(self) -> Report:
@@ -188,7 +257,7 @@ class WrappedModel(nn.Module):
             w = ref()
             if w is not None:
                 w._unwrapped = True
-                w._engine = None  # its graphs and their memory pool go with it
+                w._engine = w._embeds_engine = None  # their graphs and memory pool go with them
                 w.registry = LayerRegistry()  # and its references to the weights
         return model
 
@@ -258,12 +327,7 @@ class WrappedModel(nn.Module):
             reason = reason or "empty_batch"
             n_run = 1
         if reason is None:
-            # A layer's attention implementation changed (its recorded calls are stale) or the
-            # weights moved (the graphs read the old tensors): capture again.
-            if eng.captured and (moved or eng.registry_version != self.registry.version):
-                eng.reset()
-                eng.stats.recaptures += 1
-            eng.capture()
+            self._capture_engine(eng, moved)
             if self.ep is not None:
                 self.ep.sync_captured(eng)
             if bucket not in eng.graphs:
@@ -283,6 +347,19 @@ class WrappedModel(nn.Module):
     def _check_embeds(self, input_ids: Optional[torch.Tensor], embeds: torch.Tensor) -> None:
         if input_ids is not None:
             raise ValueError("pcg: pass exactly one of input_ids [B, S] or inputs_embeds [B, S, H]")
+        self._check_embeds_supported()
+        if not embeds.is_floating_point():
+            raise TypeError(f"pcg: inputs_embeds must be floating point, got dtype {embeds.dtype}")
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        if embeds.dim() != 3 or (isinstance(hidden, int) and embeds.shape[-1] != hidden):
+            raise ValueError(f"pcg: inputs_embeds must be [B, S, hidden_size={hidden}], got shape "
+                             f"{tuple(embeds.shape)}")
+        want = self._embeds_dtype()
+        if embeds.dtype != want:
+            raise TypeError(f"pcg: inputs_embeds must have the model's embedding dtype {want} (its layers "
+                            f"take that dtype), got {embeds.dtype}")
+
+    def _check_embeds_supported(self) -> None:
         if self.integration != "transformers":
             raise NotImplementedError(
                 f"pcg: inputs_embeds is supported for transformers models wrapped without a compiler "
@@ -290,22 +367,42 @@ class WrappedModel(nn.Module):
         if self.ep is not None:
             raise NotImplementedError("pcg: inputs_embeds with expert parallelism is not supported (every "
                                       "rank must take the same path through the graphs); pass input_ids")
-        if not embeds.is_floating_point():
-            raise TypeError(f"pcg: inputs_embeds must be floating point, got dtype {embeds.dtype}")
-        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
-        if embeds.dim() != 3 or (isinstance(hidden, int) and embeds.shape[-1] != hidden):
-            raise ValueError(f"pcg: inputs_embeds must be [B, S, hidden_size={hidden}], got shape "
-                             f"{tuple(embeds.shape)}")
 
     def _embeds_forward(self, packed: Any) -> Any:
-        """inputs_embeds run the split path without graphs (the graphs take
-        token ids): correct, reported as the eager fallback "inputs_embeds"."""
+        """inputs_embeds [n, H] packed: replay the embeds engine's graphs (the
+        token engine's rules: bucket, recapture, eager fallback with a reason,
+        debug comparison)."""
+        emb = self._embeds_engine
+        moved = emb is not None and emb.captured and not self.options.debug and emb.params_moved()
+        if moved:
+            logging.getLogger("pcg").warning("pcg: the model's weights moved since capture (e.g. "
+                                             ".to() / .half()); capturing again")
+            self._device = None  # read the device again: the model may have moved
         eng = self.engine()
         n = packed.num_tokens
         x = packed.inputs_embeds.to(self.device)
         pos = packed.positions.to(self.device) if packed.positions is not None else None
-        eng.stats.fallback(self._can_capture() or "inputs_embeds")
-        return eng.eager(x, pos, packed.cu_seqlens, padded_to=max(n, 1), leaf=_unpacker(packed))
+        unpack = _unpacker(packed)
+        reason = self._can_capture()
+        bucket = _buckets.pick(self.ladder, n)
+        if reason is None and bucket is None:
+            reason = "above_max_tokens"
+        if n == 0:
+            reason = reason or "empty_batch"
+        if reason is None:
+            emb = self.embeds_engine()
+            self._capture_engine(emb, moved)
+            if bucket not in emb.graphs:
+                reason = "capture_failed"
+        if reason is not None:
+            eng.stats.fallback(reason)
+            return eng.eager(x, pos, packed.cu_seqlens, padded_to=max(n, 1), leaf=unpack)
+        if self.options.debug:
+            emb.check_params_unchanged()
+        out = emb.replay(x, pos, packed.cu_seqlens, bucket, leaf=unpack)
+        if self.options.debug:
+            self._debug_compare(out, eng.eager(x, pos, packed.cu_seqlens, padded_to=n, leaf=unpack))
+        return out
 
     def _replay_one_sequence(self, input_ids, attention_mask, position_ids, inputs_embeds,
                              kwargs) -> Any:
