@@ -400,19 +400,23 @@ def test_config_op_table_choices_are_valid():
 def test_config_op_paths_for_unknown_shapes(E, k, H, I):
     """Untuned shapes take the CUTLASS path (when the call can) once experts
     average 16 rows, else the stream path (when the call can) up to 128
-    (token, k) pairs, else the heuristic tiles; never a path for float32."""
+    (token, k) pairs, else CUTLASS for large experts (H * I >= 6 Mi) from one
+    row per expert, else the heuristic tiles; never a path for float32."""
     for T in [0, 1, 3, 8, 16, 17, 31, 32, 33, 42, 43, 64, 65, 100, 128, 129, 1000, 5000]:
-        want_cutlass = T * k >= 16 * E
-        want_stream = not want_cutlass and 1 <= T and T * k <= 128
+        many_rows = T * k >= 16 * E
+        streamable = 1 <= T and T * k <= 128
+        large = H * I >= 6 << 20 and T * k >= E
+        want_cutlass = many_rows or (large and not streamable)
+        want_stream = not many_rows and streamable
         bm = _heuristic_block_m(T, k, E)
         heur = (bm, *_default_tiles(bm))
         for dt in (torch.bfloat16, torch.float16):
             got = fused_moe_config(E, k, H, I, T, dt, cutlass=True, stream=True)
             want = (-1, -1, -1) if want_cutlass else (-2, -1, -1) if want_stream else heur
             assert got == want, (T, dt)
-            # Without the stream path (the call could not take it), its guesses are the tiles.
+            # Without the stream path (the call could not take it): CUTLASS or the tiles.
             got = fused_moe_config(E, k, H, I, T, dt, cutlass=True)
-            assert got == ((-1, -1, -1) if want_cutlass else heur), (T, dt)
+            assert got == ((-1, -1, -1) if many_rows or large else heur), (T, dt)
             # Without the CUTLASS path, the stream guess still stops at 128 pairs.
             got = fused_moe_config(E, k, H, I, T, dt, stream=True)
             assert got == ((-2, -1, -1) if 1 <= T and T * k <= 128 else heur), (T, dt)

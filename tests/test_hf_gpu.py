@@ -40,7 +40,11 @@ class Reference:
     passes when pcg is within RTOL of the unwrapped bf16 model overall, or when
     at most MOVED_FRACTION of its tokens (at least one) are further than RTOL
     (flips are local; a wrong position, mask, expert or stale pad row moves
-    most tokens), or (short calls, where
+    most tokens), or when at most half of them moved and the first moved token
+    moved most (one flip reaching the sequence's later tokens through
+    attention, weaker with distance: measured on DBRX, a left-padded row's
+    per-token errors 0.006 0.006 0.006 0.144 0.045 0.030, the same against
+    fp32, while the fp32 capture of that batch matches to 1e-3), or (short calls, where
     one token is the call) when pcg's distance to the fp32 logits is within
     the unwrapped bf16 model's own distance plus FLIP_SLACK. Over many calls of a
     family, pcg's aggregate error against fp32 must not exceed the unwrapped
@@ -93,6 +97,9 @@ class Reference:
             return direct
         if moved <= max(1, int(self.MOVED_FRACTION * per_token.numel())):
             return RTOL  # only a few tokens moved: local routing flips
+        beyond = (per_token > RTOL).nonzero().flatten()
+        if 2 * moved <= per_token.numel() and per_token[beyond[0]] >= per_token.max():
+            return RTOL  # one flip and the later tokens it reaches
         return RTOL if ours <= own + self.FLIP_SLACK else direct  # short calls: flips, fp32-anchored
 
     def sample(self, wrapped, calls: int = 16, seed: int = 99) -> None:
@@ -243,6 +250,15 @@ def test_fp32_capture_matches_unwrapped_tightly(family):
             expect = ref(input_ids=ids, use_cache=False).logits
         err = rel_err(wrapped(ids).logits, expect)
         assert err <= 1e-3, f"{family} fp32 T={t}: relative error {err:.3g}"
+    for side in ("left", "right"):  # padded batches: masks, positions, pad rows
+        ids = _ids(g, 3, 11)
+        mask = padding_mask([11, 6, 2], 11, side).cuda()
+        with torch.inference_mode():
+            expect = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = wrapped(ids, attention_mask=mask).logits
+        keep = mask.bool()
+        err = rel_err(got[keep], expect[keep])
+        assert err <= 1e-3 and torch.all(got[~keep] == 0), f"{family} fp32 {side} padded: {err:.3g}"
     assert wrapped.report().capture_failures == {}
 
 
@@ -276,13 +292,13 @@ def test_inputs_embeds_replay_their_own_graphs(captured):
         err = rel_err(got, wrapped(ids, attention_mask=mask).logits)
         assert err <= 1e-3 and torch.all(got[~mask.bool()] == 0), f"{family} inputs_embeds padded: {err:.3g}"
         calls += 2
+        with pytest.raises(TypeError, match="embedding dtype"):
+            wrapped(inputs_embeds=emb(ids).float())
     rep = wrapped.report()
     assert rep.embeds_buckets == BUCKETS and rep.capture_failures == {}, rep
     assert sum(rep.embeds_replays.values()) == calls, rep
     assert rep.eager_fallbacks == before.eager_fallbacks, rep  # nothing ran eagerly
     assert rep.buckets == before.buckets and rep.graphs > before.graphs
-    with pytest.raises(TypeError, match="embedding dtype"):
-        wrapped(inputs_embeds=emb(ids).float())
 
 
 def test_zz_aggregate_accuracy_matches_unwrapped_bf16(captured):

@@ -28,8 +28,8 @@
 // captured graph and its replays agree): the tuning table (fused_moe_tuning.h,
 // generated on a GPU by bench/tune_moe.py, keyed by (E_local, top_k, H, I) and
 // ranges of T); for shapes it does not hold, the CUTLASS path from 16 rows
-// per expert, the stream path up to 128 (token, k) pairs, else
-// heuristic_config (block_m from the average pairs per expert, default
+// per expert, the stream path up to 128 (token, k) pairs, CUTLASS for large
+// experts from one row per expert, else heuristic_config (block_m from the average pairs per expert, default
 // tiles); each path only where the call can take it. fp32 uses only block_m
 // (tile ids -1). Callers may
 // force a config (the op's `config` argument); the CUDA launcher checks that
@@ -130,6 +130,13 @@ constexpr int64_t kCutlassMinRowsPerExpert = 16;
 // 78-128 pairs (Qwen3-30B-A3B's tiles win at 128 by 3%).
 constexpr int64_t kStreamGuessMaxPairs = 128;
 
+// Above the stream path's pairs, untuned shapes with large experts (H * I at
+// least this) take the CUTLASS path from one row per expert. H200
+// (bench/untuned.py, chain, CUTLASS vs the default tiles at 1-8 rows per
+// expert): DeepSeek-V3 (H * I = 14 Mi) 2.4-4.6% faster, Qwen2-57B-A14B (8.75 Mi)
+// 4.5%, Qwen3-235B-A22B (6 Mi) 0-4%; OLMoE-1B-7B (2 Mi) 4-6% slower.
+constexpr int64_t kCutlassLargeExpertElems = int64_t{6} << 20;
+
 // The behaviour before tuning: choose_block_m and the default tiles.
 inline MoeConfig heuristic_config(int64_t num_tokens, int64_t top_k, int64_t num_experts,
                                   DType dtype) {
@@ -181,7 +188,9 @@ static_assert(tuning_table_is_valid(), "fused_moe_tuning.h: invalid table (regen
 // the tuning table's row for (E_local, top_k, H, I) and T (the first row with
 // T <= t_max, the last row above every t_max) unless it names a path `ok`
 // lacks; else the CUTLASS path when it is available and experts average
-// kCutlassMinRowsPerExpert rows ([-1, -1, -1]: default variants); else
+// kCutlassMinRowsPerExpert rows ([-1, -1, -1]: default variants); else the
+// stream path up to kStreamGuessMaxPairs pairs; else the CUTLASS path for
+// large experts (kCutlassLargeExpertElems) from one row per expert; else
 // heuristic_config (also fp32). A pure function of its arguments.
 inline MoeConfig choose_config(int64_t E_local, int64_t top_k, int64_t H, int64_t I,
                                int64_t num_tokens, DType dtype, PathSupport ok = {}) {
@@ -209,6 +218,9 @@ inline MoeConfig choose_config(int64_t E_local, int64_t top_k, int64_t H, int64_
     }
     if (ok.stream && num_tokens > 0 && num_tokens * top_k <= kStreamGuessMaxPairs) {
       return MoeConfig{kStreamConfig, -1, -1};
+    }
+    if (ok.cutlass && H * I >= kCutlassLargeExpertElems && num_tokens * top_k >= E_local) {
+      return MoeConfig{kCutlassConfig, -1, -1};
     }
   }
   return heuristic_config(num_tokens, top_k, E_local, dtype);

@@ -217,8 +217,20 @@ TEST(FusedMoe, PathConfigs) {
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 1, DType::kBFloat16, {true, true}), stream);
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 8, DType::kFloat16, {false, true}), stream);
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 16, DType::kBFloat16, {true, true}), stream);
+  // Above them, large experts (H * I >= 6 Mi) take CUTLASS from one row per expert,
+  // small ones the tiles until 16 rows per expert.
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 17, DType::kBFloat16, {true, true}),
+            (MoeConfig{kCutlassConfig, -1, -1}));
+  EXPECT_EQ(choose_config(128, 8, 4096, 1536, 17, DType::kBFloat16, {false, true}),
             heuristic_config(17, 8, 128, DType::kBFloat16));
+  EXPECT_EQ(choose_config(256, 8, 7168, 2048, 31, DType::kBFloat16, {true, true}),
+            heuristic_config(31, 8, 256, DType::kBFloat16));  // 248 pairs < 256 experts
+  EXPECT_EQ(choose_config(256, 8, 7168, 2048, 32, DType::kBFloat16, {true, true}),
+            (MoeConfig{kCutlassConfig, -1, -1}));
+  EXPECT_EQ(choose_config(64, 8, 2048, 1024, 64, DType::kBFloat16, {true, true}),
+            heuristic_config(64, 8, 64, DType::kBFloat16));  // 2 Mi: tiles
+  EXPECT_EQ(choose_config(64, 8, 2048, 1024, 128, DType::kBFloat16, {true, true}),
+            (MoeConfig{kCutlassConfig, -1, -1}));  // 16 rows per expert
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 1, DType::kBFloat16, {true, false}),
             heuristic_config(1, 8, 128, DType::kBFloat16));
   EXPECT_EQ(choose_config(128, 8, 4096, 1536, 0, DType::kBFloat16, {true, true}),

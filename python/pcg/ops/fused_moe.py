@@ -172,7 +172,8 @@ def fused_moe_config(num_local_experts: int, top_k: int, hidden_size: int,
     """The ``[block_m, tile1, tile2]`` that pcg::fused_moe uses for these shapes
     (``torch.ops.pcg.fused_moe_config``): the tuning table's choice; for shapes
     the table does not hold, the CUTLASS path once experts average 16 rows, the
-    stream path up to 128 (token, k) pairs (each only when the flag below says
+    stream path up to 128 (token, k) pairs, the CUTLASS path for large experts
+    (H * I >= 6 Mi) from one row per expert (each only when the flag below says
     the call can take it), else the heuristic tiles. ``num_local_experts`` is
     ``w13.size(0)``. Tile ids are -1 for float32 (its kernel has only block_m).
 
