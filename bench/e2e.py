@@ -12,6 +12,10 @@
                    attention), paired with its own whole graph
   pcg-inductor     pcg.wrap(model, compiler="inductor"): inductor-compiled pieces,
                    same capture engine
+  pcg-embeds       pcg called with inputs_embeds (a multimodal model's merged
+                   embeddings): its second graph set, timed in alternation
+                   with pcg on token ids and with embeds-split, the same call
+                   on pcg's split path without graphs (how it ran before)
 
 The default model is Qwen3-30B-A3B-shaped (128 experts, top-8, H=2048, I=768,
 32/4 heads) with --layers layers and random weights. Prints a table (ms and
@@ -143,6 +147,25 @@ def run_gpu(args) -> dict:
         ms["pcg"] = {t: time_ms(lambda t=t: wrapped(input_ids=ids[t])) for t in ts}
     res["rel_err"]["pcg"] = max(rel(wrapped(input_ids=ids[t]).logits, ref[t]) for t in ts)
     ms["moe-op"] = {t: moe_only_ms(wrapped, t) for t in ts}
+    if "pcg-embeds" in args.modes:
+        emb = model.get_input_embeddings()
+        with torch.inference_mode():
+            xs = {t: emb(ids[t]) for t in ts}
+        t0 = time.perf_counter()
+        wrapped.capture(inputs_embeds=True)
+        res["startup_s"]["pcg-embeds"] = time.perf_counter() - t0
+        nograph = pcg.wrap(model, max_tokens=max(ts), capture=False, progress=False)
+        ms["pcg-embeds"], ms["embeds-split"], ratio = {}, {}, res.setdefault("embeds_over_ids", {})
+        for t in ts:
+            on_ids, ms["pcg-embeds"][t], ms["embeds-split"][t] = paired_time_ms(
+                [lambda t=t: wrapped(input_ids=ids[t]), lambda t=t: wrapped(inputs_embeds=xs[t]),
+                 lambda t=t: nograph(inputs_embeds=xs[t])])
+            ratio[t] = ms["pcg-embeds"][t] / on_ids
+        res["rel_err"]["pcg-embeds"] = max(rel(wrapped(inputs_embeds=xs[t]).logits, ref[t]) for t in ts)
+        res["rel_err"]["embeds-split"] = max(rel(nograph(inputs_embeds=xs[t]).logits, ref[t]) for t in ts)
+        print("pcg-embeds done; time over pcg on token ids (paired) by T:",
+              {t: round(r, 3) for t, r in ratio.items()}, flush=True)
+        del nograph
     if "pcg-split" in args.modes:
         # graph attention off: attention splits the graphs of every bucket,
         # timed in alternation with a whole graph of the same wrapper
@@ -200,7 +223,8 @@ def startup_only(args) -> None:
 
 def print_table(res: dict) -> None:
     ms = res["ms"]
-    modes = [m for m in ("eager", "compile", "compile-ro", "whole-graph", "pcg", "pcg-inductor") if m in ms]
+    modes = [m for m in ("eager", "compile", "compile-ro", "whole-graph", "pcg", "pcg-inductor", "pcg-embeds",
+                         "embeds-split") if m in ms]
     head = f"{'T':>6} " + " ".join(f"{m:>11}" for m in modes) + f" {'moe share':>9}"
     if "whole-graph" in ms:
         head += f" {'pcg/graph':>9}"
@@ -270,7 +294,8 @@ def main() -> None:
     ap.add_argument("--max-t", type=int, default=8192)
     ap.add_argument("--modes", nargs="*", default=["compile", "compile-ro", "whole-graph", "pcg-inductor"],
                     help="modes besides eager and pcg: compile, compile-ro, whole-graph, pcg-inductor, "
-                         "pcg-split (graph attention off, paired with its own whole graph)")
+                         "pcg-split (graph attention off, paired with its own whole graph), "
+                         "pcg-embeds (inputs_embeds: graphs vs the split path)")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--startup-only", action="store_true",
                     help="only time pcg.wrap(compiler='inductor') start-up (trace, compile, capture) "

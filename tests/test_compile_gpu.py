@@ -27,7 +27,7 @@ pytestmark = pytest.mark.gpu
 
 RTOL = 2e-2
 BUCKETS = [1, 2, 8, 32, 64]
-GPU_FAMILIES = ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral"]
+GPU_FAMILIES = ["qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral", "llama4", "dbrx"]
 
 
 def _ids(g: torch.Generator, *shape: int) -> torch.Tensor:

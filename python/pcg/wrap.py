@@ -408,27 +408,35 @@ class WrappedModel(nn.Module):
                              kwargs) -> Any:
         """The common prefill call, replayed with as little host work as
         possible before the first graph launch (the host's latency there is
-        most of pcg's gap to a whole-model graph): one sequence [1, T] of int64
-        ids already on the model's GPU, default positions, captured bucket.
+        most of pcg's gap to a whole-model graph): one sequence already on the
+        model's GPU, default positions, captured bucket; ``input_ids`` [1, T]
+        int64, or ``inputs_embeds`` [1, T, H] in the embeds engine's dtype.
         None when anything else applies; the general path then handles it."""
-        eng = self._engine
+        if inputs_embeds is None:
+            eng, x = self._engine, input_ids
+            if x is None or x.dtype is not torch.int64 or x.dim() != 2:
+                return None
+        else:
+            eng, x = self._embeds_engine, inputs_embeds
+            if (input_ids is not None or eng is None or x.dim() != 3
+                    or x.dtype != eng.static_embeds.dtype or x.shape[2] != eng.static_embeds.shape[1]):
+                return None
         if (eng is None or not eng.captured or not self.options.capture or attention_mask is not None
                 or position_ids is not None
-                or inputs_embeds is not None or (kwargs and (len(kwargs) > 1 or "use_cache" not in kwargs))
-                or self.ep is not None or self.options.debug or input_ids is None
-                or input_ids.dtype is not torch.int64 or input_ids.dim() != 2 or input_ids.shape[0] != 1
-                or eng.registry_version != self.registry.version or input_ids.device != eng.device
+                or (kwargs and (len(kwargs) > 1 or "use_cache" not in kwargs))
+                or self.ep is not None or self.options.debug or x.shape[0] != 1
+                or eng.registry_version != self.registry.version or x.device != eng.device
                 or self.device != eng.device  # a model moved since capture: the general path decides
                 or eng.params_moved()):
             return None
-        n = input_ids.shape[1]
+        n = x.shape[1]
         bucket = _buckets.pick(self.ladder, n)
         if n == 0 or bucket not in eng.graphs:
             return None
 
         def to_caller(t: torch.Tensor) -> torch.Tensor:  # [n, ...] -> [1, n, ...]
             return t[None] if t.dim() >= 1 and t.shape[0] == n else t
-        return eng.replay(input_ids[0], None, [0, n], bucket, leaf=to_caller)
+        return eng.replay(x[0], None, [0, n], bucket, leaf=to_caller)
 
     def _eager(self, eng: CaptureEngine, ids: torch.Tensor, pos: Optional[torch.Tensor],
                cu_seqlens: list[int], n_run: int, leaf: Any = None) -> Any:
