@@ -65,6 +65,20 @@ def check_sharding(wrapped, world: int, rank: int) -> None:
         assert mod_w13.shape[0] == len(mine) and mod_w13.data_ptr() == layer.w13.data_ptr()
 
 
+def embeds_turn(wrapped, rank: int, call: int) -> bool:
+    """Whether this rank passes inputs_embeds in this call (transformers models
+    without a compiler): ranks alternate, so most calls mix ids and embeddings."""
+    return wrapped.integration == "transformers" and (rank + call) % 2 == 1
+
+
+def call_model(wrapped, ids, mask, use_embeds: bool):
+    if not use_embeds:
+        return wrapped(ids, attention_mask=mask)
+    with torch.inference_mode():
+        x = wrapped.get_input_embeddings()(ids)
+    return wrapped(inputs_embeds=x, attention_mask=mask)
+
+
 def compare(model, vocab, world, rank, modes, placement, results, tag, compiler=None):
     ref = pcg.wrap(copy.deepcopy(model), progress=False)
     for mode in modes:
@@ -72,8 +86,8 @@ def compare(model, vocab, world, rank, modes, placement, results, tag, compiler=
                             placement=placement, progress=False, compiler=compiler)
         check_sharding(ep_model, world, rank)
         worst = 0.0
-        for ids, mask in calls(rank, vocab):
-            out = logits(ep_model(ids, attention_mask=mask))
+        for i, (ids, mask) in enumerate(calls(rank, vocab)):
+            out = logits(call_model(ep_model, ids, mask, embeds_turn(ep_model, rank, i)))
             if ids.numel() == 0:  # the unwrapped models cannot run an empty batch
                 assert out.shape[:2] == ids.shape, out.shape
                 continue
@@ -216,10 +230,10 @@ def scenario_cuda(world, rank, args, results):
             ep_model = pcg.wrap(copy.deepcopy(model), ep=dist.group.WORLD, ep_mode=mode,
                                 max_tokens=64, progress=False)
             worst, sq_ep, sq_ref = 0.0, 0.0, 0.0
-            for ids, mask in calls(rank, vocab):
+            for i, (ids, mask) in enumerate(calls(rank, vocab)):
                 ids = ids.to(dev)
                 mask = mask.to(dev) if mask is not None else None
-                out = logits(ep_model(ids, attention_mask=mask))
+                out = logits(call_model(ep_model, ids, mask, embeds_turn(ep_model, rank, i)))
                 if ids.numel() == 0:
                     continue
                 exp = logits(ref(ids, attention_mask=mask))
@@ -246,7 +260,10 @@ def scenario_cuda(world, rank, args, results):
             split = set(rep.moe_split_layers)
             want_split = backend != "nccl" and mode != "alltoall_peer"
             assert split == (set(range(rep.moe_layers)) if want_split else set()), rep
-            assert sum(rep.replays.values()) == 3 and not rep.eager_fallbacks, str(rep)
+            # every call replays a graph: token ids or inputs_embeds (ranks alternate)
+            turns = [embeds_turn(ep_model, rank, i) for i in range(3)]
+            assert sum(rep.replays.values()) == turns.count(False) and not rep.eager_fallbacks, str(rep)
+            assert sum(rep.embeds_replays.values()) == turns.count(True), str(rep)
             results[f"{family}/{mode}"] = worst
             del ep_model
         del ref, model, model32

@@ -271,6 +271,8 @@ def test_inputs_embeds_match_unwrapped(pair):
         expect = ref(inputs_embeds=x, attention_mask=mask, use_cache=False).logits
         keep = mask.bool()
         assert rel_err(got[keep], expect[keep]) <= RTOL and torch.all(got[~keep] == 0)
+        empty = wrapped(inputs_embeds=x[:1, :0]).logits  # an empty batch, as with token ids
+        assert empty.shape == (1, 0, got.shape[-1])
 
 
 def test_inputs_embeds_bad_calls_raise_clearly():

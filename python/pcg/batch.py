@@ -175,12 +175,12 @@ def pack(input_ids: Optional[torch.Tensor] = None,
     if attention_mask is None:
         token_index = None
         flat_ids = input_ids.reshape(-1) if input_ids is not None else None
-        flat_emb = inputs_embeds.reshape(b * s, -1) if inputs_embeds is not None else None
+        flat_emb = inputs_embeds.reshape(b * s, inputs_embeds.shape[-1]) if inputs_embeds is not None else None
         row_lens = [s] * b
     else:
         token_index = keep.nonzero().flatten()
         flat_ids = input_ids.reshape(-1).index_select(0, token_index) if input_ids is not None else None
-        flat_emb = (inputs_embeds.reshape(b * s, -1).index_select(0, token_index)
+        flat_emb = (inputs_embeds.reshape(b * s, inputs_embeds.shape[-1]).index_select(0, token_index)
                     if inputs_embeds is not None else None)
         flat_pos = flat_pos.index_select(0, token_index)
         row_lens = attention_mask.to(torch.int64).sum(1).tolist()

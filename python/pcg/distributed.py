@@ -240,36 +240,43 @@ class EPConfig:
         return ws
 
     # ---- per-call agreement --------------------------------------------------------
-    def agree_tokens(self, n: int, device: torch.device) -> int:
-        """The largest token count of this call over the group (every rank calls it)."""
+    def agree_tokens(self, n: int, device: torch.device, embeds: bool = False) -> tuple[int, bool, bool]:
+        """(the largest token count of this call over the group, whether any
+        rank passes token ids, whether any passes ``inputs_embeds``): one
+        all_reduce; every rank calls it. The flags say which graph sets every
+        rank captures now (a capture runs the EP collectives)."""
         dist = _dist()
-        t = torch.tensor([int(n)], dtype=torch.int64, device=self.comm_device(device))
+        t = torch.tensor([int(n), int(not embeds), int(embeds)], dtype=torch.int64,
+                         device=self.comm_device(device))
         try:
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         except Exception as exc:  # noqa: BLE001
             raise self._fail("the token-count agreement", exc) from exc
         self._wait(work, "the token-count agreement")
-        return int(t.item())
+        n_run, any_ids, any_embeds = t.tolist()
+        return int(n_run), bool(any_ids), bool(any_embeds)
 
-    def sync_captured(self, engine: Any) -> None:
-        """After a capture: keep only the buckets captured on every rank, so all
-        ranks replay or run eagerly together (one all_reduce per capture)."""
-        token = (engine.stats.capture_seconds, tuple(id(g) for g in engine.graphs.values()))
-        if self._synced_token == token:
+    def sync_captured(self, engines: list) -> None:
+        """After a capture: keep only the buckets captured on every rank and in
+        every captured engine (token ids, inputs_embeds), so all ranks replay or
+        run eagerly together (one all_reduce per capture)."""
+        token = tuple((e.stats.capture_seconds, tuple(id(g) for g in e.graphs.values())) for e in engines)
+        if not engines or self._synced_token == token:
             return
         dist = _dist()
-        ladder = sorted(engine.ladder)
-        dev = self.comm_device(engine.device)
-        mask = torch.tensor([1 if n in engine.graphs else 0 for n in ladder], dtype=torch.int32,
-                            device=dev)
+        ladder = sorted(engines[0].ladder)
+        dev = self.comm_device(engines[0].device)
+        mask = torch.tensor([1 if all(n in e.graphs for e in engines) else 0 for n in ladder],
+                            dtype=torch.int32, device=dev)
         work = dist.all_reduce(mask, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
         self._wait(work, "the captured-bucket agreement")
         for n, ok in zip(ladder, mask.tolist()):
-            if not ok and n in engine.graphs:
-                del engine.graphs[n]
-                engine.stats.failures.setdefault(n, "not captured on every EP rank")
-        self._synced_token = (engine.stats.capture_seconds,
-                              tuple(id(g) for g in engine.graphs.values()))
+            for e in engines:
+                if not ok and n in e.graphs:
+                    del e.graphs[n]
+                    e.stats.failures.setdefault(n, "not captured on every EP rank")
+        self._synced_token = tuple((e.stats.capture_seconds, tuple(id(g) for g in e.graphs.values()))
+                                   for e in engines)
 
     def eager(self, engine: Any, ids: torch.Tensor, positions: Optional[torch.Tensor],
               cu_seqlens: list[int], n_run: int, leaf: Any = None) -> Any:

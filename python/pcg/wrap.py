@@ -63,9 +63,10 @@ class WrappedModel(nn.Module):
     Call it like the original (``input_ids`` [1, T] or [B, S], optional
     ``attention_mask`` [B, S] and ``position_ids``); outputs come back in the
     caller's shape, pad positions zero-filled. ``inputs_embeds`` [B, S, H]
-    (transformers models, no compiler, no EP; the dtype of the model's input
+    (transformers models without a compiler; the dtype of the model's input
     embeddings) replay a second set of graphs, captured on the first such call
-    (or by ``capture(inputs_embeds=True)``) into the same memory pool.
+    (or by ``capture(inputs_embeds=True)``) into the same memory pool; with
+    ``ep=`` every rank captures a set on a call where any rank needs it.
     ``capture()`` captures every bucket now (otherwise the first call does);
     ``report()`` says what was captured and how calls ran.
     """
@@ -140,8 +141,8 @@ class WrappedModel(nn.Module):
 
     def embeds_engine(self) -> CaptureEngine:
         """The engine whose graphs take input embeddings (``inputs_embeds``),
-        made on first use; it shares the token engine's memory pool and
-        recaptures with it."""
+        made on first use; it shares the token engine's memory pool, and both
+        are reset when the weights move."""
         eng = self.engine()
         old = self._embeds_engine
         # new on another device or dtype (model.to(...) since): the old buffers no longer fit
@@ -208,6 +209,8 @@ class WrappedModel(nn.Module):
             force: capture again (e.g. after replacing weight tensors).
             inputs_embeds: also capture the graphs ``inputs_embeds`` calls
                 replay (otherwise the first such call captures them).
+        With ``ep=``, capturing runs the EP collectives: every rank calls this
+        with the same arguments.
         """
         reason = self._can_capture()
         if reason is not None:
@@ -301,48 +304,61 @@ class WrappedModel(nn.Module):
                                       or input_ids.dtype == torch.bool):
             raise TypeError(f"pcg: input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         packed = pack(input_ids, attention_mask, position_ids, inputs_embeds)
-        if packed.inputs_embeds is not None:
-            return self._embeds_forward(packed)
-        self._check_token_range(packed.input_ids)
-        moved = (self._engine is not None and self._engine.captured and not self.options.debug
-                 and self._engine.params_moved())
+        embeds = packed.inputs_embeds is not None
+        if not embeds:
+            self._check_token_range(packed.input_ids)
+        moved = self._moved(self._embeds_engine if embeds else self._engine)
         if moved:
             # .to(dtype) / .half() / .to(device) since capture (on the wrapper or on the model
             # itself): the graphs read the old tensors. Debug mode raises instead, naming how many.
             logging.getLogger("pcg").warning("pcg: the model's weights moved since capture (e.g. "
                                              ".to() / .half()); capturing again")
             self._device = None  # read the device again: the model may have moved
-        ids = packed.input_ids.to(self.device)
+        x = (packed.inputs_embeds if embeds else packed.input_ids).to(self.device)
         pos = packed.positions.to(self.device) if packed.positions is not None else None
-        eng = self.engine()
+        eng = self.engine()  # the token engine: eager runs and the call statistics
         n = packed.num_tokens
         reason = self._can_capture()
         # EP: every rank picks the bucket (and eager padding) from the group's
-        # largest token count, so all collectives see equal shapes.
-        n_run = n if self.ep is None else self.ep.agree_tokens(n, self.device)
+        # largest token count, so all collectives see equal shapes; and captures
+        # the graph sets any rank needs now (a capture runs collectives).
+        if self.ep is None:
+            n_run, any_ids, any_embeds = n, not embeds, embeds
+        else:
+            n_run, any_ids, any_embeds = self.ep.agree_tokens(n, self.device, embeds)
         bucket = _buckets.pick(self.ladder, n_run)
         if reason is None and bucket is None:
             reason = "above_max_tokens"
         if n_run == 0:  # nothing real anywhere: one masked pad row gives the outputs their shapes
             reason = reason or "empty_batch"
             n_run = 1
+        run = eng
         if reason is None:
-            self._capture_engine(eng, moved)
+            if any_ids:
+                self._capture_engine(eng, self._moved(eng))
+            if any_embeds:
+                self._capture_engine(self.embeds_engine(), self._moved(self._embeds_engine))
             if self.ep is not None:
-                self.ep.sync_captured(eng)
-            if bucket not in eng.graphs:
+                self.ep.sync_captured([e for e in (eng, self._embeds_engine) if e is not None and e.captured])
+            run = self._embeds_engine if embeds else eng
+            if bucket not in run.graphs:
                 reason = "capture_failed"
 
         unpack = _unpacker(packed)
         if reason is not None:
             eng.stats.fallback(reason)
-            return self._eager(eng, ids, pos, packed.cu_seqlens, n_run, unpack)
+            return self._eager(eng, x, pos, packed.cu_seqlens, n_run, unpack)
         if self.options.debug:
-            eng.check_params_unchanged()
-        out = eng.replay(ids, pos, packed.cu_seqlens, bucket, leaf=unpack)
+            run.check_params_unchanged()
+        out = run.replay(x, pos, packed.cu_seqlens, bucket, leaf=unpack)
         if self.options.debug:
-            self._debug_compare(out, self._eager(eng, ids, pos, packed.cu_seqlens, n_run, unpack))
+            self._debug_compare(out, self._eager(eng, x, pos, packed.cu_seqlens, n_run, unpack))
         return out
+
+    def _moved(self, e: Optional[CaptureEngine]) -> bool:
+        """Whether ``e``'s graphs read weights that have moved since (not in
+        debug mode, whose per-call check raises instead)."""
+        return e is not None and e.captured and not self.options.debug and e.params_moved()
 
     def _check_embeds(self, input_ids: Optional[torch.Tensor], embeds: torch.Tensor) -> None:
         if input_ids is not None:
@@ -364,45 +380,6 @@ class WrappedModel(nn.Module):
             raise NotImplementedError(
                 f"pcg: inputs_embeds is supported for transformers models wrapped without a compiler "
                 f"(this wrap: {self.integration}); pass input_ids")
-        if self.ep is not None:
-            raise NotImplementedError("pcg: inputs_embeds with expert parallelism is not supported (every "
-                                      "rank must take the same path through the graphs); pass input_ids")
-
-    def _embeds_forward(self, packed: Any) -> Any:
-        """inputs_embeds [n, H] packed: replay the embeds engine's graphs (the
-        token engine's rules: bucket, recapture, eager fallback with a reason,
-        debug comparison)."""
-        emb = self._embeds_engine
-        moved = emb is not None and emb.captured and not self.options.debug and emb.params_moved()
-        if moved:
-            logging.getLogger("pcg").warning("pcg: the model's weights moved since capture (e.g. "
-                                             ".to() / .half()); capturing again")
-            self._device = None  # read the device again: the model may have moved
-        eng = self.engine()
-        n = packed.num_tokens
-        x = packed.inputs_embeds.to(self.device)
-        pos = packed.positions.to(self.device) if packed.positions is not None else None
-        unpack = _unpacker(packed)
-        reason = self._can_capture()
-        bucket = _buckets.pick(self.ladder, n)
-        if reason is None and bucket is None:
-            reason = "above_max_tokens"
-        if n == 0:
-            reason = reason or "empty_batch"
-        if reason is None:
-            emb = self.embeds_engine()
-            self._capture_engine(emb, moved)
-            if bucket not in emb.graphs:
-                reason = "capture_failed"
-        if reason is not None:
-            eng.stats.fallback(reason)
-            return eng.eager(x, pos, packed.cu_seqlens, padded_to=max(n, 1), leaf=unpack)
-        if self.options.debug:
-            emb.check_params_unchanged()
-        out = emb.replay(x, pos, packed.cu_seqlens, bucket, leaf=unpack)
-        if self.options.debug:
-            self._debug_compare(out, eng.eager(x, pos, packed.cu_seqlens, padded_to=n, leaf=unpack))
-        return out
 
     def _replay_one_sequence(self, input_ids, attention_mask, position_ids, inputs_embeds,
                              kwargs) -> Any:
