@@ -5,7 +5,9 @@
 Every rank builds the same model, wraps one copy without EP (the
 single-process reference) and one with ``ep=`` over a gloo group, calls both
 with its own batches (sizes differ per rank; rank 1 of the first call has no
-tokens) and writes the largest relative error it saw to OUT_JSON.
+tokens; transformers models get token ids or their embeddings, ranks taking
+turns, so calls mix both) and writes the largest relative error it saw to
+OUT_JSON.
 """
 from __future__ import annotations
 
