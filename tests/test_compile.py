@@ -171,6 +171,36 @@ def test_padded_batch(case, side):
     _no_fallbacks(wrapped)
 
 
+@torch.inference_mode()
+def test_inputs_embeds(case):
+    """inputs_embeds get their own trace (a trace is specialised to its input):
+    one sequence at several lengths, and a padded batch, against the unwrapped
+    model; no call runs uncompiled, and the token trace is untouched."""
+    name, compiler, ref, wrapped = case
+    if name == "moe":
+        pytest.skip("pcg.nn models take token ids")
+    g = torch.Generator().manual_seed(3)
+    emb = ref.get_input_embeddings()
+    wrapped(torch.randint(0, VOCAB, (1, 5), generator=g))  # the token trace exists first
+    token_pieces = _fn(wrapped).stats["pieces"]
+    for t in (9, 1, 30):
+        x = emb(torch.randint(0, VOCAB, (1, t), generator=g))
+        err = rel_err(_logits(wrapped(inputs_embeds=x)), ref(inputs_embeds=x, use_cache=False).logits)
+        assert err <= RTOL, f"{name}/{compiler} inputs_embeds T={t}: relative error {err:.3g}"
+    ids = torch.randint(0, VOCAB, (2, 7), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    got = _logits(wrapped(inputs_embeds=emb(ids), attention_mask=mask))
+    expect = ref(inputs_embeds=emb(ids), attention_mask=mask, use_cache=False).logits
+    keep = mask.bool()
+    err = rel_err(got[keep], expect[keep])
+    assert err <= RTOL and torch.all(got[~keep] == 0), f"{name}/{compiler} inputs_embeds padded: {err:.3g}"
+    efn = wrapped._embeds_fn
+    assert isinstance(efn, CompiledForward) and efn is not _fn(wrapped)
+    assert efn.trace_error is None and efn.stats["compile_fallbacks"] == {}, efn.stats
+    assert efn.stats["pieces"] == token_pieces  # the same split, traced on embeddings
+    _no_fallbacks(wrapped)
+
+
 # ---- structure ------------------------------------------------------------------------
 
 def _moe_model(layers: int = 2):

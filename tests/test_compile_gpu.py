@@ -136,6 +136,15 @@ def test_fp32_capture_matches_unwrapped_tightly(family, compiler):
         err = rel_err(wrapped(ids).logits, expect)
         assert err <= 1e-3, f"{family} {compiler} fp32 T={t}: relative error {err:.3g}"
     _check_report(wrapped, [8, 32], compiler)
+    # inputs_embeds: their own trace, captured as a second graph set
+    with torch.inference_mode():
+        x = ref.get_input_embeddings()(_ids(g, 1, 13))
+        expect = ref(inputs_embeds=x, use_cache=False).logits
+    err = rel_err(wrapped(inputs_embeds=x).logits, expect)
+    assert err <= 1e-3, f"{family} {compiler} fp32 inputs_embeds: relative error {err:.3g}"
+    rep = wrapped.report()
+    assert rep.embeds_buckets == [8, 32] and rep.embeds_replays == {32: 1}, rep
+    assert rep.capture_failures == {} and rep.compile_fallbacks == {}, rep
 
 
 @pytest.mark.parametrize("family", GPU_FAMILIES)

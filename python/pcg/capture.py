@@ -329,7 +329,8 @@ class CaptureEngine:
 
     def eager(self, ids: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: list[int],
               padded_to: Optional[int] = None,
-              leaf: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Any:
+              leaf: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              forward_fn: Optional[ForwardFn] = None) -> Any:
         """The same split path without graphs (CPU, or above the largest bucket).
         ``ids`` [n] token ids, or [n, H] input embeddings where the forward
         takes them (the transformers integration).
@@ -338,6 +339,8 @@ class CaptureEngine:
         ``num_valid`` = n (expert parallelism needs equal shapes on every rank;
         an empty batch runs one masked row so its outputs still get shapes).
         Outputs are trimmed to the n real rows, then passed through ``leaf``.
+        ``forward_fn`` runs instead of the engine's own (compile mode traces
+        token ids and input embeddings separately).
         """
         n = int(ids.shape[0])
         run = n if padded_to is None else padded_to
@@ -354,7 +357,7 @@ class CaptureEngine:
             positions = torch.arange(n, device=ids.device)
         batch = BatchMeta(n, cu_seqlens, positions[:n], run)
         with running(RunContext(self.registry, batch, num_valid)):
-            out = self.forward_fn(ids, positions)
+            out = (forward_fn or self.forward_fn)(ids, positions)
         flat, spec = tree_flatten(out)
         return tree_unflatten([_finish(_slice_tokens(t, run, n), leaf) if isinstance(t, torch.Tensor)
                                else t for t in flat], spec)

@@ -279,13 +279,13 @@ class EPConfig:
                                    for e in engines)
 
     def eager(self, engine: Any, ids: torch.Tensor, positions: Optional[torch.Tensor],
-              cu_seqlens: list[int], n_run: int, leaf: Any = None) -> Any:
+              cu_seqlens: list[int], n_run: int, leaf: Any = None, forward_fn: Any = None) -> Any:
         """The split path without graphs, padded to the agreed ``n_run`` tokens
         (pad rows masked by a device ``num_valid`` = this rank's real n);
-        ``leaf`` as in :meth:`pcg.capture.CaptureEngine.eager`."""
+        ``leaf`` and ``forward_fn`` as in :meth:`pcg.capture.CaptureEngine.eager`."""
         if n_run < int(ids.shape[0]):
             raise RuntimeError(f"pcg EP: agreed token count {n_run} < this rank's {int(ids.shape[0])}")
-        return engine.eager(ids, positions, cu_seqlens, padded_to=n_run, leaf=leaf)
+        return engine.eager(ids, positions, cu_seqlens, padded_to=n_run, leaf=leaf, forward_fn=forward_fn)
 
 
 class _PeerWorkspace:

@@ -43,6 +43,10 @@ class Report:
         emb_graphs = emb.graphs if emb is not None else {}
         emb_stats = emb.stats if emb is not None else None
         failures = dict(stats.failures) if stats else {}
+        compile_fallbacks = dict((getattr(wrapped._forward_fn, "stats", None) or {}).get("compile_fallbacks", {}))
+        if wrapped._embeds_fn is not None:  # compile mode's trace on inputs_embeds
+            compile_fallbacks.update({f"inputs_embeds {k}": v
+                                      for k, v in wrapped._embeds_fn.stats["compile_fallbacks"].items()})
         if emb_stats:
             failures.update({f"inputs_embeds {n}": e for n, e in emb_stats.failures.items()})
         return cls(
@@ -60,8 +64,7 @@ class Report:
             eager_fallbacks=dict(stats.fallbacks) if stats else {},
             capture_failures=failures,
             debug_max_rel_err=stats.debug_max_rel_err if stats else 0.0,
-            compile_fallbacks=dict((getattr(wrapped._forward_fn, "stats", None) or {})
-                                   .get("compile_fallbacks", {})),
+            compile_fallbacks=compile_fallbacks,
             graph_attention_per_bucket={n: g.graph_attention for n, g in sorted(graphs.items())},
             mixer_layers=len(wrapped.registry.mixer_layers),
             attention_kinds=_attention_kinds(wrapped.registry.attention_layers),

@@ -63,8 +63,8 @@ class WrappedModel(nn.Module):
     Call it like the original (``input_ids`` [1, T] or [B, S], optional
     ``attention_mask`` [B, S] and ``position_ids``); outputs come back in the
     caller's shape, pad positions zero-filled. ``inputs_embeds`` [B, S, H]
-    (transformers models without a compiler; the dtype of the model's input
-    embeddings) replay a second set of graphs, captured on the first such call
+    (transformers models; the dtype of the model's input embeddings; in
+    compile mode traced on their own) replay a second set of graphs, captured on the first such call
     (or by ``capture(inputs_embeds=True)``) into the same memory pool; with
     ``ep=`` every rank captures a set on a call where any rank needs it.
     ``capture()`` captures every bucket now (otherwise the first call does);
@@ -83,6 +83,7 @@ class WrappedModel(nn.Module):
         self.ladder = _buckets.make_ladder(options.buckets, options.max_tokens)
         self._engine: Optional[CaptureEngine] = None
         self._embeds_engine: Optional[CaptureEngine] = None  # graphs on inputs_embeds, made on first use
+        self._embeds_fn: Any = None  # compile mode: the forward traced on inputs_embeds
         self._vocab: Optional[int] = None  # input embedding rows (0: unknown), read on first use
         self._device: Optional[torch.device] = None  # cached: read on every call
         self._unwrapped = False
@@ -148,7 +149,7 @@ class WrappedModel(nn.Module):
         # new on another device or dtype (model.to(...) since): the old buffers no longer fit
         if old is None or old.device != eng.device or old.static_embeds.dtype != self._embeds_dtype():
             self._embeds_engine = CaptureEngine(
-                self._forward_fn, self.registry, eng.device, self.ladder, self._params,
+                self._embeds_forward_fn(), self.registry, eng.device, self.ladder, self._params,
                 progress=self.options.progress, graph_attention=self.options.graph_attention,
                 embeds=(self._hidden_size(), self._embeds_dtype()))
         return self._embeds_engine
@@ -261,6 +262,7 @@ class WrappedModel(nn.Module):
             if w is not None:
                 w._unwrapped = True
                 w._engine = w._embeds_engine = None  # their graphs and memory pool go with them
+                w._embeds_fn = None
                 w.registry = LayerRegistry()  # and its references to the weights
         return model
 
@@ -376,10 +378,10 @@ class WrappedModel(nn.Module):
                             f"take that dtype), got {embeds.dtype}")
 
     def _check_embeds_supported(self) -> None:
-        if self.integration != "transformers":
+        if not self.integration.startswith("transformers"):
             raise NotImplementedError(
-                f"pcg: inputs_embeds is supported for transformers models wrapped without a compiler "
-                f"(this wrap: {self.integration}); pass input_ids")
+                f"pcg: inputs_embeds is supported for transformers models (this wrap: {self.integration}, "
+                "whose forward takes token ids); pass input_ids")
 
     def _replay_one_sequence(self, input_ids, attention_mask, position_ids, inputs_embeds,
                              kwargs) -> Any:
@@ -417,9 +419,27 @@ class WrappedModel(nn.Module):
 
     def _eager(self, eng: CaptureEngine, ids: torch.Tensor, pos: Optional[torch.Tensor],
                cu_seqlens: list[int], n_run: int, leaf: Any = None) -> Any:
+        """The split path without graphs; ``ids`` token ids [n] or input
+        embeddings [n, H] (each with its own forward in compile mode)."""
+        fn = self._embeds_forward_fn() if ids.dim() == 2 else None
         if self.ep is None:
-            return eng.eager(ids, pos, cu_seqlens, padded_to=max(n_run, int(ids.shape[0])), leaf=leaf)
-        return self.ep.eager(eng, ids, pos, cu_seqlens, n_run, leaf=leaf)  # padded to n_run, num_valid = n
+            return eng.eager(ids, pos, cu_seqlens, padded_to=max(n_run, int(ids.shape[0])), leaf=leaf,
+                             forward_fn=fn)
+        return self.ep.eager(eng, ids, pos, cu_seqlens, n_run, leaf=leaf, forward_fn=fn)  # num_valid = n
+
+    def _embeds_forward_fn(self) -> Any:
+        """The forward that takes input embeddings: the wrap's own, or in
+        compile mode a second compiled forward (a trace is specialised to its
+        input: token ids [N] int64, or embeddings [N, H])."""
+        from .compile import CompiledForward
+        base = self._forward_fn
+        if not isinstance(base, CompiledForward):
+            return base
+        if self._embeds_fn is None:
+            self._embeds_fn = CompiledForward(base.forward_fn, base.registry, base.compiler,
+                                              check=base.check, check_rtol=base.check_rtol,
+                                              cache=base.cache)
+        return self._embeds_fn
 
     def _debug_compare(self, replayed: Any, eager: Any) -> None:
         from torch.utils._pytree import tree_flatten
