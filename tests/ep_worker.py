@@ -70,7 +70,7 @@ def check_sharding(wrapped, world: int, rank: int) -> None:
 def embeds_turn(wrapped, rank: int, call: int) -> bool:
     """Whether this rank passes inputs_embeds in this call (transformers models
     without a compiler): ranks alternate, so most calls mix ids and embeddings."""
-    return wrapped.integration == "transformers" and (rank + call) % 2 == 1
+    return wrapped.integration.startswith("transformers") and (rank + call) % 2 == 1
 
 
 def call_model(wrapped, ids, mask, use_embeds: bool):
@@ -100,13 +100,15 @@ def compare(model, vocab, world, rank, modes, placement, results, tag, compiler=
 
 
 def scenario_hf(world, rank, args, results):
+    """args: families, modes[, compiler]."""
     from hf_models import FAMILIES, VOCAB, build, build_auto
     families = args[0].split(",")
     modes = args[1].split(",")
+    compiler = args[2] if len(args) > 2 else None
     for i, family in enumerate(families):
         model = build(family) if family in FAMILIES else build_auto(family)
         placement = "contiguous" if i % 2 == 0 else "round_robin"
-        compare(model, VOCAB, world, rank, modes, placement, results, family)
+        compare(model, VOCAB, world, rank, modes, placement, results, family, compiler=compiler)
 
 
 def check_pad_rows_never_reach_experts(model, world, rank, modes, results):

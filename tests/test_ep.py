@@ -474,6 +474,13 @@ def test_ep_hf_families_match_single_process(world):
     _assert_all_close(run_ranks(world, "hf", families, "allreduce,alltoall"))
 
 
+def test_ep_hf_compile_mode_matches_single_process():
+    """Compile mode (FX pieces) under EP: the token trace and the inputs_embeds
+    trace, ranks alternating ids and embeddings within each call."""
+    pytest.importorskip("transformers")
+    _assert_all_close(run_ranks(2, "hf", "qwen3_moe,deepseek_v3", "allreduce,alltoall", "eager"))
+
+
 def test_ep_more_and_hybrid_families_match_single_process():
     """Experts spread over 2 ranks in a family of tests/test_hf_more.py and in
     hybrids (their pcg::mixer layers run on every rank, per sequence)."""
