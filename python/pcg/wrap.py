@@ -163,10 +163,11 @@ class WrappedModel(nn.Module):
         return tuple(torch.cuda.graph_pool_handle())
 
     def _capture_engine(self, eng: CaptureEngine, moved: bool) -> None:
-        """Capture ``eng`` (a no-op when it is up to date). Both engines are
-        reset first when a layer's attention implementation changed (their
-        recorded calls are stale) or the weights moved (the graphs read the old
-        tensors)."""
+        """Capture ``eng`` (a no-op when it is up to date). It is reset first
+        when a layer's attention implementation changed (its recorded calls
+        are stale) or the weights moved (its graphs read the old tensors); so
+        is the wrap's other engine when the same holds for it (it captures
+        again on its next use)."""
         def stale(e: CaptureEngine) -> bool:
             return e.captured and (e.registry_version != self.registry.version or e.params_moved())
         if eng.captured and (moved or eng.registry_version != self.registry.version):
