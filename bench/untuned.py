@@ -3,7 +3,8 @@ config pcg picks for them (no config argument) against the stream path, the
 heuristic mma.sync tiles and the CUTLASS path forced, side by side in one process.
 
 Untuned shapes stream the weights up to 128 (token, k) pairs
-(moe::kStreamGuessMaxPairs); this measures that guess. Times as bench/moe.py
+(moe::kStreamGuessMaxPairs), and large experts take CUTLASS above that from one
+row per expert (moe::kCutlassLargeExpertElems); this measures those guesses. Times as bench/moe.py
 (bf16, random routing, input sets and weight copies rotated so L2 holds none):
   graph  one synchronised graph replay per call
   chain  per-call time of calls captured back to back in one graph
@@ -31,8 +32,8 @@ SHAPES = {
     "qwen2-57b-a14b": (64, 8, 3584, 2560),
     "olmoe-1b-7b": (64, 8, 2048, 1024),
     "deepseek-v3": (256, 8, 7168, 2048),
-    # Llama-4 Scout (top-1; pcg.wrap runs it since session 16): not measured yet. (Maverick,
-    # 128 experts of this size, needs 32 GB a weight set: too big for SETS copies.)
+    # Llama-4 Scout (top-1). (Maverick, 128 experts of this size, needs 32 GB a
+    # weight set: too big for SETS copies.)
     "llama4-scout": (16, 1, 5120, 8192),
 }
 SETS, CHAIN = 4, 16
@@ -112,7 +113,7 @@ def main():
             configs = [("picked", None), ("tiles", list(tiles))]
             if stream and T * k <= 128:
                 configs.insert(1, ("stream", [-2, -1, -1]))
-            if cutlass:  # where the 16-rows-per-expert rule should sit for these shapes
+            if cutlass:  # where the CUTLASS rules (16 rows / large experts) should sit
                 configs.append(("cutlass", [-1, -1, -1]))
             fns, ref = [], None
             for label, cfg in configs:

@@ -29,8 +29,9 @@
 // generated on a GPU by bench/tune_moe.py, keyed by (E_local, top_k, H, I) and
 // ranges of T); for shapes it does not hold, the CUTLASS path from 16 rows
 // per expert, the stream path up to 128 (token, k) pairs, CUTLASS for large
-// experts from one row per expert, else heuristic_config (block_m from the average pairs per expert, default
-// tiles); each path only where the call can take it. fp32 uses only block_m
+// experts from one row per expert, else heuristic_config (block_m from the
+// average pairs per expert, default tiles); each path only where the call can
+// take it. fp32 uses only block_m
 // (tile ids -1). Callers may
 // force a config (the op's `config` argument); the CUDA launcher checks that
 // the tiles' shared memory fits the device (a table choice that does not fit

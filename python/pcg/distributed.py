@@ -260,8 +260,9 @@ class EPConfig:
         """After a capture: keep only the buckets captured on every rank and in
         every captured engine (token ids, inputs_embeds), so all ranks replay or
         run eagerly together (one all_reduce per capture)."""
-        token = tuple((e.stats.capture_seconds, tuple(id(g) for g in e.graphs.values())) for e in engines)
-        if not engines or self._synced_token == token:
+        def token() -> tuple:  # changes whenever an engine captured or lost buckets
+            return tuple((e.stats.capture_seconds, tuple(id(g) for g in e.graphs.values())) for e in engines)
+        if not engines or self._synced_token == token():
             return
         dist = _dist()
         ladder = sorted(engines[0].ladder)
@@ -275,8 +276,7 @@ class EPConfig:
                 if not ok and n in e.graphs:
                     del e.graphs[n]
                     e.stats.failures.setdefault(n, "not captured on every EP rank")
-        self._synced_token = tuple((e.stats.capture_seconds, tuple(id(g) for g in e.graphs.values()))
-                                   for e in engines)
+        self._synced_token = token()
 
     def eager(self, engine: Any, ids: torch.Tensor, positions: Optional[torch.Tensor],
               cu_seqlens: list[int], n_run: int, leaf: Any = None, forward_fn: Any = None) -> Any:

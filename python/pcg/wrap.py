@@ -151,7 +151,7 @@ class WrappedModel(nn.Module):
             self._embeds_engine = CaptureEngine(
                 self._embeds_forward_fn(), self.registry, eng.device, self.ladder, self._params,
                 progress=self.options.progress, graph_attention=self.options.graph_attention,
-                embeds=(self._hidden_size(), self._embeds_dtype()))
+                embeds=(self._required_hidden_size(), self._embeds_dtype()))
         return self._embeds_engine
 
     def _graph_pool(self) -> tuple[int, int]:
@@ -177,12 +177,17 @@ class WrappedModel(nn.Module):
             eng.stats.recaptures += 1
         eng.capture(pool=self._graph_pool())
 
-    def _hidden_size(self) -> int:
+    def _hidden_size(self) -> Optional[int]:
+        """The width inputs_embeds rows must have (None: the model does not say)."""
         hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
         if not isinstance(hidden, int):
             emb = getattr(self.model, "get_input_embeddings", lambda: None)()
             hidden = getattr(emb, "embedding_dim", None)
-        if not isinstance(hidden, int):
+        return hidden if isinstance(hidden, int) else None
+
+    def _required_hidden_size(self) -> int:
+        hidden = self._hidden_size()
+        if hidden is None:
             raise NotImplementedError("pcg: inputs_embeds needs the model's hidden size (config.hidden_size)")
         return hidden
 
@@ -369,8 +374,8 @@ class WrappedModel(nn.Module):
         self._check_embeds_supported()
         if not embeds.is_floating_point():
             raise TypeError(f"pcg: inputs_embeds must be floating point, got dtype {embeds.dtype}")
-        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
-        if embeds.dim() != 3 or (isinstance(hidden, int) and embeds.shape[-1] != hidden):
+        hidden = self._hidden_size()
+        if embeds.dim() != 3 or (hidden is not None and embeds.shape[-1] != hidden):
             raise ValueError(f"pcg: inputs_embeds must be [B, S, hidden_size={hidden}], got shape "
                              f"{tuple(embeds.shape)}")
         want = self._embeds_dtype()
