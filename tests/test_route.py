@@ -298,6 +298,34 @@ def test_large_e_cuda(E):
 
 
 @GPU
+@pytest.mark.parametrize("E", [8, 64, 160, 257])
+def test_nan_inf_zero_cuda(E):
+    """NaN / +-inf logits, NaN and +-0 bias entries, rows all NaN, and k up to E
+    (NaN candidates must be taken, after every number, in index order): the CUDA
+    kernel's order keys give the CPU loop's ids exactly."""
+    g = torch.Generator().manual_seed(E)
+    logits = torch.randn(19, E, generator=g)
+    logits[0, 1] = float("nan")
+    logits[1, :] = float("nan")
+    logits[2, 3 % E] = float("inf")
+    logits[3, :: 3] = -float("inf")
+    logits[4, :] = 0.0
+    logits[4, ::2] = -0.0
+    bias = 0.1 * torch.randn(E, generator=g)
+    bias[E // 2] = float("nan")
+    bias[E // 3] = -0.0
+    cases = [(min(8, E), {}), (E, dict(scoring="sigmoid")), (min(6, E), dict(scoring="sigmoid", correction_bias=bias)),
+             (E, dict(scoring="sigmoid", correction_bias=bias))]
+    if E % 4 == 0:
+        cases.append((min(8, E // 2), dict(scoring="sigmoid", correction_bias=bias, num_groups=4, topk_groups=2)))
+    for k, kw in cases:
+        cpu = pcg.route(logits, k, **kw)
+        out = pcg.route(logits.cuda(), k, **{key: _to(v, "cuda") for key, v in kw.items()})
+        assert torch.equal(out[1].cpu(), cpu[1]), (k, kw.keys())
+        torch.testing.assert_close(out[0].cpu(), cpu[0], rtol=0, atol=1e-6, equal_nan=True)
+
+
+@GPU
 @pytest.mark.parametrize("n", range(len(OPCHECK_CASES)))
 def test_opcheck_cuda(n):
     args, kwargs = OPCHECK_CASES[n]

@@ -24,8 +24,27 @@ __device__ __forceinline__ float load(const void* base, RouteDtype dt, int64_t i
   }
 }
 
-// Reduce (v, i) to the warp's best candidate; every lane gets the winner.
-__device__ __forceinline__ void warp_best(float& v, int& i) {
+// An unsigned key that orders candidates as route_math::better: numbers by
+// value (-0 and +0 equal) above NaN (1) above "no candidate" (0); ties are
+// broken by the lower index separately.
+__device__ __forceinline__ uint32_t order_key(float v, int i) {
+  if (i < 0) return 0u;
+  if (route_math::is_nan(v)) return 1u;
+  const uint32_t b = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // >= 0x007fffff (-inf) > 1
+}
+
+// Reduce (v, i) to the warp's best candidate; every lane gets the winner's
+// index (i = -1 when no lane has one); v is the winner's value only where
+// the caller does not read it (it reads the winner's entry from shared
+// memory). Two warp reductions (redux.sync) instead of a shuffle butterfly.
+__device__ __forceinline__ int warp_best(float v, int i) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t key = order_key(v, i);
+  const uint32_t best = __reduce_max_sync(kFull, key);
+  if (best == 0u) return -1;
+  return __reduce_min_sync(kFull, key == best ? i : 0x7fffffff);
+#else
   for (int off = kRouteWarp / 2; off > 0; off >>= 1) {
     const float ov = __shfl_xor_sync(kFull, v, off);
     const int oi = __shfl_xor_sync(kFull, i, off);
@@ -34,6 +53,8 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
       i = oi;
     }
   }
+  return i;
+#endif
 }
 
 // Best selectable slot of this lane: slot j holds entry lane + 32*j of vals.
@@ -54,6 +75,11 @@ template <RouteDtype kLogits>
 __global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
     route_kernel(const RouteParams p) {
   namespace m = route_math;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // fused_moe's kernels launch as programmatic dependents and wait for this
+  // grid before reading the ids: let them launch (and take free SMs) now.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
   extern __shared__ float smem[];
   const int lane = threadIdx.x % kRouteWarp, warp = threadIdx.x / kRouteWarp;
   const int E = static_cast<int>(p.E), G = static_cast<int>(p.num_groups);
@@ -102,7 +128,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
         float bv;
         int bi;
         lane_best(gsel, gavail, lane, bv, bi);
-        warp_best(bv, bi);
+        bi = warp_best(bv, bi);
         if (bi % kRouteWarp == lane) gavail &= ~(1u << (bi / kRouteWarp));
       }
       __syncwarp();  // everyone is done reading gsel before it becomes flags
@@ -117,16 +143,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
     float* w = p.weights + t * K;
     int32_t* ids = p.ids + t * K;
     float sum = 0.0f;
+    // Each lane's best selectable entry; only the round's winner rescans.
+    float bv;
+    int bi;
+    lane_best(sel, avail, lane, bv, bi);
     for (int r = 0; r < K; ++r) {
-      float bv;
-      int bi;
-      lane_best(sel, avail, lane, bv, bi);
-      warp_best(bv, bi);
-      if (bi % kRouteWarp == lane) avail &= ~(1u << (bi / kRouteWarp));
-      const float wt = score[bi];
+      const int win = warp_best(bv, bi);
+      if (win % kRouteWarp == lane) {
+        avail &= ~(1u << (win / kRouteWarp));
+        lane_best(sel, avail, lane, bv, bi);
+      }
+      const float wt = score[win];
       sum = m::add(sum, wt);
       if (r % kRouteWarp == lane) {
-        ids[r] = bi;
+        ids[r] = win;
         w[r] = wt;
       }
     }
