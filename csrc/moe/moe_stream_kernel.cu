@@ -419,9 +419,10 @@ __global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamA
   __shared__ Routing R;
   __shared__ float wsm[kMaxPairs];  // router weights
   extern __shared__ float part[];   // [down_ks_max][P][kDownRows], then y: [P][kDownRows]
-  // A programmatic dependent (the next MoE layer's up kernel) may launch now:
-  // it waits for this grid's completion before reading anything, and its
-  // CTAs take SMs only as ours leave (0.1-0.3 us; ab_pdl_trigger_s18.log).
+  // A programmatic dependent (a PDL-launched kernel after this op, e.g. the
+  // next fused_moe call's up kernel) may launch now: it waits for this grid's
+  // completion before reading anything, and its CTAs take SMs only as ours
+  // leave (0.1-0.3 us; bench/results/ab_pdl_trigger_s18.log).
   pdl_launch_dependents();
   build_routing(R, a);              // inputs only: may overlap the up kernel
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
