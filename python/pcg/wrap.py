@@ -315,7 +315,7 @@ class WrappedModel(nn.Module):
         embeds = packed.inputs_embeds is not None
         if not embeds:
             self._check_token_range(packed.input_ids)
-        moved = self._moved(self._embeds_engine if embeds else self._engine)
+        moved = self._moved(self._embeds_engine if embeds else self._engine)  # the engine this call runs
         if moved:
             # .to(dtype) / .half() / .to(device) since capture (on the wrapper or on the model
             # itself): the graphs read the old tensors. Debug mode raises instead, naming how many.
@@ -342,10 +342,11 @@ class WrappedModel(nn.Module):
             n_run = 1
         run = eng
         if reason is None:
+            # (an engine made anew by engine() / embeds_engine() is not captured: moved is moot)
             if any_ids:
-                self._capture_engine(eng, self._moved(eng))
+                self._capture_engine(eng, self._moved(eng) if embeds else moved)
             if any_embeds:
-                self._capture_engine(self.embeds_engine(), self._moved(self._embeds_engine))
+                self._capture_engine(self.embeds_engine(), moved if embeds else self._moved(self._embeds_engine))
             if self.ep is not None:
                 self.ep.sync_captured([e for e in (eng, self._embeds_engine) if e is not None and e.captured])
             run = self._embeds_engine if embeds else eng

@@ -747,15 +747,14 @@ def _own_forward(m: nn.Module) -> Callable:
     return orig
 
 
-def replace_forward(m: nn.Module, forward: Callable[[Callable], Callable]) -> None:
-    """Give ``m`` the instance forward ``forward(own_forward)``; the module's
-    own is kept for :func:`_restore_forward` (a module wrapped before gets
-    its own back first)."""
+def replace_forward(m: nn.Module, forward: Callable) -> None:
+    """Give ``m`` the instance forward ``forward``; the module's own is kept
+    for :func:`_restore_forward` (a module wrapped before gets its own back
+    first)."""
     if "_pcg_orig_forward" in m.__dict__:
         _restore_forward(m)
-    orig = _own_forward(m)
-    m.forward = forward(orig)
-    m._pcg_orig_forward = orig
+    m._pcg_orig_forward = _own_forward(m)
+    m.forward = forward
 
 
 def _patch_mixer(m: nn.Module, layer: Any, hidden: int) -> None:

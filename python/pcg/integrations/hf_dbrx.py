@@ -128,4 +128,4 @@ class ExpertsForward:
 
 def patch_forward(m: nn.Module) -> None:
     from .hf import replace_forward
-    replace_forward(m, lambda _own: ExpertsForward(m))
+    replace_forward(m, ExpertsForward(m))

@@ -114,4 +114,4 @@ def patch_forward(block: nn.Module, name: str) -> None:
     """Route the block through :class:`MoeForward` (``_restore_forward`` in
     pcg.integrations.hf undoes it)."""
     from .hf import replace_forward
-    replace_forward(block, lambda _own: MoeForward(block, name))
+    replace_forward(block, MoeForward(block, name))
