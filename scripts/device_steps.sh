@@ -27,6 +27,7 @@
 #   attn            bench/attention.py ($ATTN_ARGS): one attention split, short kernel vs flash
 #   e2e_startup     bench/e2e.py --startup-only (a fresh process; run after e2e)
 #   accuracy        bench/accuracy.py ($ACC_ARGS)
+#   router          bench/router.py ($ROUTER_ARGS): pcg.wrap router="model" vs "pcg"
 #   untuned         bench/untuned.py ($UNTUNED_ARGS)
 #   bg:STEP         STEP in the background on the last GPU (one-GPU steps, on a
 #                   machine with several), while the next steps use the first
@@ -94,6 +95,7 @@ run_step() {
     attn) step attn 200 30 $py bench/attention.py --out "$OUT" ${ATTN_ARGS:-} ;;
     e2e_startup) step e2e_startup 200 4 $py bench/e2e.py --out "$OUT" --startup-only ${E2E_ARGS:-} ;;
     accuracy) step accuracy 200 40 $py bench/accuracy.py --out "$OUT" ${ACC_ARGS:-} ;;
+    router) step router 300 30 $py bench/router.py --out "$OUT" ${ROUTER_ARGS:-} ;;
     untuned) step untuned 300 60 $py bench/untuned.py --out "$OUT/untuned.json" ${UNTUNED_ARGS:-} ;;
     *) echo "unknown step $st" ;;
   esac

@@ -28,6 +28,8 @@ class Report:
     # graphs / capture_seconds / graph_memory_bytes above).
     embeds_buckets: list = field(default_factory=list)  # captured bucket sizes, ascending
     embeds_replays: dict = field(default_factory=dict)  # bucket -> replays
+    # pcg.wrap(router="pcg"): router module name -> "pcg.route" or why it runs its own code.
+    routers: dict = field(default_factory=dict)
 
     @property
     def graph_attention_buckets(self) -> list:
@@ -70,6 +72,7 @@ class Report:
             attention_kinds=_attention_kinds(wrapped.registry.attention_layers),
             embeds_buckets=sorted(emb_graphs),
             embeds_replays=dict(sorted(emb_stats.replays.items())) if emb_stats else {},
+            routers=dict(getattr(wrapped.model, "__dict__", {}).get("_pcg_routers", {})),
         )
 
     def as_dict(self) -> dict:
@@ -100,6 +103,11 @@ class Report:
             lines.insert(-1, f"  inputs_embeds graphs: {len(self.embeds_buckets)} buckets, replays "
                              f"{sum(self.embeds_replays.values())}"
                              + (f" (by bucket {self.embeds_replays})" if self.embeds_replays else ""))
+        if self.routers:
+            n = sum(v == "pcg.route" for v in self.routers.values())
+            lines.insert(2, f"  routers: {n} of {len(self.routers)} on pcg.route"
+                            + ("" if n == len(self.routers) else
+                               f" (own code: {sorted(k for k, v in self.routers.items() if v != 'pcg.route')})"))
         if self.moe_split_layers:
             lines.append(f"  MoE split layers: {self.moe_split_layers}")
         if self.capture_failures:

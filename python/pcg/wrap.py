@@ -475,7 +475,7 @@ def _unpacker(packed: Any) -> Any:
 def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable[int]] = None,
          capture: bool = True, debug: bool = False, progress: bool = True,
          ep: Any = None, ep_mode: str = "allreduce", placement: str = "contiguous",
-         compiler: Optional[str] = None) -> WrappedModel:
+         compiler: Optional[str] = None, router: str = "model") -> WrappedModel:
     """Wrap a Hugging Face transformers MoE model, or a model built from
     :mod:`pcg.nn` layers, for piecewise CUDA-graph prefill.
 
@@ -494,6 +494,13 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         compiler: None (direct capture of the model's own code), ``"eager"`` (FX
             pieces split at pcg's split ops) or ``"inductor"`` (pieces compiled by
             inductor); compiled pieces are captured by the same engine.
+        router: ``"model"`` (a transformers model's routers run their own code) or
+            ``"pcg"``: each router that one ``pcg.route`` kernel reproduces (checked on
+            probe tokens at wrap time: same logits, same experts but for ties between
+            equal scores, same weights to the output dtype's rounding) runs it instead
+            of its 4-8 small kernels; the others keep their own code
+            (``report().routers`` says which). Models of :mod:`pcg.nn` layers always
+            route with ``pcg.route``.
     Returns:
         a :class:`WrappedModel` with the model's call signature (prefill only).
     Raises:
@@ -505,6 +512,8 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         model mixes tokens across packed sequences somewhere pcg cannot see, and
         it is refused.
     """
+    if router not in ("model", "pcg"):
+        raise ValueError(f"pcg.wrap: router must be \"model\" or \"pcg\", got {router!r}")
     options = Options(max_tokens=max_tokens, buckets=list(buckets) if buckets is not None else None,
                       capture=capture, debug=debug, progress=progress,
                       graph_attention=compiler is None)
@@ -518,7 +527,7 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         integration = "pcg.nn"
     else:
         from .integrations import hf
-        registry, forward_fn = hf.prepare(model, ep_cfg)
+        registry, forward_fn = hf.prepare(model, ep_cfg, router=router)
         integration = "transformers"
     if integration == "transformers" and ep_cfg is None:
         try:

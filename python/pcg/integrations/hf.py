@@ -41,7 +41,7 @@ from torch import nn
 from .. import registry as _reg
 from ..ops.fused_moe import deinterleave_w13, interleave_w13, w13_block_for
 from ..registry import LayerRegistry
-from . import hf_dbrx, hf_llama4
+from . import hf_dbrx, hf_llama4, hf_router
 
 IMPL = "pcg"
 # Keyword the wrapped forward passes the positions [1, N] to the model with,
@@ -206,6 +206,7 @@ def unprepare(model: nn.Module) -> None:
     module's own eager code may ignore the layout flags: gpt-oss's indexes
     gate / up as interleaved columns). For a model pcg.wrap refuses late, and
     for pcg.unwrap."""
+    model.__dict__.pop("_pcg_routers", None)
     for cfg, attn, experts in model.__dict__.pop("_pcg_saved_implementations", []):
         cfg._attn_implementation = attn
         if experts is not None:
@@ -781,9 +782,10 @@ def _restore_forward(m: nn.Module) -> None:
 
 # ---- prepare ---------------------------------------------------------------------
 
-def prepare(model: nn.Module, ep_cfg: Any = None):
+def prepare(model: nn.Module, ep_cfg: Any = None, router: str = "model"):
     """Register the layers of a transformers MoE ``model`` with a new registry
-    and switch it to pcg's attention and experts functions.
+    and switch it to pcg's attention and experts functions (and, with
+    ``router="pcg"``, the routers pcg.route reproduces to it: hf_router).
 
     Returns (registry, forward_fn) for :class:`pcg.wrap.WrappedModel`.
     """
@@ -854,6 +856,13 @@ def prepare(model: nn.Module, ep_cfg: Any = None):
             _set_param(m.mlp, "w2", handle.w2)
         _remember_id(m, registry, handle.layer_id)
         hf_dbrx.patch_forward(m)
+    if router == "pcg":
+        model.__dict__["_pcg_routers"] = hf_router.switch_routers(model, replace_forward, _restore_forward)
+    else:
+        for m in model.modules():  # wrapped before with router="pcg": their own code again
+            if hf_router.is_router(m) and "_pcg_orig_forward" in m.__dict__:
+                _restore_forward(m)
+        model.__dict__.pop("_pcg_routers", None)
     saved = _switch_implementations(model)
     # Wrapped twice: keep the implementations the model had before the first wrap.
     model.__dict__.setdefault("_pcg_saved_implementations", saved)
