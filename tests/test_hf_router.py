@@ -1,5 +1,5 @@
-"""pcg.wrap(model, router="pcg"): transformers routers that one pcg.route
-kernel reproduces run it; the others keep their own code. CPU (fp32) checks of
+"""pcg.wrap(model) (router="pcg", the default): transformers routers that one
+pcg.route kernel reproduces run it; the others keep their own code. CPU (fp32) checks of
 the probe and the outputs, and a GPU check in bf16 inside captured graphs."""
 from __future__ import annotations
 
@@ -105,12 +105,13 @@ def test_group_limited_greedy_keeps_its_forward():
     assert set(wrapped.report().routers.values()) == {"pcg.route"}
 
 
-def test_default_keeps_routers_and_unwrap_restores():
+def test_router_model_keeps_routers_and_unwrap_restores():
     model = build("mixtral")
-    wrapped = pcg.wrap(model, progress=False)
+    wrapped = pcg.wrap(model, router="model", progress=False)
     assert wrapped.report().routers == {}
     assert all("_pcg_orig_forward" not in m.__dict__ for _, m in routers(model))
-    wrapped = pcg.wrap(model, router="pcg", progress=False)
+    wrapped = pcg.wrap(model, progress=False)  # the default: pcg.route
+    assert set(wrapped.report().routers.values()) == {"pcg.route"}
     assert all("_pcg_orig_forward" in m.__dict__ for _, m in routers(model))
     wrapped = pcg.wrap(model, router="model", progress=False)  # wrapped again: own code back
     assert all("_pcg_orig_forward" not in m.__dict__ for _, m in routers(model))

@@ -475,7 +475,7 @@ def _unpacker(packed: Any) -> Any:
 def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable[int]] = None,
          capture: bool = True, debug: bool = False, progress: bool = True,
          ep: Any = None, ep_mode: str = "allreduce", placement: str = "contiguous",
-         compiler: Optional[str] = None, router: str = "model") -> WrappedModel:
+         compiler: Optional[str] = None, router: str = "pcg") -> WrappedModel:
     """Wrap a Hugging Face transformers MoE model, or a model built from
     :mod:`pcg.nn` layers, for piecewise CUDA-graph prefill.
 
@@ -494,13 +494,13 @@ def wrap(model: nn.Module, *, max_tokens: int = 2048, buckets: Optional[Iterable
         compiler: None (direct capture of the model's own code), ``"eager"`` (FX
             pieces split at pcg's split ops) or ``"inductor"`` (pieces compiled by
             inductor); compiled pieces are captured by the same engine.
-        router: ``"model"`` (a transformers model's routers run their own code) or
-            ``"pcg"``: each router that one ``pcg.route`` kernel reproduces (checked on
-            probe tokens at wrap time: same logits, same experts but for ties between
-            equal scores, same weights to the output dtype's rounding) runs it instead
-            of its 4-8 small kernels; the others keep their own code
-            (``report().routers`` says which). Models of :mod:`pcg.nn` layers always
-            route with ``pcg.route``.
+        router: ``"pcg"`` (default): each router of a transformers model that one
+            ``pcg.route`` kernel reproduces (checked on probe tokens at wrap time: the
+            same logits, the same experts but for ties between equal scores, the same
+            weights to the output dtype's rounding) runs it instead of its 4-8 small
+            kernels; the others keep their own code (``report().routers`` says which).
+            ``"model"``: every router runs its own code. Models of :mod:`pcg.nn`
+            layers always route with ``pcg.route``.
     Returns:
         a :class:`WrappedModel` with the model's call signature (prefill only).
     Raises:

@@ -782,7 +782,7 @@ def _restore_forward(m: nn.Module) -> None:
 
 # ---- prepare ---------------------------------------------------------------------
 
-def prepare(model: nn.Module, ep_cfg: Any = None, router: str = "model"):
+def prepare(model: nn.Module, ep_cfg: Any = None, router: str = "pcg"):
     """Register the layers of a transformers MoE ``model`` with a new registry
     and switch it to pcg's attention and experts functions (and, with
     ``router="pcg"``, the routers pcg.route reproduces to it: hf_router).

@@ -1,4 +1,4 @@
-"""transformers routers as one pcg::route kernel (``pcg.wrap(model, router="pcg")``).
+"""transformers routers as one pcg::route kernel (``pcg.wrap``'s default, ``router="pcg"``).
 
 A transformers MoE router (``*TopKRouter``: logits = linear(x), softmax or
 sigmoid scores, top-k, optional renormalisation, bias, expert groups and
@@ -156,14 +156,19 @@ def find_spec(m: nn.Module, generator: torch.Generator) -> Optional[RouterSpec]:
     return None
 
 
-def route_forward(m: nn.Module, spec: RouterSpec):
-    """The router's forward on pcg.route: (logits, weights, ids) as the
-    router returns them (weights in its output dtype, ids int64)."""
-    def forward(hidden_states: torch.Tensor) -> tuple:
-        logits = _logits(m, hidden_states, spec.fp32_logits)
-        w, ids = _route(m, logits, spec)
-        return logits, w.to(spec.out_dtype), ids.long()
-    return forward
+class RouteForward:
+    """The router's instance forward on pcg.route: (logits, weights, ids) as
+    the router returns them (weights in its output dtype, ids int64). A class,
+    not a closure, so that a wrapped model stays picklable."""
+
+    def __init__(self, module: nn.Module, spec: RouterSpec) -> None:
+        self.module = module
+        self.spec = spec
+
+    def __call__(self, hidden_states: torch.Tensor) -> tuple:
+        logits = _logits(self.module, hidden_states, self.spec.fp32_logits)
+        w, ids = _route(self.module, logits, self.spec)
+        return logits, w.to(self.spec.out_dtype), ids.long()
 
 
 def switch_routers(model: nn.Module, replace_forward: Any, restore_forward: Any) -> dict:
@@ -181,6 +186,6 @@ def switch_routers(model: nn.Module, replace_forward: Any, restore_forward: Any)
         if spec is None:
             result[name] = "own forward (pcg.route does not reproduce it)"
             continue
-        replace_forward(m, route_forward(m, spec))
+        replace_forward(m, RouteForward(m, spec))
         result[name] = "pcg.route"
     return result
