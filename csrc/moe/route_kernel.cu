@@ -13,6 +13,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include "moe/route.h"
 
 namespace pcg {
@@ -72,6 +74,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
   // fused_moe's kernels launch as programmatic dependents and wait for this
   // grid before reading the ids: let them launch (and take free SMs) now.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // Launched as a programmatic dependent of the kernel before it (the router's
+  // GEMM): the logits may be its output, so nothing is read before this.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
   extern __shared__ float smem[];
   const int lane = threadIdx.x % kRouteWarp, warp = threadIdx.x / kRouteWarp;
@@ -179,22 +184,51 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
 
 }  // namespace
 
+// Whether this device runs the kernel's sm_90 code (with the wait): only then
+// may it launch as a programmatic dependent.
+template <typename K>
+bool runs_griddepcontrol(K kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion >= 90;
+}
+
+template <RouteDtype kLogits>
+void launch_route(const RouteParams& p, unsigned blocks, size_t smem, cudaStream_t stream) {
+  auto* kernel = route_kernel<kLogits>;
+  static const bool pdl = runs_griddepcontrol(kernel);  // per instantiation
+  const char* env = std::getenv("PCG_ROUTE_PDL");       // experiment knob (A/B)
+  if (!pdl || (env != nullptr && env[0] == '0')) {
+    kernel<<<blocks, kWarpsPerBlock * kRouteWarp, smem, stream>>>(p);
+    return;
+  }
+  // A programmatic dependent: its CTAs start as the previous kernel drains and
+  // wait (griddepcontrol.wait) before reading anything.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kWarpsPerBlock * kRouteWarp);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&cfg, kernel, p);  // errors surface through the launcher's check
+}
+
 void route_cuda(const RouteParams& p, CUstream_st* stream) {
   if (p.T == 0) return;
   const size_t smem = sizeof(float) * kWarpsPerBlock * (2 * p.E + p.num_groups);
   const int64_t want = (p.T + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const unsigned blocks = static_cast<unsigned>(want < (1 << 20) ? want : (1 << 20));
-  const dim3 threads(kWarpsPerBlock * kRouteWarp);
   switch (p.logits_dtype) {
-    case RouteDtype::kBFloat16:
-      route_kernel<RouteDtype::kBFloat16><<<blocks, threads, smem, stream>>>(p);
-      break;
-    case RouteDtype::kFloat16:
-      route_kernel<RouteDtype::kFloat16><<<blocks, threads, smem, stream>>>(p);
-      break;
-    default:
-      route_kernel<RouteDtype::kFloat32><<<blocks, threads, smem, stream>>>(p);
-      break;
+    case RouteDtype::kBFloat16: launch_route<RouteDtype::kBFloat16>(p, blocks, smem, stream); break;
+    case RouteDtype::kFloat16: launch_route<RouteDtype::kFloat16>(p, blocks, smem, stream); break;
+    default: launch_route<RouteDtype::kFloat32>(p, blocks, smem, stream); break;
   }
 }
 
