@@ -13,8 +13,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-
 #include "moe/route.h"
 
 namespace pcg {
@@ -200,13 +198,14 @@ template <RouteDtype kLogits>
 void launch_route(const RouteParams& p, unsigned blocks, size_t smem, cudaStream_t stream) {
   auto* kernel = route_kernel<kLogits>;
   static const bool pdl = runs_griddepcontrol(kernel);  // per instantiation
-  const char* env = std::getenv("PCG_ROUTE_PDL");       // experiment knob (A/B)
-  if (!pdl || (env != nullptr && env[0] == '0')) {
+  if (!pdl) {
     kernel<<<blocks, kWarpsPerBlock * kRouteWarp, smem, stream>>>(p);
     return;
   }
   // A programmatic dependent: its CTAs start as the previous kernel drains and
-  // wait (griddepcontrol.wait) before reading anything.
+  // wait (griddepcontrol.wait) before reading anything. H200, router step
+  // (cuBLAS linear + route) in a graph: gpt-oss / Mixtral shapes 0.90x the
+  // time, Qwen3 / DeepSeek-V2-Lite 1.005-1.012x (bench/results/ab_route_pdl_s19.log).
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(kWarpsPerBlock * kRouteWarp);
