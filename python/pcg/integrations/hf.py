@@ -856,17 +856,17 @@ def prepare(model: nn.Module, ep_cfg: Any = None, router: str = "pcg"):
             _set_param(m.mlp, "w2", handle.w2)
         _remember_id(m, registry, handle.layer_id)
         hf_dbrx.patch_forward(m)
-    if router == "pcg":
+    saved = _switch_implementations(model)
+    # Wrapped twice: keep the implementations the model had before the first wrap.
+    model.__dict__.setdefault("_pcg_saved_implementations", saved)
+    model.eval()
+    if router == "pcg":  # probed in eval mode, as they will run
         model.__dict__["_pcg_routers"] = hf_router.switch_routers(model, replace_forward, _restore_forward)
     else:
         for m in model.modules():  # wrapped before with router="pcg": their own code again
             if hf_router.is_router(m) and "_pcg_orig_forward" in m.__dict__:
                 _restore_forward(m)
         model.__dict__.pop("_pcg_routers", None)
-    saved = _switch_implementations(model)
-    # Wrapped twice: keep the implementations the model had before the first wrap.
-    model.__dict__.setdefault("_pcg_saved_implementations", saved)
-    model.eval()
 
     # Positions for the attention function, only where a layer needs them (a
     # model whose forward takes no extra keywords is called as before).
