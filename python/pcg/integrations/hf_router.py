@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import route as _route_op  # the documented wrapper of pcg::route (and its fake kernel)
+
 PROBE_TOKENS = 256
 
 
@@ -64,11 +66,10 @@ def _logits(m: nn.Module, x: torch.Tensor, fp32: bool) -> torch.Tensor:
 
 
 def _route(m: nn.Module, logits: torch.Tensor, spec: RouterSpec):
-    from .. import ops  # noqa: F401  (registers pcg::route)
     bias = getattr(m, "e_score_correction_bias", None)
-    return torch.ops.pcg.route(logits, _top_k(m), spec.scoring, spec.renormalize,
-                               bias if isinstance(bias, torch.Tensor) else None,
-                               spec.num_groups, spec.topk_groups, spec.scale)
+    return _route_op(logits, _top_k(m), spec.scoring, spec.renormalize,
+                     bias if isinstance(bias, torch.Tensor) else None,
+                     spec.num_groups, spec.topk_groups, spec.scale)
 
 
 def _candidates(m: nn.Module, fp32_logits: bool, out_dtype: torch.dtype):
