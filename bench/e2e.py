@@ -246,7 +246,8 @@ def print_table(res: dict) -> None:
     print("start-up seconds:", {k: round(v, 1) for k, v in res["startup_s"].items()})
 
 
-def plot(res: dict, path: str) -> None:
+def plot(res: dict, path: str, title: str | None = None) -> None:
+    """Prefill ms per T, one line per mode of res["ms"] (log-log)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -258,7 +259,7 @@ def plot(res: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("tokens in the batch")
     ax.set_ylabel("prefill ms")
-    ax.set_title(f"Qwen3-30B-A3B-shaped, {res['config']['layers']} layers, {res['config']['gpu']}")
+    ax.set_title(title or f"Qwen3-30B-A3B-shaped, {res['config']['layers']} layers, {res['config']['gpu']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

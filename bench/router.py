@@ -17,6 +17,7 @@ import os
 import torch
 
 import pcg
+from e2e import plot  # bench/ is this script's directory, so on sys.path
 from pcg.integrations import hf_router
 from pcg.models import qwen3_moe_model
 from pcg.timing import capture_graph, paired_time_ms
@@ -71,25 +72,6 @@ def print_table(res: dict) -> None:
               f"{rus['router=pcg'][t]:>12.1f} {res['rel_err'][t]:>9.2e}")
 
 
-def plot(res: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ts = res["config"]["tokens"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for m, v in res["ms"].items():
-        ax.plot(ts, [v[t] for t in ts], marker="o", label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens in the batch")
-    ax.set_ylabel("prefill ms")
-    ax.set_title(f"pcg.wrap router choice, {res['config']['layers']} layers, {res['config']['gpu']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
@@ -106,7 +88,8 @@ def main() -> None:
     with open(os.path.join(args.out, "router.json"), "w") as f:
         json.dump(res, f, indent=1)
     try:
-        plot(res, os.path.join(args.out, "router.png"))
+        plot(res, os.path.join(args.out, "router.png"),
+             title=f"pcg.wrap router choice, {res['config']['layers']} layers, {res['config']['gpu']}")
     except ImportError:
         print("matplotlib missing: no plot")
 

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "common/float_convert.cuh"
+#include "common/pdl.cuh"
 #include "moe/moe_activation.cuh"
 #include "moe/moe_align.h"
 #include "moe/moe_stream.h"
@@ -299,17 +300,6 @@ __device__ __forceinline__ void mma_batch(const uint4* wa, bool ok_a, const uint
   mma_wbatch<T, NB, U>(w, x, ok_x, q, nvec, s, s_end, acc);
 }
 
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // ---------------------------------------------------------------------------
 // up: CTA (column group c of 8, group y). Rows g of the mma are gate columns
 // 8c + g, rows g + 8 the matching up columns; the 4 warps take interleaved
@@ -522,35 +512,6 @@ __global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamA
     }
     out[t * H + h] = from_float<T>(sum);
   }
-}
-
-// Whether the down kernel's code on this device waits for its primary grid
-// (compiled for sm_90+; a PTX-JIT build of an older arch has no wait).
-template <typename K>
-bool has_pdl_wait(K kernel) {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attr.ptxVersion >= 90;
-}
-
-// Launch with the programmatic-stream-serialization attribute (sm_90 PDL).
-template <typename K>
-cudaError_t launch_pdl(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       const StreamArgs& a) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
 template <typename T, int NB>

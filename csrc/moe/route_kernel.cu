@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/pdl.cuh"
 #include "moe/route.h"
 
 namespace pcg {
@@ -68,14 +69,12 @@ template <RouteDtype kLogits>
 __global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
     route_kernel(const RouteParams p) {
   namespace m = route_math;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // fused_moe's kernels launch as programmatic dependents and wait for this
   // grid before reading the ids: let them launch (and take free SMs) now.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  pdl_launch_dependents();
   // Launched as a programmatic dependent of the kernel before it (the router's
   // GEMM): the logits may be its output, so nothing is read before this.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+  pdl_wait();
   extern __shared__ float smem[];
   const int lane = threadIdx.x % kRouteWarp, warp = threadIdx.x / kRouteWarp;
   const int E = static_cast<int>(p.E), G = static_cast<int>(p.num_groups);
@@ -182,41 +181,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
 
 }  // namespace
 
-// Whether this device runs the kernel's sm_90 code (with the wait): only then
-// may it launch as a programmatic dependent.
-template <typename K>
-bool runs_griddepcontrol(K kernel) {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attr.ptxVersion >= 90;
-}
-
 template <RouteDtype kLogits>
 void launch_route(const RouteParams& p, unsigned blocks, size_t smem, cudaStream_t stream) {
   auto* kernel = route_kernel<kLogits>;
-  static const bool pdl = runs_griddepcontrol(kernel);  // per instantiation
-  if (!pdl) {
-    kernel<<<blocks, kWarpsPerBlock * kRouteWarp, smem, stream>>>(p);
-    return;
-  }
+  static const bool pdl = has_pdl_wait(kernel);  // per instantiation
+  const dim3 threads(kWarpsPerBlock * kRouteWarp);
   // A programmatic dependent: its CTAs start as the previous kernel drains and
-  // wait (griddepcontrol.wait) before reading anything. H200, router step
-  // (cuBLAS linear + route) in a graph: gpt-oss / Mixtral shapes 0.90x the
-  // time, Qwen3 / DeepSeek-V2-Lite 1.005-1.012x (bench/results/ab_route_pdl_s19.log).
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kWarpsPerBlock * kRouteWarp);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  (void)cudaLaunchKernelEx(&cfg, kernel, p);  // errors surface through the launcher's check
+  // wait before reading anything. H200, router step (cuBLAS linear + route) in
+  // a graph: gpt-oss / Mixtral shapes 0.90x the time, Qwen3 / DeepSeek-V2-Lite
+  // 1.005-1.012x (bench/results/ab_route_pdl_s19.log). Launch errors surface
+  // through the caller's check.
+  if (pdl)
+    (void)launch_pdl(kernel, dim3(blocks), threads, smem, stream, p);
+  else
+    kernel<<<blocks, threads, smem, stream>>>(p);
 }
 
 void route_cuda(const RouteParams& p, CUstream_st* stream) {
