@@ -61,6 +61,7 @@ struct StreamArgs {
   int act;
   float alpha, limit;
   int down_ks_max;              // K slices the down kernel's partial sums hold
+  int zero;                     // 0, opaque to the compiler (see fence_batch)
 };
 
 // The routing of one call in shared memory. Valid pairs are grouped by local
@@ -290,13 +291,27 @@ __device__ __forceinline__ void mma_wbatch(const WBatch<U>& w, const uint4* cons
   }
 }
 
+// Makes the batch's first mma operand depend on its last weight loads (x ^
+// (y & 0), with the 0 a kernel argument the compiler cannot fold). Without it
+// ptxas issues the up kernel's last step of loads after the batch's first mma,
+// a load round trip after the rest of the batch (H200, chain us per call:
+// Qwen3-30B-A3B T = 1 23.8 -> 23.1, DeepSeek-V2-Lite 32.6 -> 30.8, 2-5% at
+// T = 2-16 on every shape; bench/results/ab_fence_s20.log). The down kernel's
+// batches are issued whole already (its 128 registers leave room); the same
+// dependency on its activation loads gained nothing and cost 3-7% at T = 16.
+template <int U>
+__device__ __forceinline__ void fence_batch(WBatch<U>& w, int zero) {
+  w.a[0].x ^= (w.a[U - 1].w ^ w.b[U - 1].w) & static_cast<uint32_t>(zero);
+}
+
 template <typename T, int NB, int U>
 __device__ __forceinline__ void mma_batch(const uint4* wa, bool ok_a, const uint4* wb, bool ok_b,
                                           const uint4* const (&x)[NB], const bool (&ok_x)[NB],
                                           int q, int64_t nvec, int64_t s, int64_t s_end,
-                                          float (&acc)[NB][4]) {
+                                          float (&acc)[NB][4], int zero) {
   WBatch<U> w;
   load_wbatch<U>(w, wa, ok_a, wb, ok_b, q, nvec, s, s_end);
+  fence_batch<U>(w, zero);
   mma_wbatch<T, NB, U>(w, x, ok_x, q, nvec, s, s_end, acc);
 }
 
@@ -360,7 +375,7 @@ __global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
     }
     float acc[NB][4] = {};
     for (int64_t s = static_cast<int64_t>(warp) * U; s < steps; s += kUpWarps * U) {
-      mma_batch<T, NB, U>(wa, true, wb, true, x, ok_x, q, nvec, s, steps, acc);
+      mma_batch<T, NB, U>(wa, true, wb, true, x, ok_x, q, nvec, s, steps, acc, a.zero);
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
