@@ -114,6 +114,24 @@ def test_stream_down_kernel_widths(H):
         _check(args, {}, torch.bfloat16, f"H={H} T={T}")
 
 
+@pytest.mark.gpu
+@sm80
+@pytest.mark.parametrize("waves", ["one at 8", "one at 6", "neither"])
+def test_stream_up_ctas_per_sm(waves):
+    """The up kernel's grid (I / 8 x min(T*k, E) CTAs) picks 8 CTAs an SM at
+    unroll 2 where that is one wave and 6 is not (moe::stream_up_ctas_per_sm),
+    else 6 at unroll 4: both variants and the edges at T = 1 (bf16, fp16), and
+    T = 3 (more groups: 6)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    E, k, H = 12, 6, 72
+    cols = {"one at 8": 8 * sms // k, "one at 6": 6 * sms // k, "neither": 8 * sms // k + 1}[waves]
+    I = 8 * cols
+    for T, dtype in [(1, torch.bfloat16), (1, torch.float16), (3, torch.bfloat16)]:
+        args = _routed_case(T, E, k, H, I, dtype, seed=T)
+        _check(args, {}, dtype, f"{waves} I={I} T={T} {dtype}")
+    torch.cuda.empty_cache()
+
+
 SMALL = [
     # (E, k, H, I): H, I multiples of 8 but not of 16 / 32 (row and K tails)
     (5, 3, 72, 40),

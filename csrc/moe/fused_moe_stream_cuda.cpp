@@ -6,6 +6,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
+
 #include "common/check.h"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_args.h"
@@ -58,6 +60,8 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
   moe::StreamMoeOptions o;
   o.down_warps = moe::stream_down_warps(s.H, prop->multiProcessorCount);
   o.down_unroll = moe::stream_down_unroll(s.T, s.k, s.E, s.I, o.down_warps);
+  o.up_ctas_per_sm = moe::stream_up_ctas_per_sm(
+      s.I / 8 * std::min(s.T * s.k, s.E), prop->multiProcessorCount);
   C10_CUDA_CHECK(moe::launch_fused_moe_stream(p, o, at::cuda::getCurrentCUDAStream()));
   return out;
 }

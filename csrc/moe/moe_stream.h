@@ -64,6 +64,17 @@ constexpr int stream_down_warps(int64_t H, int64_t sms) {
   return 16;
 }
 
+// CTAs an SM of the up kernel at T <= 8 (6: unroll 4, <= 80 registers; 8:
+// unroll 2, <= 64) for `ctas` up CTAs (I / 8 x min(T*k, E)) on `sms` SMs: 8
+// where that makes one wave and 6 does not, else 6. H200, T = 1, chain us: 8
+// on DeepSeek-V2-Lite's 1056 CTAs 31.6 -> 30.3, (64, 8, 2048, 1024)'s 1024
+// 31.0 -> 29.9, (32, 4, 4096, 2048)'s 1024 54.5 -> 52.1; where 6 is one wave
+// (Qwen3's 768) or neither is (gpt-oss's 1440) 8 is 2.1-2.6 us slower, and in
+// several waves (T >= 2) mixed, within +-2% (bench/results/ab_up_occ*_s20.log).
+constexpr int stream_up_ctas_per_sm(int64_t ctas, int64_t sms) {
+  return sms > 0 && ctas > 6 * sms && ctas <= 8 * sms ? 8 : 6;
+}
+
 // How the down kernel cuts K (I / 32 steps of 32 elements): slices of whole
 // batches of U steps, about kStreamDownUnits units (hit expert, slice) a CTA,
 // at most ks_max slices (its shared memory holds a partial sum per slice).
@@ -133,6 +144,9 @@ struct StreamMoeOptions {
   // Down kernel unroll at T <= 8: stream_down_unroll (6; any other value
   // runs 8). Above T = 8 it is 4.
   int down_unroll = 8;
+  // Up kernel CTAs an SM at T <= 8: stream_up_ctas_per_sm (8; any other value
+  // runs 6). Above T = 8 it is 6.
+  int up_ctas_per_sm = 6;
 };
 
 }  // namespace pcg::moe

@@ -319,10 +319,9 @@ __device__ __forceinline__ void mma_batch(const uint4* wa, bool ok_a, const uint
 // up: CTA (column group c of 8, group y). Rows g of the mma are gate columns
 // 8c + g, rows g + 8 the matching up columns; the 4 warps take interleaved
 // batches of K and their sums are added in warp order (deterministic).
-template <typename T, int NB>
-__global__ void __launch_bounds__(kUpWarps * 32, kUpMinBlocks)
+template <typename T, int NB, int U = up_unroll<NB>(), int MINB = kUpMinBlocks>
+__global__ void __launch_bounds__(kUpWarps * 32, MINB)
     stream_up_kernel(const StreamArgs a) {
-  constexpr int U = up_unroll<NB>();
   // A programmatic dependent of the stream's previous kernel (o.pdl): any
   // input may be its output, so nothing is read before this.
   pdl_wait();
@@ -529,10 +528,10 @@ __global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamA
   }
 }
 
-template <typename T, int NB>
-cudaError_t launch_up(const StreamArgs& a, bool pdl, cudaStream_t stream) {
+template <typename T, int NB, int U, int MINB>
+cudaError_t launch_up_kernel(const StreamArgs& a, bool pdl, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.I / 8), static_cast<unsigned>(a.P < a.E ? a.P : a.E));
-  auto* kernel = stream_up_kernel<T, NB>;
+  auto* kernel = stream_up_kernel<T, NB, U, MINB>;
   if (pdl) {
     static const bool has_wait = has_pdl_wait(kernel);  // per instantiation
     pdl = has_wait;
@@ -540,6 +539,15 @@ cudaError_t launch_up(const StreamArgs& a, bool pdl, cudaStream_t stream) {
   if (pdl) return launch_pdl(kernel, grid, dim3(kUpWarps * 32), 0, stream, a);
   kernel<<<grid, kUpWarps * 32, 0, stream>>>(a);
   return cudaGetLastError();
+}
+
+// 8 CTAs an SM (unroll 2) only at NB = 1: at NB = 2 its registers would spill.
+template <typename T, int NB>
+cudaError_t launch_up(const StreamArgs& a, int ctas_per_sm, bool pdl, cudaStream_t stream) {
+  if constexpr (NB == 1) {
+    if (ctas_per_sm == 8) return launch_up_kernel<T, NB, 2, 8>(a, pdl, stream);
+  }
+  return launch_up_kernel<T, NB, up_unroll<NB>(), kUpMinBlocks>(a, pdl, stream);
 }
 
 template <typename T, int NB, int W, int MINB, int U>
@@ -577,7 +585,7 @@ template <typename T, int NB>
 cudaError_t launch_typed(const StreamArgs& a, const StreamMoeOptions& o, cudaStream_t stream) {
   const bool up = a.P > 0 && a.E > 0 && a.I > 0;
   if (up) {
-    const cudaError_t err = launch_up<T, NB>(a, o.pdl, stream);
+    const cudaError_t err = launch_up<T, NB>(a, o.up_ctas_per_sm, o.pdl, stream);
     if (err != cudaSuccess) return err;
   }
   if constexpr (NB == 1) {

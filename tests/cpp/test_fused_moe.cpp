@@ -259,6 +259,20 @@ TEST(FusedMoe, StreamDownWarps) {
   static_assert(stream_down_warps(2880, 132) == 8, "constexpr");
 }
 
+// The stream path's up kernel: 8 CTAs an SM where that makes one wave of its
+// I / 8 x min(T*k, E) CTAs and 6 does not.
+TEST(FusedMoe, StreamUpCtasPerSm) {
+  using pcg::moe::stream_up_ctas_per_sm;
+  EXPECT_EQ(stream_up_ctas_per_sm(768, 132), 6);    // Qwen3-30B-A3B, T = 1: one wave at 6
+  EXPECT_EQ(stream_up_ctas_per_sm(792, 132), 6);    // 6 * 132
+  EXPECT_EQ(stream_up_ctas_per_sm(793, 132), 8);
+  EXPECT_EQ(stream_up_ctas_per_sm(1056, 132), 8);   // DeepSeek-V2-Lite, T = 1: 8 * 132
+  EXPECT_EQ(stream_up_ctas_per_sm(1057, 132), 6);   // several waves either way
+  EXPECT_EQ(stream_up_ctas_per_sm(1440, 132), 6);   // gpt-oss-20b, T = 1
+  EXPECT_EQ(stream_up_ctas_per_sm(1000, 0), 6);     // unknown SM count
+  static_assert(stream_up_ctas_per_sm(1024, 132) == 8, "constexpr");
+}
+
 // The down kernel's K slicing and its unroll at T <= 8 (fewer rounds of units
 // over the warps, then a fuller last round; 8 on a tie).
 TEST(FusedMoe, StreamDownSlicingAndUnroll) {
