@@ -291,6 +291,10 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         E, k, H, I = SHAPES[name]
+        # Each shape's weights in fresh allocations, as a model load places them: carved
+        # from the previous shape's cached blocks, DeepSeek-V2-Lite's T = 1 ran 10% slower
+        # after Mixtral's (session 20; not the GPU's heat: a 5 s pause changed nothing).
+        torch.cuda.empty_cache()
         rows += bench_shape(name, E, k, H, I, args.tokens, args, device)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, iters=args.iters,
