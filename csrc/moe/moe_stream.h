@@ -11,7 +11,9 @@
 //            Grid (I / 8 column groups, min(T*k, E) expert slots); a CTA
 //            finds the y-th distinct expert hit (first-occurrence order) or
 //            exits, and computes its 8 gate + 8 up rows against all of the
-//            expert's pairs; its 4 warps split K.
+//            expert's pairs; its 4 warps split K, in batches whose loads all
+//            issue before their first mma. 6 CTAs an SM, or 8 where that
+//            makes the grid one wave (stream_up_ctas_per_sm).
 //   2. down: out[t, h] = sum_j w[t,j] * (inter[p] . w2[e, h] + b2[e, h]) in
 //            fp32, j in fixed order (deterministic), rounded to the dtype;
 //            rows t >= num_valid and tokens without a valid pair are zeros.
