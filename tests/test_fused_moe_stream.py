@@ -120,8 +120,8 @@ def test_stream_down_kernel_widths(H):
 def test_stream_up_ctas_per_sm(waves):
     """The up kernel's grid (I / 8 x min(T*k, E) CTAs) picks 8 CTAs an SM at
     unroll 2 where that is one wave and 6 is not (moe::stream_up_ctas_per_sm),
-    else 6 at unroll 4: both variants and the edges at T = 1 (bf16, fp16), and
-    T = 3 (more groups: 6)."""
+    else 6 at unroll 4: both variants and the window's edges at T = 1 (bf16,
+    fp16), and at T = 3 (12 expert slots: several waves, 6 an SM)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     E, k, H = 12, 6, 72
     cols = {"one at 8": 8 * sms // k, "one at 6": 6 * sms // k, "neither": 8 * sms // k + 1}[waves]

@@ -295,7 +295,7 @@ __device__ __forceinline__ void mma_wbatch(const WBatch<U>& w, const uint4* cons
 // (y & 0), with the 0 a kernel argument the compiler cannot fold). Without it
 // ptxas issues the up kernel's last step of loads after the batch's first mma,
 // a load round trip after the rest of the batch (H200, chain us per call:
-// Qwen3-30B-A3B T = 1 23.8 -> 23.1, DeepSeek-V2-Lite 32.6 -> 30.8, 2-5% at
+// Qwen3-30B-A3B T = 1 23.8 -> 23.1, DeepSeek-V2-Lite 32.6 -> 30.8, 1-5% at
 // T = 2-16 on every shape; bench/results/ab_fence_s20.log). The down kernel's
 // batches are issued whole already (its 128 registers leave room); the same
 // dependency on its activation loads gained nothing and cost 3-7% at T = 16.
