@@ -32,6 +32,14 @@ bool has_pdl_wait(K kernel) {
   return attr.ptxVersion >= 90;
 }
 
+// has_pdl_wait of `Kernel`, asked once per kernel (the cache is keyed by the
+// kernel itself, not by the launcher that picks it).
+template <auto Kernel>
+bool pdl_supported() {
+  static const bool ok = has_pdl_wait(Kernel);
+  return ok;
+}
+
 // Launch with the programmatic-stream-serialization attribute.
 template <typename K, typename... Args>
 cudaError_t launch_pdl(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,

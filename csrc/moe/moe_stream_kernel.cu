@@ -531,12 +531,9 @@ __global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamA
 template <typename T, int NB, int U, int MINB>
 cudaError_t launch_up_kernel(const StreamArgs& a, bool pdl, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.I / 8), static_cast<unsigned>(a.P < a.E ? a.P : a.E));
-  auto* kernel = stream_up_kernel<T, NB, U, MINB>;
-  if (pdl) {
-    static const bool has_wait = has_pdl_wait(kernel);  // per instantiation
-    pdl = has_wait;
-  }
-  if (pdl) return launch_pdl(kernel, grid, dim3(kUpWarps * 32), 0, stream, a);
+  constexpr auto kernel = stream_up_kernel<T, NB, U, MINB>;
+  if (pdl && pdl_supported<kernel>())
+    return launch_pdl(kernel, grid, dim3(kUpWarps * 32), 0, stream, a);
   kernel<<<grid, kUpWarps * 32, 0, stream>>>(a);
   return cudaGetLastError();
 }
@@ -559,14 +556,11 @@ cudaError_t launch_down(const StreamArgs& args, bool up, bool pdl, cudaStream_t 
   const dim3 grid(static_cast<unsigned>((a.H + kDownRows - 1) / kDownRows));
   const size_t smem = static_cast<size_t>(a.down_ks_max + 1) * static_cast<size_t>(a.P) *
                       kDownRows * sizeof(float);
-  auto* kernel = stream_down_kernel<T, NB, W, MINB, U>;
+  constexpr auto kernel = stream_down_kernel<T, NB, W, MINB, U>;
   // Only behind our own up kernel: the inputs it reads before its wait are
   // complete once every up CTA is past the up kernel's wait.
-  if (up && pdl) {
-    static const bool has_wait = has_pdl_wait(kernel);  // per instantiation
-    pdl = has_wait;
-  }
-  if (up && pdl) return launch_pdl(kernel, grid, dim3(W * 32), smem, stream, a);
+  if (up && pdl && pdl_supported<kernel>())
+    return launch_pdl(kernel, grid, dim3(W * 32), smem, stream, a);
   kernel<<<grid, W * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }

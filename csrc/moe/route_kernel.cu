@@ -183,15 +183,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kRouteWarp)
 
 template <RouteDtype kLogits>
 void launch_route(const RouteParams& p, unsigned blocks, size_t smem, cudaStream_t stream) {
-  auto* kernel = route_kernel<kLogits>;
-  static const bool pdl = has_pdl_wait(kernel);  // per instantiation
+  constexpr auto kernel = route_kernel<kLogits>;
   const dim3 threads(kWarpsPerBlock * kRouteWarp);
   // A programmatic dependent: its CTAs start as the previous kernel drains and
   // wait before reading anything. H200, router step (cuBLAS linear + route) in
   // a graph: gpt-oss / Mixtral shapes 0.90x the time, Qwen3 / DeepSeek-V2-Lite
   // 1.005-1.012x (bench/results/ab_route_pdl_s19.log). Launch errors surface
   // through the caller's check.
-  if (pdl)
+  if (pdl_supported<kernel>())
     (void)launch_pdl(kernel, dim3(blocks), threads, smem, stream, p);
   else
     kernel<<<blocks, threads, smem, stream>>>(p);
