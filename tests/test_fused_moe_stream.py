@@ -132,6 +132,30 @@ def test_stream_up_ctas_per_sm(waves):
     torch.cuda.empty_cache()
 
 
+@pytest.mark.gpu
+@sm80
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stream_up_rotation_and_early_args(dtype):
+    """The up kernel starts CTA x's K loop at round x mod rounds at T >= 2
+    (moe::stream_up_rotate) and reads its arguments before the PDL wait where
+    its grid is one wave (moe::stream_up_early_args): K of 2, 3 and 6 rounds
+    (a partial last one), at unroll 4 (T <= 8) and 2 (T > 8), one wave and
+    several, against the reference."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [
+        (8, 2, 2880, 64),        # 90 K steps: 6 rounds of 16 (the last of 10), 4 of 32 at T > 8
+        (4, 4, 1032, 40),        # 33 steps: 3 rounds, the last of one step
+        (6, 3, 1024, 16 * sms),  # 32 steps: 2 rounds; one wave at T = 1, several from T = 2
+    ]
+    for E, k, H, I in cases:
+        for T in (1, 2, 5, 9, 16):
+            if T * k > MAX_PAIRS:
+                continue
+            args, kw = make_case(T, E, k, H, I, dtype=dtype, device="cuda", seed=T)
+            _check(args, kw, dtype, f"E={E} k={k} H={H} I={I} T={T}")
+    torch.cuda.empty_cache()
+
+
 SMALL = [
     # (E, k, H, I): H, I multiples of 8 but not of 16 / 32 (row and K tails)
     (5, 3, 72, 40),

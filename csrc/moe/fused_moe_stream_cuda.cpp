@@ -60,8 +60,11 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
   moe::StreamMoeOptions o;
   o.down_warps = moe::stream_down_warps(s.H, prop->multiProcessorCount);
   o.down_unroll = moe::stream_down_unroll(s.T, s.k, s.E, s.I, o.down_warps);
-  o.up_ctas_per_sm = moe::stream_up_ctas_per_sm(
-      s.I / 8 * std::min(s.T * s.k, s.E), prop->multiProcessorCount);
+  const int64_t up_ctas = s.I / 8 * std::min(s.T * s.k, s.E);
+  o.up_ctas_per_sm = moe::stream_up_ctas_per_sm(up_ctas, prop->multiProcessorCount);
+  o.up_rotate = moe::stream_up_rotate(s.T);
+  o.up_early_args = moe::stream_up_early_args(
+      up_ctas, s.T <= 8 ? o.up_ctas_per_sm : 6, prop->multiProcessorCount);
   C10_CUDA_CHECK(moe::launch_fused_moe_stream(p, o, at::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -273,6 +273,22 @@ TEST(FusedMoe, StreamUpCtasPerSm) {
   static_assert(stream_up_ctas_per_sm(1024, 132) == 8, "constexpr");
 }
 
+// The up kernel's K rotation (T >= 2) and its early argument reads (a grid of
+// one wave at the CTAs an SM it runs with).
+TEST(FusedMoe, StreamUpRotateAndEarlyArgs) {
+  using namespace pcg::moe;
+  EXPECT_FALSE(stream_up_rotate(1));
+  EXPECT_TRUE(stream_up_rotate(2));
+  EXPECT_TRUE(stream_up_rotate(128));
+  EXPECT_TRUE(stream_up_early_args(768, 6, 132));    // Qwen3-30B-A3B, T = 1
+  EXPECT_TRUE(stream_up_early_args(792, 6, 132));    // 6 * 132
+  EXPECT_FALSE(stream_up_early_args(793, 6, 132));
+  EXPECT_TRUE(stream_up_early_args(1056, 8, 132));   // DeepSeek-V2-Lite, T = 1, at 8 an SM
+  EXPECT_FALSE(stream_up_early_args(1440, 6, 132));  // gpt-oss-20b, T = 1: two waves
+  EXPECT_FALSE(stream_up_early_args(10, 6, 0));      // unknown SM count
+  static_assert(stream_up_early_args(6, 6, 1) && !stream_up_rotate(0), "constexpr");
+}
+
 // The down kernel's K slicing and its unroll at T <= 8 (fewer rounds of units
 // over the warps, then a fuller last round; 8 on a tie).
 TEST(FusedMoe, StreamDownSlicingAndUnroll) {
