@@ -136,7 +136,7 @@ def test_stream_up_ctas_per_sm(waves):
 @sm80
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stream_up_rotation_and_early_args(dtype):
-    """The up kernel starts CTA x's K loop at round x mod rounds at T >= 2
+    """The up kernel starts CTA x's K loop at round x mod rounds at 2 <= T <= 8
     (moe::stream_up_rotate) and reads its arguments before the PDL wait where
     its grid is one wave (moe::stream_up_early_args): K of 2, 3 and 6 rounds
     (a partial last one), at unroll 4 (T <= 8) and 2 (T > 8), one wave and

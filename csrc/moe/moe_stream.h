@@ -12,9 +12,9 @@
 //            finds the y-th distinct expert hit (first-occurrence order) or
 //            exits, and computes its 8 gate + 8 up rows against all of the
 //            expert's pairs; its 4 warps split K, in batches whose loads all
-//            issue before their first mma (from round x mod rounds at T >= 2:
-//            stream_up_rotate). 6 CTAs an SM, or 8 where that makes the grid
-//            one wave (stream_up_ctas_per_sm).
+//            issue before their first mma (from round x mod rounds at
+//            2 <= T <= 8: stream_up_rotate). 6 CTAs an SM, or 8 where that
+//            makes the grid one wave (stream_up_ctas_per_sm).
 //   2. down: out[t, h] = sum_j w[t,j] * (inter[p] . w2[e, h] + b2[e, h]) in
 //            fp32, j in fixed order (deterministic), rounded to the dtype;
 //            rows t >= num_valid and tokens without a valid pair are zeros.
@@ -80,19 +80,21 @@ constexpr int stream_up_ctas_per_sm(int64_t ctas, int64_t sms) {
 
 // Whether the up kernel's CTAs start their K loop at different rounds (CTA
 // column group x at round x mod rounds, a round being one batch of each
-// warp): at T >= 2. H200, chain us, T = 2 / 4 / 8 in -> rotated: Qwen3-30B-A3B
-// 70.3 -> 69.4 (T = 4), 124.9 -> 122.0 (T = 8); DeepSeek-V2-Lite 53.6 -> 52.7,
-// 87.4 -> 86.8, 149.0 -> 144.9; gpt-oss-20b 92.8 -> 92.1, 156.5 -> 148.8,
-// 262.5 -> 258.8; Mixtral 0.4-1.3% less; at T = 1 rotating costs 0.5-0.9 us
-// on every shape but Mixtral (bench/results/ab_s21_rot.log).
-constexpr bool stream_up_rotate(int64_t T) { return T >= 2; }
+// warp): at 2 <= T <= 8. H200, chain us, in step -> rotated
+// (bench/results/ab_rot_s21.log): T = 2 / 4 / 8 Qwen3-30B-A3B 40.5 / 69.8 /
+// 123.8 -> 40.5 / 68.8 / 120.7, DeepSeek-V2-Lite 53.1 / 86.8 / 147.2 -> 52.4
+// / 86.0 / 143.3, gpt-oss-20b 93.4 / 152.0 / 256.6 -> 90.3 / 147.4 / 250.8,
+// Mixtral 0.4-1.0% less; at T = 1 rotating costs 0.5-1.4 us on every shape
+// but Mixtral, and at T >= 16 (two pairs a chunk) 1-6%.
+constexpr bool stream_up_rotate(int64_t T) { return T >= 2 && T <= 8; }
 
 // Whether the up kernel reads its arguments before its PDL wait (they are
 // never the previous kernel's output), so that their constant-cache misses
 // fall before the wait: where the grid is one wave of `ctas_per_sm` CTAs an SM
 // on `sms` SMs (every CTA is resident, waiting, when the wait releases). H200,
-// T = 1, chain us: Qwen3-30B-A3B 23.37 -> 23.21, DeepSeek-V2-Lite 30.23 ->
-// 30.05; gpt-oss-20b (two waves) 53.31 -> 53.74 with it, so not there.
+// T = 1, chain us: Qwen3-30B-A3B 23.19 -> 23.02, DeepSeek-V2-Lite 29.93 ->
+// 29.73, (64, 8, 2048, 1024) 29.61 -> 29.40 (ab_rot_s21.log); gpt-oss-20b
+// (two waves) 53.31 -> 53.74 with it (ab_s21_rot_early.log), so not there.
 constexpr bool stream_up_early_args(int64_t ctas, int ctas_per_sm, int64_t sms) {
   return sms > 0 && ctas <= ctas_per_sm * sms;
 }
@@ -169,7 +171,8 @@ struct StreamMoeOptions {
   // Up kernel CTAs an SM at T <= 8: stream_up_ctas_per_sm (8; any other value
   // runs 6). Above T = 8 it is 6.
   int up_ctas_per_sm = 6;
-  // stream_up_rotate / stream_up_early_args for this call and device.
+  // stream_up_rotate (used at T <= 8 only) / stream_up_early_args for this
+  // call and device.
   bool up_rotate = false;
   bool up_early_args = false;
 };

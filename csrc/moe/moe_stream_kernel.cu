@@ -567,9 +567,11 @@ cudaError_t launch_up_variant(const StreamArgs& a, bool pdl, cudaStream_t stream
 
 template <typename T, int NB, int U, int MINB>
 cudaError_t launch_up_kernel(const StreamArgs& a, const StreamMoeOptions& o, cudaStream_t stream) {
-  if (o.up_rotate) {
-    return o.up_early_args ? launch_up_variant<T, NB, U, MINB, true, true>(a, o.pdl, stream)
-                           : launch_up_variant<T, NB, U, MINB, true, false>(a, o.pdl, stream);
+  if constexpr (NB == 1) {  // rotation only at T <= 8 (stream_up_rotate)
+    if (o.up_rotate) {
+      return o.up_early_args ? launch_up_variant<T, NB, U, MINB, true, true>(a, o.pdl, stream)
+                             : launch_up_variant<T, NB, U, MINB, true, false>(a, o.pdl, stream);
+    }
   }
   return o.up_early_args ? launch_up_variant<T, NB, U, MINB, false, true>(a, o.pdl, stream)
                          : launch_up_variant<T, NB, U, MINB, false, false>(a, o.pdl, stream);

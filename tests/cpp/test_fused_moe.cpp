@@ -273,13 +273,15 @@ TEST(FusedMoe, StreamUpCtasPerSm) {
   static_assert(stream_up_ctas_per_sm(1024, 132) == 8, "constexpr");
 }
 
-// The up kernel's K rotation (T >= 2) and its early argument reads (a grid of
+// The up kernel's K rotation (2 <= T <= 8) and its early argument reads (a grid of
 // one wave at the CTAs an SM it runs with).
 TEST(FusedMoe, StreamUpRotateAndEarlyArgs) {
   using namespace pcg::moe;
   EXPECT_FALSE(stream_up_rotate(1));
   EXPECT_TRUE(stream_up_rotate(2));
-  EXPECT_TRUE(stream_up_rotate(128));
+  EXPECT_TRUE(stream_up_rotate(8));
+  EXPECT_FALSE(stream_up_rotate(9));   // two pairs a chunk: in step is faster
+  EXPECT_FALSE(stream_up_rotate(128));
   EXPECT_TRUE(stream_up_early_args(768, 6, 132));    // Qwen3-30B-A3B, T = 1
   EXPECT_TRUE(stream_up_early_args(792, 6, 132));    // 6 * 132
   EXPECT_FALSE(stream_up_early_args(793, 6, 132));
