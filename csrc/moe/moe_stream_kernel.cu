@@ -330,30 +330,6 @@ __device__ __forceinline__ void read_args_early(const StreamArgs& a) {
   if (x == 0x9e3779b97f4a7c15ull) sink = 1;
 }
 
-// Before the PDL wait, CTA (0, 0) asks the L2 for the lines of the routing
-// inputs (ids, num_valid, expert_map), whose loads after the wait are the
-// first link of every CTA's chain to its weights. A prefetch returns nothing
-// to the thread and the L2 is the point of coherence, so a line the previous
-// kernel writes later is read fresh after the wait; where the inputs are cold
-// (inputs made long before, or evicted by the weights of other calls) the
-// loads after the wait hit the L2 instead of HBM.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-__device__ __forceinline__ void prefetch_routing_inputs(const StreamArgs& a) {
-  if (blockIdx.x != 0 || blockIdx.y != 0) return;
-  // Lines [first, last] of a buffer of `bytes` at p, one a thread from `t0`.
-  auto lines = [](const void* p, int64_t bytes, int t0) {
-    const uintptr_t b = reinterpret_cast<uintptr_t>(p);
-    const int64_t n = static_cast<int64_t>(((b + bytes - 1) >> 7) - (b >> 7)) + 1;
-    const int64_t i = static_cast<int64_t>(threadIdx.x) - t0;
-    if (i >= 0 && i < n && i < 32) prefetch_l2(reinterpret_cast<const void*>(((b >> 7) + i) << 7));
-  };
-  lines(a.topk_ids, static_cast<int64_t>(a.P) * 4, 0);               // threads 0-31
-  if (a.num_valid != nullptr) lines(a.num_valid, 4, 32);               // thread 32
-  if (a.expert_map != nullptr) lines(a.expert_map, a.num_global * 4, 64);  // threads 64-95
-}
-
 // ---------------------------------------------------------------------------
 // up: CTA (column group c of 8, group y). Rows g of the mma are gate columns
 // 8c + g, rows g + 8 the matching up columns; the 4 warps take interleaved
@@ -363,7 +339,6 @@ template <typename T, int NB, int U, int MINB, bool ROT, bool EARLY_ARGS>
 __global__ void __launch_bounds__(kUpWarps * 32, MINB)
     stream_up_kernel(const StreamArgs a) {
   if constexpr (EARLY_ARGS) read_args_early(a);
-  if (a.P > 0) prefetch_routing_inputs(a);
   // A programmatic dependent of the stream's previous kernel (o.pdl): any
   // input may be its output, so no input is read before this.
   pdl_wait();
