@@ -94,7 +94,8 @@ constexpr bool stream_up_rotate(int64_t T) { return T >= 2 && T <= 8; }
 // on `sms` SMs (every CTA is resident, waiting, when the wait releases). H200,
 // T = 1, chain us: Qwen3-30B-A3B 23.19 -> 23.02, DeepSeek-V2-Lite 29.93 ->
 // 29.73, (64, 8, 2048, 1024) 29.61 -> 29.40 (ab_rot_s21.log); gpt-oss-20b
-// (two waves) 53.31 -> 53.74 with it (ab_s21_rot_early.log), so not there.
+// (two waves) 53.31 -> 53.74 with it (ab_s21_experiments.log, call 12): not
+// there.
 constexpr bool stream_up_early_args(int64_t ctas, int ctas_per_sm, int64_t sms) {
   return sms > 0 && ctas <= ctas_per_sm * sms;
 }
