@@ -143,7 +143,7 @@ def test_stream_up_rotation_and_early_args(dtype):
     several, against the reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = [
-        (8, 2, 2880, 64),        # 90 K steps: 6 rounds of 16 (the last of 10), 4 of 32 at T > 8
+        (8, 2, 2880, 64),        # 90 K steps: 6 rounds of 16 at T <= 8, the last of 10
         (4, 4, 1032, 40),        # 33 steps: 3 rounds, the last of one step
         (6, 3, 1024, 16 * sms),  # 32 steps: 2 rounds; one wave at T = 1, several from T = 2
     ]
