@@ -160,7 +160,7 @@ constexpr int stream_down_unroll(int64_t T, int64_t k, int64_t E, int64_t I, int
 struct StreamMoeOptions {
   // Programmatic dependent launches (sm_90; used only where the device code
   // has the wait): the up kernel's CTAs start as the previous kernel on the
-  // stream drains and wait for it before reading anything; the down kernel's
+  // stream drains and wait for it before reading any input; the down kernel's
   // routing scan and first weight loads overlap the up kernel's tail.
   bool pdl = true;
   // Warps of a down CTA: stream_down_warps for this device (16, 8 or 4;
