@@ -61,11 +61,12 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
   o.down_warps = moe::stream_down_warps(s.H, prop->multiProcessorCount);
   o.down_unroll = moe::stream_down_unroll(s.T, s.k, s.E, s.I, o.down_warps);
   const int64_t up_ctas = s.I / 8 * std::min(s.T * s.k, s.E);
-  o.up_ctas_per_sm = moe::stream_up_ctas_per_sm(up_ctas, prop->multiProcessorCount);
+  o.up_ctas_per_sm = moe::stream_pairs_by_8(s.T)
+                         ? moe::stream_up_ctas_per_sm(up_ctas, prop->multiProcessorCount)
+                         : moe::kStreamUpCtasPerSm;
   o.up_rotate = moe::stream_up_rotate(s.T);
-  // Above T = 8 the up kernel runs 6 CTAs an SM whatever up_ctas_per_sm says.
-  o.up_early_args = moe::stream_up_early_args(
-      up_ctas, s.T <= 8 ? o.up_ctas_per_sm : 6, prop->multiProcessorCount);
+  o.up_early_args =
+      moe::stream_up_early_args(up_ctas, o.up_ctas_per_sm, prop->multiProcessorCount);
   C10_CUDA_CHECK(moe::launch_fused_moe_stream(p, o, at::cuda::getCurrentCUDAStream()));
   return out;
 }

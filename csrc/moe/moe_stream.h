@@ -67,6 +67,14 @@ constexpr int stream_down_warps(int64_t H, int64_t sms) {
   return 16;
 }
 
+// Whether the kernels take a call's pairs 8 at a time (one m16n8 tile a pass:
+// T <= 8, where an expert rarely gets more pairs than tokens) or 16 (above).
+constexpr bool stream_pairs_by_8(int64_t T) { return T <= 8; }
+
+// The up kernel's CTAs an SM (unroll 4, <= 80 registers), and the only count
+// at 16 pairs a pass (8 would spill there).
+constexpr int kStreamUpCtasPerSm = 6;
+
 // CTAs an SM of the up kernel at T <= 8 (6: unroll 4, <= 80 registers; 8:
 // unroll 2, <= 64) for `ctas` up CTAs (I / 8 x min(T*k, E)) on `sms` SMs: 8
 // where that makes one wave and 6 does not, else 6. H200, T = 1, chain us: 8
@@ -75,7 +83,7 @@ constexpr int stream_down_warps(int64_t H, int64_t sms) {
 // (Qwen3's 768) or neither is (gpt-oss's 1440) 8 is 2.1-2.6 us slower, and in
 // several waves (T >= 2) mixed, within +-2% (bench/results/ab_up_occ*_s20.log).
 constexpr int stream_up_ctas_per_sm(int64_t ctas, int64_t sms) {
-  return sms > 0 && ctas > 6 * sms && ctas <= 8 * sms ? 8 : 6;
+  return sms > 0 && ctas > kStreamUpCtasPerSm * sms && ctas <= 8 * sms ? 8 : kStreamUpCtasPerSm;
 }
 
 // Whether the up kernel's CTAs start their K loop at different rounds (CTA
@@ -169,9 +177,10 @@ struct StreamMoeOptions {
   // Down kernel unroll at T <= 8: stream_down_unroll (6; any other value
   // runs 8). Above T = 8 it is 4.
   int down_unroll = 8;
-  // Up kernel CTAs an SM at T <= 8: stream_up_ctas_per_sm (8; any other value
-  // runs 6). Above T = 8 it is 6.
-  int up_ctas_per_sm = 6;
+  // Up kernel CTAs an SM: stream_up_ctas_per_sm at T <= 8, else
+  // kStreamUpCtasPerSm (8 runs unroll 2 where pairs go 8 at a time; any other
+  // value runs 6).
+  int up_ctas_per_sm = kStreamUpCtasPerSm;
   // stream_up_rotate (used at T <= 8 only) / stream_up_early_args for this
   // call and device.
   bool up_rotate = false;

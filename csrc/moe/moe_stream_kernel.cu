@@ -30,7 +30,7 @@ constexpr int kUpWarps = 4;      // warps of an up CTA (they split K)
 constexpr int kDownRows = static_cast<int>(kStreamDownRows);
 // Register budgets (65536 / (threads * blocks)): without them ptxas keeps few
 // registers and issues each batch's loads one step at a time.
-constexpr int kUpMinBlocks = 6;    // <= 85 registers
+constexpr int kUpMinBlocks = kStreamUpCtasPerSm;  // <= 85 registers
 // The down kernel's partial sums (kStreamDownPartBytes, moe_stream.h) + [P][16]
 // fp32 of y after them, with the static tables: under 48 KB of shared memory.
 static_assert(kMaxPairs % 32 == 0 && kUpWarps * 32 >= kMaxPairs,
@@ -396,7 +396,8 @@ __global__ void __launch_bounds__(kUpWarps * 32, MINB)
       for (int64_t r = 0; r < rounds; ++r) {
         const int64_t rr = r0 + r < rounds ? r0 + r : r0 + r - rounds;
         const int64_t s = rr * per + static_cast<int64_t>(warp) * U;
-        if (s < steps) mma_batch<T, NB, U>(wa, true, wb, true, x, ok_x, q, nvec, s, steps, acc, a.zero);
+        if (s < steps)
+          mma_batch<T, NB, U>(wa, true, wb, true, x, ok_x, q, nvec, s, steps, acc, a.zero);
       }
     } else {
       for (int64_t s = static_cast<int64_t>(warp) * U; s < steps; s += kUpWarps * U) {
@@ -631,9 +632,9 @@ cudaError_t launch_typed(const StreamArgs& a, const StreamMoeOptions& o, cudaStr
 
 template <typename T>
 cudaError_t launch_dtype(const StreamArgs& a, const StreamMoeOptions& o, cudaStream_t stream) {
-  // Groups of up to 8 pairs per pass at T <= 8 (an expert rarely gets more
-  // pairs than tokens), 16 above.
-  return a.T <= 8 ? launch_typed<T, 1>(a, o, stream) : launch_typed<T, 2>(a, o, stream);
+  // Groups of up to 8 pairs a pass, or 16 (stream_pairs_by_8).
+  return stream_pairs_by_8(a.T) ? launch_typed<T, 1>(a, o, stream)
+                                : launch_typed<T, 2>(a, o, stream);
 }
 
 }  // namespace
