@@ -58,7 +58,7 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
   p.out = out.data_ptr();
 
   moe::StreamMoeOptions o;
-  o.down_warps = moe::stream_down_warps(s.H, prop->multiProcessorCount);
+  o.down_warps = moe::stream_down_warps(s.H, prop->multiProcessorCount, s.T);
   o.down_unroll = moe::stream_down_unroll(s.T, s.k, s.E, s.I, o.down_warps);
   const int64_t up_ctas = s.I / 8 * std::min(s.T * s.k, s.E);
   o.up_ctas_per_sm = moe::stream_pairs_by_8(s.T)

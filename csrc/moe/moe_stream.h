@@ -19,7 +19,8 @@
 //            fp32, j in fixed order (deterministic), rounded to the dtype;
 //            rows t >= num_valid and tokens without a valid pair are zeros.
 //            Grid ceil(H / 16) row blocks of W warps (stream_down_warps: one
-//            wave over the SMs where it can); a CTA streams its 16 rows of
+//            wave over the SMs where it can, entering an SM before the up
+//            kernel has left it where it is one CTA an SM); a CTA streams its 16 rows of
 //            every hit expert's w2 (units (expert, K slice) spread over the
 //            warps, each warp's first weights loaded before the PDL wait;
 //            partial sums in shared memory, summed in slice order).
@@ -53,23 +54,31 @@ constexpr bool stream_supported(DType dtype, int64_t T, int64_t k, int64_t H, in
 // neither written nor read).
 inline int64_t stream_inter_elems(int64_t T, int64_t k, int64_t I) { return T * k * I; }
 
-// Warps of a down CTA (16, 8 or 4, with 1, 2 or 4 CTAs resident per SM) for
-// ceil(H / 16) row blocks on `sms` SMs: the most warps that keep every CTA
-// resident at once (one wave), 16 when none does. H200: Qwen3 (128 row blocks)
-// 16 (8 or 4 there leave warps idle: slower); gpt-oss-20b (180) and Mixtral
-// (256) 8, 2-5% faster than 16 in two waves; H = 7168 (448) 4, tied with 8.
-// Splitting a row block over several CTAs (tried) was slower everywhere.
-constexpr int stream_down_warps(int64_t H, int64_t sms) {
+// Whether the kernels take a call's pairs 8 at a time (one m16n8 tile a pass:
+// T <= 8, where an expert rarely gets more pairs than tokens) or 16 (above).
+constexpr bool stream_pairs_by_8(int64_t T) { return T <= 8; }
+
+// Warps of a down CTA (16, 12, 8 or 4) for ceil(H / 16) row blocks on `sms`
+// SMs and T tokens: the most warps that keep every CTA resident at once (one
+// wave: 1, 2 or 4 CTAs an SM), 16 when none does. One CTA an SM takes 12 warps
+// where pairs go 8 at a time (T <= 8): within 128 registers it fits beside
+// one up CTA (<= 80), so it enters an SM when 5 of the 6 up CTAs there have
+// left, not 6 (H200, chain us, 16 -> 12 warps at unroll 6: Qwen3-30B-A3B
+// T = 1 / 2 / 4 / 8 23.15 / 40.79 / 69.42 / 121.91 -> 23.01 / 40.08 / 68.74 /
+// 118.72, DeepSeek-V2-Lite 29.90 / 52.45 / 86.70 / 144.77 -> 29.68 / 52.45 /
+// 85.21 / 142.84; at T = 16 mixed, -0.2% to +1.9%;
+// bench/results/ab_w12_s22.log, ab_u_s22.log). gpt-oss-20b (180 row blocks)
+// and Mixtral (256) 8, 2-5% faster than 16 in two waves; H = 7168 (448) 4,
+// tied with 8. Splitting a row block over several CTAs (tried) was slower
+// everywhere.
+constexpr int stream_down_warps(int64_t H, int64_t sms, int64_t T) {
   const int64_t rb = (H + 15) / 16;
-  if (sms <= 0 || rb <= sms) return 16;
+  if (sms <= 0) return 16;
+  if (rb <= sms) return stream_pairs_by_8(T) ? 12 : 16;
   if (rb <= 2 * sms) return 8;
   if (rb <= 4 * sms) return 4;
   return 16;
 }
-
-// Whether the kernels take a call's pairs 8 at a time (one m16n8 tile a pass:
-// T <= 8, where an expert rarely gets more pairs than tokens) or 16 (above).
-constexpr bool stream_pairs_by_8(int64_t T) { return T <= 8; }
 
 // The up kernel's CTAs an SM (unroll 4, <= 80 registers), and the only count
 // at 16 pairs a pass (8 would spill there).
@@ -142,15 +151,19 @@ constexpr StreamDownSlicing stream_down_slicing(int64_t groups, int64_t I, int U
   return r;
 }
 
-// The down kernel's unroll at T <= 8, 8 or 6 (K steps a warp loads at once):
-// the one whose units take fewer rounds over the CTA's `warps` warps, then
-// the one that fills its last round better (warps idle in it wait on the
-// others), 8 on a tie. The hit experts are taken as min(T*k, E) (exact at
-// T = 1; the kernel slices for the real count). H200, T = 1: Qwen3-30B-A3B 24
+// The down kernel's unroll at T <= 8, 8 or 6 (K steps a warp loads at once).
+// At 12 warps 6 (H200: faster than 8 at every T <= 8 on the three shapes of
+// 128 row blocks, also where 8 takes fewer rounds: Qwen3-30B-A3B T = 1 23.02
+// -> 22.90, DeepSeek-V2-Lite 29.57 -> 29.24 at 6; ab_w12_s22.log). Else the
+// one whose units take fewer rounds over the CTA's `warps` warps, then the one
+// that fills its last round better (warps idle in it wait on the others), 8
+// on a tie. The hit experts are taken as min(T*k, E) (exact at T = 1; the
+// kernel slices for the real count). H200, T = 1, 16 warps: Qwen3-30B-A3B 24
 // units in 2 rounds at 8, 32 at 6 (-0.6 us); DeepSeek-V2-Lite 36 / 48 in 3.
 constexpr int stream_down_unroll(int64_t T, int64_t k, int64_t E, int64_t I, int warps) {
   const int64_t groups = T * k < E ? T * k : E;
   if (groups <= 0 || warps <= 0) return 8;
+  if (warps == 12) return 6;
   int64_t rounds[2] = {0, 0}, units[2] = {0, 0};
   const int us[2] = {8, 6};
   for (int i = 0; i < 2; ++i) {
@@ -171,8 +184,8 @@ struct StreamMoeOptions {
   // stream drains and wait for it before reading any input; the down kernel's
   // routing scan and first weight loads overlap the up kernel's tail.
   bool pdl = true;
-  // Warps of a down CTA: stream_down_warps for this device (16, 8 or 4;
-  // any other value runs 16).
+  // Warps of a down CTA: stream_down_warps for this device and T (16, 12, 8
+  // or 4; 12 only where pairs go 8 at a time; any other value runs 16).
   int down_warps = 16;
   // Down kernel unroll at T <= 8: stream_down_unroll (6; any other value
   // runs 8). Above T = 8 it is 4.

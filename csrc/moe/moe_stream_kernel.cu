@@ -25,8 +25,9 @@ namespace {
 
 constexpr int kMaxPairs = static_cast<int>(kStreamMaxPairs);
 constexpr int kUpWarps = 4;      // warps of an up CTA (they split K)
-// Down: W warps a CTA (stream_down_warps: 16, 8 or 4, with 1, 2 or 4 CTAs an
-// SM: <= 128 registers, all resident at once), each with many loads in flight.
+// Down: W warps a CTA (stream_down_warps: 16 or 12, 8, 4, with 1, 2 or 4 CTAs
+// an SM: <= 128 registers, all resident at once), each with many loads in
+// flight.
 constexpr int kDownRows = static_cast<int>(kStreamDownRows);
 // Register budgets (65536 / (threads * blocks)): without them ptxas keeps few
 // registers and issues each batch's loads one step at a time.
@@ -41,6 +42,11 @@ static_assert(kMaxPairs % 32 == 0 && kUpWarps * 32 >= kMaxPairs,
 // down kernel's: 8 or 6 at NB = 1 (stream_down_unroll), 4 at NB = 2.
 template <int NB>
 constexpr int up_unroll() { return NB == 1 ? 4 : 2; }
+
+// The down kernel's thread bound: W warps, or 16 for 12 (one CTA an SM within
+// 128 registers, so that it fits beside one up CTA of <= 80: it enters an SM
+// when 5 of the 6 up CTAs there have left).
+constexpr int down_bound_threads(int W) { return (W == 12 ? 16 : W) * 32; }
 
 struct StreamArgs {
   const void* hidden;           // [T, H]
@@ -446,7 +452,8 @@ __global__ void __launch_bounds__(kUpWarps * 32, MINB)
 // the up kernel). Then every (pair, row) at once: its slices in order, + b2,
 // x router weight; and out[t, h] sums the pairs of t in j order.
 template <typename T, int NB, int W, int MINB, int U>
-__global__ void __launch_bounds__(W * 32, MINB) stream_down_kernel(const StreamArgs a) {
+__global__ void __launch_bounds__(down_bound_threads(W), MINB)
+    stream_down_kernel(const StreamArgs a) {
   static_assert(W * 32 >= kMaxPairs, "build_routing gives every pair a thread");
   __shared__ Routing R;
   __shared__ float wsm[kMaxPairs];  // router weights
@@ -608,6 +615,9 @@ cudaError_t launch_down(const StreamArgs& args, bool up, bool pdl, cudaStream_t 
 template <typename T, int NB, int U>
 cudaError_t launch_down_warps(const StreamArgs& a, int down_warps, bool up, bool pdl,
                               cudaStream_t stream) {
+  if constexpr (NB == 1) {  // 12 only where pairs go 8 at a time (stream_down_warps)
+    if (down_warps == 12) return launch_down<T, NB, 12, 1, U>(a, up, pdl, stream);
+  }
   switch (down_warps) {
     case 4: return launch_down<T, NB, 4, 4, U>(a, up, pdl, stream);
     case 8: return launch_down<T, NB, 8, 2, U>(a, up, pdl, stream);

@@ -242,21 +242,27 @@ TEST(FusedMoe, PathConfigs) {
 }
 
 // The stream path's down kernel: the most warps per CTA that keep all
-// ceil(H / 16) row-block CTAs resident at once (1, 2 or 4 CTAs per SM).
+// ceil(H / 16) row-block CTAs resident at once (1, 2 or 4 CTAs per SM); one
+// CTA an SM is 12 warps at T <= 8 (beside an up CTA), 16 above.
 TEST(FusedMoe, StreamDownWarps) {
   using pcg::moe::stream_down_warps;
-  EXPECT_EQ(stream_down_warps(2048, 132), 16);  // 128 row blocks: Qwen3, DeepSeek-V2-Lite
-  EXPECT_EQ(stream_down_warps(2112, 132), 16);  // 132: one per SM
-  EXPECT_EQ(stream_down_warps(2128, 132), 8);   // 133
-  EXPECT_EQ(stream_down_warps(2880, 132), 8);   // 180: gpt-oss
-  EXPECT_EQ(stream_down_warps(4096, 132), 8);   // 256: Mixtral
-  EXPECT_EQ(stream_down_warps(4232, 132), 4);   // 265
-  EXPECT_EQ(stream_down_warps(7168, 132), 4);   // 448: DeepSeek-V3
-  EXPECT_EQ(stream_down_warps(8448, 132), 4);   // 528
-  EXPECT_EQ(stream_down_warps(8464, 132), 16);  // 529: several waves whatever the size
-  EXPECT_EQ(stream_down_warps(8, 132), 16);
-  EXPECT_EQ(stream_down_warps(2048, 0), 16);    // unknown SM count
-  static_assert(stream_down_warps(2880, 132) == 8, "constexpr");
+  EXPECT_EQ(stream_down_warps(2048, 132, 1), 12);   // 128 row blocks: Qwen3, DeepSeek-V2-Lite
+  EXPECT_EQ(stream_down_warps(2048, 132, 8), 12);
+  EXPECT_EQ(stream_down_warps(2048, 132, 9), 16);   // pairs 16 at a time
+  EXPECT_EQ(stream_down_warps(2112, 132, 1), 12);   // 132: one per SM
+  EXPECT_EQ(stream_down_warps(2112, 132, 32), 16);
+  EXPECT_EQ(stream_down_warps(2128, 132, 1), 8);    // 133
+  EXPECT_EQ(stream_down_warps(2880, 132, 1), 8);    // 180: gpt-oss
+  EXPECT_EQ(stream_down_warps(2880, 132, 32), 8);
+  EXPECT_EQ(stream_down_warps(4096, 132, 4), 8);    // 256: Mixtral
+  EXPECT_EQ(stream_down_warps(4232, 132, 1), 4);    // 265
+  EXPECT_EQ(stream_down_warps(7168, 132, 1), 4);    // 448: DeepSeek-V3
+  EXPECT_EQ(stream_down_warps(8448, 132, 1), 4);    // 528
+  EXPECT_EQ(stream_down_warps(8464, 132, 1), 16);   // 529: several waves whatever the size
+  EXPECT_EQ(stream_down_warps(8, 132, 1), 12);
+  EXPECT_EQ(stream_down_warps(2048, 0, 1), 16);     // unknown SM count
+  static_assert(stream_down_warps(2880, 132, 1) == 8 && stream_down_warps(2048, 132, 2) == 12,
+                "constexpr");
 }
 
 // The stream path's up kernel: 8 CTAs an SM where that makes one wave of its
@@ -291,8 +297,8 @@ TEST(FusedMoe, StreamUpRotateAndEarlyArgs) {
   static_assert(stream_up_early_args(6, 6, 1) && !stream_up_rotate(0), "constexpr");
 }
 
-// The down kernel's K slicing and its unroll at T <= 8 (fewer rounds of units
-// over the warps, then a fuller last round; 8 on a tie).
+// The down kernel's K slicing and its unroll at T <= 8 (6 at 12 warps; else
+// fewer rounds of units over the warps, then a fuller last round; 8 on a tie).
 TEST(FusedMoe, StreamDownSlicingAndUnroll) {
   using namespace pcg::moe;
   EXPECT_EQ(stream_steps(768), 24);
@@ -311,6 +317,11 @@ TEST(FusedMoe, StreamDownSlicingAndUnroll) {
   EXPECT_EQ(stream_down_unroll(1, 6, 64, 1408, 16), 6);   // DeepSeek-V2-Lite: 36 vs 48 in 3
   EXPECT_EQ(stream_down_unroll(1, 4, 32, 2880, 8), 8);    // gpt-oss: 6 rounds vs 8
   EXPECT_EQ(stream_down_unroll(1, 2, 8, 14336, 8), 8);    // Mixtral
+  // 12 warps: 6, also where 8 takes fewer rounds (24 units in 2 vs 32 in 3).
+  EXPECT_EQ(stream_down_unroll(1, 8, 128, 768, 12), 6);
+  EXPECT_EQ(stream_down_unroll(1, 6, 64, 1408, 12), 6);
+  EXPECT_EQ(stream_down_unroll(8, 8, 128, 768, 12), 6);
+  EXPECT_EQ(stream_down_unroll(0, 8, 128, 768, 12), 8);   // nothing to stream
   // The partial sums' room caps the slices: 128 pairs leave 4.
   EXPECT_EQ(stream_down_ks_max(128, 14336, 8), 4);
   EXPECT_EQ(stream_down_slicing(100, 14336, 8, 4).ks, 1);
