@@ -106,9 +106,10 @@ def test_stream_target_shapes(shape, dtype):
 @sm80
 @pytest.mark.parametrize("H", [2048, 2880, 7168])
 def test_stream_down_kernel_widths(H):
-    """H and T pick the down kernel's warps per CTA (moe::stream_down_warps):
-    on a 132-SM H200, 2048 -> 12 at T <= 8 and 16 above, 2880 -> 8, 7168 -> 4
-    (all four variants run)."""
+    """H and T pick the down kernel's warps per CTA (moe::stream_down_warps,
+    stream_down_warps_beside_up): on a 132-SM H200, 2048 -> 11 at T = 1 (75
+    up CTAs: one wave at 6 an SM; 6 units), 12 at T = 5 (24 units: a round
+    more at 11), 16 at T = 42; 2880 -> 8, 7168 -> 4 (all five variants run)."""
     E, k, I = 12, 3, 200
     for T in [1, 5, MAX_PAIRS // k]:
         args = _routed_case(T, E, k, H, I, torch.bfloat16, seed=T)

@@ -58,15 +58,15 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
   p.out = out.data_ptr();
 
   moe::StreamMoeOptions o;
-  o.down_warps = moe::stream_down_warps(s.H, prop->multiProcessorCount, s.T);
-  o.down_unroll = moe::stream_down_unroll(s.T, s.k, s.E, s.I, o.down_warps);
+  const int sms = prop->multiProcessorCount;
   const int64_t up_ctas = s.I / 8 * std::min(s.T * s.k, s.E);
-  o.up_ctas_per_sm = moe::stream_pairs_by_8(s.T)
-                         ? moe::stream_up_ctas_per_sm(up_ctas, prop->multiProcessorCount)
-                         : moe::kStreamUpCtasPerSm;
+  o.up_ctas_per_sm = moe::stream_pairs_by_8(s.T) ? moe::stream_up_ctas_per_sm(up_ctas, sms)
+                                                 : moe::kStreamUpCtasPerSm;
   o.up_rotate = moe::stream_up_rotate(s.T);
-  o.up_early_args =
-      moe::stream_up_early_args(up_ctas, o.up_ctas_per_sm, prop->multiProcessorCount);
+  o.up_early_args = moe::stream_up_early_args(up_ctas, o.up_ctas_per_sm, sms);
+  o.down_warps = moe::stream_down_warps_beside_up(moe::stream_down_warps(s.H, sms, s.T), s.T, s.k,
+                                                  s.E, s.I, o.up_ctas_per_sm, sms);
+  o.down_unroll = moe::stream_down_unroll(s.T, s.k, s.E, s.I, o.down_warps);
   C10_CUDA_CHECK(moe::launch_fused_moe_stream(p, o, at::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -152,7 +152,7 @@ constexpr StreamDownSlicing stream_down_slicing(int64_t groups, int64_t I, int U
 }
 
 // The down kernel's unroll at T <= 8, 8 or 6 (K steps a warp loads at once).
-// At 12 warps 6 (H200: faster than 8 at every T <= 8 on the three shapes of
+// At 12 (or 11) warps 6 (H200: faster than 8 at every T <= 8 on the three shapes of
 // 128 row blocks, also where 8 takes fewer rounds: Qwen3-30B-A3B T = 1 23.02
 // -> 22.90, DeepSeek-V2-Lite 29.57 -> 29.24 at 6; ab_w12_s22.log). Else the
 // one whose units take fewer rounds over the CTA's `warps` warps, then the one
@@ -163,7 +163,7 @@ constexpr StreamDownSlicing stream_down_slicing(int64_t groups, int64_t I, int U
 constexpr int stream_down_unroll(int64_t T, int64_t k, int64_t E, int64_t I, int warps) {
   const int64_t groups = T * k < E ? T * k : E;
   if (groups <= 0 || warps <= 0) return 8;
-  if (warps == 12) return 6;
+  if (warps == 11 || warps == 12) return 6;
   int64_t rounds[2] = {0, 0}, units[2] = {0, 0};
   const int us[2] = {8, 6};
   for (int i = 0; i < 2; ++i) {
@@ -176,6 +176,27 @@ constexpr int stream_down_unroll(int64_t T, int64_t k, int64_t E, int64_t I, int
   return units[1] > units[0] ? 6 : 8;
 }
 
+// The down kernel's warps where stream_down_warps gives 12 (one CTA an SM, T
+// <= 8) and the up grid is one wave of 6 CTAs an SM (<= 80 registers; up
+// CTAs I / 8 x min(T*k, E) <= 6 * sms): 11 warps (45,056 registers) fit
+// beside two of those up CTAs and enter an SM when 4 of its 6 have left, 12
+// beside one; 11 where that costs no round of units (unroll 6), else 12.
+// H200, chain us, 12 -> 11: Qwen3-30B-A3B T = 1 23.01 -> 22.89 and 22.99 ->
+// 22.85 (32 units, 3 rounds either way); where the up grid is one wave of 8
+// an SM both enter at the same point and 11 loses (DeepSeek-V2-Lite T = 1
+// 29.68 -> 30.24), and where it is several waves it is mixed (-0.6% to +1.3%)
+// (bench/results/ab_w1x_s22.log, ab_u_s22.log).
+constexpr int stream_down_warps_beside_up(int warps, int64_t T, int64_t k, int64_t E, int64_t I,
+                                          int up_ctas_per_sm, int64_t sms) {
+  const int64_t groups = T * k < E ? T * k : E;
+  const int64_t up_ctas = I / 8 * groups;
+  if (warps != 12 || up_ctas_per_sm != 6 || sms <= 0 || groups <= 0 || up_ctas > 6 * sms)
+    return warps;
+  const StreamDownSlicing sl = stream_down_slicing(groups, I, 6, stream_down_ks_max(T * k, I, 6));
+  const int64_t units = groups * sl.ks;
+  return (units + 10) / 11 == (units + 11) / 12 ? 11 : 12;
+}
+
 // Beyond FusedMoeParams (whose moe_align workspaces and pair_out are unused;
 // `inter` is [T*k, I] in the dtype).
 struct StreamMoeOptions {
@@ -185,7 +206,8 @@ struct StreamMoeOptions {
   // routing scan and first weight loads overlap the up kernel's tail.
   bool pdl = true;
   // Warps of a down CTA: stream_down_warps for this device and T (16, 12, 8
-  // or 4; 12 only where pairs go 8 at a time; any other value runs 16).
+  // or 4), then stream_down_warps_beside_up (11); 12 and 11 only where pairs
+  // go 8 at a time; any other value runs 16.
   int down_warps = 16;
   // Down kernel unroll at T <= 8: stream_down_unroll (6; any other value
   // runs 8). Above T = 8 it is 4.

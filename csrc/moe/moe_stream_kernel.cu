@@ -25,7 +25,7 @@ namespace {
 
 constexpr int kMaxPairs = static_cast<int>(kStreamMaxPairs);
 constexpr int kUpWarps = 4;      // warps of an up CTA (they split K)
-// Down: W warps a CTA (stream_down_warps: 16 or 12, 8, 4, with 1, 2 or 4 CTAs
+// Down: W warps a CTA (stream_down_warps: 16, 12 or 11, 8, 4, with 1, 2 or 4 CTAs
 // an SM: <= 128 registers, all resident at once), each with many loads in
 // flight.
 constexpr int kDownRows = static_cast<int>(kStreamDownRows);
@@ -43,10 +43,10 @@ static_assert(kMaxPairs % 32 == 0 && kUpWarps * 32 >= kMaxPairs,
 template <int NB>
 constexpr int up_unroll() { return NB == 1 ? 4 : 2; }
 
-// The down kernel's thread bound: W warps, or 16 for 12 (one CTA an SM within
-// 128 registers, so that it fits beside one up CTA of <= 80: it enters an SM
-// when 5 of the 6 up CTAs there have left).
-constexpr int down_bound_threads(int W) { return (W == 12 ? 16 : W) * 32; }
+// The down kernel's thread bound: W warps, or 16 for 12 and 11 (one CTA an SM
+// within 128 registers, so that it fits beside one or two up CTAs of <= 80
+// and enters an SM before the up kernel has left it).
+constexpr int down_bound_threads(int W) { return (W == 11 || W == 12 ? 16 : W) * 32; }
 
 struct StreamArgs {
   const void* hidden;           // [T, H]
@@ -615,8 +615,9 @@ cudaError_t launch_down(const StreamArgs& args, bool up, bool pdl, cudaStream_t 
 template <typename T, int NB, int U>
 cudaError_t launch_down_warps(const StreamArgs& a, int down_warps, bool up, bool pdl,
                               cudaStream_t stream) {
-  if constexpr (NB == 1) {  // 12 only where pairs go 8 at a time (stream_down_warps)
+  if constexpr (NB == 1) {  // 12 and 11 only where pairs go 8 at a time (stream_down_warps)
     if (down_warps == 12) return launch_down<T, NB, 12, 1, U>(a, up, pdl, stream);
+    if (down_warps == 11) return launch_down<T, NB, 11, 1, U>(a, up, pdl, stream);
   }
   switch (down_warps) {
     case 4: return launch_down<T, NB, 4, 4, U>(a, up, pdl, stream);

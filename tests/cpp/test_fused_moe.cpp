@@ -265,6 +265,25 @@ TEST(FusedMoe, StreamDownWarps) {
                 "constexpr");
 }
 
+// 11 warps instead of 12 beside a one-wave up grid of 6 CTAs an SM, where
+// that costs no round of units (unroll 6).
+TEST(FusedMoe, StreamDownWarpsBesideUp) {
+  using pcg::moe::stream_down_warps_beside_up;
+  // Qwen3-30B-A3B, T = 1: 768 up CTAs (one wave at 6), 32 units: 3 rounds at 11 and 12.
+  EXPECT_EQ(stream_down_warps_beside_up(12, 1, 8, 128, 768, 6, 132), 11);
+  // The up grid at 8 an SM (DeepSeek-V2-Lite, T = 1) or in several waves (Qwen3, T = 2).
+  EXPECT_EQ(stream_down_warps_beside_up(12, 1, 6, 64, 1408, 8, 132), 12);
+  EXPECT_EQ(stream_down_warps_beside_up(12, 2, 8, 128, 768, 6, 132), 12);
+  // One wave at 6 (k = 6, I = 1024: 768 CTAs) but 36 units: 4 rounds at 11, 3 at 12.
+  EXPECT_EQ(stream_down_warps_beside_up(12, 1, 6, 64, 1024, 6, 132), 12);
+  // Only ever 12 -> 11; unknown SM count or nothing hit: unchanged.
+  EXPECT_EQ(stream_down_warps_beside_up(16, 1, 8, 128, 768, 6, 132), 16);
+  EXPECT_EQ(stream_down_warps_beside_up(8, 1, 8, 128, 768, 6, 132), 8);
+  EXPECT_EQ(stream_down_warps_beside_up(12, 1, 8, 128, 768, 6, 0), 12);
+  EXPECT_EQ(stream_down_warps_beside_up(12, 0, 8, 128, 768, 6, 132), 12);
+  static_assert(stream_down_warps_beside_up(12, 1, 8, 128, 768, 6, 132) == 11, "constexpr");
+}
+
 // The stream path's up kernel: 8 CTAs an SM where that makes one wave of its
 // I / 8 x min(T*k, E) CTAs and 6 does not.
 TEST(FusedMoe, StreamUpCtasPerSm) {
@@ -322,6 +341,7 @@ TEST(FusedMoe, StreamDownSlicingAndUnroll) {
   EXPECT_EQ(stream_down_unroll(1, 6, 64, 1408, 12), 6);
   EXPECT_EQ(stream_down_unroll(8, 8, 128, 768, 12), 6);
   EXPECT_EQ(stream_down_unroll(0, 8, 128, 768, 12), 8);   // nothing to stream
+  EXPECT_EQ(stream_down_unroll(1, 8, 128, 768, 11), 6);
   // The partial sums' room caps the slices: 128 pairs leave 4.
   EXPECT_EQ(stream_down_ks_max(128, 14336, 8), 4);
   EXPECT_EQ(stream_down_slicing(100, 14336, 8, 4).ks, 1);
