@@ -184,7 +184,7 @@ constexpr int stream_down_unroll(int64_t T, int64_t k, int64_t E, int64_t I, int
 // H200, chain us, 12 -> 11: Qwen3-30B-A3B T = 1 23.01 -> 22.89 and 22.99 ->
 // 22.85 (32 units, 3 rounds either way); where the up grid is one wave of 8
 // an SM both enter at the same point and 11 loses (DeepSeek-V2-Lite T = 1
-// 29.68 -> 30.24), and where it is several waves it is mixed (-0.6% to +1.3%)
+// 29.68 -> 30.24), and where it is several waves it is mixed (-0.6% to +2.0%)
 // (bench/results/ab_w1x_s22.log, ab_u_s22.log).
 constexpr int stream_down_warps_beside_up(int warps, int64_t T, int64_t k, int64_t E, int64_t I,
                                           int up_ctas_per_sm, int64_t sms) {
