@@ -84,8 +84,9 @@ for dtype in (torch.bfloat16, torch.float16):  # the weight-streaming path (T*k 
              config=[-2, -1, -1])
     moe_case(300, 8, 72, 40, 16, dtype, act="gelu", config=[-2, -1, -1])
     moe_case(16, 4, 200, 72, 30, dtype, bias=True, config=[-2, -1, -1], w13_block=8)
-# Down kernels of 8 and 4 warps (moe::stream_down_warps; 132 SMs: H = 2880, 4360; the
-# stream cases above run 12 warps at T <= 8 and 16 above).
+# Down kernels of 12, 8 and 4 warps (moe::stream_down_warps; 132 SMs: H = 256 at T = 5 with
+# 24 units, H = 2880, 4360; the stream cases above run 11 warps at T = 5 and 16 above).
+moe_case(12, 3, 256, 200, 5, torch.bfloat16, config=[-2, -1, -1])
 moe_case(6, 2, 2880, 40, 3, torch.bfloat16, bias=True, config=[-2, -1, -1])
 moe_case(6, 3, 4360, 40, 9, torch.bfloat16, nvalid=7, config=[-2, -1, -1])
 moe_case(8, 2, 136, 40, 300, torch.bfloat16, act="gelu", w13_block=8)  # mma.sync, block layout
