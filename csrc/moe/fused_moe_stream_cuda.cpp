@@ -6,8 +6,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <algorithm>
-
 #include "common/check.h"
 #include "moe/fused_moe.h"
 #include "moe/fused_moe_args.h"
@@ -59,7 +57,7 @@ at::Tensor fused_moe_stream_cuda(const FusedMoeShape& s, const FusedMoeInputs& i
 
   moe::StreamMoeOptions o;
   const int sms = prop->multiProcessorCount;
-  const int64_t up_ctas = s.I / 8 * std::min(s.T * s.k, s.E);
+  const int64_t up_ctas = moe::stream_up_ctas(s.T, s.k, s.E, s.I);
   o.up_ctas_per_sm = moe::stream_pairs_by_8(s.T) ? moe::stream_up_ctas_per_sm(up_ctas, sms)
                                                  : moe::kStreamUpCtasPerSm;
   o.up_rotate = moe::stream_up_rotate(s.T);

@@ -20,8 +20,8 @@
 //            rows t >= num_valid and tokens without a valid pair are zeros.
 //            Grid ceil(H / 16) row blocks of W warps (stream_down_warps: one
 //            wave over the SMs where it can, entering an SM before the up
-//            kernel has left it where it is one CTA an SM); a CTA streams its 16 rows of
-//            every hit expert's w2 (units (expert, K slice) spread over the
+//            kernel has left it where it is one CTA an SM); a CTA streams
+//            its 16 rows of every hit expert's w2 (units (expert, K slice) spread over the
 //            warps, each warp's first weights loaded before the PDL wait;
 //            partial sums in shared memory, summed in slice order).
 // Both kernels multiply with mma.sync m16n8k16 (fp32 accumulators): 16
@@ -54,6 +54,15 @@ constexpr bool stream_supported(DType dtype, int64_t T, int64_t k, int64_t H, in
 // neither written nor read).
 inline int64_t stream_inter_elems(int64_t T, int64_t k, int64_t I) { return T * k * I; }
 
+// Expert slots a call can hit (the up grid's y extent; exact at T = 1) and
+// the up kernel's CTAs (I / 8 column groups for each).
+constexpr int64_t stream_hit_slots(int64_t T, int64_t k, int64_t E) {
+  return T * k < E ? T * k : E;
+}
+constexpr int64_t stream_up_ctas(int64_t T, int64_t k, int64_t E, int64_t I) {
+  return I / 8 * stream_hit_slots(T, k, E);
+}
+
 // Whether the kernels take a call's pairs 8 at a time (one m16n8 tile a pass:
 // T <= 8, where an expert rarely gets more pairs than tokens) or 16 (above).
 constexpr bool stream_pairs_by_8(int64_t T) { return T <= 8; }
@@ -79,6 +88,11 @@ constexpr int stream_down_warps(int64_t H, int64_t sms, int64_t T) {
   if (rb <= 4 * sms) return 4;
   return 16;
 }
+
+// Whether a down CTA of `warps` warps is one of the one-CTA-an-SM widths that
+// fit beside up CTAs within 128 registers (12, or 11 from
+// stream_down_warps_beside_up).
+constexpr bool stream_down_beside_up(int warps) { return warps == 11 || warps == 12; }
 
 // The up kernel's CTAs an SM (unroll 4, <= 80 registers), and the only count
 // at 16 pairs a pass (8 would spill there).
@@ -161,9 +175,9 @@ constexpr StreamDownSlicing stream_down_slicing(int64_t groups, int64_t I, int U
 // kernel slices for the real count). H200, T = 1, 16 warps: Qwen3-30B-A3B 24
 // units in 2 rounds at 8, 32 at 6 (-0.6 us); DeepSeek-V2-Lite 36 / 48 in 3.
 constexpr int stream_down_unroll(int64_t T, int64_t k, int64_t E, int64_t I, int warps) {
-  const int64_t groups = T * k < E ? T * k : E;
+  const int64_t groups = stream_hit_slots(T, k, E);
   if (groups <= 0 || warps <= 0) return 8;
-  if (warps == 11 || warps == 12) return 6;
+  if (stream_down_beside_up(warps)) return 6;
   int64_t rounds[2] = {0, 0}, units[2] = {0, 0};
   const int us[2] = {8, 6};
   for (int i = 0; i < 2; ++i) {
@@ -188,9 +202,9 @@ constexpr int stream_down_unroll(int64_t T, int64_t k, int64_t E, int64_t I, int
 // (bench/results/ab_w1x_s22.log, ab_u_s22.log).
 constexpr int stream_down_warps_beside_up(int warps, int64_t T, int64_t k, int64_t E, int64_t I,
                                           int up_ctas_per_sm, int64_t sms) {
-  const int64_t groups = T * k < E ? T * k : E;
-  const int64_t up_ctas = I / 8 * groups;
-  if (warps != 12 || up_ctas_per_sm != 6 || sms <= 0 || groups <= 0 || up_ctas > 6 * sms)
+  const int64_t groups = stream_hit_slots(T, k, E);
+  if (warps != 12 || up_ctas_per_sm != 6 || groups <= 0 ||
+      !stream_up_early_args(stream_up_ctas(T, k, E, I), up_ctas_per_sm, sms))  // one wave
     return warps;
   const StreamDownSlicing sl = stream_down_slicing(groups, I, 6, stream_down_ks_max(T * k, I, 6));
   const int64_t units = groups * sl.ks;

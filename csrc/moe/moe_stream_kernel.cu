@@ -46,7 +46,7 @@ constexpr int up_unroll() { return NB == 1 ? 4 : 2; }
 // The down kernel's thread bound: W warps, or 16 for 12 and 11 (one CTA an SM
 // within 128 registers, so that it fits beside one or two up CTAs of <= 80
 // and enters an SM before the up kernel has left it).
-constexpr int down_bound_threads(int W) { return (W == 11 || W == 12 ? 16 : W) * 32; }
+constexpr int down_bound_threads(int W) { return (stream_down_beside_up(W) ? 16 : W) * 32; }
 
 struct StreamArgs {
   const void* hidden;           // [T, H]
