@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/pdl.cuh"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -230,33 +231,51 @@ struct GroupedGemm {
   }
 };
 
-// First b in [0, n) with v[b] >= x (v non-decreasing on [0, n)).
-__device__ __forceinline__ int lower_bound(const int32_t* v, int n, int x) {
-  int lo = 0, hi = n;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (v[mid] < x) lo = mid + 1; else hi = mid;
+// Expert x's run [first, end) of blocks: the first b in [0, n) with v[b] >= x
+// and the first with v[b] > x (v non-decreasing on [0, n)). The two searches
+// advance together (two loads in flight a step); L2 loads (__ldcg), as the
+// kernel may start before its stream predecessor ends (see setup below).
+__device__ __forceinline__ int2 expert_run(const int32_t* v, int n, int x) {
+  int lo0 = 0, hi0 = n, lo1 = 0, hi1 = n;
+  while (lo0 < hi0 || lo1 < hi1) {
+    const int m0 = (lo0 + hi0) >> 1, m1 = (lo1 + hi1) >> 1;
+    const int a = lo0 < hi0 ? __ldcg(v + m0) : 0;
+    const int b = lo1 < hi1 ? __ldcg(v + m1) : 0;
+    if (lo0 < hi0) {
+      if (a < x) lo0 = m0 + 1; else hi0 = m0;
+    }
+    if (lo1 < hi1) {
+      if (b <= x) lo1 = m1 + 1; else hi1 = m1;
+    }
   }
-  return lo;
+  return make_int2(lo0, lo1);
 }
 
 // One thread per expert: e's run is blocks [lo, hi) of moe_align's output;
 // M_e = full blocks + the valid slots of the last one (valid pairs come first).
+// Reads only moe_align's outputs and writes only the argument arrays, so it
+// may run beside the permute (launched as its PDL dependent); it waits for
+// the permute at its end, so that the GEMMs (plain launches after it) start
+// after both.
 template <typename Element>
 __global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, typename GroupedGemm<Element>::Arrays g1,
                                      typename GroupedGemm<Element>::Arrays g2) {
   using G = GroupedGemm<Element>;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= a.E) return;
-  const int nb = *a.num_blocks;
-  const int lo = lower_bound(a.block_expert, nb, static_cast<int>(e));
-  const int hi = lower_bound(a.block_expert, nb, static_cast<int>(e) + 1);
+  if (e >= a.E) {
+    pdl_wait();
+    return;
+  }
+  const int nb = __ldcg(a.num_blocks);
+  const int2 run = expert_run(a.block_expert, nb, static_cast<int>(e));
+  const int lo = run.x, hi = run.y;
   int M = 0;
   int64_t off = 0;  // first slot; 0 for an empty expert (a valid base address)
   if (hi > lo) {
     M = (hi - lo - 1) * a.block_m;
     const int32_t* last = a.sorted_pairs + static_cast<int64_t>(hi - 1) * a.block_m;
-    for (int r = 0; r < a.block_m; ++r) M += last[r] >= 0;
+#pragma unroll 16
+    for (int r = 0; r < a.block_m; ++r) M += __ldcg(last + r) >= 0;
     off = static_cast<int64_t>(lo) * a.block_m;
   }
   const int H = static_cast<int>(a.H), I = static_cast<int>(a.I);
@@ -283,6 +302,7 @@ __global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, typename GroupedGemm<
   g2.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, I, 1));
   g2.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(H, I, 1));
   g2.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, H, 1));
+  pdl_wait();  // the permute (see above)
 }
 
 template <typename Element, int Id>
@@ -324,9 +344,11 @@ cudaError_t setup(const MoeGroupedGemmArgs& a, cudaStream_t stream) {
   if (a.E <= 0) return cudaSuccess;
   const unsigned threads = 128;
   const unsigned blocks = static_cast<unsigned>((a.E + threads - 1) / threads);
-  grouped_setup_kernel<Element><<<blocks, threads, 0, stream>>>(a, G::arrays(a.args, a.E, 1),
-                                                                 G::arrays(a.args, a.E, 2));
-  return cudaGetLastError();
+  // A PDL dependent of the permute (moe_cutlass.h's order), which lets it
+  // launch only after waiting for moe_align itself.
+  return launch_maybe_pdl<grouped_setup_kernel<Element>>(dim3(blocks), dim3(threads), 0, stream,
+                                                          a, G::arrays(a.args, a.E, 1),
+                                                          G::arrays(a.args, a.E, 2));
 }
 
 template <typename K>

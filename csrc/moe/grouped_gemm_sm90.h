@@ -73,7 +73,10 @@ bool grouped_gemm_sm90_built();
 size_t grouped_gemm_sm90_workspace_bytes(DType dtype, int64_t E, int sm_count);
 
 // Writes both GEMMs' problem shapes, pointers and strides into a.args (read by
-// every variant).
+// every variant). Launched as a PDL dependent of the stream's previous kernel
+// without waiting for it until its end: that kernel must be one that lets its
+// dependents launch only after moe_align's outputs are complete (the
+// permute; moe_cutlass.h), or one that does not trigger at all.
 cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs& a, cudaStream_t stream);
 
 // Runs GEMM `which` (1 or 2; GEMM1 fused with the activation when

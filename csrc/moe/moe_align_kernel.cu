@@ -5,10 +5,14 @@
 // CTA derives its cursors from all tiles' counts and scatters its tile.
 // The scatter also writes the inverse map pair_slot when asked (the CUTLASS
 // path). Everything (including num_valid) is read on the device: capturable.
+// Every kernel is launched as a programmatic dependent (PDL) of the stream's
+// previous kernel: it waits for that grid before touching global memory and
+// lets its own dependents launch at once (they wait for it in turn).
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "common/pdl.cuh"
 #include "moe/moe_align.h"
 
 namespace pcg::moe {
@@ -154,6 +158,8 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ int smem[];
   int* count = smem;                  // [E], later the scatter cursor
   int* blk_end = smem + num_experts;  // [E] inclusive prefix of blocks per expert
+  pdl_wait();
+  pdl_launch_dependents();
 
   const int tid = threadIdx.x;
   const int64_t P = read_num_valid(num_valid, num_tokens) * top_k;
@@ -197,6 +203,8 @@ __global__ void __launch_bounds__(kThreads)
                            int32_t* __restrict__ sorted_pairs, int64_t slots,
                            int32_t* __restrict__ pair_slot, int32_t* __restrict__ scratch) {
   extern __shared__ int count[];  // [E]
+  pdl_wait();
+  pdl_launch_dependents();
   for (int e = threadIdx.x; e < num_experts; e += kThreads) count[e] = 0;
   fill_unused(sorted_pairs, slots, pair_slot, num_tokens * top_k);
   __syncthreads();
@@ -226,6 +234,8 @@ __global__ void __launch_bounds__(kThreads)
   int* count = smem;                  // [E] totals, then the run starts
   int* before = smem + num_experts;   // [E] pairs of e in earlier tiles; later blk_end
   const int tiles = gridDim.x, me = blockIdx.x;
+  pdl_wait();  // the count kernel's scratch
+  pdl_launch_dependents();
   for (int e = threadIdx.x; e < num_experts; e += kThreads) {
     int total = 0, prior = 0;
 #pragma unroll 8
@@ -296,24 +306,23 @@ cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int to
   cudaError_t err;
   if (tiles <= 1) {
     if ((err = allow_smem(moe_align_kernel, smem)) != cudaSuccess) return err;
-    moe_align_kernel<<<1, kThreads, smem, stream>>>(topk_ids, num_tokens, top_k, expert_map,
-                                                    num_global, num_valid, num_experts, block_m,
-                                                    sorted_pairs, block_expert, max_blocks,
-                                                    num_blocks, pair_slot);
-    return cudaGetLastError();
+    return launch_maybe_pdl<moe_align_kernel>(dim3(1), dim3(kThreads), smem, stream, topk_ids,
+                                              num_tokens, top_k, expert_map, num_global,
+                                              num_valid, num_experts, block_m, sorted_pairs,
+                                              block_expert, max_blocks, num_blocks, pair_slot);
   }
   if (scratch == nullptr) return cudaErrorInvalidValue;  // moe_align_scratch_ints > 0
   const unsigned grid = static_cast<unsigned>(tiles);
   if ((err = allow_smem(moe_align_count_kernel, smem / 2)) != cudaSuccess) return err;
   if ((err = allow_smem(moe_align_scatter_kernel, smem)) != cudaSuccess) return err;
-  moe_align_count_kernel<<<grid, kThreads, smem / 2, stream>>>(
-      topk_ids, num_tokens, top_k, expert_map, num_global, num_valid, num_experts, sorted_pairs,
-      max_blocks * block_m, pair_slot, scratch);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  moe_align_scatter_kernel<<<grid, kThreads, smem, stream>>>(
-      topk_ids, num_tokens, top_k, expert_map, num_global, num_valid, num_experts, block_m,
-      sorted_pairs, block_expert, max_blocks, num_blocks, scratch, pair_slot);
-  return cudaGetLastError();
+  err = launch_maybe_pdl<moe_align_count_kernel>(
+      dim3(grid), dim3(kThreads), smem / 2, stream, topk_ids, num_tokens, top_k, expert_map,
+      num_global, num_valid, num_experts, sorted_pairs, max_blocks * block_m, pair_slot, scratch);
+  if (err != cudaSuccess) return err;
+  return launch_maybe_pdl<moe_align_scatter_kernel>(
+      dim3(grid), dim3(kThreads), smem, stream, topk_ids, num_tokens, top_k, expert_map,
+      num_global, num_valid, num_experts, block_m, sorted_pairs, block_expert, max_blocks,
+      num_blocks, static_cast<const int32_t*>(scratch), pair_slot);
 }
 
 }  // namespace pcg::moe

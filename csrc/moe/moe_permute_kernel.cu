@@ -1,6 +1,11 @@
 // Permute (hidden rows -> expert-sorted rows) and unpermute-reduce (sorted
 // GEMM2 rows -> per-token weighted sums) of fused_moe's CUTLASS path
 // (interface: moe_permute.h). 16-byte vector copies: rows are multiples of 8.
+// Both are launched as programmatic dependents (PDL) of the stream's previous
+// kernel and wait for it before touching global memory: the permute's launch
+// hides under moe_align's, the reduce's under GEMM2's tail. The permute lets
+// its dependent (the GEMMs' setup, which reads only moe_align's outputs)
+// launch once every permute CTA has waited.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -8,6 +13,7 @@
 #include <cstdint>
 
 #include "common/float_convert.cuh"
+#include "common/pdl.cuh"
 #include "moe/moe_align.h"
 #include "moe/moe_permute.h"
 
@@ -36,6 +42,8 @@ __global__ void __launch_bounds__(kPermuteWarps * 32)
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kPermuteWarps + (threadIdx.x >> 5);
   const int64_t t = w / chunks;
   if (t >= num_tokens) return;
+  pdl_wait();  // pair_slot (moe_align)
+  pdl_launch_dependents();
   const int64_t v0 = (w - t * chunks) * chunk + lane;
   const int32_t* slots = pair_slot + t * top_k;
   const uint4* src = hidden + t * row_vecs;
@@ -83,6 +91,7 @@ __global__ void __launch_bounds__(kThreads)
                             int64_t H, const T* __restrict__ b2, T* __restrict__ out) {
   const int64_t t = blockIdx.x;
   T* o = out + t * H;
+  pdl_wait();  // d2 (GEMM2)
   const bool live = t < clamp_valid(num_valid, num_tokens);
   for (int64_t n = static_cast<int64_t>(threadIdx.x) * 8; n < H; n += kThreads * 8) {
     float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -115,10 +124,10 @@ cudaError_t reduce_typed(const void* d2, const int32_t* pair_slot, const float* 
                          const int32_t* topk_ids, const int32_t* expert_map, int64_t num_global,
                          int64_t E, const int32_t* num_valid, int64_t T_, int top_k, int64_t H,
                          const void* b2, void* out, cudaStream_t stream) {
-  unpermute_reduce_kernel<T><<<static_cast<unsigned>(T_), kThreads, 0, stream>>>(
-      static_cast<const T*>(d2), pair_slot, topk_weights, topk_ids, expert_map, num_global, E,
-      num_valid, T_, top_k, H, static_cast<const T*>(b2), static_cast<T*>(out));
-  return cudaGetLastError();
+  return launch_maybe_pdl<unpermute_reduce_kernel<T>>(
+      dim3(static_cast<unsigned>(T_)), dim3(kThreads), 0, stream, static_cast<const T*>(d2),
+      pair_slot, topk_weights, topk_ids, expert_map, num_global, E, num_valid, T_, top_k, H,
+      static_cast<const T*>(b2), static_cast<T*>(out));
 }
 
 }  // namespace
@@ -135,10 +144,10 @@ cudaError_t launch_moe_permute(DType dtype, const void* hidden, int64_t H, int t
   const int64_t chunks = chunks_of(chunk);
   const int64_t warps = T * chunks;
   const unsigned grid = static_cast<unsigned>((warps + kPermuteWarps - 1) / kPermuteWarps);
-  permute_kernel<<<grid, kPermuteWarps * 32, 0, stream>>>(
-      static_cast<const uint4*>(hidden), row_vecs, chunk, chunks, top_k, pair_slot, T,
-      static_cast<uint4*>(a_sorted));
-  return cudaGetLastError();
+  return launch_maybe_pdl<permute_kernel>(dim3(grid), dim3(kPermuteWarps * 32), 0, stream,
+                                          static_cast<const uint4*>(hidden), row_vecs, chunk,
+                                          chunks, top_k, pair_slot, T,
+                                          static_cast<uint4*>(a_sorted));
 }
 
 cudaError_t launch_moe_unpermute_reduce(DType dtype, const void* d2, const int32_t* pair_slot,
