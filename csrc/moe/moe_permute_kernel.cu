@@ -80,7 +80,12 @@ __device__ __forceinline__ int64_t clamp_valid(const int32_t* num_valid, int64_t
   return nv < 0 ? 0 : (nv > T ? T : nv);
 }
 
-// One CTA per token; 8 columns per thread step, fp32 sums in j order.
+// One CTA per token; 8 columns per thread step, fp32 sums in j order. The
+// token's pairs are taken kReduceBatch at a time: their rows are loaded
+// before any is summed, so each thread has that many 16-byte loads in flight
+// (one at a time left the kernel short of the bytes in flight HBM needs).
+constexpr int kReduceBatch = 4;
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     unpermute_reduce_kernel(const T* __restrict__ d2, const int32_t* __restrict__ pair_slot,
@@ -95,20 +100,32 @@ __global__ void __launch_bounds__(kThreads)
   const bool live = t < clamp_valid(num_valid, num_tokens);
   for (int64_t n = static_cast<int64_t>(threadIdx.x) * 8; n < H; n += kThreads * 8) {
     float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int j = 0; live && j < top_k; ++j) {
-      const int64_t p = t * top_k + j;
-      const int e = local_expert(topk_ids[p], expert_map, num_global, E);
-      if (e < 0) continue;
-      const float w = topk_weights[p];
-      const uint4 raw = *reinterpret_cast<const uint4*>(d2 + pair_slot[p] * H + n);
-      const T* v = reinterpret_cast<const T*>(&raw);
-      uint4 braw = make_uint4(0, 0, 0, 0);
-      if (b2 != nullptr) braw = *reinterpret_cast<const uint4*>(b2 + e * H + n);
-      const T* b = reinterpret_cast<const T*>(&braw);
+    for (int j0 = 0; live && j0 < top_k; j0 += kReduceBatch) {
+      uint4 raw[kReduceBatch], braw[kReduceBatch];
+      float w[kReduceBatch];
+      bool valid[kReduceBatch];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float bias = b2 != nullptr ? to_float(b[i]) : 0.f;
-        s[i] += w * (to_float(v[i]) + bias);
+      for (int u = 0; u < kReduceBatch; ++u) {
+        const int64_t p = t * top_k + j0 + u;
+        const int e = j0 + u < top_k ? local_expert(topk_ids[p], expert_map, num_global, E) : -1;
+        valid[u] = e >= 0;
+        w[u] = 0.f;
+        raw[u] = braw[u] = make_uint4(0, 0, 0, 0);
+        if (!valid[u]) continue;
+        w[u] = topk_weights[p];
+        raw[u] = *reinterpret_cast<const uint4*>(d2 + pair_slot[p] * H + n);
+        if (b2 != nullptr) braw[u] = *reinterpret_cast<const uint4*>(b2 + e * H + n);
+      }
+#pragma unroll
+      for (int u = 0; u < kReduceBatch; ++u) {
+        if (!valid[u]) continue;
+        const T* v = reinterpret_cast<const T*>(&raw[u]);
+        const T* bb = reinterpret_cast<const T*>(&braw[u]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float bias = b2 != nullptr ? to_float(bb[i]) : 0.f;
+          s[i] += w[u] * (to_float(v[i]) + bias);
+        }
       }
     }
     uint4 res;
