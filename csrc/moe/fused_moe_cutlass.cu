@@ -74,7 +74,8 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     cudaError_t err = launch_moe_align(p.topk_ids, p.T, k, p.expert_map, p.num_global,
                                        p.num_valid, static_cast<int>(p.E), kCutlassBlockM,
                                        p.sorted_pairs, p.block_expert, p.max_blocks,
-                                       p.num_blocks, b.pair_slot, p.align_scratch, stream);
+                                       p.num_blocks, b.pair_slot, p.align_scratch, stream,
+                                       /*as_dependent=*/true);
     if (err != cudaSuccess) return err;
     err = launch_moe_permute(p.dtype, p.hidden, p.H, k, b.pair_slot, p.T, b.a_sorted, stream);
     if (err != cudaSuccess) return err;

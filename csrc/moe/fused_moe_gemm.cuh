@@ -31,7 +31,6 @@
 #include <type_traits>
 
 #include "common/float_convert.cuh"
-#include "common/pdl.cuh"
 #include "moe/fused_moe.h"
 #include "moe/moe_activation.cuh"
 #include "moe/fused_moe_tiles.h"
@@ -296,8 +295,6 @@ __global__ void __launch_bounds__(Cfg::THREADS) moe_gemm_tc(const GemmArgs args)
   uint16_t* Bs = As + STAGES * BM * LDS;                  // [STAGES][BROWS][LDS]
   __shared__ int64_t a_off[BM];  // element offset of the A row, -1: zero row
   __shared__ int32_t s_pair[BM];
-  pdl_wait();  // launched as a PDL dependent: moe_align's outputs, GEMM1's inter
-  pdl_launch_dependents();
 
   int64_t blk, ntile;
   tile_coords(args, blockIdx.x, blk, ntile);
@@ -450,8 +447,8 @@ cudaError_t launch_tc(GemmArgs a, int64_t max_blocks, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM);
     if (err != cudaSuccess) return err;
   }
-  return launch_maybe_pdl<moe_gemm_tc<T, Cfg>>(dim3(static_cast<unsigned>(tiles)),
-                                               dim3(Cfg::THREADS), Cfg::SMEM, stream, a);
+  kernel<<<static_cast<unsigned>(tiles), Cfg::THREADS, Cfg::SMEM, stream>>>(a);
+  return cudaGetLastError();
 }
 
 // One instantiation per entry of PCG_MOE_TILES; ids outside the list are an error.

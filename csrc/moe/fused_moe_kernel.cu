@@ -101,7 +101,6 @@ __global__ void __launch_bounds__(256)
   extern __shared__ int valid[];  // [top_k]
   const int64_t t = blockIdx.x;
   T* o = out + t * H;
-  pdl_wait();  // launched as a PDL dependent of GEMM2 (pair_out)
   if (t >= read_num_valid(num_valid, num_tokens)) {
     for (int64_t n = threadIdx.x; n < H; n += blockDim.x) o[n] = from_float<T>(0.f);
     return;
@@ -232,18 +231,15 @@ cudaError_t run(const FusedMoeParams& p, cudaStream_t stream) {
     const size_t smem = sizeof(int) * (static_cast<size_t>(p.k) + 4);
     const bool vec4 = p.H % 4 == 0 && aligned16(p.pair_out) &&
                       (reinterpret_cast<uintptr_t>(p.out) % (4 * sizeof(T))) == 0;
-    const dim3 grid(static_cast<unsigned>(p.T)), block(threads);
-    const int k = static_cast<int>(p.k);
     if (vec4) {
-      return launch_maybe_pdl<moe_reduce_kernel<T, 4>>(grid, block, smem, stream, p.pair_out,
-                                                       p.topk_ids, p.expert_map, p.num_global,
-                                                       p.E, p.num_valid, p.T, k, p.H,
-                                                       static_cast<T*>(p.out));
+      moe_reduce_kernel<T, 4><<<static_cast<unsigned>(p.T), threads, smem, stream>>>(
+          p.pair_out, p.topk_ids, p.expert_map, p.num_global, p.E, p.num_valid, p.T,
+          static_cast<int>(p.k), p.H, static_cast<T*>(p.out));
+    } else {
+      moe_reduce_kernel<T, 1><<<static_cast<unsigned>(p.T), threads, smem, stream>>>(
+          p.pair_out, p.topk_ids, p.expert_map, p.num_global, p.E, p.num_valid, p.T,
+          static_cast<int>(p.k), p.H, static_cast<T*>(p.out));
     }
-    return launch_maybe_pdl<moe_reduce_kernel<T, 1>>(grid, block, smem, stream, p.pair_out,
-                                                     p.topk_ids, p.expert_map, p.num_global, p.E,
-                                                     p.num_valid, p.T, k, p.H,
-                                                     static_cast<T*>(p.out));
   }
   return cudaGetLastError();
 }

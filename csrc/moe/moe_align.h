@@ -113,12 +113,16 @@ inline int64_t moe_align_scratch_ints(int64_t num_pairs, int64_t num_experts) {
 // places each pair: pair_slot[p] = s for every valid pair p (sorted_pairs[s]
 // == p), -1 for every other pair (rows >= num_valid, remote or out-of-range
 // experts). Null: not written (moe_align's op, the mma.sync path).
+// as_dependent: launch as a PDL dependent of the stream's previous kernel
+// (the kernels wait for it before touching memory, and let their own
+// dependents launch at once; the CUTLASS path). The mma.sync path measured
+// slower with PDL launches (bench/results/ab_pdl_reduce_s23.log) and passes false.
 cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int top_k,
                              const int32_t* expert_map, int64_t num_global,
                              const int32_t* num_valid, int num_experts, int block_m,
                              int32_t* sorted_pairs, int32_t* block_expert, int64_t max_blocks,
                              int32_t* num_blocks, int32_t* pair_slot, int32_t* scratch,
-                             cudaStream_t stream);
+                             cudaStream_t stream, bool as_dependent = false);
 
 }  // namespace pcg::moe
 #endif

@@ -82,9 +82,9 @@ __device__ __forceinline__ int64_t clamp_valid(const int32_t* num_valid, int64_t
 
 // One CTA per token; 8 columns per thread step, fp32 sums in j order. The
 // token's pairs are taken kReduceBatch at a time: their rows are loaded
-// before any is summed, so each thread has that many 16-byte loads in flight
-// (one at a time left the kernel short of the bytes in flight HBM needs).
-constexpr int kReduceBatch = 4;
+// before any is summed (two 16-byte loads in flight a thread; against one,
+// 0-1% faster at T >= 4096, and 4 or 8 no better: ab_pdl_reduce_s23.log).
+constexpr int kReduceBatch = 2;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
