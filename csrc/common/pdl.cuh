@@ -57,13 +57,15 @@ cudaError_t launch_pdl(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-// Launches Kernel as a programmatic dependent where its code on this device
-// has the wait (pdl_supported), as a plain launch otherwise. For kernels that
-// call pdl_wait before touching global memory.
+// Launches Kernel as a programmatic dependent when as_dependent and its code
+// on this device has the wait (pdl_supported), as a plain launch otherwise.
+// For kernels that call pdl_wait before touching global memory.
 template <auto Kernel, typename... Args>
-cudaError_t launch_maybe_pdl(dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                             const Args&... args) {
-  if (pdl_supported<Kernel>()) return launch_pdl(Kernel, grid, block, smem, stream, args...);
+cudaError_t launch_maybe_pdl(bool as_dependent, dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, const Args&... args) {
+  if (as_dependent && pdl_supported<Kernel>()) {
+    return launch_pdl(Kernel, grid, block, smem, stream, args...);
+  }
   Kernel<<<grid, block, smem, stream>>>(args...);
   return cudaGetLastError();
 }

@@ -346,9 +346,9 @@ cudaError_t setup(const MoeGroupedGemmArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.E + threads - 1) / threads);
   // A PDL dependent of the permute (moe_cutlass.h's order), which lets it
   // launch only after waiting for moe_align itself.
-  return launch_maybe_pdl<grouped_setup_kernel<Element>>(dim3(blocks), dim3(threads), 0, stream,
-                                                          a, G::arrays(a.args, a.E, 1),
-                                                          G::arrays(a.args, a.E, 2));
+  return launch_maybe_pdl<grouped_setup_kernel<Element>>(
+      /*as_dependent=*/true, dim3(blocks), dim3(threads), 0, stream, a,
+      G::arrays(a.args, a.E, 1), G::arrays(a.args, a.E, 2));
 }
 
 template <typename K>

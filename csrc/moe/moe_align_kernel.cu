@@ -304,34 +304,28 @@ cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int to
   }
   const size_t smem = sizeof(int) * 2 * static_cast<size_t>(num_experts);
   const int64_t tiles = moe_align_tiles(num_tokens * top_k);
-  // Kernel launch, as a PDL dependent when asked.
-  auto launch = [&](auto kernel, bool has_wait, unsigned grid, size_t bytes,
-                    const auto&... args) {
-    if (as_dependent && has_wait) {
-      return launch_pdl(kernel, dim3(grid), dim3(kThreads), bytes, stream, args...);
-    }
-    kernel<<<grid, kThreads, bytes, stream>>>(args...);
-    return cudaGetLastError();
-  };
   cudaError_t err;
   if (tiles <= 1) {
     if ((err = allow_smem(moe_align_kernel, smem)) != cudaSuccess) return err;
-    return launch(moe_align_kernel, pdl_supported<moe_align_kernel>(), 1, smem, topk_ids,
-                  num_tokens, top_k, expert_map, num_global, num_valid, num_experts, block_m,
-                  sorted_pairs, block_expert, max_blocks, num_blocks, pair_slot);
+    return launch_maybe_pdl<moe_align_kernel>(as_dependent, dim3(1), dim3(kThreads), smem,
+                                              stream, topk_ids, num_tokens, top_k, expert_map,
+                                              num_global, num_valid, num_experts, block_m,
+                                              sorted_pairs, block_expert, max_blocks,
+                                              num_blocks, pair_slot);
   }
   if (scratch == nullptr) return cudaErrorInvalidValue;  // moe_align_scratch_ints > 0
   const unsigned grid = static_cast<unsigned>(tiles);
   if ((err = allow_smem(moe_align_count_kernel, smem / 2)) != cudaSuccess) return err;
   if ((err = allow_smem(moe_align_scatter_kernel, smem)) != cudaSuccess) return err;
-  err = launch(moe_align_count_kernel, pdl_supported<moe_align_count_kernel>(), grid, smem / 2,
-               topk_ids, num_tokens, top_k, expert_map, num_global, num_valid, num_experts,
-               sorted_pairs, max_blocks * block_m, pair_slot, scratch);
+  err = launch_maybe_pdl<moe_align_count_kernel>(
+      as_dependent, dim3(grid), dim3(kThreads), smem / 2, stream, topk_ids, num_tokens, top_k,
+      expert_map, num_global, num_valid, num_experts, sorted_pairs, max_blocks * block_m,
+      pair_slot, scratch);
   if (err != cudaSuccess) return err;
-  return launch(moe_align_scatter_kernel, pdl_supported<moe_align_scatter_kernel>(), grid, smem,
-                topk_ids, num_tokens, top_k, expert_map, num_global, num_valid, num_experts,
-                block_m, sorted_pairs, block_expert, max_blocks, num_blocks,
-                static_cast<const int32_t*>(scratch), pair_slot);
+  return launch_maybe_pdl<moe_align_scatter_kernel>(
+      as_dependent, dim3(grid), dim3(kThreads), smem, stream, topk_ids, num_tokens, top_k,
+      expert_map, num_global, num_valid, num_experts, block_m, sorted_pairs, block_expert,
+      max_blocks, num_blocks, static_cast<const int32_t*>(scratch), pair_slot);
 }
 
 }  // namespace pcg::moe

@@ -4,6 +4,8 @@
 // or -1 for pairs without one); all kernels take fixed sizes (max slots, T)
 // and read the routing on the device: capturable.
 // Row lengths (H, I) must be multiples of 8 and bases 16-byte aligned.
+// The permute and the reduce are launched as PDL dependents of the stream's
+// previous kernel (they wait for it before touching memory; moe_cutlass.h).
 #pragma once
 
 #include <cstdint>

@@ -142,9 +142,9 @@ cudaError_t reduce_typed(const void* d2, const int32_t* pair_slot, const float* 
                          int64_t E, const int32_t* num_valid, int64_t T_, int top_k, int64_t H,
                          const void* b2, void* out, cudaStream_t stream) {
   return launch_maybe_pdl<unpermute_reduce_kernel<T>>(
-      dim3(static_cast<unsigned>(T_)), dim3(kThreads), 0, stream, static_cast<const T*>(d2),
-      pair_slot, topk_weights, topk_ids, expert_map, num_global, E, num_valid, T_, top_k, H,
-      static_cast<const T*>(b2), static_cast<T*>(out));
+      /*as_dependent=*/true, dim3(static_cast<unsigned>(T_)), dim3(kThreads), 0, stream,
+      static_cast<const T*>(d2), pair_slot, topk_weights, topk_ids, expert_map, num_global, E,
+      num_valid, T_, top_k, H, static_cast<const T*>(b2), static_cast<T*>(out));
 }
 
 }  // namespace
@@ -161,7 +161,8 @@ cudaError_t launch_moe_permute(DType dtype, const void* hidden, int64_t H, int t
   const int64_t chunks = chunks_of(chunk);
   const int64_t warps = T * chunks;
   const unsigned grid = static_cast<unsigned>((warps + kPermuteWarps - 1) / kPermuteWarps);
-  return launch_maybe_pdl<permute_kernel>(dim3(grid), dim3(kPermuteWarps * 32), 0, stream,
+  return launch_maybe_pdl<permute_kernel>(/*as_dependent=*/true, dim3(grid),
+                                          dim3(kPermuteWarps * 32), 0, stream,
                                           static_cast<const uint4*>(hidden), row_vecs, chunk,
                                           chunks, top_k, pair_slot, T,
                                           static_cast<uint4*>(a_sorted));
