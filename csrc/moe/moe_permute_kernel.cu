@@ -80,13 +80,18 @@ __device__ __forceinline__ int64_t clamp_valid(const int32_t* num_valid, int64_t
   return nv < 0 ? 0 : (nv > T ? T : nv);
 }
 
-// One CTA per token; 8 columns per thread step, fp32 sums in j order. The
-// token's pairs are taken kReduceBatch at a time: their rows are loaded
-// before any is summed (two 16-byte loads in flight a thread; against one,
-// 0-1% faster at T >= 4096, and 4 or 8 no better: ab_pdl_reduce_s23.log).
-constexpr int kReduceBatch = 2;
+// CTA (token, slab y): 8 columns a thread, the token's slabs of kReduceSlab
+// columns y, y + gridDim.y, ...; fp32 sums in j order. The token's pairs are
+// taken Batch at a time: their rows are loaded before any is summed. Many
+// tokens: one CTA a token, Batch 2 (two 16-byte loads in flight a thread;
+// against one, 0-1% faster at T >= 4096, 4 or 8 no better:
+// ab_pdl_reduce_s23.log). Few tokens, where the few CTAs wait on load latency
+// (8.4 us at T = 64 on Qwen3-30B-A3B: batches of 2 and slabs one after
+// another): one CTA a slab, Batch 8.
+constexpr int64_t kReduceSlab = kThreads * 8;
+constexpr int64_t kReduceFewTokens = 512;  // T <= this: Batch 8
 
-template <typename T>
+template <typename T, int Batch>
 __global__ void __launch_bounds__(kThreads)
     unpermute_reduce_kernel(const T* __restrict__ d2, const int32_t* __restrict__ pair_slot,
                             const float* __restrict__ topk_weights,
@@ -98,14 +103,16 @@ __global__ void __launch_bounds__(kThreads)
   T* o = out + t * H;
   pdl_wait();  // d2 (GEMM2)
   const bool live = t < clamp_valid(num_valid, num_tokens);
-  for (int64_t n = static_cast<int64_t>(threadIdx.x) * 8; n < H; n += kThreads * 8) {
+  const int64_t step = static_cast<int64_t>(gridDim.y) * kReduceSlab;
+  for (int64_t n = blockIdx.y * kReduceSlab + static_cast<int64_t>(threadIdx.x) * 8; n < H;
+       n += step) {
     float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int j0 = 0; live && j0 < top_k; j0 += kReduceBatch) {
-      uint4 raw[kReduceBatch], braw[kReduceBatch];
-      float w[kReduceBatch];
-      bool valid[kReduceBatch];
+    for (int j0 = 0; live && j0 < top_k; j0 += Batch) {
+      uint4 raw[Batch], braw[Batch];
+      float w[Batch];
+      bool valid[Batch];
 #pragma unroll
-      for (int u = 0; u < kReduceBatch; ++u) {
+      for (int u = 0; u < Batch; ++u) {
         const int64_t p = t * top_k + j0 + u;
         const int e = j0 + u < top_k ? local_expert(topk_ids[p], expert_map, num_global, E) : -1;
         valid[u] = e >= 0;
@@ -117,7 +124,7 @@ __global__ void __launch_bounds__(kThreads)
         if (b2 != nullptr) braw[u] = *reinterpret_cast<const uint4*>(b2 + e * H + n);
       }
 #pragma unroll
-      for (int u = 0; u < kReduceBatch; ++u) {
+      for (int u = 0; u < Batch; ++u) {
         if (!valid[u]) continue;
         const T* v = reinterpret_cast<const T*>(&raw[u]);
         const T* bb = reinterpret_cast<const T*>(&braw[u]);
@@ -136,15 +143,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
+template <typename T, int Batch>
 cudaError_t reduce_typed(const void* d2, const int32_t* pair_slot, const float* topk_weights,
                          const int32_t* topk_ids, const int32_t* expert_map, int64_t num_global,
                          int64_t E, const int32_t* num_valid, int64_t T_, int top_k, int64_t H,
-                         const void* b2, void* out, cudaStream_t stream) {
-  return launch_maybe_pdl<unpermute_reduce_kernel<T>>(
-      /*as_dependent=*/true, dim3(static_cast<unsigned>(T_)), dim3(kThreads), 0, stream,
-      static_cast<const T*>(d2), pair_slot, topk_weights, topk_ids, expert_map, num_global, E,
-      num_valid, T_, top_k, H, static_cast<const T*>(b2), static_cast<T*>(out));
+                         const void* b2, void* out, unsigned slab_ctas, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(T_), slab_ctas);
+  return launch_maybe_pdl<unpermute_reduce_kernel<T, Batch>>(
+      /*as_dependent=*/true, grid, dim3(kThreads), 0, stream, static_cast<const T*>(d2),
+      pair_slot, topk_weights, topk_ids, expert_map, num_global, E, num_valid, T_, top_k, H,
+      static_cast<const T*>(b2), static_cast<T*>(out));
+}
+
+// The batch and the slab CTAs for T tokens (see unpermute_reduce_kernel).
+template <typename T>
+cudaError_t reduce_dispatch(const void* d2, const int32_t* pair_slot, const float* topk_weights,
+                            const int32_t* topk_ids, const int32_t* expert_map,
+                            int64_t num_global, int64_t E, const int32_t* num_valid, int64_t T_,
+                            int top_k, int64_t H, const void* b2, void* out,
+                            cudaStream_t stream) {
+  if (T_ <= kReduceFewTokens) {
+    const auto slabs = static_cast<unsigned>((H + kReduceSlab - 1) / kReduceSlab);
+    return reduce_typed<T, 8>(d2, pair_slot, topk_weights, topk_ids, expert_map, num_global, E,
+                              num_valid, T_, top_k, H, b2, out, slabs, stream);
+  }
+  return reduce_typed<T, 2>(d2, pair_slot, topk_weights, topk_ids, expert_map, num_global, E,
+                            num_valid, T_, top_k, H, b2, out, 1u, stream);
 }
 
 }  // namespace
@@ -178,10 +202,10 @@ cudaError_t launch_moe_unpermute_reduce(DType dtype, const void* d2, const int32
   if (T <= 0 || H <= 0) return cudaSuccess;
   switch (dtype) {
     case DType::kBFloat16:
-      return reduce_typed<__nv_bfloat16>(d2, pair_slot, topk_weights, topk_ids, expert_map,
+      return reduce_dispatch<__nv_bfloat16>(d2, pair_slot, topk_weights, topk_ids, expert_map,
                                          num_global, E, num_valid, T, top_k, H, b2, out, stream);
     case DType::kFloat16:
-      return reduce_typed<__half>(d2, pair_slot, topk_weights, topk_ids, expert_map, num_global,
+      return reduce_dispatch<__half>(d2, pair_slot, topk_weights, topk_ids, expert_map, num_global,
                                   E, num_valid, T, top_k, H, b2, out, stream);
     default: return cudaErrorInvalidValue;
   }
