@@ -119,16 +119,20 @@ constexpr int stream_up_ctas_per_sm(int64_t ctas, int64_t sms) {
 // but Mixtral, and at T >= 16 (two pairs a chunk) 1-6%.
 constexpr bool stream_up_rotate(int64_t T) { return T >= 2 && T <= 8; }
 
-// Whether the up kernel reads its arguments before its PDL wait (they are
-// never the previous kernel's output), so that their constant-cache misses
-// fall before the wait: where the grid is one wave of `ctas_per_sm` CTAs an SM
-// on `sms` SMs (every CTA is resident, waiting, when the wait releases). H200,
+// Whether the up kernel's `ctas` CTAs are one wave of `ctas_per_sm` an SM on
+// `sms` SMs (stream_up_one_wave), and whether it reads its arguments before
+// its PDL wait (they are never the previous kernel's output), so that their
+// constant-cache misses fall before the wait: where it is one wave (every CTA
+// is resident, waiting, when the wait releases). H200,
 // T = 1, chain us: Qwen3-30B-A3B 23.19 -> 23.02, DeepSeek-V2-Lite 29.93 ->
 // 29.73, (64, 8, 2048, 1024) 29.61 -> 29.40 (ab_rot_s21.log); gpt-oss-20b
 // (two waves) 53.31 -> 53.74 with it (ab_s21_experiments.log, call 12): not
 // there.
-constexpr bool stream_up_early_args(int64_t ctas, int ctas_per_sm, int64_t sms) {
+constexpr bool stream_up_one_wave(int64_t ctas, int ctas_per_sm, int64_t sms) {
   return sms > 0 && ctas <= ctas_per_sm * sms;
+}
+constexpr bool stream_up_early_args(int64_t ctas, int ctas_per_sm, int64_t sms) {
+  return stream_up_one_wave(ctas, ctas_per_sm, sms);
 }
 
 // How the down kernel cuts K (I / 32 steps of 32 elements): slices of whole
@@ -204,7 +208,7 @@ constexpr int stream_down_warps_beside_up(int warps, int64_t T, int64_t k, int64
                                           int up_ctas_per_sm, int64_t sms) {
   const int64_t groups = stream_hit_slots(T, k, E);
   if (warps != 12 || up_ctas_per_sm != 6 || groups <= 0 ||
-      !stream_up_early_args(stream_up_ctas(T, k, E, I), up_ctas_per_sm, sms))  // one wave
+      !stream_up_one_wave(stream_up_ctas(T, k, E, I), up_ctas_per_sm, sms))
     return warps;
   const StreamDownSlicing sl = stream_down_slicing(groups, I, 6, stream_down_ks_max(T * k, I, 6));
   const int64_t units = groups * sl.ks;

@@ -566,11 +566,8 @@ __global__ void __launch_bounds__(down_bound_threads(W), MINB)
 template <typename T, int NB, int U, int MINB, bool ROT, bool EARLY_ARGS>
 cudaError_t launch_up_variant(const StreamArgs& a, bool pdl, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.I / 8), static_cast<unsigned>(a.P < a.E ? a.P : a.E));
-  constexpr auto kernel = stream_up_kernel<T, NB, U, MINB, ROT, EARLY_ARGS>;
-  if (pdl && pdl_supported<kernel>())
-    return launch_pdl(kernel, grid, dim3(kUpWarps * 32), 0, stream, a);
-  kernel<<<grid, kUpWarps * 32, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_maybe_pdl<stream_up_kernel<T, NB, U, MINB, ROT, EARLY_ARGS>>(
+      pdl, grid, dim3(kUpWarps * 32), 0, stream, a);
 }
 
 template <typename T, int NB, int U, int MINB>
@@ -603,13 +600,10 @@ cudaError_t launch_down(const StreamArgs& args, bool up, bool pdl, cudaStream_t 
   const dim3 grid(static_cast<unsigned>((a.H + kDownRows - 1) / kDownRows));
   const size_t smem = static_cast<size_t>(a.down_ks_max + 1) * static_cast<size_t>(a.P) *
                       kDownRows * sizeof(float);
-  constexpr auto kernel = stream_down_kernel<T, NB, W, MINB, U>;
   // Only behind our own up kernel: the inputs it reads before its wait are
   // complete once every up CTA is past the up kernel's wait.
-  if (up && pdl && pdl_supported<kernel>())
-    return launch_pdl(kernel, grid, dim3(W * 32), smem, stream, a);
-  kernel<<<grid, W * 32, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_maybe_pdl<stream_down_kernel<T, NB, W, MINB, U>>(up && pdl, grid, dim3(W * 32),
+                                                                  smem, stream, a);
 }
 
 template <typename T, int NB, int U>
