@@ -313,3 +313,51 @@ def test_cutlass_deterministic():
     a = pcg.fused_moe(*args, **kw, config=CUTLASS)
     b = pcg.fused_moe(*args, **kw, config=CUTLASS)
     assert torch.equal(a, b)
+
+
+def _prepare_case(T, E, k, H, I, e_global, nv, skew, seed):
+    """Routing for the prologue tests: remote experts (e_global > E), ids out of
+    range, num_valid < T, and with `skew` most pairs on expert 0 (runs of many
+    16-row blocks)."""
+    args, kw = _gpu_case(T, E, k, H, I, torch.bfloat16, seed=seed, e_global=e_global)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    ids = args[4]
+    if skew:
+        hot = torch.rand(T, k, generator=g, device="cuda") < 0.7
+        # expert_map's preimage of local expert 0 keeps ids distinct per token
+        # only loosely; duplicates within a token are allowed by the contract.
+        zero = (kw["expert_map"] == 0).nonzero()[0, 0].int()
+        ids = torch.where(hot, zero, ids)
+    ids[0, 0] = e_global + 3  # out of range: no slot
+    args[4] = ids.int().contiguous()
+    kw["num_valid"] = torch.tensor([nv], dtype=torch.int32, device="cuda")
+    return args, kw
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("T,E,k,H,nv,skew", [
+    (1, 128, 8, 2048, 1, False),      # Qwen3 shape, one token
+    (16, 128, 8, 2048, 16, False),
+    (64, 128, 8, 2048, 61, True),     # most pairs on one expert
+    (1024, 128, 8, 2048, 1000, False),  # 8192 pairs: the prologue's limit
+    (37, 5, 3, 4104, 37, True),       # rows of 513 vectors: a token's pieces span CTAs
+    (300, 24, 33, 264, 250, False),   # top_k > 32
+    (9, 7, 2, 72, 0, False),          # no valid row
+])
+def test_cutlass_one_kernel_prologue_matches_kernels(T, E, k, H, nv, skew, monkeypatch):
+    """The one-kernel prologue (moe_prepare.cuh: align + permute + setup, used
+    up to kPrepareMaxPairs pairs) against the three-kernel one, bitwise: both
+    give each expert the same rows (stable order in the former, any order in
+    the latter, which the GEMMs' per-row results do not depend on)."""
+    args, kw = _prepare_case(T, E, k, H, 40, e_global=E + 9, nv=nv, skew=skew, seed=T + k)
+    monkeypatch.setenv("PCG_PREPARE_MAX_PAIRS", "0")
+    want = pcg.fused_moe(*args, **kw, config=CUTLASS)
+    monkeypatch.delenv("PCG_PREPARE_MAX_PAIRS")
+    got = pcg.fused_moe(*args, **kw, config=CUTLASS)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    assert (got[nv:] == 0).all()
+    if nv > 0:
+        ref = reference(*args, **kw, compute_device="cuda")
+        assert rel_err(got, ref) < GPU_TOL[torch.bfloat16]

@@ -4,10 +4,13 @@
 // built only with PCG_WITH_CUTLASS_SM90.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include "moe/grouped_gemm_sm90.h"
 #include "moe/moe_align.h"
 #include "moe/moe_cutlass.h"
 #include "moe/moe_permute.h"
+#include "moe/moe_prepare.h"
 
 namespace pcg::moe {
 
@@ -17,6 +20,10 @@ size_t grouped_workspace_bf16(int64_t E, int sm_count);
 size_t grouped_workspace_f16(int64_t E, int sm_count);
 cudaError_t grouped_setup_bf16(const MoeGroupedGemmArgs& a, cudaStream_t s);
 cudaError_t grouped_setup_f16(const MoeGroupedGemmArgs& a, cudaStream_t s);
+cudaError_t grouped_prepare_bf16(const MoeGroupedGemmArgs& a, const MoePrepareInputs& in,
+                                 cudaStream_t s);
+cudaError_t grouped_prepare_f16(const MoeGroupedGemmArgs& a, const MoePrepareInputs& in,
+                                cudaStream_t s);
 cudaError_t grouped_run_bf16(const MoeGroupedGemmArgs& a, int which, int variant,
                              cudaStream_t s);
 cudaError_t grouped_run_f16(const MoeGroupedGemmArgs& a, int which, int variant, cudaStream_t s);
@@ -36,6 +43,13 @@ cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs& a, cudaStream_t st
   return cudaErrorInvalidValue;
 }
 
+cudaError_t grouped_gemm_sm90_prepare(const MoeGroupedGemmArgs& a, const MoePrepareInputs& in,
+                                      cudaStream_t stream) {
+  if (a.dtype == DType::kBFloat16) return detail::grouped_prepare_bf16(a, in, stream);
+  if (a.dtype == DType::kFloat16) return detail::grouped_prepare_f16(a, in, stream);
+  return cudaErrorInvalidValue;
+}
+
 cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, int variant,
                                   cudaStream_t stream) {
   if (a.dtype == DType::kBFloat16) return detail::grouped_run_bf16(a, which, variant, stream);
@@ -46,6 +60,10 @@ cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs& a, int which, int va
 bool grouped_gemm_sm90_built() { return false; }
 size_t grouped_gemm_sm90_workspace_bytes(DType, int64_t, int) { return 0; }
 cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs&, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+cudaError_t grouped_gemm_sm90_prepare(const MoeGroupedGemmArgs&, const MoePrepareInputs&,
+                                      cudaStream_t) {
   return cudaErrorNotSupported;
 }
 cudaError_t grouped_gemm_sm90_run(const MoeGroupedGemmArgs&, int, int, cudaStream_t) {
@@ -59,6 +77,17 @@ size_t cutlass_moe_gemm_workspace_bytes(DType dtype, int64_t E, int sm_count) {
   return grouped_gemm_sm90_workspace_bytes(dtype, E, sm_count);
 }
 
+// The one-kernel prologue for this many pairs and experts (wip A/B:
+// PCG_PREPARE_MAX_PAIRS overrides the limit; 0 turns it off).
+static bool use_prepare(int64_t pairs, int64_t E) {
+  const char* v = std::getenv("PCG_PREPARE_MAX_PAIRS");
+  if (v != nullptr && *v) {
+    const long long lim = std::atoll(v);
+    return pairs > 0 && pairs <= lim && E > 0 && E <= kPrepareMaxExperts;
+  }
+  return moe_prepare_fits(pairs, E);
+}
+
 cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBuffers& b,
                                      cudaStream_t stream) {
   if (!cutlass_moe_built()) return cudaErrorNotSupported;
@@ -69,17 +98,6 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
   const int k = static_cast<int>(p.k);
   if (p.max_blocks > 0) {
     const int64_t slots = p.max_blocks * kCutlassBlockM;
-    // The align also writes pair_slot (-1 for pairs without a slot): the
-    // permute walks tokens, the reduce reads it for the valid pairs.
-    cudaError_t err = launch_moe_align(p.topk_ids, p.T, k, p.expert_map, p.num_global,
-                                       p.num_valid, static_cast<int>(p.E), kCutlassBlockM,
-                                       p.sorted_pairs, p.block_expert, p.max_blocks,
-                                       p.num_blocks, b.pair_slot, p.align_scratch, stream,
-                                       /*as_dependent=*/true);
-    if (err != cudaSuccess) return err;
-    err = launch_moe_permute(p.dtype, p.hidden, p.H, k, b.pair_slot, p.T, b.a_sorted, stream);
-    if (err != cudaSuccess) return err;
-
     MoeGroupedGemmArgs g;
     g.dtype = p.dtype;
     g.E = p.E;
@@ -107,7 +125,34 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     g.workspace = b.gemm_workspace;
     g.device = b.device;
     g.sm_count = b.sm_count;
-    if ((err = grouped_gemm_sm90_setup(g, stream)) != cudaSuccess) return err;
+    cudaError_t err;
+    if (use_prepare(p.T * p.k, p.E)) {
+      MoePrepareInputs in;
+      in.topk_ids = p.topk_ids;
+      in.T = p.T;
+      in.k = k;
+      in.expert_map = p.expert_map;
+      in.num_global = p.num_global;
+      in.num_valid = p.num_valid;
+      in.hidden = p.hidden;
+      in.sorted_pairs = p.sorted_pairs;
+      in.block_expert = p.block_expert;
+      in.max_blocks = p.max_blocks;
+      in.num_blocks = p.num_blocks;
+      in.pair_slot = b.pair_slot;
+      if ((err = grouped_gemm_sm90_prepare(g, in, stream)) != cudaSuccess) return err;
+    } else {
+      // The align also writes pair_slot (-1 for pairs without a slot): the
+      // permute walks tokens, the reduce reads it for the valid pairs.
+      err = launch_moe_align(p.topk_ids, p.T, k, p.expert_map, p.num_global, p.num_valid,
+                             static_cast<int>(p.E), kCutlassBlockM, p.sorted_pairs,
+                             p.block_expert, p.max_blocks, p.num_blocks, b.pair_slot,
+                             p.align_scratch, stream, /*as_dependent=*/true);
+      if (err != cudaSuccess) return err;
+      err = launch_moe_permute(p.dtype, p.hidden, p.H, k, b.pair_slot, p.T, b.a_sorted, stream);
+      if (err != cudaSuccess) return err;
+      if ((err = grouped_gemm_sm90_setup(g, stream)) != cudaSuccess) return err;
+    }
     if ((err = grouped_gemm_sm90_run(g, 1, p.config.tile1, stream)) != cudaSuccess) return err;
     if (!g.fused_act) {
       err = launch_moe_gated_act(p.dtype, b.gate_up, p.sorted_pairs, p.block_expert,

@@ -25,6 +25,7 @@
 #include "moe/gated_act_epilogue.cuh"
 #include "moe/grouped_gemm_sm90.h"
 #include "moe/grouped_gemm_variants.h"
+#include "moe/moe_prepare.cuh"
 
 namespace pcg::moe::sm90 {
 
@@ -251,6 +252,46 @@ __device__ __forceinline__ int2 expert_run(const int32_t* v, int n, int x) {
   return make_int2(lo0, lo1);
 }
 
+// Writes expert e's arguments of both GEMMs: M rows starting at slot `off`
+// of the sorted buffers (0 for an empty expert: a valid base address).
+template <typename Element>
+struct ExpertArgsWriter {
+  using G = GroupedGemm<Element>;
+  MoeGroupedGemmArgs a;
+  typename G::Arrays g1, g2;
+
+  __device__ void operator()(int64_t e, int M, int64_t off) const {
+    const int H = static_cast<int>(a.H), I = static_cast<int>(a.I);
+    const Element* w13 = static_cast<const Element*>(a.w13);
+    const Element* w2 = static_cast<const Element*>(a.w2);
+    g1.shape[e] = make_shape(M, 2 * I, H);
+    g1.a[e] = static_cast<const Element*>(a.a1) + off * H;
+    g1.b[e] = w13 + e * 2 * I * static_cast<int64_t>(H);
+    g1.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, H, 1));
+    g1.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(2 * I, H, 1));
+    if (a.fused_act) {  // D = inter [M, I]: the epilogue writes one column per gate/up pair
+      g1.d[e] = static_cast<Element*>(a.a2) + off * I;
+      g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, I, 1));
+    } else {
+      g1.d[e] = static_cast<Element*>(a.d1) + off * 2 * I;
+      g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, 2 * I, 1));
+    }
+    g2.shape[e] = make_shape(M, H, I);
+    g2.a[e] = static_cast<const Element*>(a.a2) + off * I;
+    g2.b[e] = w2 + e * static_cast<int64_t>(H) * I;
+    g2.d[e] = static_cast<Element*>(a.d2) + off * H;
+    g2.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, I, 1));
+    g2.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(H, I, 1));
+    g2.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, H, 1));
+  }
+};
+
+template <typename Element>
+ExpertArgsWriter<Element> args_writer(const MoeGroupedGemmArgs& a) {
+  using G = GroupedGemm<Element>;
+  return ExpertArgsWriter<Element>{a, G::arrays(a.args, a.E, 1), G::arrays(a.args, a.E, 2)};
+}
+
 // One thread per expert: e's run is blocks [lo, hi) of moe_align's output;
 // M_e = full blocks + the valid slots of the last one (valid pairs come first).
 // Reads only moe_align's outputs and writes only the argument arrays, so it
@@ -258,9 +299,7 @@ __device__ __forceinline__ int2 expert_run(const int32_t* v, int n, int x) {
 // the permute at its end, so that the GEMMs (plain launches after it) start
 // after both.
 template <typename Element>
-__global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, typename GroupedGemm<Element>::Arrays g1,
-                                     typename GroupedGemm<Element>::Arrays g2) {
-  using G = GroupedGemm<Element>;
+__global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, ExpertArgsWriter<Element> write_args) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= a.E) {
     pdl_wait();
@@ -278,30 +317,7 @@ __global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, typename GroupedGemm<
     for (int r = 0; r < a.block_m; ++r) M += __ldcg(last + r) >= 0;
     off = static_cast<int64_t>(lo) * a.block_m;
   }
-  const int H = static_cast<int>(a.H), I = static_cast<int>(a.I);
-  const Element* w13 = static_cast<const Element*>(a.w13);
-  const Element* w2 = static_cast<const Element*>(a.w2);
-
-  g1.shape[e] = make_shape(M, 2 * I, H);
-  g1.a[e] = static_cast<const Element*>(a.a1) + off * H;
-  g1.b[e] = w13 + e * 2 * I * static_cast<int64_t>(H);
-  g1.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, H, 1));
-  g1.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(2 * I, H, 1));
-  if (a.fused_act) {  // D = inter [M, I]: the epilogue writes one column per gate/up pair
-    g1.d[e] = static_cast<Element*>(a.a2) + off * I;
-    g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, I, 1));
-  } else {
-    g1.d[e] = static_cast<Element*>(a.d1) + off * 2 * I;
-    g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, 2 * I, 1));
-  }
-
-  g2.shape[e] = make_shape(M, H, I);
-  g2.a[e] = static_cast<const Element*>(a.a2) + off * I;
-  g2.b[e] = w2 + e * static_cast<int64_t>(H) * I;
-  g2.d[e] = static_cast<Element*>(a.d2) + off * H;
-  g2.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, I, 1));
-  g2.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(H, I, 1));
-  g2.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, H, 1));
+  write_args(e, M, off);
   pdl_wait();  // the permute (see above)
 }
 
@@ -340,15 +356,53 @@ size_t workspace_bytes(int64_t E, int sm_count) {
 
 template <typename Element>
 cudaError_t setup(const MoeGroupedGemmArgs& a, cudaStream_t stream) {
-  using G = GroupedGemm<Element>;
   if (a.E <= 0) return cudaSuccess;
   const unsigned threads = 128;
   const unsigned blocks = static_cast<unsigned>((a.E + threads - 1) / threads);
   // A PDL dependent of the permute (moe_cutlass.h's order), which lets it
   // launch only after waiting for moe_align itself.
   return launch_maybe_pdl<grouped_setup_kernel<Element>>(
-      /*as_dependent=*/true, dim3(blocks), dim3(threads), 0, stream, a,
-      G::arrays(a.args, a.E, 1), G::arrays(a.args, a.E, 2));
+      /*as_dependent=*/true, dim3(blocks), dim3(threads), 0, stream, a, args_writer<Element>(a));
+}
+
+template <typename Element>
+cudaError_t prepare(const MoeGroupedGemmArgs& a, const MoePrepareInputs& in,
+                    cudaStream_t stream) {
+  if (a.E <= 0 || in.T <= 0 || a.H % 8 != 0) return cudaErrorInvalidValue;
+  const int64_t row_vecs = a.H * static_cast<int64_t>(sizeof(Element)) / 16;
+  const MoePrepareSplit split = moe_prepare_split(in.T, row_vecs, a.sm_count);
+  MoePrepareParams p;
+  p.topk_ids = in.topk_ids;
+  p.T = in.T;
+  p.k = in.k;
+  p.expert_map = in.expert_map;
+  p.num_global = in.num_global;
+  p.num_valid = in.num_valid;
+  p.E = static_cast<int>(a.E);
+  p.block_m = a.block_m;
+  p.sorted_pairs = in.sorted_pairs;
+  p.block_expert = in.block_expert;
+  p.max_blocks = in.max_blocks;
+  p.num_blocks = in.num_blocks;
+  p.pair_slot = in.pair_slot;
+  p.hidden = static_cast<const uint4*>(in.hidden);
+  p.a_sorted = static_cast<uint4*>(const_cast<void*>(a.a1));
+  p.row_vecs = row_vecs;
+  p.chunk = split.chunk;
+  p.chunks = split.chunks;
+  p.pieces_per_cta = split.pieces_per_cta;
+  p.tokens_per_cta = split.tokens_per_cta;
+  const size_t smem = moe_prepare_smem_bytes(p.E, split.tokens_per_cta, p.k);
+  constexpr auto kernel = moe_prepare_kernel<ExpertArgsWriter<Element>>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  // A PDL dependent of the op's previous kernel (it waits before reading).
+  return launch_maybe_pdl<kernel>(/*as_dependent=*/true, dim3(static_cast<unsigned>(split.ctas)),
+                                  dim3(kPrepareWarps * 32), smem, stream, p,
+                                  args_writer<Element>(a));
 }
 
 template <typename K>
@@ -394,6 +448,10 @@ cudaError_t run(const MoeGroupedGemmArgs& a, int which, int variant, cudaStream_
   }                                                                                             \
   cudaError_t grouped_setup_##SUFFIX(const MoeGroupedGemmArgs& a, cudaStream_t s) {            \
     return sm90::setup<ELEMENT>(a, s);                                                          \
+  }                                                                                             \
+  cudaError_t grouped_prepare_##SUFFIX(const MoeGroupedGemmArgs& a, const MoePrepareInputs& in, \
+                                       cudaStream_t s) {                                        \
+    return sm90::prepare<ELEMENT>(a, in, s);                                                    \
   }                                                                                             \
   cudaError_t grouped_run_##SUFFIX(const MoeGroupedGemmArgs& a, int which, int variant,      \
                                    cudaStream_t s) {                                            \

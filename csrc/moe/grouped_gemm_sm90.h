@@ -63,6 +63,23 @@ struct MoeGroupedGemmArgs {
   int sm_count = 0;
 };
 
+// The routing and hidden rows the one-kernel prologue reads, and the
+// moe_align outputs it writes (moe_align.h's layout, block_m = a.block_m).
+struct MoePrepareInputs {
+  const int32_t* topk_ids = nullptr;  // [T, k]
+  int64_t T = 0;
+  int k = 0;
+  const int32_t* expert_map = nullptr;
+  int64_t num_global = 0;
+  const int32_t* num_valid = nullptr;
+  const void* hidden = nullptr;  // [T, H] dtype
+  int32_t* sorted_pairs = nullptr;
+  int32_t* block_expert = nullptr;
+  int64_t max_blocks = 0;
+  int32_t* num_blocks = nullptr;
+  int32_t* pair_slot = nullptr;  // [T * k]
+};
+
 #if defined(__CUDACC__) || defined(PCG_WITH_CUDA)
 
 // True when this build holds the sm_90a CUTLASS kernels (PCG_WITH_CUTLASS_SM90).
@@ -78,6 +95,12 @@ size_t grouped_gemm_sm90_workspace_bytes(DType dtype, int64_t E, int sm_count);
 // dependents launch only after moe_align's outputs are complete (the
 // permute; moe_cutlass.h), or one that does not trigger at all.
 cudaError_t grouped_gemm_sm90_setup(const MoeGroupedGemmArgs& a, cudaStream_t stream);
+
+// moe_align (with pair_slot), the permute into a.a1 and the setup in one
+// kernel (moe_prepare.cuh), for moe_prepare_fits(T * k, E): a PDL dependent of
+// the stream's previous kernel; the GEMMs (plain launches) follow.
+cudaError_t grouped_gemm_sm90_prepare(const MoeGroupedGemmArgs& a, const MoePrepareInputs& in,
+                                      cudaStream_t stream);
 
 // Runs GEMM `which` (1 or 2; GEMM1 fused with the activation when
 // a.fused_act) from the arrays the setup wrote, with kernel

@@ -1,0 +1,51 @@
+// Host-side sizes of the CUTLASS path's one-kernel prologue (moe_prepare.cuh:
+// moe_align + permute + GEMM setup). Torch-free, CUDA-free.
+#pragma once
+
+#include <cstdint>
+
+namespace pcg::moe {
+
+constexpr int kPrepareWarps = 8;   // warps per CTA
+constexpr int kPrepareUnroll = 8;  // 16-byte loads in flight per lane (pieces of <= 4 KiB)
+// Every CTA counts all pairs: above this many, the multi-kernel prologue.
+constexpr int64_t kPrepareMaxPairs = 8192;
+// Four ints per expert in shared memory.
+constexpr int64_t kPrepareMaxExperts = 2048;
+// Spread the copy over about this many warps (like the permute) ...
+constexpr int64_t kPrepareMinWarps = 4096;
+// ... but over at most this many CTAs per SM (each counts every pair).
+constexpr int64_t kPrepareCtasPerSm = 1;
+
+// Whether the one-kernel prologue takes T*k pairs over E local experts.
+inline bool moe_prepare_fits(int64_t num_pairs, int64_t num_experts) {
+  return num_pairs > 0 && num_pairs <= kPrepareMaxPairs && num_experts > 0 &&
+         num_experts <= kPrepareMaxExperts;
+}
+
+// Work split: rows of row_vecs 16-byte vectors cut into `chunks` pieces of
+// `chunk` vectors; `ctas` CTAs of pieces_per_cta pieces each (a multiple of
+// kPrepareWarps); tokens_per_cta bounds the tokens one CTA's pieces touch.
+struct MoePrepareSplit {
+  int64_t chunk = 0, chunks = 0, pieces_per_cta = 0, tokens_per_cta = 0, ctas = 0;
+};
+
+inline MoePrepareSplit moe_prepare_split(int64_t T, int64_t row_vecs, int sm_count) {
+  MoePrepareSplit s;
+  auto chunks_of = [&](int64_t c) { return (row_vecs + c - 1) / c; };
+  s.chunk = 32 * kPrepareUnroll;
+  while (s.chunk > 32 && T * chunks_of(s.chunk) < kPrepareMinWarps) s.chunk /= 2;
+  s.chunks = chunks_of(s.chunk);
+  const int64_t pieces = T * s.chunks;
+  const int64_t max_ctas = (sm_count > 0 ? sm_count : 1) * kPrepareCtasPerSm;
+  int64_t ctas = (pieces + kPrepareWarps - 1) / kPrepareWarps;
+  if (ctas > max_ctas) ctas = max_ctas;
+  int64_t per = (pieces + ctas - 1) / ctas;
+  per = (per + kPrepareWarps - 1) / kPrepareWarps * kPrepareWarps;
+  s.pieces_per_cta = per;
+  s.ctas = (pieces + per - 1) / per;
+  s.tokens_per_cta = (per + s.chunks - 1) / s.chunks + 1;
+  return s;
+}
+
+}  // namespace pcg::moe

@@ -1,0 +1,60 @@
+"""A/B (one process, graphs replayed in alternation) of fused_moe with the
+tuning table's configs and w13 in the block layout (as bench/moe.py; library
+of branch wip/s24-prepare): the CUTLASS path's one-kernel prologue up to
+PCG_PREPARE_MAX_PAIRS pairs (0: the align, permute and setup kernels of main;
+read at each launch, so at capture).
+Each cell: per-call us of CHAIN calls in a graph (8 at T <= 128, else 1), host
+launch hidden (GPU-only), and TFLOP/s counting 2*T*k*3*H*I.
+    AB_TOKENS=1024,8192 python scripts/ab_s23.py [shape ...]"""
+import os, sys
+import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from moe import SHAPES, make_inputs  # noqa: E402
+import pcg  # noqa: E402
+from pcg.ops.fused_moe import w13_block_for  # noqa: E402
+from pcg.timing import capture_graph, paired_time_ms  # noqa: E402
+
+VARIANTS = {  # name: env
+    "main": {"PCG_PREPARE_MAX_PAIRS": "0"},
+    "prep": {"PCG_PREPARE_MAX_PAIRS": "1000000"},
+}
+KNOBS = ("PCG_PREPARE_MAX_PAIRS",)
+SETS = 2
+dev = torch.device("cuda")
+names = sys.argv[1:] or list(SHAPES)
+print("GPU-only us per call (TFLOP/s); variants:", ", ".join(VARIANTS), flush=True)
+for name in names:
+    E, k, H, I = SHAPES[name]
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * H ** -0.5
+    blk = w13_block_for(I, 8)
+    w13 = pcg.interleave_w13(w13, blk)
+    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
+    for T in [int(x) for x in os.environ.get("AB_TOKENS", "16,64,256,1024,2048,4096").split(",")]:
+        sets = [make_inputs(T, E, k, H, 100 + i, dev) for i in range(SETS)]
+        chain = 8 if T <= 128 else 1
+        graphs, outs = [], []
+        for env in VARIANTS.values():
+            for kn in KNOBS:
+                os.environ.pop(kn, None)
+            os.environ.update(env)
+
+            def call(i):
+                h, w, ids = sets[i % SETS]
+                return pcg.fused_moe(h, w13, w2, w, ids, w13_block=blk)
+            outs.append(call(0).float())
+            graphs.append(capture_graph(lambda: [call(i) for i in range(chain)])[0])
+        for kn in KNOBS:
+            os.environ.pop(kn, None)
+        diffs = [(o - outs[0]).abs().max().item() for o in outs[1:]]
+        fns = [g.replay for g in graphs]
+        reps = int(os.environ.get("AB_REPS", "40"))
+        ms = [m / chain for m in paired_time_ms(fns, warmup=3, reps=reps,
+                                                  hide_host_us=[1000.0] * len(fns))]
+        fl = 2.0 * T * k * 3 * H * I
+        cells = "  ".join(f"{v} {m * 1e3:8.1f} ({fl / (m * 1e-3) / 1e12:4.0f})"
+                          for v, m in zip(VARIANTS, ms))
+        print(f"{name:17s} T={T:5d}: {cells}  max|diff| {max(diffs):.1e}", flush=True)
+        del graphs, sets
+    del w13, w2
