@@ -1,7 +1,7 @@
 """A/B (one process, graphs replayed in alternation) of fused_moe with the
 tuning table's configs and w13 in the block layout (as bench/moe.py; library
 of branch wip/s24-prepare): the CUTLASS path's one-kernel prologue up to
-PCG_PREPARE_MAX_PAIRS pairs (0: the align, permute and setup kernels of main;
+PCG_MOE_PROLOGUE_MAX_PAIRS pairs (0: the align, permute and setup kernels of main;
 read at each launch, so at capture).
 Each cell: per-call us of CHAIN calls in a graph (8 at T <= 128, else 1), host
 launch hidden (GPU-only), and TFLOP/s counting 2*T*k*3*H*I.
@@ -15,10 +15,11 @@ from pcg.ops.fused_moe import w13_block_for  # noqa: E402
 from pcg.timing import capture_graph, paired_time_ms  # noqa: E402
 
 VARIANTS = {  # name: env
-    "main": {"PCG_PREPARE_MAX_PAIRS": "0"},
-    "prep": {"PCG_PREPARE_MAX_PAIRS": "1000000"},
+    "main": {"PCG_MOE_PROLOGUE_MAX_PAIRS": "0"},
+    "prep": {},
+    "prep16k": {"PCG_MOE_PROLOGUE_MAX_PAIRS": "16384"},
 }
-KNOBS = ("PCG_PREPARE_MAX_PAIRS",)
+KNOBS = ("PCG_MOE_PROLOGUE_MAX_PAIRS",)
 SETS = 2
 dev = torch.device("cuda")
 names = sys.argv[1:] or list(SHAPES)
@@ -31,7 +32,7 @@ for name in names:
     blk = w13_block_for(I, 8)
     w13 = pcg.interleave_w13(w13, blk)
     w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
-    for T in [int(x) for x in os.environ.get("AB_TOKENS", "16,64,256,1024,2048,4096").split(",")]:
+    for T in [int(x) for x in os.environ.get("AB_TOKENS", "16,32,64,128,512,1024,2048").split(",")]:
         sets = [make_inputs(T, E, k, H, 100 + i, dev) for i in range(SETS)]
         chain = 8 if T <= 128 else 1
         graphs, outs = [], []

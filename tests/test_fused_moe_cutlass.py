@@ -351,9 +351,9 @@ def test_cutlass_one_kernel_prologue_matches_kernels(T, E, k, H, nv, skew, monke
     give each expert the same rows (stable order in the former, any order in
     the latter, which the GEMMs' per-row results do not depend on)."""
     args, kw = _prepare_case(T, E, k, H, 40, e_global=E + 9, nv=nv, skew=skew, seed=T + k)
-    monkeypatch.setenv("PCG_PREPARE_MAX_PAIRS", "0")
+    monkeypatch.setenv("PCG_MOE_PROLOGUE_MAX_PAIRS", "0")
     want = pcg.fused_moe(*args, **kw, config=CUTLASS)
-    monkeypatch.delenv("PCG_PREPARE_MAX_PAIRS")
+    monkeypatch.delenv("PCG_MOE_PROLOGUE_MAX_PAIRS")
     got = pcg.fused_moe(*args, **kw, config=CUTLASS)
     torch.cuda.synchronize()
     assert torch.equal(got, want)

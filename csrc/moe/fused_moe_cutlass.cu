@@ -77,10 +77,12 @@ size_t cutlass_moe_gemm_workspace_bytes(DType dtype, int64_t E, int sm_count) {
   return grouped_gemm_sm90_workspace_bytes(dtype, E, sm_count);
 }
 
-// The one-kernel prologue for this many pairs and experts (wip A/B:
-// PCG_PREPARE_MAX_PAIRS overrides the limit; 0 turns it off).
+// Whether the prologue is the one kernel of moe_prepare.cuh (up to
+// kPrepareMaxPairs pairs) or align + permute + setup. PCG_MOE_PROLOGUE_MAX_PAIRS
+// overrides the limit (0: always the three kernels; for A/B runs and tests),
+// read at each call so that a captured graph keeps the choice of its capture.
 static bool use_prepare(int64_t pairs, int64_t E) {
-  const char* v = std::getenv("PCG_PREPARE_MAX_PAIRS");
+  const char* v = std::getenv("PCG_MOE_PROLOGUE_MAX_PAIRS");
   if (v != nullptr && *v) {
     const long long lim = std::atoll(v);
     return pairs > 0 && pairs <= lim && E > 0 && E <= kPrepareMaxExperts;

@@ -74,6 +74,19 @@ __device__ __forceinline__ int expert_of_block(const int* blk_end, int E, int64_
 
 }  // namespace detail
 
+// Lane `lane`'s vectors of piece `piece` (token piece / chunks) of the hidden rows.
+__device__ __forceinline__ void load_piece(const MoePrepareParams& p, int64_t piece, int lane,
+                                           uint4 (&r)[kPrepareUnroll]) {
+  const int64_t t = piece / p.chunks;
+  const int64_t v0 = (piece - t * p.chunks) * p.chunk + lane;
+  const uint4* src = p.hidden + t * p.row_vecs;
+#pragma unroll
+  for (int u = 0; u < kPrepareUnroll; ++u) {
+    const int64_t v = v0 + 32 * u;
+    if (32 * u < p.chunk && v < p.row_vecs) r[u] = src[v];
+  }
+}
+
 template <typename ArgsWriter>
 __global__ void __launch_bounds__(kPrepareWarps * 32)
     moe_prepare_kernel(MoePrepareParams p, ArgsWriter write_args) {
@@ -96,6 +109,15 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
   const int64_t first = t0 * k;                     // its first pair
 
   pdl_wait();  // topk_ids, hidden (the previous kernel)
+
+  // Loads that do not depend on the routing go first, so that they are in
+  // flight while the pairs are counted: each warp's first piece of a hidden
+  // row, and warp 0's first 32 own expert ids.
+  const int64_t own_pairs = (t1 - t0) * k;
+  const int64_t my_piece = piece0 + warp;
+  uint4 r[kPrepareUnroll];
+  if (my_piece < piece_end) load_piece(p, my_piece, lane, r);
+  const int id0 = warp == 0 && lane < own_pairs ? p.topk_ids[first + lane] : -1;
 
   for (int e = tid; e < p.E; e += NT) count[e] = before[e] = 0;
   __syncthreads();
@@ -140,12 +162,12 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
 
   // Own pairs in pair order (warp 0, 32 at a time): equal experts within a
   // step rank by lane, and the step's last such lane advances the cursor.
-  const int64_t own_pairs = (t1 - t0) * k;
   if (warp == 0) {
     for (int64_t i0 = 0; i0 < own_pairs; i0 += 32) {
       const int64_t q = first + i0 + lane;
       const bool in = i0 + lane < own_pairs;
-      const int e = in && q < P ? local_expert(p.topk_ids[q], p.expert_map, p.num_global, p.E) : -1;
+      const int id = i0 == 0 ? id0 : (in ? p.topk_ids[q] : -1);
+      const int e = in && q < P ? local_expert(id, p.expert_map, p.num_global, p.E) : -1;
       const unsigned same = __match_any_sync(0xffffffffu, e);
       int slot = -1;
       if (e >= 0) slot = start[e] + before[e] + __popc(same & ((1u << lane) - 1u));
@@ -167,26 +189,16 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
     if (s >= 0) p.sorted_pairs[s] = static_cast<int32_t>(q);
   }
 
-  // The permute: a warp per (token, chunk) piece, loaded once, stored to each
-  // of the token's slots.
-  for (int64_t piece = piece0 + warp; piece < piece_end; piece += kPrepareWarps) {
+  // The permute: a warp per (token, chunk) piece, loaded once (the first
+  // piece above), stored to each of the token's slots.
+  for (int64_t piece = my_piece; piece < piece_end; piece += kPrepareWarps) {
     const int64_t t = piece / p.chunks;
-    const int64_t v0 = (piece - t * p.chunks) * p.chunk + lane;
+    if (piece != my_piece) load_piece(p, piece, lane, r);
     const int* slots = own + (t - t0) * k;
-    const uint4* src = p.hidden + t * p.row_vecs;
-    uint4 r[kPrepareUnroll];
-    bool loaded = false;
+    const int64_t v0 = (piece - t * p.chunks) * p.chunk + lane;
     for (int j0 = 0; j0 < k; j0 += 32) {
       const int mine = j0 + lane < k ? slots[j0 + lane] : -1;
       unsigned todo = __ballot_sync(0xffffffffu, mine >= 0);
-      if (todo != 0 && !loaded) {
-#pragma unroll
-        for (int u = 0; u < kPrepareUnroll; ++u) {
-          const int64_t v = v0 + 32 * u;
-          if (32 * u < p.chunk && v < p.row_vecs) r[u] = src[v];
-        }
-        loaded = true;
-      }
       while (todo != 0) {
         const int b = __ffs(todo) - 1;
         todo &= todo - 1;
