@@ -8,8 +8,12 @@ namespace pcg::moe {
 
 constexpr int kPrepareWarps = 8;   // warps per CTA
 constexpr int kPrepareUnroll = 8;  // 16-byte loads in flight per lane (pieces of <= 4 KiB)
-// Every CTA counts all pairs: above this many, the multi-kernel prologue.
+// Every CTA counts all pairs in shared memory: above this many pairs, or this
+// many per expert on average (atomics on few counters serialise: Mixtral-8x7B
+// at 4096 pairs, gpt-oss-20b at 8192 were 0.5-1.3% slower than the three
+// kernels, bench/results/ab_prologue_s24.log), the three-kernel prologue.
 constexpr int64_t kPrepareMaxPairs = 8192;
+constexpr int64_t kPrepareMaxPairsPerExpert = 96;
 // Four ints per expert in shared memory.
 constexpr int64_t kPrepareMaxExperts = 2048;
 // Spread the copy over about this many warps (like the permute) ...
@@ -20,7 +24,8 @@ constexpr int64_t kPrepareCtasPerSm = 1;
 // Whether the one-kernel prologue takes T*k pairs over E local experts.
 inline bool moe_prepare_fits(int64_t num_pairs, int64_t num_experts) {
   return num_pairs > 0 && num_pairs <= kPrepareMaxPairs && num_experts > 0 &&
-         num_experts <= kPrepareMaxExperts;
+         num_experts <= kPrepareMaxExperts &&
+         num_pairs <= kPrepareMaxPairsPerExpert * num_experts;
 }
 
 // Work split: rows of row_vecs 16-byte vectors cut into `chunks` pieces of

@@ -1,11 +1,12 @@
 """A/B (one process, graphs replayed in alternation) of fused_moe with the
-tuning table's configs and w13 in the block layout (as bench/moe.py; library
-of branch wip/s24-prepare): the CUTLASS path's one-kernel prologue up to
-PCG_MOE_PROLOGUE_MAX_PAIRS pairs (0: the align, permute and setup kernels of main;
-read at each launch, so at capture).
+tuning table's configs and w13 in the block layout (as bench/moe.py): the
+CUTLASS path's prologue as one kernel (moe_prepare.cuh) with its default limit
+("prep") or up to 16384 pairs ("prep16k"), against the align, permute and
+setup kernels ("main": PCG_MOE_PROLOGUE_MAX_PAIRS=0, read at each call, so at
+capture). Prints "no CUDA device" and exits without one.
 Each cell: per-call us of CHAIN calls in a graph (8 at T <= 128, else 1), host
 launch hidden (GPU-only), and TFLOP/s counting 2*T*k*3*H*I.
-    AB_TOKENS=1024,8192 python scripts/ab_s23.py [shape ...]"""
+    AB_TOKENS=1024,8192 python scripts/ab_prologue.py [shape ...]"""
 import os, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
@@ -21,6 +22,9 @@ VARIANTS = {  # name: env
 }
 KNOBS = ("PCG_MOE_PROLOGUE_MAX_PAIRS",)
 SETS = 2
+if not torch.cuda.is_available():
+    print("ab_prologue: no CUDA device")
+    sys.exit(0)
 dev = torch.device("cuda")
 names = sys.argv[1:] or list(SHAPES)
 print("GPU-only us per call (TFLOP/s); variants:", ", ".join(VARIANTS), flush=True)
