@@ -123,14 +123,41 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
   __syncthreads();
   const int64_t nv = detail::prepare_num_valid(p.num_valid, p.T);
   const int64_t P = nv * k;
-#pragma unroll 4
-  for (int64_t q = tid; q < P; q += NT) {
-    const int e = local_expert(p.topk_ids[q], p.expert_map, p.num_global, p.E);
+  auto count_pair = [&](int id, int64_t q) {
+    const int e = local_expert(id, p.expert_map, p.num_global, p.E);
     if (e >= 0) {
       atomicAdd(&count[e], 1);
       if (q < first) atomicAdd(&before[e], 1);
     }
+  };
+  // All of a thread's ids are loaded before any is counted (one load latency
+  // up to kPrepareMaxPairs pairs): 16-byte loads when aligned.
+  int64_t counted = 0;
+  if ((reinterpret_cast<uintptr_t>(p.topk_ids) & 15u) == 0) {
+    constexpr int kVecs = kPrepareMaxPairs / (4 * NT);
+    const int4* vec = reinterpret_cast<const int4*>(p.topk_ids);
+    const int64_t nvec = P / 4;
+    for (int64_t base = 0; base < nvec; base += kVecs * NT) {
+      int4 v[kVecs];
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        const int64_t q = base + tid + i * NT;
+        if (q < nvec) v[i] = vec[q];
+      }
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        const int64_t q = base + tid + i * NT;
+        if (q < nvec) {
+          count_pair(v[i].x, 4 * q);
+          count_pair(v[i].y, 4 * q + 1);
+          count_pair(v[i].z, 4 * q + 2);
+          count_pair(v[i].w, 4 * q + 3);
+        }
+      }
+    }
+    counted = nvec * 4;
   }
+  for (int64_t q = counted + tid; q < P; q += NT) count_pair(p.topk_ids[q], q);
   __syncthreads();
 
   // Runs padded to block_m, in expert order: thread tid owns experts [lo, hi).

@@ -16,9 +16,7 @@ constexpr int64_t kPrepareMaxPairs = 8192;
 constexpr int64_t kPrepareMaxPairsPerExpert = 96;
 // Four ints per expert in shared memory.
 constexpr int64_t kPrepareMaxExperts = 2048;
-// Spread the copy over about this many warps (like the permute) ...
-constexpr int64_t kPrepareMinWarps = 4096;
-// ... but over at most this many CTAs per SM (each counts every pair).
+// At most this many CTAs per SM (each counts every pair).
 constexpr int64_t kPrepareCtasPerSm = 1;
 
 // Whether the one-kernel prologue takes T*k pairs over E local experts.
@@ -35,14 +33,19 @@ struct MoePrepareSplit {
   int64_t chunk = 0, chunks = 0, pieces_per_cta = 0, tokens_per_cta = 0, ctas = 0;
 };
 
+// Pieces as large as one warp's loads in flight allow (32 * kPrepareUnroll
+// vectors) but small enough that every warp of the most CTAs gets one (each
+// warp loads its first piece before counting; later ones wait for a load):
+// the smallest power of two >= T * row_vecs / warps, in [32, 32 * kPrepareUnroll].
 inline MoePrepareSplit moe_prepare_split(int64_t T, int64_t row_vecs, int sm_count) {
   MoePrepareSplit s;
   auto chunks_of = [&](int64_t c) { return (row_vecs + c - 1) / c; };
-  s.chunk = 32 * kPrepareUnroll;
-  while (s.chunk > 32 && T * chunks_of(s.chunk) < kPrepareMinWarps) s.chunk /= 2;
+  const int64_t max_ctas = (sm_count > 0 ? sm_count : 1) * kPrepareCtasPerSm;
+  const int64_t warps = max_ctas * kPrepareWarps;
+  s.chunk = 32;
+  while (s.chunk < 32 * kPrepareUnroll && s.chunk * warps < T * row_vecs) s.chunk *= 2;
   s.chunks = chunks_of(s.chunk);
   const int64_t pieces = T * s.chunks;
-  const int64_t max_ctas = (sm_count > 0 ? sm_count : 1) * kPrepareCtasPerSm;
   int64_t ctas = (pieces + kPrepareWarps - 1) / kPrepareWarps;
   if (ctas > max_ctas) ctas = max_ctas;
   int64_t per = (pieces + ctas - 1) / ctas;
