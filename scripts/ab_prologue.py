@@ -1,9 +1,9 @@
 """A/B (one process, graphs replayed in alternation) of fused_moe with the
 tuning table's configs and w13 in the block layout (as bench/moe.py): the
 CUTLASS path's prologue as one kernel (moe_prepare.cuh) with its default limit
-("prep") or up to 16384 pairs ("prep16k"), against the align, permute and
-setup kernels ("main": PCG_MOE_PROLOGUE_MAX_PAIRS=0, read at each call, so at
-capture). Prints "no CUDA device" and exits without one.
+("prep") or up to 16384 pairs whatever the pairs per expert ("prep16k"),
+against the align, permute and setup kernels ("main" and, captured last,
+"main2": PCG_MOE_PROLOGUE_MAX_PAIRS=0, read at each call, so at capture). Prints "no CUDA device" and exits without one.
 Each cell: per-call us of CHAIN calls in a graph (8 at T <= 128, else 1), host
 launch hidden (GPU-only), and TFLOP/s counting 2*T*k*3*H*I.
     AB_TOKENS=1024,8192 python scripts/ab_prologue.py [shape ...]"""
@@ -19,6 +19,7 @@ VARIANTS = {  # name: env
     "main": {"PCG_MOE_PROLOGUE_MAX_PAIRS": "0"},
     "prep": {},
     "prep16k": {"PCG_MOE_PROLOGUE_MAX_PAIRS": "16384"},
+    "main2": {"PCG_MOE_PROLOGUE_MAX_PAIRS": "0"},  # main again, captured last: the spread
 }
 KNOBS = ("PCG_MOE_PROLOGUE_MAX_PAIRS",)
 SETS = 2
