@@ -340,14 +340,15 @@ def _prepare_case(T, E, k, H, I, e_global, nv, skew, seed):
     (1, 128, 8, 2048, 1, False),      # Qwen3 shape, one token
     (16, 128, 8, 2048, 16, False),
     (64, 128, 8, 2048, 61, True),     # most pairs on one expert
-    (1024, 128, 8, 2048, 1000, False),  # 8192 pairs: the prologue's limit
+    (1024, 128, 8, 2048, 1000, False),  # 8192 pairs: 32 ids a thread, one round
+    (2048, 128, 8, 2048, 2048, False),  # 16384 pairs: the prologue's limit, two rounds
     (37, 5, 3, 4104, 37, True),       # rows of 513 vectors: a token's pieces span CTAs
     (300, 24, 33, 264, 250, False),   # top_k > 32
     (9, 7, 2, 72, 0, False),          # no valid row
 ])
 def test_cutlass_one_kernel_prologue_matches_kernels(T, E, k, H, nv, skew, monkeypatch):
     """The one-kernel prologue (moe_prepare.cuh: align + permute + setup, used
-    up to kPrepareMaxPairs pairs) against the three-kernel one, bitwise: both
+    up to kPrepareMaxPairs = 16384 pairs) against the three-kernel one, bitwise: both
     give each expert the same rows (stable order in the former, any order in
     the latter, which the GEMMs' per-row results do not depend on)."""
     args, kw = _prepare_case(T, E, k, H, 40, e_global=E + 9, nv=nv, skew=skew, seed=T + k)

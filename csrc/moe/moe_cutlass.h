@@ -13,8 +13,7 @@
 //   GEMM1's epilogue, gated_act_epilogue.cuh; same rounding, bitwise equal)
 //   6. GEMM2 (CUTLASS grouped, variant g2): d2 = inter . w2[e]^T  (dtype, into a_sorted)
 //   7. unpermute-reduce: out[t] = sum_j w[t,j] * (d2[slot(t,j)] + b2[e])
-// Up to kPrepareMaxPairs pairs (and kPrepareMaxPairsPerExpert per expert;
-// moe_prepare_fits), 1-3 are one kernel (moe_prepare.cuh; the environment's
+// Up to kPrepareMaxPairs pairs (moe_prepare_fits), 1-3 are one kernel (moe_prepare.cuh; the environment's
 // PCG_MOE_PROLOGUE_MAX_PAIRS overrides the limit, 0 = always three kernels).
 // Kernel boundaries: 1, 2, 3 (or the one kernel) and 7 are PDL dependents
 // (common/pdl.cuh) of the kernel before them, so their launches overlap its

@@ -130,11 +130,11 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
       if (q < first) atomicAdd(&before[e], 1);
     }
   };
-  // All of a thread's ids are loaded before any is counted (one load latency
-  // up to kPrepareMaxPairs pairs): 16-byte loads when aligned.
+  // kPrepareIdsInFlight ids a thread are loaded before any is counted (one
+  // load latency per 8192 pairs): 16-byte loads when aligned.
   int64_t counted = 0;
   if ((reinterpret_cast<uintptr_t>(p.topk_ids) & 15u) == 0) {
-    constexpr int kVecs = kPrepareMaxPairs / (4 * NT);
+    constexpr int kVecs = kPrepareIdsInFlight / 4;
     const int4* vec = reinterpret_cast<const int4*>(p.topk_ids);
     const int64_t nvec = P / 4;
     for (int64_t base = 0; base < nvec; base += kVecs * NT) {

@@ -8,12 +8,13 @@ namespace pcg::moe {
 
 constexpr int kPrepareWarps = 8;   // warps per CTA
 constexpr int kPrepareUnroll = 8;  // 16-byte loads in flight per lane (pieces of <= 4 KiB)
-// Every CTA counts all pairs in shared memory: above this many pairs, or this
-// many per expert on average (atomics on few counters serialise: Mixtral-8x7B
-// at 4096 pairs, gpt-oss-20b at 8192 were 0.5-1.3% slower than the three
-// kernels, bench/results/ab_prologue_s24.log), the three-kernel prologue.
-constexpr int64_t kPrepareMaxPairs = 8192;
-constexpr int64_t kPrepareMaxPairsPerExpert = 96;
+// Every CTA counts all pairs in shared memory: above this many, the three-kernel
+// prologue (at 16384 pairs the one kernel still gained 0.5-1.6% on Qwen3-30B-A3B,
+// DeepSeek-V2-Lite and gpt-oss-20b and was within the spread of identical
+// graphs on Mixtral-8x7B, bench/results/ab_prologue_limit_s24.log).
+constexpr int64_t kPrepareMaxPairs = 16384;
+// Ids a thread loads (16 bytes at a time) before counting them.
+constexpr int kPrepareIdsInFlight = 32;
 // Four ints per expert in shared memory.
 constexpr int64_t kPrepareMaxExperts = 2048;
 // At most this many CTAs per SM (each counts every pair).
@@ -22,8 +23,7 @@ constexpr int64_t kPrepareCtasPerSm = 1;
 // Whether the one-kernel prologue takes T*k pairs over E local experts.
 inline bool moe_prepare_fits(int64_t num_pairs, int64_t num_experts) {
   return num_pairs > 0 && num_pairs <= kPrepareMaxPairs && num_experts > 0 &&
-         num_experts <= kPrepareMaxExperts &&
-         num_pairs <= kPrepareMaxPairsPerExpert * num_experts;
+         num_experts <= kPrepareMaxExperts;
 }
 
 // Work split: rows of row_vecs 16-byte vectors cut into `chunks` pieces of
