@@ -22,6 +22,13 @@ VARIANTS = {  # name: env
     "main2": {"PCG_MOE_PROLOGUE_MAX_PAIRS": "0"},  # main again, captured last: the spread
 }
 KNOBS = ("PCG_MOE_PROLOGUE_MAX_PAIRS",)
+# AB_VARIANTS="name:KEY=V,KEY=V;name2:..." replaces the variants (any knobs).
+if os.environ.get("AB_VARIANTS"):
+    VARIANTS = {}
+    for spec in os.environ["AB_VARIANTS"].split(";"):
+        vname, _, kvs = spec.partition(":")
+        VARIANTS[vname] = dict(x.split("=", 1) for x in kvs.split(",") if x)
+    KNOBS = tuple({key for env in VARIANTS.values() for key in env})
 SETS = 2
 if not torch.cuda.is_available():
     print("ab_prologue: no CUDA device")

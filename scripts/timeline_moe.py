@@ -3,7 +3,9 @@ torch.profiler): each kernel's start and end relative to the call's first
 kernel, medians over the replays, to see the critical path (where the GEMMs
 start, what runs beside what). Needs a CUDA device.
     TL_TOKENS=16,64 TL_ENVS="PCG_X=0|PCG_X=1,PCG_Y=2" python scripts/timeline_moe.py [shape ...]
-TL_ENVS: '|'-separated environment settings, one timeline each (read at capture)."""
+TL_ENVS: '|'-separated environment settings, one timeline each (read at capture).
+TL_CHAIN=n captures n calls back to back (two input sets in turn), as
+bench/moe.py's chain: the boundaries between calls show."""
 import json
 import os
 import sys
@@ -46,18 +48,23 @@ def main():
         w13 = pcg.interleave_w13(w13, blk)
         w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
         for T in [int(x) for x in os.environ.get("TL_TOKENS", "16,64,1024").split(",")]:
-            h, w, ids = make_inputs(T, E, k, H, 7, dev)
+            sets = [make_inputs(T, E, k, H, 7 + i, dev) for i in range(2)]
+            chain = int(os.environ.get("TL_CHAIN", "1"))
+
+            def calls():
+                return [pcg.fused_moe(*sets[i % 2][:1], w13, w2, *sets[i % 2][1:], w13_block=blk)
+                        for i in range(chain)]
             for envs in os.environ.get("TL_ENVS", "").split("|"):
                 kv = dict(x.split("=", 1) for x in envs.split(",") if x)
                 saved = {key: os.environ.get(key) for key in kv}
                 os.environ.update(kv)
-                g = capture_graph(lambda: pcg.fused_moe(h, w13, w2, w, ids, w13_block=blk))[0]
+                g = capture_graph(calls)[0]
                 for key, v in saved.items():
                     if v is None:
                         os.environ.pop(key)
                     else:
                         os.environ[key] = v
-                timeline(g, f"{name} T={T} [{envs or 'default'}]", reps)
+                timeline(g, f"{name} T={T} x{chain} [{envs or 'default'}]", reps)
         del w13, w2
 
 
