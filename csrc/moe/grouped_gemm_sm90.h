@@ -11,7 +11,8 @@
 // runs padded to block_m); M_e is e's number of valid pairs (moe_align puts
 // them first in the run), so padding slots are neither read nor written.
 // Problem shapes, pointers and strides are written on the device
-// (grouped_gemm_sm90_setup) from moe_align's outputs: no host sync, capturable.
+// (grouped_gemm_sm90_setup from moe_align's outputs, or the one-kernel
+// prologue grouped_gemm_sm90_prepare): no host sync, capturable.
 // Torch-free. Needs H % 8 == 0, I % 8 == 0 and 16-byte aligned bases (TMA).
 #pragma once
 
