@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 #include <torch/cuda.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "moe/fused_moe.h"
+#include "moe/moe_prepare.h"
 #include "moe/moe_stream.h"
 
 namespace {
@@ -374,3 +376,43 @@ TEST(FusedMoe, CudaMatchesCpu) {
 #endif
 
 }  // namespace
+
+// The one-kernel prologue's limits and work split (moe_prepare.h): every piece
+// in exactly one CTA, pieces of a multiple of kPrepareWarps a CTA, at most one
+// CTA an SM, pieces of 32..256 16-byte vectors (a power of two), and the
+// tokens a CTA's pieces touch within tokens_per_cta (sizes its shared memory).
+TEST(FusedMoe, PrepareFitsAndSplit) {
+  using namespace pcg::moe;
+  EXPECT_TRUE(moe_prepare_fits(1, 1));
+  EXPECT_TRUE(moe_prepare_fits(kPrepareMaxPairs, kPrepareMaxExperts));
+  EXPECT_FALSE(moe_prepare_fits(kPrepareMaxPairs + 1, 128));
+  EXPECT_FALSE(moe_prepare_fits(128, kPrepareMaxExperts + 1));
+  EXPECT_FALSE(moe_prepare_fits(0, 128));
+  EXPECT_FALSE(moe_prepare_fits(128, 0));
+  for (int sms : {0, 1, 7, 132}) {
+    for (int64_t row_vecs : {1, 9, 256, 513, 896}) {
+      for (int64_t T : {1, 2, 7, 16, 64, 513, 1024, 2048, 16384}) {
+        const MoePrepareSplit s = moe_prepare_split(T, row_vecs, sms);
+        SCOPED_TRACE(testing::Message() << "sms " << sms << " row_vecs " << row_vecs << " T " << T);
+        EXPECT_GE(s.chunk, 32);
+        EXPECT_LE(s.chunk, 32 * kPrepareUnroll);
+        EXPECT_EQ(s.chunk & (s.chunk - 1), 0);
+        EXPECT_EQ(s.chunks, (row_vecs + s.chunk - 1) / s.chunk);
+        EXPECT_EQ(s.pieces_per_cta % kPrepareWarps, 0);
+        const int64_t pieces = T * s.chunks;
+        EXPECT_GE(s.ctas * s.pieces_per_cta, pieces);
+        EXPECT_LT((s.ctas - 1) * s.pieces_per_cta, pieces);  // no CTA without a piece
+        EXPECT_LE(s.ctas, sms > 0 ? sms * kPrepareCtasPerSm : 1);
+        for (int64_t c = 0; c < s.ctas; ++c) {
+          const int64_t p0 = c * s.pieces_per_cta;
+          const int64_t p1 = std::min(p0 + s.pieces_per_cta, pieces);
+          EXPECT_LE((p1 - 1) / s.chunks - p0 / s.chunks + 1, s.tokens_per_cta);
+        }
+      }
+    }
+  }
+  // Qwen3-30B-A3B rows (256 vectors) on 132 SMs: one piece a warp up to 1024 tokens.
+  EXPECT_EQ(moe_prepare_split(16, 256, 132).ctas, 16);
+  EXPECT_EQ(moe_prepare_split(1024, 256, 132).chunk, 256);
+  EXPECT_EQ(moe_prepare_split(1024, 256, 132).pieces_per_cta, kPrepareWarps);
+}
