@@ -391,14 +391,11 @@ cudaError_t prepare(const MoeGroupedGemmArgs& a, const MoePrepareInputs& in,
   p.chunk = split.chunk;
   p.chunks = split.chunks;
   p.pieces_per_cta = split.pieces_per_cta;
-  p.tokens_per_cta = split.tokens_per_cta;
   const size_t smem = moe_prepare_smem_bytes(p.E, split.tokens_per_cta, p.k);
   constexpr auto kernel = moe_prepare_kernel<ExpertArgsWriter<Element>>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  // Beside the dynamic shared memory: scan_padded_runs' warp sums.
+  const cudaError_t err = allow_dynamic_smem(kernel, smem, sizeof(int) * kPrepareWarps);
+  if (err != cudaSuccess) return err;
   // A PDL dependent of the op's previous kernel (it waits before reading).
   return launch_maybe_pdl<kernel>(/*as_dependent=*/true, dim3(static_cast<unsigned>(split.ctas)),
                                   dim3(kPrepareWarps * 32), smem, stream, p,

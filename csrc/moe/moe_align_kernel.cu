@@ -15,17 +15,12 @@
 
 #include "common/pdl.cuh"
 #include "moe/moe_align.h"
+#include "moe/moe_align_device.cuh"
 
 namespace pcg::moe {
 namespace {
 
 constexpr int kThreads = 1024;
-
-__device__ __forceinline__ int64_t read_num_valid(const int32_t* num_valid, int64_t T) {
-  if (num_valid == nullptr) return T;
-  int64_t nv = *num_valid;
-  return nv < 0 ? 0 : (nv > T ? T : nv);
-}
 
 // Calls f(p, e) for every valid pair p < P with its local expert e. Ids are
 // read 4 at a time (16-byte loads, 2 in flight per thread) when aligned: one
@@ -87,46 +82,11 @@ __device__ __forceinline__ void place(int32_t* __restrict__ sorted_pairs,
   if (pair_slot != nullptr) pair_slot[p] = s;
 }
 
-// Block-wide: from count[e] (pairs of expert e), turns count[e] into the
-// first slot of e's run (runs padded to block_m, in expert order) and writes
-// blk_end[e] (inclusive prefix of blocks). Returns the total number of blocks.
-__device__ int scan_runs(int* count, int* blk_end, int num_experts, int block_m) {
-  __shared__ int warp_sums[kThreads / 32];
-  const int tid = threadIdx.x;
-  // Thread tid owns experts [lo, hi).
-  const int per = (num_experts + kThreads - 1) / kThreads;
-  const int lo = min(tid * per, num_experts), hi = min(lo + per, num_experts);
-  int local = 0;
-  for (int e = lo; e < hi; ++e) local += (count[e] + block_m - 1) / block_m;
-  const int lane = tid & 31, warp = tid >> 5;
-  int incl = local;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += v;
-  }
-  if (lane == 31) warp_sums[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    int w = warp_sums[lane];
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, w, d);
-      if (lane >= d) w += v;
-    }
-    warp_sums[lane] = w;  // inclusive
-  }
-  __syncthreads();
-  int run = (warp > 0 ? warp_sums[warp - 1] : 0) + incl - local;  // exclusive, in blocks
-  for (int e = lo; e < hi; ++e) {
-    const int nb = (count[e] + block_m - 1) / block_m;
-    count[e] = run * block_m;
-    run += nb;
-    blk_end[e] = run;
-  }
-  const int total_blocks = warp_sums[31];
-  __syncthreads();
-  return total_blocks;
+// Block-wide: turns count[e] (pairs of expert e) into the first slot of e's
+// run (runs padded to block_m, in expert order) and writes blk_end[e] (the
+// inclusive prefix of blocks). Returns the total number of blocks.
+__device__ __forceinline__ int scan_runs(int* count, int* blk_end, int num_experts, int block_m) {
+  return scan_padded_runs<kThreads>(count, count, blk_end, num_experts, block_m);
 }
 
 // block_expert[b]: the expert whose block range holds b (-1 past the end).
@@ -135,16 +95,7 @@ __device__ __forceinline__ void write_block_experts(const int* blk_end, int num_
                                                     int64_t max_blocks, int32_t* num_blocks) {
   if (threadIdx.x == 0) *num_blocks = total_blocks;
   for (int64_t b = threadIdx.x; b < max_blocks; b += kThreads) {
-    int out = -1;
-    if (b < total_blocks) {
-      int l = 0, r = num_experts - 1;  // first e with blk_end[e] > b
-      while (l < r) {
-        const int m = (l + r) >> 1;
-        if (blk_end[m] > b) r = m; else l = m + 1;
-      }
-      out = l;
-    }
-    block_expert[b] = out;
+    block_expert[b] = b < total_blocks ? expert_of_block(blk_end, num_experts, b) : -1;
   }
 }
 
@@ -277,12 +228,10 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-// Raises a kernel's dynamic shared memory limit when it needs more than the default.
+// Beside the dynamic shared memory: scan_padded_runs' warp sums.
 template <typename K>
 cudaError_t allow_smem(K kernel, size_t smem) {
-  if (smem + sizeof(int) * (kThreads / 32) <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(smem));
+  return allow_dynamic_smem(kernel, smem, sizeof(int) * (kThreads / 32));
 }
 
 cudaError_t launch_moe_align(const int32_t* topk_ids, int64_t num_tokens, int top_k,

@@ -15,6 +15,7 @@
 #include "common/float_convert.cuh"
 #include "common/pdl.cuh"
 #include "moe/moe_align.h"
+#include "moe/moe_align_device.cuh"
 #include "moe/moe_permute.h"
 
 namespace pcg::moe {
@@ -74,12 +75,6 @@ __global__ void __launch_bounds__(kPermuteWarps * 32)
   }
 }
 
-__device__ __forceinline__ int64_t clamp_valid(const int32_t* num_valid, int64_t T) {
-  if (num_valid == nullptr) return T;
-  const int64_t nv = *num_valid;
-  return nv < 0 ? 0 : (nv > T ? T : nv);
-}
-
 // CTA (token, slab y): 8 columns a thread, the token's slabs of kReduceSlab
 // columns y, y + gridDim.y, ...; fp32 sums in j order. The token's pairs are
 // taken Batch at a time: their rows are loaded before any is summed. Many
@@ -102,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t = blockIdx.x;
   T* o = out + t * H;
   pdl_wait();  // d2 (GEMM2)
-  const bool live = t < clamp_valid(num_valid, num_tokens);
+  const bool live = t < read_num_valid(num_valid, num_tokens);
   const int64_t step = static_cast<int64_t>(gridDim.y) * kReduceSlab;
   for (int64_t n = blockIdx.y * kReduceSlab + static_cast<int64_t>(threadIdx.x) * 8; n < H;
        n += step) {

@@ -22,6 +22,7 @@
 
 #include "common/pdl.cuh"
 #include "moe/moe_align.h"
+#include "moe/moe_align_device.cuh"
 #include "moe/moe_prepare.h"
 
 namespace pcg::moe {
@@ -46,33 +47,13 @@ struct MoePrepareParams {
   int64_t chunk;             // vectors per (token, chunk) piece, <= 32 * kPrepareUnroll
   int64_t chunks;            // pieces per row
   int64_t pieces_per_cta;    // a multiple of kPrepareWarps
-  int64_t tokens_per_cta;    // most tokens one CTA's pieces touch (sizes `own`)
 };
 
-// Shared memory of the kernel: 4 ints per expert and one per own pair.
+// Shared memory of the kernel: 4 ints per expert and one per own pair
+// (tokens_per_cta of moe_prepare_split, times k).
 inline size_t moe_prepare_smem_bytes(int E, int64_t tokens_per_cta, int k) {
   return sizeof(int) * (4 * static_cast<size_t>(E) + static_cast<size_t>(tokens_per_cta) * k);
 }
-
-namespace detail {
-
-__device__ __forceinline__ int64_t prepare_num_valid(const int32_t* nv, int64_t T) {
-  if (nv == nullptr) return T;
-  const int64_t v = *nv;
-  return v < 0 ? 0 : (v > T ? T : v);
-}
-
-// First e with blk_end[e] > b (b < total blocks).
-__device__ __forceinline__ int expert_of_block(const int* blk_end, int E, int64_t b) {
-  int l = 0, r = E - 1;
-  while (l < r) {
-    const int m = (l + r) >> 1;
-    if (blk_end[m] > b) r = m; else l = m + 1;
-  }
-  return l;
-}
-
-}  // namespace detail
 
 // Lane `lane`'s vectors of piece `piece` (token piece / chunks) of the hidden rows.
 __device__ __forceinline__ void load_piece(const MoePrepareParams& p, int64_t piece, int lane,
@@ -97,7 +78,6 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
   int* start = before + p.E;     // [E] first slot of e's run
   int* blk_end = start + p.E;    // [E] inclusive prefix of blocks
   int* own = blk_end + p.E;      // [tokens_per_cta * k] slot of each own pair, -1: none
-  __shared__ int warp_sums[kPrepareWarps];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int k = p.k;
@@ -121,7 +101,7 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
 
   for (int e = tid; e < p.E; e += NT) count[e] = before[e] = 0;
   __syncthreads();
-  const int64_t nv = detail::prepare_num_valid(p.num_valid, p.T);
+  const int64_t nv = read_num_valid(p.num_valid, p.T);
   const int64_t P = nv * k;
   auto count_pair = [&](int id, int64_t q) {
     const int e = local_expert(id, p.expert_map, p.num_global, p.E);
@@ -160,32 +140,8 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
   for (int64_t q = counted + tid; q < P; q += NT) count_pair(p.topk_ids[q], q);
   __syncthreads();
 
-  // Runs padded to block_m, in expert order: thread tid owns experts [lo, hi).
   const int bm = p.block_m;
-  const int per = (p.E + NT - 1) / NT;
-  const int lo = min(tid * per, p.E), hi = min(lo + per, p.E);
-  int local = 0;
-  for (int e = lo; e < hi; ++e) local += (count[e] + bm - 1) / bm;
-  int incl = local;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += v;
-  }
-  if (lane == 31) warp_sums[warp] = incl;
-  __syncthreads();
-  int run = incl - local, total_blocks = 0;
-#pragma unroll
-  for (int i = 0; i < kPrepareWarps; ++i) {
-    run += i < warp ? warp_sums[i] : 0;
-    total_blocks += warp_sums[i];
-  }
-  for (int e = lo; e < hi; ++e) {
-    start[e] = run * bm;
-    run += (count[e] + bm - 1) / bm;
-    blk_end[e] = run;
-  }
-  __syncthreads();
+  const int total_blocks = scan_padded_runs<NT>(count, start, blk_end, p.E, bm);
 
   // Own pairs in pair order (warp 0, 32 at a time): equal experts within a
   // step rank by lane, and the step's last such lane advances the cursor.
@@ -248,13 +204,13 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
     const int64_t b = s / bm;
     bool pad = true;
     if (b < total_blocks) {
-      const int e = detail::expert_of_block(blk_end, p.E, b);
+      const int e = expert_of_block(blk_end, p.E, b);
       pad = s - start[e] >= count[e];
     }
     if (pad) p.sorted_pairs[s] = -1;
   }
   for (int64_t b = g; b < p.max_blocks; b += gstride) {
-    p.block_expert[b] = b < total_blocks ? detail::expert_of_block(blk_end, p.E, b) : -1;
+    p.block_expert[b] = b < total_blocks ? expert_of_block(blk_end, p.E, b) : -1;
   }
   if (g == 0) *p.num_blocks = total_blocks;
   for (int64_t e = g; e < p.E; e += gstride) {
