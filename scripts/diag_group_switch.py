@@ -1,0 +1,91 @@
+"""What a grouped GEMM pays per expert switch: the CUTLASS path's GEMMs on the
+same weight bytes and tile count, once split over many experts (every tile of
+a CTA a new expert: a tensormap update per tile) and once as one expert.
+Needs a CUDA device with the CUTLASS path.
+    DG_VARIANT=1,0 DG_SHAPE=E,H,I,T python scripts/diag_group_switch.py
+
+Cases (bf16, T = 2 tokens, every token on every expert):
+  groups   E experts of [H, I]          (GEMM2: E * H / tile_n tiles)
+  one      1 expert of [E * H, I]       GEMM2's tiles and bytes, one group
+  one13    1 expert of [H, E * I]       GEMM1's tiles and bytes, one group
+  cuBLAS   x [T, I] . W [E * H, I]^T    GEMM2's bytes as one dense GEMM
+Prints each kernel's median duration (graph replays under torch.profiler)."""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from profile_moe import short  # noqa: E402
+import pcg  # noqa: E402
+from pcg.timing import capture_graph  # noqa: E402
+
+
+def durations(g, reps=20):
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            g.replay()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "t.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        ev = json.load(f)["traceEvents"]
+    ks = sorted((float(e["ts"]), float(e["dur"]), short(e["name"]))
+                for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel")
+    per = len(ks) // reps
+    out = []
+    for i in range(per):
+        d = sorted(ks[r * per + i][1] for r in range(reps))
+        out.append((ks[i][2], d[reps // 2]))
+    return out
+
+
+def case(label, E, H, I, T, variant, dev):
+    torch.manual_seed(0)
+    w13 = pcg.interleave_w13(torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * H ** -0.5, 8)
+    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
+    hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    ids = torch.arange(E, device=dev, dtype=torch.int32).repeat(T, 1)
+    wts = torch.full((T, E), 1.0 / E, device=dev)
+    cfg = [-1, variant, variant]
+    g = capture_graph(lambda: pcg.fused_moe(hidden, w13, w2, wts, ids, config=cfg, w13_block=8))[0]
+    gb13 = E * 2 * I * H * 2 / 1e9
+    gb2 = E * H * I * 2 / 1e9
+    print(f"{label}: E={E} H={H} I={I} T={T} config={cfg} w13 {gb13 * 1e3:.1f} MB, w2 {gb2 * 1e3:.1f} MB")
+    for nm, d in durations(g):
+        extra = ""
+        if "gemm1" in nm:
+            extra = f"  {gb13 / d * 1e3:.2f} TB/s"
+        elif "gemm2" in nm:
+            extra = f"  {gb2 / d * 1e3:.2f} TB/s"
+        print(f"  {nm:32s} {d:8.1f} us{extra}")
+    sys.stdout.flush()
+    del w13, w2
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("diag_group_switch: no CUDA device")
+        return
+    dev = torch.device("cuda")
+    E, H, I, T = (int(x) for x in os.environ.get("DG_SHAPE", "81,2048,768,2").split(","))
+    for variant in (int(v) for v in os.environ.get("DG_VARIANT", "1").split(",")):
+        case("groups", E, H, I, T, variant, dev)
+        case("one (GEMM2's tiles)", 1, E * H, I, T, variant, dev)
+        case("one13 (GEMM1's tiles)", 1, H, E * I, T, variant, dev)
+    # cuBLAS on GEMM2's bytes: x [T, I] . W [E * H, I]^T (what one dense GEMM streams at)
+    w = torch.randn(E * H, I, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(T, I, device=dev, dtype=torch.bfloat16)
+    g = capture_graph(lambda: torch.matmul(x, w.t()))[0]
+    for nm, d in durations(g):
+        print(f"cuBLAS [{T}, {I}] x [{E * H}, {I}]^T: {nm[:40]:40s} {d:8.1f} us  "
+              f"{w.numel() * 2 / 1e9 / d * 1e3:.2f} TB/s")
+
+
+if __name__ == "__main__":
+    main()
