@@ -131,13 +131,16 @@ CUTLASS = (-1, -1, -1)
 CUTLASS_MIN_ROWS_PER_EXPERT = 16  # moe::kCutlassMinRowsPerExpert (csrc/moe/fused_moe.h)
 
 
-def cutlass_variant_candidates(variant_ids, timed_us):
+def cutlass_variant_candidates(variant_ids, timed_us, gemm1_ids=None):
     """The search over the CUTLASS GEMM variants as a generator of configs:
     every GEMM1 variant with GEMM2's default, then every GEMM2 variant with the
     fastest GEMM1 one. timed_us(cfg) -> us (inf when it failed); the default
-    variant is -1 (never named by its id, so rows and timings are not doubled)."""
+    variant is -1 (never named by its id, so rows and timings are not doubled).
+    gemm1_ids: the ids GEMM1 may take (default: variant_ids; the tuned layout
+    fuses the activation into GEMM1, which swap-AB variants cannot)."""
     others = [v for v in variant_ids if v != -1]
-    g1 = [CUTLASS] + [(-1, v, -1) for v in others]
+    others1 = [v for v in (variant_ids if gemm1_ids is None else gemm1_ids) if v != -1]
+    g1 = [CUTLASS] + [(-1, v, -1) for v in others1]
     for cfg in g1:
         yield cfg
     best1 = min(g1, key=timed_us)[1]
@@ -254,6 +257,8 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log, variants=()):
     vnames = {v.id: v.name for v in variants}
     # The default variant is named -1 in configs (rows stay {.., -1, -1, -1} when it wins).
     variant_ids = [-1] + [v.id for v in variants if v.id != DEFAULT_VARIANT]
+    # GEMM1 runs with the activation fused (the block layout below): no swap-AB kernel.
+    gemm1_ids = [-1] + [v.id for v in variants if v.id != DEFAULT_VARIANT and not v.swap_ab]
     g = torch.Generator(device="cpu").manual_seed(1234)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)
@@ -337,7 +342,7 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log, variants=()):
         fastest = min(v[0] for v in timed.values())
         if len(variant_ids) > 1 and math.isfinite(cut_us) and \
                 cut_us <= fastest * (1.0 + args.variant_margin):
-            search = cutlass_variant_candidates(variant_ids, lambda c: timed[c][0])
+            search = cutlass_variant_candidates(variant_ids, lambda c: timed[c][0], gemm1_ids)
             for cfg in search:
                 run(cfg, iters)
         valid = {c: v[0] for c, v in timed.items() if math.isfinite(v[0])}

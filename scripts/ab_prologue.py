@@ -6,7 +6,9 @@ against the align, permute and setup kernels ("main" and, captured last,
 "main2": PCG_MOE_PROLOGUE_MAX_PAIRS=0, read at each call, so at capture). Prints "no CUDA device" and exits without one.
 Each cell: per-call us of CHAIN calls in a graph (8 at T <= 128, else 1), host
 launch hidden (GPU-only), and TFLOP/s counting 2*T*k*3*H*I.
-    AB_TOKENS=1024,8192 python scripts/ab_prologue.py [shape ...]"""
+    AB_TOKENS=1024,8192 python scripts/ab_prologue.py [shape ...]
+AB_VARIANTS="name:KEY=V,...;..." replaces the variants: environment settings,
+and CONFIG=a:b:c forces fused_moe's config (e.g. CONFIG=-1:1:4)."""
 import os, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
@@ -28,7 +30,7 @@ if os.environ.get("AB_VARIANTS"):
     for spec in os.environ["AB_VARIANTS"].split(";"):
         vname, _, kvs = spec.partition(":")
         VARIANTS[vname] = dict(x.split("=", 1) for x in kvs.split(",") if x)
-    KNOBS = tuple({key for env in VARIANTS.values() for key in env})
+    KNOBS = tuple({key for env in VARIANTS.values() for key in env if key != "CONFIG"})
 SETS = 2
 if not torch.cuda.is_available():
     print("ab_prologue: no CUDA device")
@@ -51,11 +53,14 @@ for name in names:
         for env in VARIANTS.values():
             for kn in KNOBS:
                 os.environ.pop(kn, None)
+            env = dict(env)
+            cfg = env.pop("CONFIG", None)
+            cfg = [int(x) for x in cfg.split(":")] if cfg else None
             os.environ.update(env)
 
-            def call(i):
+            def call(i, cfg=cfg):
                 h, w, ids = sets[i % SETS]
-                return pcg.fused_moe(h, w13, w2, w, ids, w13_block=blk)
+                return pcg.fused_moe(h, w13, w2, w, ids, w13_block=blk, config=cfg)
             outs.append(call(0).float())
             graphs.append(capture_graph(lambda: [call(i) for i in range(chain)])[0])
         for kn in KNOBS:

@@ -2,9 +2,10 @@
 same weight bytes and tile count, once split over many experts (every tile of
 a CTA a new expert: a tensormap update per tile) and once as one expert.
 Needs a CUDA device with the CUTLASS path.
-    DG_VARIANT=1,0 DG_SHAPE=E,H,I,T python scripts/diag_group_switch.py
+    DG_CONFIGS=1:1,0:0 DG_SHAPE=E,H,I,T python scripts/diag_group_switch.py
 
-Cases (bf16, T = 2 tokens, every token on every expert):
+DG_CONFIGS: GEMM1:GEMM2 kernel variants per run (GEMM1 fuses the
+activation: w13 in the block layout). Cases (bf16, T = 2 tokens, every token on every expert):
   groups   E experts of [H, I]          (GEMM2: E * H / tile_n tiles)
   one      1 expert of [E * H, I]       GEMM2's tiles and bytes, one group
   one13    1 expert of [H, E * I]       GEMM1's tiles and bytes, one group
@@ -45,14 +46,13 @@ def durations(g, reps=20):
     return out
 
 
-def case(label, E, H, I, T, variant, dev):
+def case(label, E, H, I, T, cfg, dev):
     torch.manual_seed(0)
     w13 = pcg.interleave_w13(torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * H ** -0.5, 8)
     w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
     hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
     ids = torch.arange(E, device=dev, dtype=torch.int32).repeat(T, 1)
     wts = torch.full((T, E), 1.0 / E, device=dev)
-    cfg = [-1, variant, variant]
     g = capture_graph(lambda: pcg.fused_moe(hidden, w13, w2, wts, ids, config=cfg, w13_block=8))[0]
     gb13 = E * 2 * I * H * 2 / 1e9
     gb2 = E * H * I * 2 / 1e9
@@ -74,10 +74,12 @@ def main():
         return
     dev = torch.device("cuda")
     E, H, I, T = (int(x) for x in os.environ.get("DG_SHAPE", "81,2048,768,2").split(","))
-    for variant in (int(v) for v in os.environ.get("DG_VARIANT", "1").split(",")):
-        case("groups", E, H, I, T, variant, dev)
-        case("one (GEMM2's tiles)", 1, E * H, I, T, variant, dev)
-        case("one13 (GEMM1's tiles)", 1, H, E * I, T, variant, dev)
+    for spec in os.environ.get("DG_CONFIGS", "1:1").split(","):
+        cfg = [-1] + [int(v) for v in spec.split(":")]
+        case("groups", E, H, I, T, cfg, dev)
+        case("one (GEMM2's tiles)", 1, E * H, I, T, cfg, dev)
+        if os.environ.get("DG_ONE13", "1") == "1":
+            case("one13 (GEMM1's tiles)", 1, H, E * I, T, cfg, dev)
     # cuBLAS on GEMM2's bytes: x [T, I] . W [E * H, I]^T (what one dense GEMM streams at)
     w = torch.randn(E * H, I, device=dev, dtype=torch.bfloat16)
     x = torch.randn(T, I, device=dev, dtype=torch.bfloat16)

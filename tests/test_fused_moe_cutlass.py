@@ -57,10 +57,32 @@ def test_cutlass_variant_list():
     assert len({v.name for v in VARIANTS}) == N_VARIANTS
     # Variant 0 (config id -1) is the kernel both GEMMs ran before variants existed.
     v0 = VARIANTS[0]
-    assert (v0.pingpong, v0.tile_m, v0.tile_n, v0.tile_k, v0.cluster_m) == (False, 128, 256, 64, 1)
+    assert (v0.pingpong, v0.tile_m, v0.tile_n, v0.tile_k, v0.cluster_m, v0.swap_ab) == \
+        (False, 128, 256, 64, 1, False)
     for v in VARIANTS:
         assert v.cluster_m in (1, 2) and v.tile_k % 64 == 0
-        assert v.pingpong or v.tile_m >= 128  # cooperative: two warpgroups share M
+        a_rows = v.tile_n if v.swap_ab else v.tile_m  # wgmma's A operand: 64-row granules
+        assert a_rows % 64 == 0
+        assert v.pingpong or a_rows >= 128  # cooperative: two warpgroups share A's rows
+        assert not v.swap_ab or v.cluster_m == 1
+    assert any(v.swap_ab for v in VARIANTS) and not all(v.swap_ab for v in VARIANTS)
+
+
+def test_cutlass_swap_ab_gemm1_needs_a_plain_w13_cpu():
+    """A swap-AB kernel has no fused activation: GEMM1 of w13 in the block layout
+    cannot take it (a clear error, on CPU as on CUDA); GEMM2 can."""
+    swap = [v.id for v in VARIANTS if v.swap_ab]
+    args, kw = make_case(13, 5, 2, 24, 16, dtype=torch.bfloat16, e_global=7, bias=True)
+    want = pcg.fused_moe(*args, **kw)
+    blk = pcg.interleave_w13(args[1], 8)
+    bargs = [args[0], blk] + list(args[2:])
+    for g in swap:
+        with pytest.raises(ValueError, match=r"config\[1\] = {} .*swap-AB.*block layout".format(g)):
+            pcg.fused_moe(*bargs, **kw, w13_block=8, config=[-1, g, -1])
+        # the plain layout takes it on GEMM1; the block layout on GEMM2
+        assert torch.equal(pcg.fused_moe(*args, **kw, config=[-1, g, g]), want)
+        assert torch.equal(pcg.fused_moe(*bargs, **kw, w13_block=8, config=[-1, -1, g]),
+                           pcg.fused_moe(*bargs, **kw, w13_block=8))
 
 
 @pytest.mark.parametrize("config,dtype,what", [

@@ -92,6 +92,9 @@ def test_cutlass_variant_search_order(tune):
     assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 3, -1),
                    (-1, 2, 1), (-1, 2, 2), (-1, 2, 3)]
     assert list(tune.cutlass_variant_candidates([-1], us.__getitem__)) == [(-1, -1, -1)]
+    # GEMM1 limited to the variants that fuse the activation (no swap-AB): 3 only on GEMM2.
+    got = list(tune.cutlass_variant_candidates([-1, 1, 2, 3], us.__getitem__, [-1, 1, 2]))
+    assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 2, 1), (-1, 2, 2), (-1, 2, 3)]
 
 
 def test_checked_in_table_is_the_generators_output(tune):

@@ -41,15 +41,19 @@ struct PingpongSchedule {
   using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 };
 
-// One CUTLASS kernel type: ptr-array grouped, tile TileShape, cluster
-// ClusterShape (multicast of B across the CTAs along M), Schedule one of the
-// pairs above.
-template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule>
+// One CUTLASS kernel type: ptr-array grouped, tile TileShape (CUTLASS's M x N
+// x K), cluster ClusterShape (multicast of B across the CTAs along M), Schedule
+// one of the pairs above. SwapAB: A is the weights ([N, K] row-major), B the
+// tokens ([M_e, K], K-major) and D^T [N, M_e] column-major, i.e. D row-major.
+template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule,
+          bool SwapAB = false>
 struct GroupedGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;
-  using LayoutD = cutlass::layout::RowMajor;
+  using LayoutD =
+      std::conditional_t<SwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  static constexpr bool kSwapAB = SwapAB;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
   using Acc = float;
   using TileShape = TileShape_;
@@ -79,6 +83,7 @@ template <typename Element, typename TileShape_, typename ClusterShape_, typenam
 struct GatedGroupedGemmKernel {
   using Plain = GroupedGemmKernel<Element, TileShape_, ClusterShape_, Schedule>;
   using ProblemShape = typename Plain::ProblemShape;
+  static constexpr bool kSwapAB = false;
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
@@ -95,50 +100,85 @@ struct GatedGroupedGemmKernel {
 };
 
 // Variant<Element, id> / GatedVariant<Element, id>: the kernel types of list
-// entry `id` (plain epilogue / gated-activation epilogue).
+// entry `id` (plain epilogue / gated-activation epilogue). A swap-AB entry has
+// no gated kernel (GatedVariant<.., id> is NoGatedKernel).
 template <typename Element, int Id>
 struct Variant;
 template <typename Element, int Id>
 struct GatedVariant;
-#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm)                                    \
-  template <typename Element>                                                                     \
-  struct Variant<Element, id>                                                                     \
-      : GroupedGemmKernel<Element, Shape<Int<tm>, Int<tn>, Int<tk>>, Shape<Int<cm>, _1, _1>,      \
-                          sched##Schedule> {};                                                    \
-  template <typename Element>                                                                     \
-  struct GatedVariant<Element, id>                                                                \
-      : GatedGroupedGemmKernel<Element, Shape<Int<tm>, Int<tn>, Int<tk>>, Shape<Int<cm>, _1, _1>, \
-                               sched##Schedule> {};
+struct NoGatedKernel {};
+template <bool Swap, int TM, int TN, int TK>
+using CutlassTile = std::conditional_t<Swap, Shape<Int<TN>, Int<TM>, Int<TK>>,
+                                       Shape<Int<TM>, Int<TN>, Int<TK>>>;
+#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm, swap)                        \
+  template <typename Element>                                                               \
+  struct Variant<Element, id>                                                               \
+      : GroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                      \
+                          Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0> {};           \
+  template <typename Element>                                                               \
+  struct GatedVariant<Element, id>                                                          \
+      : std::conditional_t<swap != 0, NoGatedKernel,                                        \
+                           GatedGroupedGemmKernel<Element, Shape<Int<tm>, Int<tn>, Int<tk>>, \
+                                                  Shape<Int<cm>, _1, _1>, sched##Schedule>> {};
 PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_TYPE)
 #undef PCG_SM90_VARIANT_TYPE
 
+template <typename K>
+constexpr bool kIsKernel = !std::is_base_of_v<NoGatedKernel, K>;
+
 // Calls f(Variant<Element, id>{}) (Gated: f(GatedVariant<Element, id>{})) for
-// a listed id (f returns cudaError_t); cudaErrorInvalidValue for another id.
+// a listed id (f returns cudaError_t); cudaErrorInvalidValue for another id
+// or a gated call of a variant without a gated kernel.
 template <typename Element, bool Gated, typename F>
 cudaError_t with_variant(int id, F&& f) {
   switch (id) {
-#define PCG_SM90_VARIANT_CASE(vid, ...)                            \
-    case vid:                                                      \
-      if constexpr (Gated) return f(GatedVariant<Element, vid>{}); \
-      else return f(Variant<Element, vid>{});
+#define PCG_SM90_VARIANT_CASE(vid, ...)                                    \
+    case vid:                                                              \
+      if constexpr (Gated) {                                               \
+        if constexpr (kIsKernel<GatedVariant<Element, vid>>) {             \
+          return f(GatedVariant<Element, vid>{});                          \
+        } else {                                                           \
+          return cudaErrorInvalidValue;                                    \
+        }                                                                  \
+      } else {                                                             \
+        return f(Variant<Element, vid>{});                                 \
+      }
     PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_CASE)
 #undef PCG_SM90_VARIANT_CASE
     default: return cudaErrorInvalidValue;
   }
 }
 
-// Whether kernels K and L take the same problem-shape and stride types.
-template <typename K, typename L>
-constexpr bool kSameArgTypes =
-    std::is_same_v<typename K::ProblemShape, typename L::ProblemShape> &&
-    std::is_same_v<typename K::Kernel::InternalStrideA, typename L::Kernel::InternalStrideA> &&
-    std::is_same_v<typename K::Kernel::InternalStrideB, typename L::Kernel::InternalStrideB> &&
-    std::is_same_v<typename K::Kernel::InternalStrideD, typename L::Kernel::InternalStrideD>;
+// Whether kernel K takes the argument types of Base (the default variant):
+// the same problem-shape type and, for a plain kernel, the same strides; a
+// swap-AB kernel takes B's stride for A, A's for B and a column-major D
+// stride (StrideDt), each holding the same one number (a leading dimension).
+template <typename Base, typename StrideDt, typename K>
+constexpr bool takes_shared_args() {
+  if constexpr (!kIsKernel<K>) {
+    return true;
+  } else {
+    using KK = typename K::Kernel;
+    using BK = typename Base::Kernel;
+    if constexpr (!std::is_same_v<typename K::ProblemShape, typename Base::ProblemShape>) {
+      return false;
+    } else if constexpr (K::kSwapAB) {
+      return std::is_same_v<typename KK::InternalStrideA, typename BK::InternalStrideB> &&
+             std::is_same_v<typename KK::InternalStrideB, typename BK::InternalStrideA> &&
+             std::is_same_v<typename KK::InternalStrideD, StrideDt>;
+    } else {
+      return std::is_same_v<typename KK::InternalStrideA, typename BK::InternalStrideA> &&
+             std::is_same_v<typename KK::InternalStrideB, typename BK::InternalStrideB> &&
+             std::is_same_v<typename KK::InternalStrideD, typename BK::InternalStrideD>;
+    }
+  }
+}
 
 // Both GEMMs of one dtype. Every variant reads the same device argument
-// arrays (one setup kernel for all: same shape / stride types, asserted) and
-// the same CUTLASS workspace (sized for the largest variant; the GEMMs run
-// one after the other).
+// arrays (one setup for all: same shape / stride types, asserted; swap-AB
+// kernels read the transposed shapes and the column-major D strides) and the
+// same CUTLASS workspace (sized for the largest variant; the GEMMs run one
+// after the other).
 template <typename Element>
 struct GroupedGemm {
   using Base = Variant<Element, kDefaultGemmVariant>;
@@ -147,19 +187,22 @@ struct GroupedGemm {
   using StrideA = typename Base::Kernel::InternalStrideA;
   using StrideB = typename Base::Kernel::InternalStrideB;
   using StrideD = typename Base::Kernel::InternalStrideD;
-#define PCG_SM90_VARIANT_SHARES(id, name, ...)                                          \
-  static_assert(kSameArgTypes<Base, Variant<Element, id>> &&                           \
-                    kSameArgTypes<Base, GatedVariant<Element, id>>,                    \
+  using StrideDt = cute::remove_pointer_t<cutlass::detail::TagToStrideC_t<cutlass::layout::ColumnMajor*>>;
+#define PCG_SM90_VARIANT_SHARES(id, name, ...)                                              \
+  static_assert(takes_shared_args<Base, StrideDt, Variant<Element, id>>() &&                 \
+                    takes_shared_args<Base, StrideDt, GatedVariant<Element, id>>(),          \
                 "variant " #name ": the setup kernel writes one set of shapes / strides " \
                 "for every variant");
   PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_SHARES)
 #undef PCG_SM90_VARIANT_SHARES
   static_assert(sizeof(Shape3) <= kGroupedArgSlotBytes && sizeof(StrideA) <= kGroupedArgSlotBytes &&
                     sizeof(StrideB) <= kGroupedArgSlotBytes &&
-                    sizeof(StrideD) <= kGroupedArgSlotBytes,
+                    sizeof(StrideD) <= kGroupedArgSlotBytes &&
+                    sizeof(StrideDt) <= kGroupedArgSlotBytes,
                 "grouped_gemm_sm90_args_bytes undersizes an argument array");
 
-  // The device argument arrays of one GEMM (E entries each).
+  // The device argument arrays of one GEMM (E entries each); shape_t and sd_t
+  // are what swap-AB kernels read: (N, M, K) and D's column-major stride.
   struct Arrays {
     Shape3* shape;
     const Element** a;
@@ -168,12 +211,17 @@ struct GroupedGemm {
     StrideA* sa;
     StrideB* sb;
     StrideD* sd;
+    Shape3* shape_t;
+    StrideDt* sd_t;
   };
 
-  // GEMM `which` (1 or 2): arrays 7*(which-1) .. 7*which-1 of the args workspace.
+  // GEMM `which` (1 or 2): arrays kGroupedArgArraysPerGemm * (which - 1) ...
+  // of the args workspace.
   static Arrays arrays(void* base, int64_t E, int which) {
-    const size_t per = grouped_gemm_sm90_args_bytes(E) / 14;
-    char* p = static_cast<char*>(base) + static_cast<size_t>(which - 1) * 7 * per;
+    constexpr int kPer = kGroupedArgArraysPerGemm;
+    static_assert(kPer == 9, "Arrays holds 9 arrays");
+    const size_t per = grouped_gemm_sm90_args_bytes(E) / (2 * kPer);
+    char* p = static_cast<char*>(base) + static_cast<size_t>(which - 1) * kPer * per;
     Arrays r;
     r.shape = reinterpret_cast<Shape3*>(p);
     r.a = reinterpret_cast<const Element**>(p + per);
@@ -182,6 +230,8 @@ struct GroupedGemm {
     r.sa = reinterpret_cast<StrideA*>(p + 4 * per);
     r.sb = reinterpret_cast<StrideB*>(p + 5 * per);
     r.sd = reinterpret_cast<StrideD*>(p + 6 * per);
+    r.shape_t = reinterpret_cast<Shape3*>(p + 7 * per);
+    r.sd_t = reinterpret_cast<StrideDt*>(p + 8 * per);
     return r;
   }
 
@@ -219,14 +269,20 @@ struct GroupedGemm {
     const cutlass::KernelHardwareInfo hw = hw_info(a);
     typename K::Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-    args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
-    args.mainloop = {r.a, r.sa, r.b, r.sb};
+    if constexpr (K::kSwapAB) {  // D^T = W . A^T (takes_shared_args: the types match)
+      args.problem_shape = {static_cast<int>(a.E), r.shape_t, nullptr};
+      args.mainloop = {r.b, r.sb, r.a, r.sa};
+      args.epilogue.dD = r.sd_t;
+    } else {
+      args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
+      args.mainloop = {r.a, r.sa, r.b, r.sb};
+      args.epilogue.dD = r.sd;
+    }
     args.epilogue.thread.alpha = 1.f;
     args.epilogue.thread.beta = 0.f;
     args.epilogue.ptr_C = nullptr;
     args.epilogue.dC = nullptr;
     args.epilogue.ptr_D = r.d;
-    args.epilogue.dD = r.sd;
     args.hw_info = hw;
     return args;
   }
@@ -276,6 +332,9 @@ struct ExpertArgsWriter {
       g1.d[e] = static_cast<Element*>(a.d1) + off * 2 * I;
       g1.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, 2 * I, 1));
     }
+    // What swap-AB kernels read (D^T [N, M] column-major = D [M, N] row-major).
+    g1.shape_t[e] = make_shape(2 * I, M, H);
+    g1.sd_t[e] = cutlass::make_cute_packed_stride(typename G::StrideDt{}, make_shape(2 * I, M, 1));
     g2.shape[e] = make_shape(M, H, I);
     g2.a[e] = static_cast<const Element*>(a.a2) + off * I;
     g2.b[e] = w2 + e * static_cast<int64_t>(H) * I;
@@ -283,6 +342,8 @@ struct ExpertArgsWriter {
     g2.sa[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(M, I, 1));
     g2.sb[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(H, I, 1));
     g2.sd[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(M, H, 1));
+    g2.shape_t[e] = make_shape(H, M, I);
+    g2.sd_t[e] = cutlass::make_cute_packed_stride(typename G::StrideDt{}, make_shape(H, M, 1));
   }
 };
 
@@ -328,9 +389,13 @@ size_t workspace_bytes_of(const MoeGroupedGemmArgs& a) {
   using KG = GatedVariant<Element, Id>;
   const size_t w1 = K::Gemm::get_workspace_size(G::template arguments<K>(a, 1));
   const size_t w2 = K::Gemm::get_workspace_size(G::template arguments<K>(a, 2));
-  const size_t wg = KG::Gemm::get_workspace_size(G::template gated_arguments<KG>(a));
   const size_t w = w1 > w2 ? w1 : w2;
-  return wg > w ? wg : w;
+  if constexpr (kIsKernel<KG>) {
+    const size_t wg = KG::Gemm::get_workspace_size(G::template gated_arguments<KG>(a));
+    return wg > w ? wg : w;
+  } else {
+    return w;
+  }
 }
 
 // The largest workspace of any variant for any GEMM (one buffer serves

@@ -27,12 +27,14 @@
 
 namespace pcg::moe {
 
-// Bytes of the device argument arrays of both GEMMs for E groups (shapes,
-// pointers, strides; 14 arrays of at most 32 bytes per group, 256-byte aligned).
+// Bytes of the device argument arrays of both GEMMs for E groups (per GEMM:
+// shapes, pointers, strides and the swap-AB kernels' transposed shapes and D
+// strides; arrays of at most 32 bytes per group, 256-byte aligned).
 constexpr size_t kGroupedArgSlotBytes = 32;
+constexpr int kGroupedArgArraysPerGemm = 9;
 inline size_t grouped_gemm_sm90_args_bytes(int64_t E) {
   const size_t per_array = (static_cast<size_t>(E) * kGroupedArgSlotBytes + 255) / 256 * 256;
-  return 14 * per_array;
+  return 2 * kGroupedArgArraysPerGemm * per_array;
 }
 
 struct MoeGroupedGemmArgs {

@@ -7,8 +7,18 @@
 // A variant is one CUTLASS 3.x sm_90a ptr-array grouped kernel (TMA + wgmma):
 // a schedule (Cooperative: both consumer warpgroups on one tile; Pingpong: one
 // tile per warpgroup, one's epilogue under the other's mainloop), a tile
-// M x N x K and a cluster of CLUSTER_M CTAs along M (> 1: the pair's B tile,
-// the expert's weights, is loaded once and multicast by TMA).
+// M x N x K (M: the expert's token rows, N: output columns, i.e. weight rows)
+// and a cluster of CLUSTER_M CTAs along M (> 1: the pair's B tile, the
+// expert's weights, is loaded once and multicast by TMA).
+//
+// SWAP_AB = 1: the kernel computes D^T = W . A^T (weights as wgmma's A
+// operand, its 64-row granule; tokens as B, whose tile can be 8-256 rows), so
+// a tile of TILE_M tokens can be as small as the few rows an expert gets at
+// small T, and the smem a stage spends on token rows goes to more weight
+// stages in flight. CUTLASS's tile is then N x M x K; D^T is stored
+// column-major, i.e. D row-major as usual. These kernels have the plain
+// epilogue only: GEMM1 with the activation fused (w13 in the block layout)
+// cannot take them.
 //
 // Ids are stable (the checked-in tuning table names them): never renumber or
 // reuse one; append new variants with the next id. Every variant costs ~40 s
@@ -17,12 +27,14 @@
 
 #include <cstdint>
 
-// X(id, name, SCHEDULE, TILE_M, TILE_N, TILE_K, CLUSTER_M)
-#define PCG_MOE_GEMM_VARIANTS(X)                                       \
-  X(0, coop_128x256x64, Cooperative, 128, 256, 64, 1) /* the default */ \
-  X(1, pingpong_64x256x64, Pingpong, 64, 256, 64, 1)                   \
-  X(2, coop_256x128x64, Cooperative, 256, 128, 64, 1)                  \
-  X(3, coop_128x256x64_c2x1, Cooperative, 128, 256, 64, 2)
+// X(id, name, SCHEDULE, TILE_M, TILE_N, TILE_K, CLUSTER_M, SWAP_AB)
+#define PCG_MOE_GEMM_VARIANTS(X)                                          \
+  X(0, coop_128x256x64, Cooperative, 128, 256, 64, 1, 0) /* the default */ \
+  X(1, pingpong_64x256x64, Pingpong, 64, 256, 64, 1, 0)                   \
+  X(2, coop_256x128x64, Cooperative, 256, 128, 64, 1, 0)                  \
+  X(3, coop_128x256x64_c2x1, Cooperative, 128, 256, 64, 2, 0)             \
+  X(4, swap_coop_16x256x64, Cooperative, 16, 256, 64, 1, 1)               \
+  X(5, swap_coop_32x256x64, Cooperative, 32, 256, 64, 1, 1)
 
 namespace pcg::moe {
 
@@ -33,11 +45,12 @@ struct GemmVariantInfo {
   const char* name;
   GemmSchedule schedule;
   int tile_m, tile_n, tile_k, cluster_m;
+  bool swap_ab;
 };
 
 inline constexpr GemmVariantInfo kGemmVariants[] = {
-#define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm) \
-  {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm},
+#define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm, swap) \
+  {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm, swap != 0},
     PCG_MOE_GEMM_VARIANTS(PCG_MOE_GEMM_VARIANT_INFO)
 #undef PCG_MOE_GEMM_VARIANT_INFO
 };
@@ -58,17 +71,31 @@ constexpr bool is_gemm_variant_id(int64_t id) { return id == -1 || find_gemm_var
 // -1 -> kDefaultGemmVariant; listed ids unchanged.
 constexpr int resolve_gemm_variant(int id) { return id == -1 ? kDefaultGemmVariant : id; }
 
-// Ids are the positions; shapes are what the sm_90 kernels take (cooperative:
-// M >= 128 split over two warpgroups; pingpong: M a multiple of 64; clusters
-// of 1 or 2 along M).
+// Whether variant `id` (a listed id or -1) can run GEMM1 with the activation
+// in its epilogue (w13 in the block layout): every variant but the swap-AB ones.
+constexpr bool gemm_variant_fuses_act(int64_t id) {
+  const GemmVariantInfo* v = find_gemm_variant(id == -1 ? kDefaultGemmVariant : id);
+  return v != nullptr && !v->swap_ab;
+}
+
+// Ids are the positions; shapes are what the sm_90 kernels take. wgmma's A
+// operand (tokens, or weights when swapped) comes in 64-row granules, its B
+// operand in multiples of 8: cooperative splits A's tile over two warpgroups
+// (>= 128 rows), pingpong gives each one a tile (a multiple of 64); clusters of
+// 1 or 2 along M, and none for swapped kernels. The default fuses the activation.
 constexpr bool gemm_variants_are_consistent() {
   for (int i = 0; i < kNumGemmVariants; ++i) {
     const GemmVariantInfo& v = kGemmVariants[i];
-    if (v.id != i || v.tile_m % 64 != 0 || v.tile_n % 64 != 0 || v.tile_k % 64 != 0) return false;
-    if (v.schedule == GemmSchedule::kCooperative && v.tile_m < 128) return false;
+    const int a_rows = v.swap_ab ? v.tile_n : v.tile_m;  // wgmma's A operand
+    const int b_rows = v.swap_ab ? v.tile_m : v.tile_n;
+    if (v.id != i || a_rows % 64 != 0 || b_rows % 8 != 0 || b_rows > 256 || v.tile_k % 64 != 0) {
+      return false;
+    }
+    if (v.schedule == GemmSchedule::kCooperative && a_rows < 128) return false;
     if (v.cluster_m != 1 && v.cluster_m != 2) return false;
+    if (v.swap_ab && v.cluster_m != 1) return false;
   }
-  return find_gemm_variant(kDefaultGemmVariant) != nullptr;
+  return find_gemm_variant(kDefaultGemmVariant) != nullptr && gemm_variant_fuses_act(-1);
 }
 static_assert(gemm_variants_are_consistent(), "PCG_MOE_GEMM_VARIANTS: inconsistent list");
 

@@ -146,7 +146,11 @@ class CutlassVariant(NamedTuple):
     (csrc/moe/grouped_gemm_variants.h): config ``[-1, g1, g2]`` runs GEMM1 with
     variant ``g1`` and GEMM2 with ``g2`` (-1: variant 0, the default).
     ``pingpong``: one tile per consumer warpgroup (else cooperative: both on
-    one tile); ``cluster_m`` > 1: CTAs along M share each B tile (TMA multicast)."""
+    one tile); ``tile_m`` x ``tile_n`` x ``tile_k``: token rows x output columns
+    x K; ``cluster_m`` > 1: CTAs along M share each B tile (TMA multicast);
+    ``swap_ab``: the kernel computes D^T = W . A^T (the weights are wgmma's A
+    operand, so the token tile can be as small as 8-32 rows); such a variant
+    cannot run GEMM1 with w13 in the block layout (no fused activation)."""
     id: int
     name: str
     pingpong: bool
@@ -154,14 +158,15 @@ class CutlassVariant(NamedTuple):
     tile_n: int
     tile_k: int
     cluster_m: int
+    swap_ab: bool
 
 
 def fused_moe_cutlass_variants() -> List[CutlassVariant]:
     """Every GEMM kernel variant id of pcg::fused_moe's CUTLASS path, read from the
     native library (``torch.ops.pcg.fused_moe_cutlass_variants``). The list is
     the same in every build; whether this one runs the path: ``fused_moe_paths``."""
-    return [CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm)
-            for name, (vid, pingpong, tm, tn, tk, cm)
+    return [CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm, bool(swap))
+            for name, (vid, pingpong, tm, tn, tk, cm, swap)
             in _records(*torch.ops.pcg.fused_moe_cutlass_variants())]
 
 
