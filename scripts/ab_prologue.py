@@ -8,7 +8,8 @@ Each cell: per-call us of CHAIN calls in a graph (8 at T <= 128, else 1), host
 launch hidden (GPU-only), and TFLOP/s counting 2*T*k*3*H*I.
     AB_TOKENS=1024,8192 python scripts/ab_prologue.py [shape ...]
 AB_VARIANTS="name:KEY=V,...;..." replaces the variants: environment settings,
-and CONFIG=a:b:c forces fused_moe's config (e.g. CONFIG=-1:1:4)."""
+and CONFIG=a:b:c forces fused_moe's config (e.g. CONFIG=-1:1:4). AB_SHAPES=a,b
+names the shapes when no argument does."""
 import os, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
@@ -36,7 +37,7 @@ if not torch.cuda.is_available():
     print("ab_prologue: no CUDA device")
     sys.exit(0)
 dev = torch.device("cuda")
-names = sys.argv[1:] or list(SHAPES)
+names = sys.argv[1:] or [n for n in os.environ.get("AB_SHAPES", "").split(",") if n] or list(SHAPES)
 print("GPU-only us per call (TFLOP/s); variants:", ", ".join(VARIANTS), flush=True)
 for name in names:
     E, k, H, I = SHAPES[name]
