@@ -19,50 +19,62 @@ namespace pcg::moe::tuning {
 // mixtral-8x7b: E_local=8 top_k=2 H=4096 I=14336
 inline constexpr TuningEntry kShape0[] = {
     // {t_max, block_m, tile1, tile2}
-    {39, -2, -1, -1},  // stream; us (heuristic): T1 171.6/248.3 T32 676.7/776.9
-    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T48 704.3/860.2 T192 711.3/1462.1
-    {443, -1, -1, -1},  // cutlass_sm90; us (heuristic): T256 753.7/1607.6 T384 751.8/1959.2
-    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 879.6/2425.5
-    {886, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 1006.2/3353.6
-    {1448, -1, -1, -1},  // cutlass_sm90; us (heuristic): T1024 1318.7/4099.0
-    {2896, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 2353.0/6021.4
-    {5792, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T4096 4244.9/11356.2
-    {11585, -1, -1, -1},  // cutlass_sm90; us (heuristic): T8192 8588.2/21955.0
-    {16384, -1, 3, -1},  // cutlass_sm90 coop_128x256x64_c2x1 + default; us (heuristic): T16384 17874.3/42323.5
+    {39, -2, -1, -1},  // stream; us (heuristic): T1 171.9/251.8 T32 678.3/777.9
+    {78, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T48 691.3/884.3 T64 698.0/977.3
+    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T96 703.6/990.8 T192 724.8/1470.6
+    {313, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T256 743.5/1605.6
+    {443, -1, -1, -1},  // cutlass_sm90; us (heuristic): T384 756.5/1991.3
+    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 894.0/2429.5
+    {1448, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 1033.2/3310.7 T1024 1318.2/4085.4
+    {2896, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 2355.6/6088.1
+    {5792, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T4096 4582.6/11443.7
+    {11585, -1, -1, -1},  // cutlass_sm90; us (heuristic): T8192 8908.6/21998.7
+    {16384, -1, 3, -1},  // cutlass_sm90 coop_128x256x64_c2x1 + default; us (heuristic): T16384 18159.2/43098.2
 };
 
 // gpt-oss-20b: E_local=32 top_k=4 H=2880 I=2880
 inline constexpr TuningEntry kShape1[] = {
     // {t_max, block_m, tile1, tile2}
-    {32, -2, -1, -1},  // stream; us (heuristic): T1 59.3/85.8 T32 411.0/460.2
-    {443, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T48 415.7/464.4 T384 441.7/859.0
-    {886, -1, -1, -1},  // cutlass_sm90; us (heuristic): T512 464.9/893.2 T768 475.1/1108.4
-    {1448, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T1024 566.0/1320.3
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T2048 813.6/2345.3 T16384 5092.8/12723.7
+    {32, -2, -1, -1},  // stream; us (heuristic): T1 57.8/85.8 T32 412.6/460.2
+    {443, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T48 418.5/464.7 T384 437.4/861.6
+    {886, -1, -1, -1},  // cutlass_sm90; us (heuristic): T512 454.8/890.3 T768 471.2/1107.7
+    {1448, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T1024 557.3/1326.2
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T2048 810.9/2426.1 T16384 4934.5/12914.8
 };
 
 // deepseek-v2-lite: E_local=64 top_k=6 H=2048 I=1408
 inline constexpr TuningEntry kShape2[] = {
     // {t_max, block_m, tile1, tile2}
-    {21, -2, -1, -1},  // stream; us (heuristic): T1 35.0/57.7 T16 233.3/256.2
-    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T32 292.3/307.5 T512 332.7/643.1
-    {1448, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 352.0/713.4 T1024 356.7/806.5
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T2048 489.0/1335.0 T16384 2979.7/7037.3
+    {21, -2, -1, -1},  // stream; us (heuristic): T1 33.9/56.3 T16 232.3/256.0
+    {39, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T32 282.9/306.9
+    {55, -1, 1, 4},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_16x256x64; us (heuristic): T48 293.1/336.4
+    {78, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T64 302.2/338.9
+    {110, -1, 1, 4},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_16x256x64; us (heuristic): T96 296.3/344.3
+    {156, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T128 306.3/347.6
+    {221, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T192 305.4/375.4
+    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T256 308.8/387.1 T512 323.4/637.8
+    {2896, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 343.0/711.6 T2048 483.8/1341.1
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T4096 825.4/1908.4 T16384 2736.7/7027.4
 };
 
 // qwen3-30b-a3b: E_local=128 top_k=8 H=2048 I=768
 inline constexpr TuningEntry kShape3[] = {
     // {t_max, block_m, tile1, tile2}
-    {11, -2, -1, -1},  // stream; us (heuristic): T1 29.0/52.8 T8 122.1/174.0
-    {5792, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T16 227.7/236.1 T4096 686.2/1907.9
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T8192 1218.6/2852.8 T16384 2349.2/5536.8
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 29.4/53.4 T8 122.6/171.7
+    {78, -1, 1, 4},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_16x256x64; us (heuristic): T16 220.1/239.7 T64 319.0/356.2
+    {110, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T96 321.7/362.2
+    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T128 324.6/359.3 T192 328.9/391.0
+    {313, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T256 330.0/450.5
+    {5792, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T384 340.0/418.1 T4096 691.4/1913.5
+    {11585, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T8192 1234.4/2834.6
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T16384 2284.4/5549.3
 };
 
 inline constexpr TuningShape kShapes[] = {
-    {8, 2, 4096, 14336, kShape0, 10},
+    {8, 2, 4096, 14336, kShape0, 11},
     {32, 4, 2880, 2880, kShape1, 5},
-    {64, 6, 2048, 1408, kShape2, 4},
-    {128, 8, 2048, 768, kShape3, 3},
+    {64, 6, 2048, 1408, kShape2, 10},
+    {128, 8, 2048, 768, kShape3, 8},
     {0, 0, 0, 0, nullptr, 0},  // end
 };
 
