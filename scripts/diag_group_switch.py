@@ -48,7 +48,8 @@ def durations(g, reps=20):
 
 def case(label, E, H, I, T, cfg, dev):
     torch.manual_seed(0)
-    w13 = pcg.interleave_w13(torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * H ** -0.5, 8)
+    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * H ** -0.5
+    w13 = pcg.interleave_w13(w13, 8)
     w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
     hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
     ids = torch.arange(E, device=dev, dtype=torch.int32).repeat(T, 1)
@@ -56,7 +57,8 @@ def case(label, E, H, I, T, cfg, dev):
     g = capture_graph(lambda: pcg.fused_moe(hidden, w13, w2, wts, ids, config=cfg, w13_block=8))[0]
     gb13 = E * 2 * I * H * 2 / 1e9
     gb2 = E * H * I * 2 / 1e9
-    print(f"{label}: E={E} H={H} I={I} T={T} config={cfg} w13 {gb13 * 1e3:.1f} MB, w2 {gb2 * 1e3:.1f} MB")
+    print(f"{label}: E={E} H={H} I={I} T={T} config={cfg} "
+          f"w13 {gb13 * 1e3:.1f} MB, w2 {gb2 * 1e3:.1f} MB")
     for nm, d in durations(g):
         extra = ""
         if "gemm1" in nm:

@@ -187,7 +187,9 @@ struct GroupedGemm {
   using StrideA = typename Base::Kernel::InternalStrideA;
   using StrideB = typename Base::Kernel::InternalStrideB;
   using StrideD = typename Base::Kernel::InternalStrideD;
-  using StrideDt = cute::remove_pointer_t<cutlass::detail::TagToStrideC_t<cutlass::layout::ColumnMajor*>>;
+  // D's stride as swap-AB kernels take it (column-major D^T).
+  using StrideDt =
+      cute::remove_pointer_t<cutlass::detail::TagToStrideC_t<cutlass::layout::ColumnMajor*>>;
 #define PCG_SM90_VARIANT_SHARES(id, name, ...)                                              \
   static_assert(takes_shared_args<Base, StrideDt, Variant<Element, id>>() &&                 \
                     takes_shared_args<Base, StrideDt, GatedVariant<Element, id>>(),          \
