@@ -287,7 +287,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             dividing I (blocks of B gate rows and B up rows alternate). Every path and
             config takes either, with the same result; with B = ``FUSED_W13_BLOCK`` (8) the
             CUTLASS path applies the activation in GEMM1's epilogue (one kernel and one
-            [slots, 2I] buffer less). b13 keeps the plain layout.
+            [slots, 2I] buffer less), which swap-AB variants (``swap_ab``) cannot: with
+            w13_block = 8, a forced ``[-1, g1, g2]`` whose g1 is one is a ValueError (they
+            run GEMM2, or GEMM1 of another layout). b13 keeps the plain layout.
 
     Pairs whose id is outside [0, E_global), or maps to -1 / outside [0, E_local),
     contribute nothing. Products accumulate in fp32; the intermediate
