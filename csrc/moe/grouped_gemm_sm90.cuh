@@ -22,6 +22,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "moe/direct_store_epilogue.cuh"
 #include "moe/gated_act_epilogue.cuh"
 #include "moe/grouped_gemm_sm90.h"
 #include "moe/grouped_gemm_variants.h"
@@ -46,7 +47,7 @@ struct PingpongSchedule {
 // one of the pairs above. SwapAB: A is the weights ([N, K] row-major), B the
 // tokens ([M_e, K], K-major) and D^T [N, M_e] column-major, i.e. D row-major.
 template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule,
-          bool SwapAB = false>
+          bool SwapAB = false, bool DirectStore = false>
 struct GroupedGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using LayoutA = cutlass::layout::RowMajor;
@@ -54,17 +55,21 @@ struct GroupedGemmKernel {
   using LayoutD =
       std::conditional_t<SwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   static constexpr bool kSwapAB = SwapAB;
+  static constexpr bool kDirectStore = DirectStore;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
   using Acc = float;
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
 
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+  using TmaEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, Acc, Acc,
       void, LayoutD*, kAlign,  // no C operand
       Element, LayoutD*, kAlign, typename Schedule::Epilogue,
       cutlass::epilogue::fusion::LinearCombination<Element, Acc>>::CollectiveOp;
+  using DirectEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      DirectStoreEpilogue<Element, cutlass::detail::TagToStrideC_t<LayoutD*>>>;
+  using Epilogue = std::conditional_t<DirectStore, DirectEpilogue, TmaEpilogue>;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
@@ -84,6 +89,7 @@ struct GatedGroupedGemmKernel {
   using Plain = GroupedGemmKernel<Element, TileShape_, ClusterShape_, Schedule>;
   using ProblemShape = typename Plain::ProblemShape;
   static constexpr bool kSwapAB = false;
+  static constexpr bool kDirectStore = true;
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
@@ -110,11 +116,11 @@ struct NoGatedKernel {};
 template <bool Swap, int TM, int TN, int TK>
 using CutlassTile = std::conditional_t<Swap, Shape<Int<TN>, Int<TM>, Int<TK>>,
                                        Shape<Int<TM>, Int<TN>, Int<TK>>>;
-#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm, swap)                        \
+#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm, swap, direct)                \
   template <typename Element>                                                               \
   struct Variant<Element, id>                                                               \
       : GroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                      \
-                          Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0> {};           \
+                          Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0, direct != 0> {}; \
   template <typename Element>                                                               \
   struct GatedVariant<Element, id>                                                          \
       : std::conditional_t<swap != 0, NoGatedKernel,                                        \
@@ -280,10 +286,12 @@ struct GroupedGemm {
       args.mainloop = {r.a, r.sa, r.b, r.sb};
       args.epilogue.dD = r.sd;
     }
-    args.epilogue.thread.alpha = 1.f;
-    args.epilogue.thread.beta = 0.f;
-    args.epilogue.ptr_C = nullptr;
-    args.epilogue.dC = nullptr;
+    if constexpr (!K::kDirectStore) {
+      args.epilogue.thread.alpha = 1.f;
+      args.epilogue.thread.beta = 0.f;
+      args.epilogue.ptr_C = nullptr;
+      args.epilogue.dC = nullptr;
+    }
     args.epilogue.ptr_D = r.d;
     args.hw_info = hw;
     return args;

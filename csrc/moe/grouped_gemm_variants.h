@@ -27,14 +27,16 @@
 
 #include <cstdint>
 
-// X(id, name, SCHEDULE, TILE_M, TILE_N, TILE_K, CLUSTER_M, SWAP_AB)
-#define PCG_MOE_GEMM_VARIANTS(X)                                          \
-  X(0, coop_128x256x64, Cooperative, 128, 256, 64, 1, 0) /* the default */ \
-  X(1, pingpong_64x256x64, Pingpong, 64, 256, 64, 1, 0)                   \
-  X(2, coop_256x128x64, Cooperative, 256, 128, 64, 1, 0)                  \
-  X(3, coop_128x256x64_c2x1, Cooperative, 128, 256, 64, 2, 0)             \
-  X(4, swap_coop_16x256x64, Cooperative, 16, 256, 64, 1, 1)               \
-  X(5, swap_coop_32x256x64, Cooperative, 32, 256, 64, 1, 1)
+// X(id, name, SCHEDULE, TILE_M, TILE_N, TILE_K, CLUSTER_M, SWAP_AB, DIRECT_STORE)
+#define PCG_MOE_GEMM_VARIANTS(X)                                             \
+  X(0, coop_128x256x64, Cooperative, 128, 256, 64, 1, 0, 0) /* the default */ \
+  X(1, pingpong_64x256x64, Pingpong, 64, 256, 64, 1, 0, 0)                   \
+  X(2, coop_256x128x64, Cooperative, 256, 128, 64, 1, 0, 0)                  \
+  X(3, coop_128x256x64_c2x1, Cooperative, 128, 256, 64, 2, 0, 0)             \
+  X(4, swap_coop_16x256x64, Cooperative, 16, 256, 64, 1, 1, 0)               \
+  X(5, swap_coop_32x256x64, Cooperative, 32, 256, 64, 1, 1, 0)               \
+  X(6, swap_coop_16x256x64_direct, Cooperative, 16, 256, 64, 1, 1, 1)        \
+  X(7, pingpong_64x256x64_direct, Pingpong, 64, 256, 64, 1, 0, 1)
 
 namespace pcg::moe {
 
@@ -49,7 +51,7 @@ struct GemmVariantInfo {
 };
 
 inline constexpr GemmVariantInfo kGemmVariants[] = {
-#define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm, swap) \
+#define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm, swap, direct) \
   {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm, swap != 0},
     PCG_MOE_GEMM_VARIANTS(PCG_MOE_GEMM_VARIANT_INFO)
 #undef PCG_MOE_GEMM_VARIANT_INFO
