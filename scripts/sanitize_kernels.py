@@ -82,6 +82,9 @@ if torch.cuda.get_device_capability() == (9, 0):  # the CUTLASS sm_90a path
         if v.swap_ab:
             moe_case(16, 4, 200, 200, 70, torch.bfloat16, bias=True, nvalid=41, mapped=True,
                      config=[-1, v.id, v.id])
+        else:  # its plain epilogue (GEMM2)
+            moe_case(16, 4, 200, 200, 70, torch.bfloat16, bias=True, nvalid=41, mapped=True,
+                     config=[-1, -1, v.id], w13_block=8)
     moe_case(16, 4, 64, 32, 2100, torch.float16, config=[-1, -1, -1], w13_block=16)
 for dtype in (torch.bfloat16, torch.float16):  # the weight-streaming path (T*k <= 128)
     moe_case(8, 2, 256, 128, 5, dtype, bias=True, mapped=True, config=[-2, -1, -1])

@@ -57,8 +57,8 @@ def test_cutlass_variant_list():
     assert len({v.name for v in VARIANTS}) == N_VARIANTS
     # Variant 0 (config id -1) is the kernel both GEMMs ran before variants existed.
     v0 = VARIANTS[0]
-    assert (v0.pingpong, v0.tile_m, v0.tile_n, v0.tile_k, v0.cluster_m, v0.swap_ab) == \
-        (False, 128, 256, 64, 1, False)
+    assert (v0.pingpong, v0.tile_m, v0.tile_n, v0.tile_k, v0.cluster_m, v0.swap_ab,
+            v0.direct_store) == (False, 128, 256, 64, 1, False, False)
     for v in VARIANTS:
         assert v.cluster_m in (1, 2) and v.tile_k % 64 == 0
         a_rows = v.tile_n if v.swap_ab else v.tile_m  # wgmma's A operand: 64-row granules
@@ -66,6 +66,7 @@ def test_cutlass_variant_list():
         assert v.pingpong or a_rows >= 128  # cooperative: two warpgroups share A's rows
         assert not v.swap_ab or v.cluster_m == 1
     assert any(v.swap_ab for v in VARIANTS) and not all(v.swap_ab for v in VARIANTS)
+    assert any(v.direct_store for v in VARIANTS)
 
 
 def test_cutlass_swap_ab_gemm1_needs_a_plain_w13_cpu():

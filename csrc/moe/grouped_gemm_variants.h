@@ -20,6 +20,11 @@
 // epilogue only: GEMM1 with the activation fused (w13 in the block layout)
 // cannot take them.
 //
+// DIRECT_STORE = 1: the plain epilogue stores D from registers
+// (direct_store_epilogue.cuh) instead of CUTLASS's TMA store, which rewrites
+// and fences a per-expert D descriptor at every tile; GEMM1 with the fused
+// activation is unchanged (its epilogue stores directly already).
+//
 // Ids are stable (the checked-in tuning table names them): never renumber or
 // reuse one; append new variants with the next id. Every variant costs ~40 s
 // of nvcc per dtype, so keep the list short.
@@ -48,11 +53,12 @@ struct GemmVariantInfo {
   GemmSchedule schedule;
   int tile_m, tile_n, tile_k, cluster_m;
   bool swap_ab;
+  bool direct_store;
 };
 
 inline constexpr GemmVariantInfo kGemmVariants[] = {
 #define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm, swap, direct) \
-  {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm, swap != 0},
+  {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm, swap != 0, direct != 0},
     PCG_MOE_GEMM_VARIANTS(PCG_MOE_GEMM_VARIANT_INFO)
 #undef PCG_MOE_GEMM_VARIANT_INFO
 };

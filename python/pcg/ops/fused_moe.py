@@ -150,7 +150,10 @@ class CutlassVariant(NamedTuple):
     x K; ``cluster_m`` > 1: CTAs along M share each B tile (TMA multicast);
     ``swap_ab``: the kernel computes D^T = W . A^T (the weights are wgmma's A
     operand, so the token tile can be as small as 8-32 rows); such a variant
-    cannot run GEMM1 with w13 in the block layout (no fused activation)."""
+    cannot run GEMM1 with w13 in the block layout (no fused activation);
+    ``direct_store``: the plain epilogue stores D from registers rather than
+    through CUTLASS's TMA store (no per-expert D descriptor to rewrite at every
+    tile)."""
     id: int
     name: str
     pingpong: bool
@@ -159,14 +162,15 @@ class CutlassVariant(NamedTuple):
     tile_k: int
     cluster_m: int
     swap_ab: bool
+    direct_store: bool
 
 
 def fused_moe_cutlass_variants() -> List[CutlassVariant]:
     """Every GEMM kernel variant id of pcg::fused_moe's CUTLASS path, read from the
     native library (``torch.ops.pcg.fused_moe_cutlass_variants``). The list is
     the same in every build; whether this one runs the path: ``fused_moe_paths``."""
-    return [CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm, bool(swap))
-            for name, (vid, pingpong, tm, tn, tk, cm, swap)
+    return [CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm, bool(swap), bool(direct))
+            for name, (vid, pingpong, tm, tn, tk, cm, swap, direct)
             in _records(*torch.ops.pcg.fused_moe_cutlass_variants())]
 
 
