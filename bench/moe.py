@@ -69,6 +69,18 @@ def make_inputs(T, E, k, H, gen_seed, device):
     return hidden, w.to(device, torch.float32), ids.to(device, torch.int32)
 
 
+def moe_weights(E, H, I, device, w13_block=0):
+    """bf16 w13 [E, 2I, H] (in the block layout of w13_block, 0: plain) and w2
+    [E, H, I], scaled by 1/sqrt(fan-in), drawn on `device` from torch's global
+    generator (the caller seeds it)."""
+    import pcg
+    w13 = torch.randn(E, 2 * I, H, device=device, dtype=torch.bfloat16) * H ** -0.5
+    if w13_block:
+        w13 = pcg.interleave_w13(w13, w13_block)
+    w2 = torch.randn(E, H, I, device=device, dtype=torch.bfloat16) * I ** -0.5
+    return w13, w2
+
+
 def grouped_mm_moe(hidden, w13, w2, topk_weights, topk_ids):
     """Unfused reference implementation around torch._grouped_mm (capturable)."""
     T, H = hidden.shape

@@ -13,7 +13,7 @@ names the shapes when no argument does."""
 import os, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from moe import SHAPES, make_inputs  # noqa: E402
+from moe import SHAPES, make_inputs, moe_weights  # noqa: E402
 import pcg  # noqa: E402
 from pcg.ops.fused_moe import w13_block_for  # noqa: E402
 from pcg.timing import capture_graph, paired_time_ms  # noqa: E402
@@ -43,10 +43,8 @@ for name in names:
     E, k, H, I = SHAPES[name]
     torch.cuda.empty_cache()
     torch.manual_seed(0)
-    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * H ** -0.5
     blk = w13_block_for(I, 8)
-    w13 = pcg.interleave_w13(w13, blk)
-    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
+    w13, w2 = moe_weights(E, H, I, dev, blk)
     for T in [int(x) for x in os.environ.get("AB_TOKENS", "16,32,64,128,512,1024,2048").split(",")]:
         sets = [make_inputs(T, E, k, H, 100 + i, dev) for i in range(SETS)]
         chain = 8 if T <= 128 else 1

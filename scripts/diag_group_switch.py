@@ -11,46 +11,30 @@ activation: w13 in the block layout). Cases (bf16, T = 2 tokens, every token on 
   one13    1 expert of [H, E * I]       GEMM1's tiles and bytes, one group
   cuBLAS   x [T, I] . W [E * H, I]^T    GEMM2's bytes as one dense GEMM
 Prints each kernel's median duration (graph replays under torch.profiler)."""
-import json
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from moe import moe_weights  # noqa: E402
 from profile_moe import short  # noqa: E402
+from timeline_moe import median, profiled_calls  # noqa: E402
 import pcg  # noqa: E402
 from pcg.timing import capture_graph  # noqa: E402
 
 
 def durations(g, reps=20):
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-    path = os.path.join(tempfile.mkdtemp(), "t.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        ev = json.load(f)["traceEvents"]
-    ks = sorted((float(e["ts"]), float(e["dur"]), short(e["name"]))
-                for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel")
-    per = len(ks) // reps
-    out = []
-    for i in range(per):
-        d = sorted(ks[r * per + i][1] for r in range(reps))
-        out.append((ks[i][2], d[reps // 2]))
-    return out
+    """(name, median duration us) of each kernel of one replay of g."""
+    calls = profiled_calls(g, reps, sync_each=False)
+    return [(short(calls[0][i][2]), median([c[i][1] for c in calls]))
+            for i in range(len(calls[0]))]
 
 
 def case(label, E, H, I, T, cfg, dev):
     torch.manual_seed(0)
-    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * H ** -0.5
-    w13 = pcg.interleave_w13(w13, 8)
-    w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
+    w13, w2 = moe_weights(E, H, I, dev, 8)
     hidden = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
     ids = torch.arange(E, device=dev, dtype=torch.int32).repeat(T, 1)
     wts = torch.full((T, E), 1.0 / E, device=dev)

@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-from moe import SHAPES, make_inputs  # noqa: E402
+from moe import SHAPES, make_inputs, moe_weights  # noqa: E402
 from profile_moe import short  # noqa: E402
 import pcg  # noqa: E402
 from pcg.ops.fused_moe import w13_block_for  # noqa: E402
@@ -43,10 +43,8 @@ def main():
     for name in names:
         E, k, H, I = SHAPES[name]
         torch.manual_seed(0)
-        w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * H ** -0.5
         blk = w13_block_for(I, 8)
-        w13 = pcg.interleave_w13(w13, blk)
-        w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * I ** -0.5
+        w13, w2 = moe_weights(E, H, I, dev, blk)
         for T in [int(x) for x in os.environ.get("TL_TOKENS", "16,64,1024").split(",")]:
             sets = [make_inputs(T, E, k, H, 7 + i, dev) for i in range(2)]
             chain = int(os.environ.get("TL_CHAIN", "1"))
@@ -68,21 +66,32 @@ def main():
         del w13, w2
 
 
-def timeline(g, label, reps):
+def profiled_calls(g, reps, sync_each=True):
+    """Kernels of `reps` replays of graph g under torch.profiler (after 5
+    warm-up replays): one list of (start us, duration us, name) per replay,
+    in start order. sync_each: synchronise after every replay (one call at a
+    time on the GPU) or only after the last."""
     for _ in range(5):
         g.replay()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             g.replay()
-            torch.cuda.synchronize()
+            if sync_each:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
     path = os.path.join(tempfile.mkdtemp(), "t.json")
     prof.export_chrome_trace(path)
     ks = kernels_of(path)
     per = len(ks) // reps
+    return [ks[r * per:(r + 1) * per] for r in range(reps)]
+
+
+def timeline(g, label, reps):
+    calls = profiled_calls(g, reps)
+    per = len(calls[0])
     rows = {}
-    for r in range(reps):
-        call = ks[r * per:(r + 1) * per]
+    for call in calls:
         t0 = call[0][0]
         for i, (ts, dur, nm) in enumerate(call):
             rows.setdefault(i, (short(nm), [], []))

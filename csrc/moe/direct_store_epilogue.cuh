@@ -5,69 +5,40 @@
 // warpgroups between tiles). Any D layout the stride names (row- or
 // column-major); 2-byte stores (a warp's store covers 16-byte runs).
 //
-// Wrapped in CUTLASS's Sm90TmaWarpSpecializedAdapter like gated_act_epilogue.cuh.
+// Wrapped in CUTLASS's Sm90TmaWarpSpecializedAdapter like gated_act_epilogue.cuh
+// (the adapter's names: register_epilogue.cuh).
 #pragma once
 
 #include <cstdint>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/detail.hpp"
-#include "cutlass/epilogue/dispatch_policy.hpp"
-#include "cutlass/epilogue/thread/linear_combination.h"
+#include "moe/register_epilogue.cuh"
 
 namespace pcg::moe::sm90 {
 
+// Per group: D's base and stride.
+template <typename Element, typename StrideD>
+struct DirectStoreArguments {
+  Element** ptr_D = nullptr;
+  StrideD dD{};
+};
+
 template <typename Element, typename StrideD_>
-class DirectStoreEpilogue {
+class DirectStoreEpilogue
+    : public RegisterEpilogueBase<Element, StrideD_, DirectStoreArguments<Element, StrideD_>> {
+  using Base = RegisterEpilogueBase<Element, StrideD_, DirectStoreArguments<Element, StrideD_>>;
+
  public:
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
-  using DispatchPolicy = EpilogueSchedule;
-  using ElementAccumulator = float;
-  using ElementCompute = float;
-  using ElementC = void;  // no C operand
-  using StrideC = StrideD_;
-  using InternalStrideC = cute::remove_pointer_t<StrideC>;
-  using ElementD = Element;
-  using ElementOutput = Element;
-  using StrideD = StrideD_;
-  using InternalStrideD = cute::remove_pointer_t<StrideD>;
-  using GmemTiledCopyC = void;
-  using GmemTiledCopyD = void;
-  using ThreadEpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, 1, float, float>;
-  static_assert(cute::rank(InternalStrideD{}) == 3, "StrideD must be rank-3: [M, N, L]");
+  using typename Base::Arguments;
+  using typename Base::Params;
 
-  struct SharedStorage {};
-  using TensorMapStorage = SharedStorage;
-
-  struct Arguments {
-    Element** ptr_D = nullptr;  // per group
-    StrideD dD{};               // per group
-  };
-  using Params = Arguments;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
-                                                  void*) {
-    return args;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&, int) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
-                                              cudaStream_t, cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.ptr_D != nullptr;
   }
 
   CUTLASS_HOST_DEVICE DirectStoreEpilogue(Params const& params) : params(params) {}
-
-  CUTLASS_DEVICE bool is_source_needed() { return false; }
 
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
             class FrgLayout, class TiledMma, class ResidueMNK>

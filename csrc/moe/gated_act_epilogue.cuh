@@ -23,10 +23,9 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/detail.hpp"
-#include "cutlass/epilogue/dispatch_policy.hpp"
-#include "cutlass/epilogue/thread/linear_combination.h"
 #include "moe/fused_moe.h"
 #include "moe/moe_activation.cuh"
+#include "moe/register_epilogue.cuh"
 
 namespace pcg::moe::sm90 {
 
@@ -52,61 +51,32 @@ __device__ __forceinline__ Element unpack(uint32_t v, int half) {
 
 }  // namespace detail
 
+// Per group: the expert's first inter row and inter's row stride (I); the activation.
+template <typename Element, typename StrideD>
+struct GatedActArguments {
+  Element** ptr_D = nullptr;
+  StrideD dD{};
+  GatedActParams<Element> act{};
+};
+
 template <typename Element, typename StrideD_>
-class GatedActEpilogue {
+class GatedActEpilogue
+    : public RegisterEpilogueBase<Element, StrideD_, GatedActArguments<Element, StrideD_>> {
+  using Base = RegisterEpilogueBase<Element, StrideD_, GatedActArguments<Element, StrideD_>>;
+
  public:
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
-  using DispatchPolicy = EpilogueSchedule;
-  using ElementAccumulator = float;
-  using ElementCompute = float;
-  using ElementC = void;  // no C operand
-  using StrideC = StrideD_;
-  using InternalStrideC = cute::remove_pointer_t<StrideC>;
-  using ElementD = Element;
-  using ElementOutput = Element;
-  using StrideD = StrideD_;
-  using InternalStrideD = cute::remove_pointer_t<StrideD>;
-  using GmemTiledCopyC = void;
-  using GmemTiledCopyD = void;
-  // Named by CUTLASS's device adapter only (the math is the activation below).
-  using ThreadEpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, 1, float, float>;
-  static_assert(cute::rank(InternalStrideD{}) == 3, "StrideD must be rank-3: [M, N, L]");
+  using typename Base::Arguments;
+  using typename Base::Params;
   static_assert(sizeof(Element) == 2, "bf16 / fp16 only");
   static constexpr int kBlock = kFusedW13Block;
   static_assert(kBlock % 8 == 0, "gate / up blocks must be whole 8-column fragment blocks");
 
-  struct SharedStorage {};
-  using TensorMapStorage = SharedStorage;
-
-  struct Arguments {
-    Element** ptr_D = nullptr;  // per group: the expert's first inter row
-    StrideD dD{};               // per group: inter's row stride (I)
-    GatedActParams<Element> act{};
-  };
-  using Params = Arguments;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
-                                                  void*) {
-    return args;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&, int) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
-                                              cudaStream_t, cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.act.I > 0 && args.act.I % kBlock == 0;
   }
 
   CUTLASS_HOST_DEVICE GatedActEpilogue(Params const& params) : params(params) {}
-
-  CUTLASS_DEVICE bool is_source_needed() { return false; }
 
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
             class FrgLayout, class TiledMma, class ResidueMNK>

@@ -89,7 +89,6 @@ struct GatedGroupedGemmKernel {
   using Plain = GroupedGemmKernel<Element, TileShape_, ClusterShape_, Schedule>;
   using ProblemShape = typename Plain::ProblemShape;
   static constexpr bool kSwapAB = false;
-  static constexpr bool kDirectStore = true;
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
