@@ -8,14 +8,17 @@ Each cell: per-call us of CHAIN calls in a graph (8 at T <= 128, else 1), host
 launch hidden (GPU-only), and TFLOP/s counting 2*T*k*3*H*I.
     AB_TOKENS=1024,8192 python scripts/ab_prologue.py [shape ...]
 AB_VARIANTS="name:KEY=V,...;..." replaces the variants: environment settings,
-and CONFIG=a:b:c forces fused_moe's config (e.g. CONFIG=-1:1:4). AB_SHAPES=a,b
-names the shapes when no argument does."""
+and CONFIG=a:b:c forces fused_moe's config (e.g. CONFIG=-1:1:4); G2=direct
+takes the tuning table's config with GEMM2's variant replaced by its twin
+(same tile and schedule) with the direct-store epilogue. AB_SHAPES=a,b names
+the shapes when no argument does."""
 import os, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 from moe import SHAPES, make_inputs, moe_weights  # noqa: E402
 import pcg  # noqa: E402
-from pcg.ops.fused_moe import w13_block_for  # noqa: E402
+from pcg.ops.fused_moe import (fused_moe_config, fused_moe_cutlass_variants,  # noqa: E402
+                                w13_block_for)
 from pcg.timing import capture_graph, paired_time_ms  # noqa: E402
 
 VARIANTS = {  # name: env
@@ -31,12 +34,30 @@ if os.environ.get("AB_VARIANTS"):
     for spec in os.environ["AB_VARIANTS"].split(";"):
         vname, _, kvs = spec.partition(":")
         VARIANTS[vname] = dict(x.split("=", 1) for x in kvs.split(",") if x)
-    KNOBS = tuple({key for env in VARIANTS.values() for key in env if key != "CONFIG"})
+    KNOBS = tuple({key for env in VARIANTS.values() for key in env
+                   if key not in ("CONFIG", "G2")})
 SETS = 2
 if not torch.cuda.is_available():
     print("ab_prologue: no CUDA device")
     sys.exit(0)
 dev = torch.device("cuda")
+CUTLASS_VARIANTS = fused_moe_cutlass_variants()
+
+
+def twin_of(g2, kind):
+    """GEMM2's variant g2 (-1: the default) -> the variant of the same kernel
+    shape and schedule with the direct-store epilogue (kind "direct", the one
+    kind); g2 itself when there is none."""
+    assert kind == "direct", f"G2={kind}: only G2=direct is known"
+    v = CUTLASS_VARIANTS[0 if g2 == -1 else g2]
+    shape = (v.pingpong, v.tile_m, v.tile_n, v.tile_k, v.cluster_m, v.swap_ab)
+    for w in CUTLASS_VARIANTS:
+        if (w.pingpong, w.tile_m, w.tile_n, w.tile_k, w.cluster_m, w.swap_ab) == shape and \
+                w.direct_store:
+            return w.id
+    return g2
+
+
 names = sys.argv[1:] or [n for n in os.environ.get("AB_SHAPES", "").split(",") if n] or list(SHAPES)
 print("GPU-only us per call (TFLOP/s); variants:", ", ".join(VARIANTS), flush=True)
 for name in names:
@@ -48,19 +69,26 @@ for name in names:
     for T in [int(x) for x in os.environ.get("AB_TOKENS", "16,32,64,128,512,1024,2048").split(",")]:
         sets = [make_inputs(T, E, k, H, 100 + i, dev) for i in range(SETS)]
         chain = 8 if T <= 128 else 1
-        graphs, outs = [], []
+        graphs, outs, cfgs = [], [], []
         for env in VARIANTS.values():
             for kn in KNOBS:
                 os.environ.pop(kn, None)
             env = dict(env)
             cfg = env.pop("CONFIG", None)
             cfg = [int(x) for x in cfg.split(":")] if cfg else None
+            g2kind = env.pop("G2", None)
+            if g2kind:
+                cfg = list(fused_moe_config(E, k, H, I, T, torch.bfloat16, cutlass=True,
+                                            stream=True))
+                if cfg[0] == -1:
+                    cfg[2] = twin_of(cfg[2], g2kind)
             os.environ.update(env)
 
             def call(i, cfg=cfg):
                 h, w, ids = sets[i % SETS]
                 return pcg.fused_moe(h, w13, w2, w, ids, w13_block=blk, config=cfg)
             outs.append(call(0).float())
+            cfgs.append(cfg)
             graphs.append(capture_graph(lambda: [call(i) for i in range(chain)])[0])
         for kn in KNOBS:
             os.environ.pop(kn, None)
@@ -72,6 +100,7 @@ for name in names:
         fl = 2.0 * T * k * 3 * H * I
         cells = "  ".join(f"{v} {m * 1e3:8.1f} ({fl / (m * 1e-3) / 1e12:4.0f})"
                           for v, m in zip(VARIANTS, ms))
-        print(f"{name:17s} T={T:5d}: {cells}  max|diff| {max(diffs):.1e}", flush=True)
+        forced = "  ".join(f"{v}={c}" for v, c in zip(VARIANTS, cfgs) if c is not None)
+        print(f"{name:17s} T={T:5d}: {cells}  max|diff| {max(diffs):.1e}  {forced}", flush=True)
         del graphs, sets
     del w13, w2
