@@ -259,10 +259,10 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log, variants=()):
     vnames = {v.id: v.name for v in variants}
     # The default variant is named -1 in configs (rows stay {.., -1, -1, -1} when it wins).
     variant_ids = [-1] + [v.id for v in variants if v.id != DEFAULT_VARIANT]
-    # GEMM1 runs with the activation fused (the block layout below): no swap-AB kernel,
-    # and a direct-store (or combining) variant's gated kernel is its twin's.
+    # GEMM1 runs with the activation fused (the block layout below), where a
+    # direct-store variant's kernel is its twin's.
     gemm1_ids = [-1] + [v.id for v in variants
-                        if v.id != DEFAULT_VARIANT and not v.swap_ab and not v.direct_store]
+                        if v.id != DEFAULT_VARIANT and not v.direct_store]
     g = torch.Generator(device="cpu").manual_seed(1234)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device, torch.bfloat16)
     w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device, torch.bfloat16)

@@ -74,17 +74,15 @@ if torch.cuda.get_device_capability() == (9, 0):  # the CUTLASS sm_90a path
     moe_case(16, 4, 64, 32, 2100, torch.bfloat16, act="gelu", config=[-1, -1, -1])
     # GEMM1 with the activation in its epilogue (w13 in the block layout), every variant
     from pcg.ops.fused_moe import fused_moe_cutlass_variants
-    # (swap-AB variants, which cannot fuse it: GEMM2 there, and both GEMMs of the plain layout)
+    # and as GEMM2 (its plain epilogue); swap-AB ones also as GEMM1 of the plain layout
     for v in fused_moe_cutlass_variants():
         moe_case(16, 4, 200, 200, 70, torch.bfloat16, act="swigluoai", bias=True, nvalid=41,
-                 mapped=True, config=[-1, -1, v.id] if v.swap_ab else [-1, v.id, -1],
-                 w13_block=8)
+                 mapped=True, config=[-1, v.id, -1], w13_block=8)
+        moe_case(16, 4, 200, 200, 70, torch.bfloat16, bias=True, nvalid=41, mapped=True,
+                 config=[-1, -1, v.id], w13_block=8)
         if v.swap_ab:
             moe_case(16, 4, 200, 200, 70, torch.bfloat16, bias=True, nvalid=41, mapped=True,
                      config=[-1, v.id, v.id])
-        else:  # its plain epilogue (GEMM2)
-            moe_case(16, 4, 200, 200, 70, torch.bfloat16, bias=True, nvalid=41, mapped=True,
-                     config=[-1, -1, v.id], w13_block=8)
     moe_case(16, 4, 64, 32, 2100, torch.float16, config=[-1, -1, -1], w13_block=16)
 for dtype in (torch.bfloat16, torch.float16):  # the weight-streaming path (T*k <= 128)
     moe_case(8, 2, 256, 128, 5, dtype, bias=True, mapped=True, config=[-2, -1, -1])

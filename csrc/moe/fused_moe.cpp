@@ -192,7 +192,7 @@ std::string tile_label(int64_t id) {
 }  // namespace
 
 std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef config,
-                                                     c10::ScalarType dtype, int64_t w13_block) {
+                                                     c10::ScalarType dtype) {
   if (!config.has_value()) return std::nullopt;
   const c10::IntArrayRef c = *config;
   PCG_CHECK_ARG(kOp, "config", c.size() == 3,
@@ -212,14 +212,6 @@ std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef con
     PCG_CHECK_ARG(kOp, "config", dtype == at::kBFloat16 || dtype == at::kHalf,
                   "[-1, g1, g2] (the CUTLASS path) needs bfloat16 or float16, got ",
                   dtype_name(dtype));
-    PCG_CHECK_ARG(kOp, "config",
-                  w13_block != moe::kFusedW13Block || moe::gemm_variant_fuses_act(tile1),
-                  "config[1] = ", tile1, " (GEMM1's kernel ",
-                  moe::find_gemm_variant(moe::resolve_gemm_variant(static_cast<int>(tile1)))->name,
-                  ", swap-AB) has no epilogue that applies the activation, which w13 in the block "
-                  "layout (w13_block=", moe::kFusedW13Block, ") needs: pick a variant with "
-                  "swap_ab=False (pcg.ops.fused_moe.fused_moe_cutlass_variants()) or w13 in "
-                  "another layout; got ", c);
     return moe::MoeConfig{moe::kCutlassConfig, static_cast<int>(tile1), static_cast<int>(tile2)};
   }
   if (block_m == moe::kStreamConfig) {
@@ -344,7 +336,7 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
                                                expert_map, num_valid, b13, b2, activation,
                                                w13_block);
   // Validated like on CUDA; the CPU result does not depend on the config.
-  (void)check_fused_moe_config(config, hidden.scalar_type(), w13_block);
+  (void)check_fused_moe_config(config, hidden.scalar_type());
   const auto dt = hidden.scalar_type();
   at::Tensor out = at::zeros({s.T, s.H}, hidden.options().dtype(at::kFloat));
   const int64_t nv = host_num_valid(num_valid, s.T);

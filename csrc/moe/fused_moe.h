@@ -163,8 +163,7 @@ constexpr bool config_is_valid(const MoeConfig& c, DType dtype) {
          t2->bm == c.block_m;
 }
 
-// Every row of the generated table names a valid bf16/fp16 config (whose
-// GEMM1 kernel can apply the activation), rows of a shape are sorted by
+// Every row of the generated table names a valid bf16/fp16 config, rows of a shape are sorted by
 // t_max, and no shape appears twice.
 constexpr bool tuning_table_is_valid() {
   constexpr int n = static_cast<int>(sizeof(tuning::kShapes) / sizeof(tuning::kShapes[0]));
@@ -174,8 +173,6 @@ constexpr bool tuning_table_is_valid() {
       const TuningEntry& e = sh.entries[r];
       const MoeConfig c{e.block_m, e.tile1, e.tile2};
       if (!config_is_valid(c, DType::kBFloat16)) return false;
-      // Rows serve w13 in the block layout too: GEMM1's kernel must fuse the activation.
-      if (is_cutlass_config(c) && !gemm_variant_fuses_act(c.tile1)) return false;
       if (r > 0 && e.t_max <= sh.entries[r - 1].t_max) return false;
     }
     for (int o = 0; o < s; ++o) {

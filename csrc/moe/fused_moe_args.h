@@ -32,10 +32,9 @@ FusedMoeShape check_fused_moe_args(const at::Tensor& hidden, const at::Tensor& w
 // Validates fused_moe's optional `config` override [block_m, tile1, tile2]
 // (errors name the argument 'config'); returns the config to use for `dtype`
 // (tile ids -1 resolved to block_m's default tiles; fp32: tile ids -1), or
-// nullopt without an override. w13_block: the call's w13 layout (a CUTLASS
-// GEMM1 variant must fuse the activation for moe::kFusedW13Block).
+// nullopt without an override. Every config serves either w13 layout.
 std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef config,
-                                                     c10::ScalarType dtype, int64_t w13_block);
+                                                     c10::ScalarType dtype);
 
 moe::DType to_moe_dtype(c10::ScalarType t);
 

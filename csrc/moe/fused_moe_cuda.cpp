@@ -58,7 +58,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
                                                expert_map, num_valid, b13, b2, activation,
                                                w13_block);
   const std::optional<moe::MoeConfig> forced =
-      check_fused_moe_config(config, hidden.scalar_type(), w13_block);
+      check_fused_moe_config(config, hidden.scalar_type());
   PCG_CHECK_ARG("fused_moe", "w13", s.E <= moe::kMoeAlignMaxExperts,
                 "the CUDA kernel supports at most ", moe::kMoeAlignMaxExperts,
                 " local experts, got shape ", w13.sizes());

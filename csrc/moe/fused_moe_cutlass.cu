@@ -115,7 +115,6 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     // directly; otherwise gate_up, and an activation kernel follows.
     g.fused_act = p.w13_block == kFusedW13Block;
     if (!g.fused_act && b.gate_up == nullptr) return cudaErrorInvalidValue;
-    if (g.fused_act && !gemm_variant_fuses_act(p.config.tile1)) return cudaErrorInvalidValue;
     g.d1 = b.gate_up;
     g.a2 = p.inter;
     g.b13 = p.b13;

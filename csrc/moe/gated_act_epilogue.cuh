@@ -13,6 +13,12 @@
 // and the activation applied in fp32 (moe_activation.cuh), so the two agree
 // bitwise.
 //
+// SwapAB = true (the swap-AB kernels, D^T = W . A^T): the accumulator's rows
+// are w13 rows and its columns tokens. A thread holds rows r and r + 8 of each
+// 16-row slice, i.e. with B = 8 the gate and the up row of one intermediate
+// column, for its tokens: the activation again runs in registers, and each
+// result is one 2-byte store into inter[token, column].
+//
 // Direct 16-byte stores from registers (no shared memory, no TMA store): wrapped
 // in CUTLASS's Sm90TmaWarpSpecializedAdapter like its DefaultEpilogueArray, for
 // the ptr-array grouped kernels (cooperative and pingpong).
@@ -59,7 +65,7 @@ struct GatedActArguments {
   GatedActParams<Element> act{};
 };
 
-template <typename Element, typename StrideD_>
+template <typename Element, typename StrideD_, bool SwapAB = false>
 class GatedActEpilogue
     : public RegisterEpilogueBase<Element, StrideD_, GatedActArguments<Element, StrideD_>> {
   using Base = RegisterEpilogueBase<Element, StrideD_, GatedActArguments<Element, StrideD_>>;
@@ -87,6 +93,23 @@ class GatedActEpilogue
     using namespace cute;
     static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
     using FrgShape = decltype(shape(accumulators));
+    if constexpr (SwapAB) {
+      store_swapped<FrgShape>(problem_shape_mnkl, blk_shape_MNK, blk_coord_mnkl, accumulators,
+                              tiled_mma, thread_idx);
+    } else {
+      store_plain<FrgShape>(problem_shape_mnkl, blk_shape_MNK, blk_coord_mnkl, accumulators,
+                            tiled_mma, thread_idx);
+    }
+  }
+
+ private:
+  // The plain tile: rows tokens, columns w13 rows (gate/up blocks of kBlock).
+  template <class FrgShape, class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL,
+            class Acc, class TiledMma>
+  CUTLASS_DEVICE void store_plain(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
+                                  BlockCoordMNKL blk_coord_mnkl, Acc const& accumulators,
+                                  TiledMma tiled_mma, int thread_idx) {
+    using namespace cute;
     constexpr int kTileN = decltype(size<1>(blk_shape_MNK))::value;
     // The GMMA accumulator fragment: ((2 columns, 2 row halves, NB 8-column
     // blocks), MMA_M, MMA_N) per thread; a quad of lanes holds 8 adjacent columns.
@@ -126,7 +149,70 @@ class GatedActEpilogue
     });
   }
 
- private:
+  // The swapped tile: rows are w13 rows (block layout, B = 8: rows 16b .. 16b + 7
+  // gate and 16b + 8 .. 16b + 15 up of intermediate columns 8b .. 8b + 7),
+  // columns tokens. The GMMA fragment ((2 columns, 2 row halves, NB 8-column
+  // blocks), MMA_M, MMA_N) gives a thread rows r and r + 8 (r % 16 < 8) for
+  // each of its columns: gate and up of column (r / 16) * 8 + r % 16.
+  template <class FrgShape, class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL,
+            class Acc, class TiledMma>
+  CUTLASS_DEVICE void store_swapped(ProblemShapeMNKL problem_shape_mnkl,
+                                    BlockShapeMNK blk_shape_MNK, BlockCoordMNKL blk_coord_mnkl,
+                                    Acc const& accumulators, TiledMma tiled_mma, int thread_idx) {
+    using namespace cute;
+    static_assert(kBlock == 8, "swapped: gate and up rows are a thread's row halves (8 apart)");
+    static_assert(decltype(size<0, 0>(FrgShape{}))::value == 2 &&
+                      decltype(size<0, 1>(FrgShape{}))::value == 2,
+                  "unexpected GMMA accumulator layout");
+    constexpr int kNB = decltype(size<0, 2>(FrgShape{}))::value;
+    constexpr int kMM = decltype(size<1>(FrgShape{}))::value;
+    constexpr int kNN = decltype(size<2>(FrgShape{}))::value;
+    const int rows = static_cast<int>(get<0>(problem_shape_mnkl));    // 2I
+    const int tokens = static_cast<int>(get<1>(problem_shape_mnkl));  // M_e
+    auto cD = local_tile(make_identity_tensor(make_shape(rows, tokens)), take<0, 2>(blk_shape_MNK),
+                         make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
+    auto tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(cD);
+    CUTE_STATIC_ASSERT_V(size(tCcD) == size(accumulators));
+    const int e = static_cast<int>(get<3>(blk_coord_mnkl));
+    const int I = params.act.I;
+    const float alpha = params.act.alpha, limit = params.act.limit;
+    const Element* bias =
+        params.act.b13 != nullptr ? params.act.b13 + static_cast<int64_t>(e) * 2 * I : nullptr;
+    Element* D = params.ptr_D[e];  // inter [M_e, I] row-major
+    with_activation(params.act.act, [&](auto act) {
+      using Act = decltype(act);
+      CUTLASS_PRAGMA_UNROLL
+      for (int mm = 0; mm < kMM; ++mm) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int nn = 0; nn < kNN; ++nn) {
+          const int i0 = crd2idx(make_coord(make_coord(0, 0, 0), mm, nn), FrgShape{});
+          const int r = static_cast<int>(get<0>(tCcD(i0)));  // the gate row
+          if (r >= rows) continue;
+          const int n = (r / 16) * 8 + r % 16;  // intermediate column
+          float bg = 0.f, bu = 0.f;
+          if (bias != nullptr) {
+            bg = static_cast<float>(bias[n]);
+            bu = static_cast<float>(bias[I + n]);
+          }
+          CUTLASS_PRAGMA_UNROLL
+          for (int nb = 0; nb < kNB; ++nb) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int v0 = 0; v0 < 2; ++v0) {
+              const int gi = crd2idx(make_coord(make_coord(v0, 0, nb), mm, nn), FrgShape{});
+              const int ui = crd2idx(make_coord(make_coord(v0, 1, nb), mm, nn), FrgShape{});
+              const int t = static_cast<int>(get<1>(tCcD(gi)));
+              if (t >= tokens) continue;
+              // Rounded to the dtype first, as the separate pipeline's gate_up.
+              const float g = static_cast<float>(Element(accumulators(gi))) + bg;
+              const float u = static_cast<float>(Element(accumulators(ui))) + bu;
+              D[static_cast<int64_t>(t) * I + n] = Element(Act::apply(g, u, alpha, limit));
+            }
+          }
+        }
+      }
+    });
+  }
+
   // Intermediate block i (8 columns) of the tile: gate in fragment block
   // gate_block(i), up kBlock / 8 blocks later.
   static constexpr int gate_block(int i) {

@@ -83,16 +83,19 @@ struct GroupedGemmKernel {
 };
 
 // The same mainloop with the gated-activation epilogue (gated_act_epilogue.cuh):
-// GEMM1 over block-interleaved w13, writing inter instead of gate_up.
-template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule>
+// GEMM1 over block-interleaved w13, writing inter instead of gate_up (SwapAB:
+// the weights as wgmma's A operand, as GroupedGemmKernel's).
+template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule,
+          bool SwapAB = false>
 struct GatedGroupedGemmKernel {
-  using Plain = GroupedGemmKernel<Element, TileShape_, ClusterShape_, Schedule>;
+  using Plain = GroupedGemmKernel<Element, TileShape_, ClusterShape_, Schedule, SwapAB>;
   using ProblemShape = typename Plain::ProblemShape;
-  static constexpr bool kSwapAB = false;
+  static constexpr bool kSwapAB = SwapAB;
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-      GatedActEpilogue<Element, cutlass::detail::TagToStrideC_t<typename Plain::LayoutD*>>>;
+      GatedActEpilogue<Element, cutlass::detail::TagToStrideC_t<typename Plain::LayoutD*>,
+                       SwapAB>>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, typename Plain::LayoutA*,
       Plain::kAlign, Element, typename Plain::LayoutB*, Plain::kAlign, typename Plain::Acc,
@@ -105,13 +108,11 @@ struct GatedGroupedGemmKernel {
 };
 
 // Variant<Element, id> / GatedVariant<Element, id>: the kernel types of list
-// entry `id` (plain epilogue / gated-activation epilogue). A swap-AB entry has
-// no gated kernel (GatedVariant<.., id> is NoGatedKernel).
+// entry `id` (plain epilogue / gated-activation epilogue).
 template <typename Element, int Id>
 struct Variant;
 template <typename Element, int Id>
 struct GatedVariant;
-struct NoGatedKernel {};
 template <bool Swap, int TM, int TN, int TK>
 using CutlassTile = std::conditional_t<Swap, Shape<Int<TN>, Int<TM>, Int<TK>>,
                                        Shape<Int<TM>, Int<TN>, Int<TK>>>;
@@ -122,29 +123,20 @@ using CutlassTile = std::conditional_t<Swap, Shape<Int<TN>, Int<TM>, Int<TK>>,
                           Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0, direct != 0> {}; \
   template <typename Element>                                                               \
   struct GatedVariant<Element, id>                                                          \
-      : std::conditional_t<swap != 0, NoGatedKernel,                                        \
-                           GatedGroupedGemmKernel<Element, Shape<Int<tm>, Int<tn>, Int<tk>>, \
-                                                  Shape<Int<cm>, _1, _1>, sched##Schedule>> {};
+      : GatedGroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                 \
+                               Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0> {};
 PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_TYPE)
 #undef PCG_SM90_VARIANT_TYPE
 
-template <typename K>
-constexpr bool kIsKernel = !std::is_base_of_v<NoGatedKernel, K>;
-
 // Calls f(Variant<Element, id>{}) (Gated: f(GatedVariant<Element, id>{})) for
-// a listed id (f returns cudaError_t); cudaErrorInvalidValue for another id
-// or a gated call of a variant without a gated kernel.
+// a listed id (f returns cudaError_t); cudaErrorInvalidValue for another id.
 template <typename Element, bool Gated, typename F>
 cudaError_t with_variant(int id, F&& f) {
   switch (id) {
 #define PCG_SM90_VARIANT_CASE(vid, ...)                                    \
     case vid:                                                              \
       if constexpr (Gated) {                                               \
-        if constexpr (kIsKernel<GatedVariant<Element, vid>>) {             \
-          return f(GatedVariant<Element, vid>{});                          \
-        } else {                                                           \
-          return cudaErrorInvalidValue;                                    \
-        }                                                                  \
+        return f(GatedVariant<Element, vid>{});                            \
       } else {                                                             \
         return f(Variant<Element, vid>{});                                 \
       }
@@ -160,22 +152,18 @@ cudaError_t with_variant(int id, F&& f) {
 // stride (StrideDt), each holding the same one number (a leading dimension).
 template <typename Base, typename StrideDt, typename K>
 constexpr bool takes_shared_args() {
-  if constexpr (!kIsKernel<K>) {
-    return true;
+  using KK = typename K::Kernel;
+  using BK = typename Base::Kernel;
+  if constexpr (!std::is_same_v<typename K::ProblemShape, typename Base::ProblemShape>) {
+    return false;
+  } else if constexpr (K::kSwapAB) {
+    return std::is_same_v<typename KK::InternalStrideA, typename BK::InternalStrideB> &&
+           std::is_same_v<typename KK::InternalStrideB, typename BK::InternalStrideA> &&
+           std::is_same_v<typename KK::InternalStrideD, StrideDt>;
   } else {
-    using KK = typename K::Kernel;
-    using BK = typename Base::Kernel;
-    if constexpr (!std::is_same_v<typename K::ProblemShape, typename Base::ProblemShape>) {
-      return false;
-    } else if constexpr (K::kSwapAB) {
-      return std::is_same_v<typename KK::InternalStrideA, typename BK::InternalStrideB> &&
-             std::is_same_v<typename KK::InternalStrideB, typename BK::InternalStrideA> &&
-             std::is_same_v<typename KK::InternalStrideD, StrideDt>;
-    } else {
-      return std::is_same_v<typename KK::InternalStrideA, typename BK::InternalStrideA> &&
-             std::is_same_v<typename KK::InternalStrideB, typename BK::InternalStrideB> &&
-             std::is_same_v<typename KK::InternalStrideD, typename BK::InternalStrideD>;
-    }
+    return std::is_same_v<typename KK::InternalStrideA, typename BK::InternalStrideA> &&
+           std::is_same_v<typename KK::InternalStrideB, typename BK::InternalStrideB> &&
+           std::is_same_v<typename KK::InternalStrideD, typename BK::InternalStrideD>;
   }
 }
 
@@ -255,10 +243,16 @@ struct GroupedGemm {
     const Arrays r = arrays(a.args, a.E, 1);
     typename K::Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-    args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
-    args.mainloop = {r.a, r.sa, r.b, r.sb};
+    if constexpr (K::kSwapAB) {  // the epilogue writes inter [M_e, I] row-major itself
+      args.problem_shape = {static_cast<int>(a.E), r.shape_t, nullptr};
+      args.mainloop = {r.b, r.sb, r.a, r.sa};
+      args.epilogue.dD = r.sd_t;
+    } else {
+      args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
+      args.mainloop = {r.a, r.sa, r.b, r.sb};
+      args.epilogue.dD = r.sd;
+    }
     args.epilogue.ptr_D = r.d;
-    args.epilogue.dD = r.sd;
     GatedActParams<Element>& p = args.epilogue.act;
     p.b13 = static_cast<const Element*>(a.b13);
     p.I = static_cast<int>(a.I);
@@ -399,12 +393,8 @@ size_t workspace_bytes_of(const MoeGroupedGemmArgs& a) {
   const size_t w1 = K::Gemm::get_workspace_size(G::template arguments<K>(a, 1));
   const size_t w2 = K::Gemm::get_workspace_size(G::template arguments<K>(a, 2));
   const size_t w = w1 > w2 ? w1 : w2;
-  if constexpr (kIsKernel<KG>) {
-    const size_t wg = KG::Gemm::get_workspace_size(G::template gated_arguments<KG>(a));
-    return wg > w ? wg : w;
-  } else {
-    return w;
-  }
+  const size_t wg = KG::Gemm::get_workspace_size(G::template gated_arguments<KG>(a));
+  return wg > w ? wg : w;
 }
 
 // The largest workspace of any variant for any GEMM (one buffer serves

@@ -16,9 +16,9 @@
 // a tile of TILE_M tokens can be as small as the few rows an expert gets at
 // small T, and the smem a stage spends on token rows goes to more weight
 // stages in flight. CUTLASS's tile is then N x M x K; D^T is stored
-// column-major, i.e. D row-major as usual. These kernels have the plain
-// epilogue only: GEMM1 with the activation fused (w13 in the block layout)
-// cannot take them.
+// column-major, i.e. D row-major as usual. As GEMM1 with the activation fused
+// (w13 in the block layout) their epilogue pairs a thread's gate and up rows
+// (gated_act_epilogue.cuh).
 //
 // DIRECT_STORE = 1: the plain epilogue stores D from registers
 // (direct_store_epilogue.cuh) instead of CUTLASS's TMA store, which rewrites
@@ -79,13 +79,6 @@ constexpr bool is_gemm_variant_id(int64_t id) { return id == -1 || find_gemm_var
 // -1 -> kDefaultGemmVariant; listed ids unchanged.
 constexpr int resolve_gemm_variant(int id) { return id == -1 ? kDefaultGemmVariant : id; }
 
-// Whether variant `id` (a listed id or -1) can run GEMM1 with the activation
-// in its epilogue (w13 in the block layout): every variant but the swap-AB ones.
-constexpr bool gemm_variant_fuses_act(int64_t id) {
-  const GemmVariantInfo* v = find_gemm_variant(id == -1 ? kDefaultGemmVariant : id);
-  return v != nullptr && !v->swap_ab;
-}
-
 // Ids are the positions; shapes are what the sm_90 kernels take. wgmma's A
 // operand (tokens, or weights when swapped) comes in 64-row granules, its B
 // operand in multiples of 8: cooperative splits A's tile over two warpgroups
@@ -103,7 +96,7 @@ constexpr bool gemm_variants_are_consistent() {
     if (v.cluster_m != 1 && v.cluster_m != 2) return false;
     if (v.swap_ab && v.cluster_m != 1) return false;
   }
-  return find_gemm_variant(kDefaultGemmVariant) != nullptr && gemm_variant_fuses_act(-1);
+  return find_gemm_variant(kDefaultGemmVariant) != nullptr;
 }
 static_assert(gemm_variants_are_consistent(), "PCG_MOE_GEMM_VARIANTS: inconsistent list");
 

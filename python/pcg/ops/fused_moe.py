@@ -149,8 +149,8 @@ class CutlassVariant(NamedTuple):
     one tile); ``tile_m`` x ``tile_n`` x ``tile_k``: token rows x output columns
     x K; ``cluster_m`` > 1: CTAs along M share each B tile (TMA multicast);
     ``swap_ab``: the kernel computes D^T = W . A^T (the weights are wgmma's A
-    operand, so the token tile can be as small as 8-32 rows); such a variant
-    cannot run GEMM1 with w13 in the block layout (no fused activation);
+    operand, so the token tile can be as small as 8-32 rows; as GEMM1 with w13
+    in the block layout its epilogue pairs a thread's gate and up rows);
     ``direct_store``: the plain epilogue stores D from registers rather than
     through CUTLASS's TMA store (no per-expert D descriptor to rewrite at every
     tile)."""
@@ -291,9 +291,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             dividing I (blocks of B gate rows and B up rows alternate). Every path and
             config takes either, with the same result; with B = ``FUSED_W13_BLOCK`` (8) the
             CUTLASS path applies the activation in GEMM1's epilogue (one kernel and one
-            [slots, 2I] buffer less), which swap-AB variants (``swap_ab``) cannot: with
-            w13_block = 8, a forced ``[-1, g1, g2]`` whose g1 is one is a ValueError (they
-            run GEMM2, or GEMM1 of another layout). b13 keeps the plain layout.
+            [slots, 2I] buffer less), with any variant. b13 keeps the plain layout.
 
     Pairs whose id is outside [0, E_global), or maps to -1 / outside [0, E_local),
     contribute nothing. Products accumulate in fp32; the intermediate
