@@ -120,3 +120,46 @@ def test_table_rows_are_sorted_and_stream_rows_within_the_limit(tune):
         for r in rows:
             if r.startswith(f"{{{_t_max(r)}, -2,"):
                 assert _t_max(r) * k <= tune.STREAM_MAX_PAIRS, (E, k, H, I, r)
+
+
+def test_neighbour_pass_takes_only_confirmed_correct_neighbours(tune):
+    """Each T's choice is timed in alternation against its neighbours' choices:
+    a faster neighbour (by --min-gain) is taken, a slower one, one computing
+    another result and one the call cannot take (ValueError) are not."""
+    import argparse
+
+    import torch
+
+    A, B, C, D = (-1, 1, 4), (-1, 4, 6), (-2, -1, -1), (-1, 5, 5)
+    # us of each config per T (lower is faster)
+    speed = {8: {C: 10.0, A: 12.0}, 16: {A: 100.0, B: 95.0}, 32: {B: 80.0, A: 79.8, D: 70.0},
+             48: {D: 60.0, B: 50.0}}
+    wrong = {(48, B)}  # B computes another result at T = 48
+
+    class FakeBench:
+        @staticmethod
+        def make_inputs(T, E, k, H, seed, device):
+            return (torch.full((T, H), 1.0), None, None)
+
+    def op(x, w13, w2, ids, wts, config):
+        T = x.shape[0]
+        if tuple(config) == C and T > 8:
+            raise ValueError("stream: too many pairs")
+        return x * (2.0 if (T, tuple(config)) in wrong else 1.0)
+
+    def paired(sets, a, b, reps):
+        T = sets[0][0].shape[0]
+        return speed[T][a], speed[T][b]
+
+    results = [(8, C, 10.0, 12.0), (16, A, 100.0, 120.0), (32, B, 80.0, 120.0), (48, D, 60.0, 120.0)]
+    args = argparse.Namespace(sets=1, iters=10, budget_ms=1.0, min_gain=0.005)
+    logged = []
+    tune.neighbour_pass("s", results, args, paired, op, None, None, 8, 2, 4, FakeBench, "cpu",
+                        logged.append, str)
+    # T = 8: A slower -> not taken; T = 16: C cannot run there, B 5% faster ->
+    # taken; T = 32: A only 0.25% faster (below min_gain) -> not, D 12.5% faster
+    # -> taken; T = 48: B computes another result -> not
+    assert [r[1] for r in results] == [C, B, D, D]
+    assert results[1][2] == 95.0 and results[2][2] == 70.0
+    assert any("WRONG RESULT" in line for line in logged)
+    assert sum("taken" in line for line in logged) == 2

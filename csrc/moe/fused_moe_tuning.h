@@ -19,61 +19,62 @@ namespace pcg::moe::tuning {
 // mixtral-8x7b: E_local=8 top_k=2 H=4096 I=14336
 inline constexpr TuningEntry kShape0[] = {
     // {t_max, block_m, tile1, tile2}
-    {39, -2, -1, -1},  // stream; us (heuristic): T1 171.9/251.8 T32 678.3/777.9
-    {78, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T48 691.3/884.3 T64 698.0/977.3
-    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T96 703.6/990.8 T192 724.8/1470.6
-    {313, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T256 743.5/1605.6
-    {443, -1, -1, -1},  // cutlass_sm90; us (heuristic): T384 756.5/1991.3
-    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 894.0/2429.5
-    {1448, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 1033.2/3310.7 T1024 1318.2/4085.4
-    {2896, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 2355.6/6088.1
-    {5792, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T4096 4582.6/11443.7
-    {11585, -1, -1, -1},  // cutlass_sm90; us (heuristic): T8192 8908.6/21998.7
-    {16384, -1, 3, -1},  // cutlass_sm90 coop_128x256x64_c2x1 + default; us (heuristic): T16384 18159.2/43098.2
+    {39, -2, -1, -1},  // stream; us (heuristic): T1 173.0/249.8 T32 666.9/751.5
+    {78, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T48 665.6/840.5 T64 666.1/977.5
+    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T96 678.2/976.7 T192 691.0/1454.4
+    {313, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T256 725.4/1558.5
+    {443, -1, -1, 1},  // cutlass_sm90 default + pingpong_64x256x64; us (heuristic): T384 716.3/1982.1
+    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 875.4/2462.0
+    {1448, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 1050.5/3329.7 T1024 1353.8/4047.5
+    {2896, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 2375.5/6028.1
+    {5792, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T4096 4343.3/11395.5
+    {11585, -1, -1, -1},  // cutlass_sm90; us (heuristic): T8192 8644.0/21880.6
+    {16384, -1, 3, -1},  // cutlass_sm90 coop_128x256x64_c2x1 + default; us (heuristic): T16384 17464.0/42679.9
 };
 
 // gpt-oss-20b: E_local=32 top_k=4 H=2880 I=2880
 inline constexpr TuningEntry kShape1[] = {
     // {t_max, block_m, tile1, tile2}
-    {32, -2, -1, -1},  // stream; us (heuristic): T1 57.8/85.8 T32 412.6/460.2
-    {443, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T48 418.5/464.7 T384 437.4/861.6
-    {886, -1, -1, -1},  // cutlass_sm90; us (heuristic): T512 454.8/890.3 T768 471.2/1107.7
-    {1448, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T1024 557.3/1326.2
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T2048 810.9/2426.1 T16384 4934.5/12914.8
+    {22, -2, -1, -1},  // stream; us (heuristic): T1 58.3/87.0 T16 367.9/406.6
+    {55, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T32 385.8/447.0 T48 398.2/449.4
+    {78, -1, 5, 6},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_16x256x64_direct; us (heuristic): T64 391.4/454.0
+    {156, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T96 405.2/464.9 T128 404.4/538.7
+    {443, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T192 415.4/500.7 T384 427.7/861.9
+    {886, -1, -1, -1},  // cutlass_sm90; us (heuristic): T512 445.6/879.0 T768 455.9/1109.8
+    {1448, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T1024 564.9/1328.2
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T2048 808.5/2336.4 T16384 5380.2/12860.3
 };
 
 // deepseek-v2-lite: E_local=64 top_k=6 H=2048 I=1408
 inline constexpr TuningEntry kShape2[] = {
     // {t_max, block_m, tile1, tile2}
-    {21, -2, -1, -1},  // stream; us (heuristic): T1 33.9/56.3 T16 232.3/256.0
-    {39, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T32 282.9/306.9
-    {55, -1, 1, 4},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_16x256x64; us (heuristic): T48 293.1/336.4
-    {78, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T64 302.2/338.9
-    {110, -1, 1, 4},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_16x256x64; us (heuristic): T96 296.3/344.3
-    {156, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T128 306.3/347.6
-    {221, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T192 305.4/375.4
-    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T256 308.8/387.1 T512 323.4/637.8
-    {2896, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 343.0/711.6 T2048 483.8/1341.1
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T4096 825.4/1908.4 T16384 2736.7/7027.4
+    {21, -2, -1, -1},  // stream; us (heuristic): T1 35.2/57.7 T16 232.5/255.8
+    {55, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T32 272.6/301.5 T48 283.4/331.6
+    {78, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T64 285.2/334.2
+    {110, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T96 290.6/340.2
+    {221, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T128 290.4/341.3 T192 293.1/371.1
+    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T256 304.6/382.2 T512 318.9/642.9
+    {5792, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 342.7/714.0 T4096 811.7/1908.5
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T8192 1445.9/3621.6 T16384 2973.1/7014.9
 };
 
 // qwen3-30b-a3b: E_local=128 top_k=8 H=2048 I=768
 inline constexpr TuningEntry kShape3[] = {
     // {t_max, block_m, tile1, tile2}
-    {11, -2, -1, -1},  // stream; us (heuristic): T1 29.4/53.4 T8 122.6/171.7
-    {78, -1, 1, 4},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_16x256x64; us (heuristic): T16 220.1/239.7 T64 319.0/356.2
-    {110, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T96 321.7/362.2
-    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T128 324.6/359.3 T192 328.9/391.0
-    {313, -1, 1, 5},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_32x256x64; us (heuristic): T256 330.0/450.5
-    {5792, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T384 340.0/418.1 T4096 691.4/1913.5
-    {11585, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T8192 1234.4/2834.6
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T16384 2284.4/5549.3
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 26.5/50.8 T8 120.8/167.5
+    {22, -1, 1, 4},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_16x256x64; us (heuristic): T16 215.7/231.3
+    {156, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T32 273.0/323.6 T128 310.0/350.0
+    {221, -1, 5, 7},  // cutlass_sm90 swap_coop_32x256x64 + pingpong_64x256x64_direct; us (heuristic): T192 314.2/384.7
+    {443, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T256 318.1/449.9 T384 328.7/413.0
+    {5792, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 337.8/543.2 T4096 688.9/1919.5
+    {11585, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T8192 1252.0/2798.5
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T16384 2370.0/5511.4
 };
 
 inline constexpr TuningShape kShapes[] = {
     {8, 2, 4096, 14336, kShape0, 11},
-    {32, 4, 2880, 2880, kShape1, 5},
-    {64, 6, 2048, 1408, kShape2, 10},
+    {32, 4, 2880, 2880, kShape1, 8},
+    {64, 6, 2048, 1408, kShape2, 8},
     {128, 8, 2048, 768, kShape3, 8},
     {0, 0, 0, 0, nullptr, 0},  // end
 };
