@@ -19,63 +19,61 @@ namespace pcg::moe::tuning {
 // mixtral-8x7b: E_local=8 top_k=2 H=4096 I=14336
 inline constexpr TuningEntry kShape0[] = {
     // {t_max, block_m, tile1, tile2}
-    {39, -2, -1, -1},  // stream; us (heuristic): T1 173.0/249.8 T32 666.9/751.5
-    {78, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T48 665.6/840.5 T64 666.1/977.5
-    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T96 678.2/976.7 T192 691.0/1454.4
-    {313, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T256 725.4/1558.5
-    {443, -1, -1, 1},  // cutlass_sm90 default + pingpong_64x256x64; us (heuristic): T384 716.3/1982.1
-    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 875.4/2462.0
-    {1448, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 1050.5/3329.7 T1024 1353.8/4047.5
-    {2896, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 2375.5/6028.1
-    {5792, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T4096 4343.3/11395.5
-    {11585, -1, -1, -1},  // cutlass_sm90; us (heuristic): T8192 8644.0/21880.6
-    {16384, -1, 3, -1},  // cutlass_sm90 coop_128x256x64_c2x1 + default; us (heuristic): T16384 17464.0/42679.9
+    {39, -2, -1, -1},  // stream; us (heuristic): T1 171.6/247.5 T32 684.7/781.3
+    {78, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T48 682.8/875.8 T64 684.7/976.6
+    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T96 700.8/991.7 T192 713.9/1450.3
+    {313, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T256 753.8/1613.5
+    {443, -1, -1, 1},  // cutlass_sm90 default + pingpong_64x256x64; us (heuristic): T384 741.2/1995.1
+    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 888.2/2464.0
+    {886, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 1078.6/3177.3
+    {5792, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T1024 1324.6/4165.5 T4096 4417.7/11472.4
+    {11585, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T8192 8779.3/21992.1
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T16384 17810.8/42950.9
 };
 
 // gpt-oss-20b: E_local=32 top_k=4 H=2880 I=2880
 inline constexpr TuningEntry kShape1[] = {
     // {t_max, block_m, tile1, tile2}
-    {22, -2, -1, -1},  // stream; us (heuristic): T1 58.3/87.0 T16 367.9/406.6
-    {55, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T32 385.8/447.0 T48 398.2/449.4
-    {78, -1, 5, 6},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_16x256x64_direct; us (heuristic): T64 391.4/454.0
-    {156, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T96 405.2/464.9 T128 404.4/538.7
-    {443, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T192 415.4/500.7 T384 427.7/861.9
-    {886, -1, -1, -1},  // cutlass_sm90; us (heuristic): T512 445.6/879.0 T768 455.9/1109.8
-    {1448, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T1024 564.9/1328.2
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T2048 808.5/2336.4 T16384 5380.2/12860.3
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 58.7/86.9 T8 275.0/322.9
+    {55, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T16 377.7/418.0 T48 416.4/471.5
+    {78, -1, 5, 6},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_16x256x64_direct; us (heuristic): T64 403.5/467.5
+    {221, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T96 416.5/471.3 T192 423.1/507.1
+    {443, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T256 427.4/698.5 T384 440.3/863.7
+    {886, -1, -1, -1},  // cutlass_sm90; us (heuristic): T512 455.7/890.6 T768 463.8/1106.5
+    {1448, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T1024 559.7/1340.8
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T2048 810.0/2347.2 T16384 4907.0/12927.5
 };
 
 // deepseek-v2-lite: E_local=64 top_k=6 H=2048 I=1408
 inline constexpr TuningEntry kShape2[] = {
     // {t_max, block_m, tile1, tile2}
-    {21, -2, -1, -1},  // stream; us (heuristic): T1 35.2/57.7 T16 232.5/255.8
-    {55, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T32 272.6/301.5 T48 283.4/331.6
-    {78, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T64 285.2/334.2
-    {110, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T96 290.6/340.2
-    {221, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T128 290.4/341.3 T192 293.1/371.1
-    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T256 304.6/382.2 T512 318.9/642.9
-    {5792, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 342.7/714.0 T4096 811.7/1908.5
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T8192 1445.9/3621.6 T16384 2973.1/7014.9
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 34.0/55.7 T8 149.1/189.7
+    {55, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T16 240.8/256.9 T48 288.6/335.4
+    {78, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T64 288.2/338.2
+    {110, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T96 298.4/343.5
+    {313, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T128 294.4/346.9 T256 305.8/387.8
+    {627, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T384 318.4/571.5 T512 323.4/638.6
+    {2896, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 343.8/714.7 T2048 487.5/1331.1
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T4096 814.1/1888.2 T16384 2725.2/7055.5
 };
 
 // qwen3-30b-a3b: E_local=128 top_k=8 H=2048 I=768
 inline constexpr TuningEntry kShape3[] = {
     // {t_max, block_m, tile1, tile2}
-    {11, -2, -1, -1},  // stream; us (heuristic): T1 26.5/50.8 T8 120.8/167.5
-    {22, -1, 1, 4},  // cutlass_sm90 pingpong_64x256x64 + swap_coop_16x256x64; us (heuristic): T16 215.7/231.3
-    {156, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T32 273.0/323.6 T128 310.0/350.0
-    {221, -1, 5, 7},  // cutlass_sm90 swap_coop_32x256x64 + pingpong_64x256x64_direct; us (heuristic): T192 314.2/384.7
-    {443, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T256 318.1/449.9 T384 328.7/413.0
-    {5792, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 337.8/543.2 T4096 688.9/1919.5
-    {11585, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T8192 1252.0/2798.5
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T16384 2370.0/5511.4
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 28.4/52.3 T8 125.1/173.5
+    {22, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T16 214.3/240.8
+    {156, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T32 284.7/334.8 T128 315.4/358.2
+    {221, -1, 5, 7},  // cutlass_sm90 swap_coop_32x256x64 + pingpong_64x256x64_direct; us (heuristic): T192 320.7/389.9
+    {443, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T256 327.0/450.8 T384 334.9/417.9
+    {11585, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T512 344.6/545.2 T8192 1277.6/2861.3
+    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T16384 2382.7/5570.6
 };
 
 inline constexpr TuningShape kShapes[] = {
-    {8, 2, 4096, 14336, kShape0, 11},
+    {8, 2, 4096, 14336, kShape0, 10},
     {32, 4, 2880, 2880, kShape1, 8},
     {64, 6, 2048, 1408, kShape2, 8},
-    {128, 8, 2048, 768, kShape3, 8},
+    {128, 8, 2048, 768, kShape3, 7},
     {0, 0, 0, 0, nullptr, 0},  // end
 };
 
