@@ -124,8 +124,9 @@ def test_table_rows_are_sorted_and_stream_rows_within_the_limit(tune):
 
 def test_neighbour_pass_takes_only_confirmed_correct_neighbours(tune):
     """Each T's choice is timed in alternation against its neighbours' choices:
-    a faster neighbour (by --min-gain) is taken, a slower one, one computing
-    another result and one the call cannot take (ValueError) are not."""
+    a neighbour faster by --min-gain in two rounds is taken; a slower one, one
+    winning one round of two, one computing another result and one the call
+    cannot take (ValueError) are not."""
     import argparse
 
     import torch
@@ -133,7 +134,7 @@ def test_neighbour_pass_takes_only_confirmed_correct_neighbours(tune):
     A, B, C, D = (-1, 1, 4), (-1, 4, 6), (-2, -1, -1), (-1, 5, 5)
     # us of each config per T (lower is faster)
     speed = {8: {C: 10.0, A: 12.0}, 16: {A: 100.0, B: 95.0}, 32: {B: 80.0, A: 79.8, D: 70.0},
-             48: {D: 60.0, B: 50.0}}
+             48: {D: 60.0, B: 50.0}, 64: {B: 50.0, D: 40.0}}
     wrong = {(48, B)}  # B computes another result at T = 48
 
     class FakeBench:
@@ -147,19 +148,27 @@ def test_neighbour_pass_takes_only_confirmed_correct_neighbours(tune):
             raise ValueError("stream: too many pairs")
         return x * (2.0 if (T, tuple(config)) in wrong else 1.0)
 
+    calls = {}
+
     def paired(sets, a, b, reps):
         T = sets[0][0].shape[0]
+        n = calls[(T, a)] = calls.get((T, a), 0) + 1
+        if T == 64 and a == D and n == 2:  # D wins the first round at T = 64, not the second
+            return speed[T][b], speed[T][b]
         return speed[T][a], speed[T][b]
 
-    results = [(8, C, 10.0, 12.0), (16, A, 100.0, 120.0), (32, B, 80.0, 120.0), (48, D, 60.0, 120.0)]
+    results = [(8, C, 10.0, 12.0), (16, A, 100.0, 120.0), (32, B, 80.0, 120.0), (48, D, 60.0, 120.0),
+               (64, B, 50.0, 120.0)]
     args = argparse.Namespace(sets=1, iters=10, budget_ms=1.0, min_gain=0.005)
     logged = []
     tune.neighbour_pass("s", results, args, paired, op, None, None, 8, 2, 4, FakeBench, "cpu",
                         logged.append, str)
     # T = 8: A slower -> not taken; T = 16: C cannot run there, B 5% faster ->
     # taken; T = 32: A only 0.25% faster (below min_gain) -> not, D 12.5% faster
-    # -> taken; T = 48: B computes another result -> not
-    assert [r[1] for r in results] == [C, B, D, D]
+    # -> taken; T = 48: B computes another result -> not; T = 64: D wins one of
+    # two rounds -> not
+    assert [r[1] for r in results] == [C, B, D, D, B]
     assert results[1][2] == 95.0 and results[2][2] == 70.0
     assert any("WRONG RESULT" in line for line in logged)
-    assert sum("taken" in line for line in logged) == 2
+    assert sum(line.endswith(": taken") for line in logged) == 2
+    assert any("(1 of 2 rounds won): not confirmed" in line for line in logged)
