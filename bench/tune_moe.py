@@ -20,6 +20,9 @@ faster (timing noise does not churn the table), both in the search and when
 the two are timed again in alternation (a clock drift over the search does
 not pass for a gain). Each candidate's output is
 compared with the default config's; a mismatch is reported and never chosen.
+The search is greedy, so after the last T each T's choice is timed in
+alternation against the choices of its neighbouring grid points, and one that
+wins two rounds by --min-gain replaces it (--no-neighbours skips this).
 
 Two other implementations compete at every T where they can run (the op
 raises ValueError where they cannot: build, device, shapes, pair limit):
