@@ -13,7 +13,8 @@
 #                   runs the comm part again with those environment settings (NCCL tuning)
 #   test_ep         tests/test_ep.py GPU/capture/opcheck tests (2-GPU ones need 2 GPUs)
 #   memcheck, racecheck   compute-sanitizer over scripts/sanitize_kernels.py
-#   tests/X.py      one pytest file (extra pytest arguments in $PYTEST_ARGS, e.g. "-k bf16")
+#   tests/X.py      one pytest file, with -q (extra pytest arguments in $PYTEST_ARGS, e.g. "-m gpu";
+#                   another -q there drops the summary line)
 #   scripts/X.py    one diagnostic script (a diagnostic that reads the built library)
 #   profile         bench/profile_moe.py ($PROFILE_ARGS)
 #   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments;
