@@ -161,32 +161,39 @@ def test_gpu_cutlass_fused_activation_matches_separate(T, shape, config, dtype):
         assert torch.equal(pcg.fused_moe(*bargs, **bkw, config=config), want), block
 
 
+# GEMM1 on the default kernel and on a swap-AB one (each has its own gated epilogue).
+SWAP_GEMM1 = next(v.id for v in fused_moe_cutlass_variants() if v.swap_ab)
+GATED_CONFIGS = [[-1, -1, -1], [-1, SWAP_GEMM1, -1]]
+
+
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("config", GATED_CONFIGS, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_gpu_cutlass_fused_activation_every_activation(activation, bias):
+def test_gpu_cutlass_fused_activation_every_activation(activation, bias, config):
     args, kw = make_case(700, 16, 4, 256, 128, dtype=torch.bfloat16, device="cuda", e_global=20,
                          bias=bias, scale=3.0)
     kw["activation"] = activation
-    want = pcg.fused_moe(*args, **kw, config=[-1, -1, -1])
+    want = pcg.fused_moe(*args, **kw, config=config)
     bargs, bkw = _blocked(args, kw, pcg.FUSED_W13_BLOCK)
-    assert torch.equal(pcg.fused_moe(*bargs, **bkw, config=[-1, -1, -1]), want)
+    assert torch.equal(pcg.fused_moe(*bargs, **bkw, config=config), want)
 
 
 @pytest.mark.gpu
 @sm90
-def test_gpu_cutlass_fused_activation_skips_the_activation_kernel():
+@pytest.mark.parametrize("config", GATED_CONFIGS, ids=str)
+def test_gpu_cutlass_fused_activation_skips_the_activation_kernel(config):
     """The fused path really runs: with B = 8 no activation kernel is launched
     (GEMM1's epilogue does its work); with the plain layout one is."""
     args, kw = make_case(500, 8, 2, 128, 64, dtype=torch.bfloat16, device="cuda")
 
     def kernels(block):
         bargs, bkw = _blocked(args, kw, block)
-        pcg.fused_moe(*bargs, **bkw, config=[-1, -1, -1])  # warm-up
+        pcg.fused_moe(*bargs, **bkw, config=config)  # warm-up
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            pcg.fused_moe(*bargs, **bkw, config=[-1, -1, -1])
+            pcg.fused_moe(*bargs, **bkw, config=config)
             torch.cuda.synchronize()
         return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
