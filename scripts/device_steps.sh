@@ -13,8 +13,8 @@
 #                   runs the comm part again with those environment settings (NCCL tuning)
 #   test_ep         tests/test_ep.py GPU/capture/opcheck tests (2-GPU ones need 2 GPUs)
 #   memcheck, racecheck   compute-sanitizer over scripts/sanitize_kernels.py
-#   tests/X.py      one pytest file, with -q (extra pytest arguments in $PYTEST_ARGS, e.g. "-m gpu";
-#                   another -q there drops the summary line)
+#   tests/X.py      one pytest file, with -q (extra pytest arguments in $PYTEST_ARGS, shell words,
+#                   e.g. "-m gpu -k 'a or b'"; another -q there drops the summary line)
 #   scripts/X.py    one diagnostic script (a diagnostic that reads the built library)
 #   profile         bench/profile_moe.py ($PROFILE_ARGS)
 #   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments;
@@ -83,7 +83,8 @@ run_step() {
     test_ep) step test_ep 300 4 $py -m pytest -q tests/test_ep.py -k "cuda or opcheck or capture" ;;
     memcheck|racecheck) step "$st" 150 12 compute-sanitizer --tool "$st" $py scripts/sanitize_kernels.py ;;
     scripts/*.py) step "$(basename "$st" .py)" 300 40 $py "$st" ;;
-    tests/*.py) step "pytest_$(basename "$st" .py)" 300 4 $py -m pytest -q "$st" ${PYTEST_ARGS:-} ;;
+    tests/*.py) eval "pyargs=(${PYTEST_ARGS:-})"  # shell words: -k "a or b" stays one argument
+                step "pytest_$(basename "$st" .py)" 300 4 $py -m pytest -q "$st" "${pyargs[@]}" ;;
     profile) step profile 150 40 $py bench/profile_moe.py ${PROFILE_ARGS:-} ;;
     ncu) step ncu 240 80 ncu --kernel-name "regex:${NCU_KERNELS:-moe_}" --section SpeedOfLight --section Occupancy \
            --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
