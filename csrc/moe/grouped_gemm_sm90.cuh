@@ -237,22 +237,30 @@ struct GroupedGemm {
     return hw;
   }
 
+  // The grouped mode, problem shapes, A / B operands and D of kernel K from one
+  // GEMM's arrays: a swap-AB kernel computes D^T = W . A^T (transposed shapes, the
+  // operands exchanged, column-major D; takes_shared_args: the types match).
+  template <typename K>
+  static void grouped_operands(typename K::Gemm::Arguments& args, const Arrays& r, int64_t E) {
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    if constexpr (K::kSwapAB) {
+      args.problem_shape = {static_cast<int>(E), r.shape_t, nullptr};
+      args.mainloop = {r.b, r.sb, r.a, r.sa};
+      args.epilogue.dD = r.sd_t;
+    } else {
+      args.problem_shape = {static_cast<int>(E), r.shape, nullptr};
+      args.mainloop = {r.a, r.sa, r.b, r.sb};
+      args.epilogue.dD = r.sd;
+    }
+    args.epilogue.ptr_D = r.d;
+  }
+
   // Arguments of kernel K (a GatedVariant) for GEMM1 with the activation fused.
   template <typename K>
   static typename K::Gemm::Arguments gated_arguments(const MoeGroupedGemmArgs& a) {
     const Arrays r = arrays(a.args, a.E, 1);
     typename K::Gemm::Arguments args;
-    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-    if constexpr (K::kSwapAB) {  // the epilogue writes inter [M_e, I] row-major itself
-      args.problem_shape = {static_cast<int>(a.E), r.shape_t, nullptr};
-      args.mainloop = {r.b, r.sb, r.a, r.sa};
-      args.epilogue.dD = r.sd_t;
-    } else {
-      args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
-      args.mainloop = {r.a, r.sa, r.b, r.sb};
-      args.epilogue.dD = r.sd;
-    }
-    args.epilogue.ptr_D = r.d;
+    grouped_operands<K>(args, r, a.E);  // swapped: the epilogue writes inter row-major itself
     GatedActParams<Element>& p = args.epilogue.act;
     p.b13 = static_cast<const Element*>(a.b13);
     p.I = static_cast<int>(a.I);
@@ -269,23 +277,13 @@ struct GroupedGemm {
     const Arrays r = arrays(a.args, a.E, which);
     const cutlass::KernelHardwareInfo hw = hw_info(a);
     typename K::Gemm::Arguments args;
-    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-    if constexpr (K::kSwapAB) {  // D^T = W . A^T (takes_shared_args: the types match)
-      args.problem_shape = {static_cast<int>(a.E), r.shape_t, nullptr};
-      args.mainloop = {r.b, r.sb, r.a, r.sa};
-      args.epilogue.dD = r.sd_t;
-    } else {
-      args.problem_shape = {static_cast<int>(a.E), r.shape, nullptr};
-      args.mainloop = {r.a, r.sa, r.b, r.sb};
-      args.epilogue.dD = r.sd;
-    }
+    grouped_operands<K>(args, r, a.E);
     if constexpr (!K::kDirectStore) {
       args.epilogue.thread.alpha = 1.f;
       args.epilogue.thread.beta = 0.f;
       args.epilogue.ptr_C = nullptr;
       args.epilogue.dC = nullptr;
     }
-    args.epilogue.ptr_D = r.d;
     args.hw_info = hw;
     return args;
   }
