@@ -261,7 +261,8 @@ def tune_shape(name, E, k, H, I, args, tiles, per_bm, device, log, variants=()):
     names = {t.id: t.name for t in tiles}
     vnames = {v.id: v.name for v in variants}
     # The default variant is named -1 in configs (rows stay {.., -1, -1, -1} when it wins).
-    variant_ids = [-1] + [v.id for v in variants if v.id != DEFAULT_VARIANT]
+    # GEMM2 candidates: a gather variant reads hidden rows, GEMM1's A only.
+    variant_ids = [-1] + [v.id for v in variants if v.id != DEFAULT_VARIANT and not v.gather_a]
     # GEMM1 runs with the activation fused (the block layout below), where a
     # direct-store variant's kernel is its twin's.
     gemm1_ids = [-1] + [v.id for v in variants

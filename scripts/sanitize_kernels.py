@@ -12,6 +12,7 @@ biases and each activation, route (softmax / grouped sigmoid) and EP
 dispatch/combine, and causal_attention_out's short-sequence kernel (packed
 batches with empty / one-token sequences, pad rows, windows, Dv != D).
 """
+import os
 import sys
 
 import torch
@@ -78,6 +79,14 @@ if torch.cuda.get_device_capability() == (9, 0):  # the CUTLASS sm_90a path
     for v in fused_moe_cutlass_variants():
         moe_case(16, 4, 200, 200, 70, torch.bfloat16, act="swigluoai", bias=True, nvalid=41,
                  mapped=True, config=[-1, v.id, -1], w13_block=8)
+        if v.gather_a:  # GEMM1 only; also behind the three-kernel prologue (no permute)
+            os.environ["PCG_MOE_PROLOGUE_MAX_PAIRS"] = "0"
+            moe_case(16, 4, 200, 200, 70, torch.bfloat16, bias=True, nvalid=41, mapped=True,
+                     config=[-1, v.id, -1], w13_block=8)
+            moe_case(16, 4, 200, 200, 70, torch.bfloat16, bias=True, nvalid=41, mapped=True,
+                     config=[-1, v.id, -1])
+            del os.environ["PCG_MOE_PROLOGUE_MAX_PAIRS"]
+            continue
         moe_case(16, 4, 200, 200, 70, torch.bfloat16, bias=True, nvalid=41, mapped=True,
                  config=[-1, -1, v.id], w13_block=8)
         if v.swap_ab:

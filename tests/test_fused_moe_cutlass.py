@@ -21,8 +21,19 @@ from test_fused_moe import GPU_TOL, _check_capture_replay, make_case, reference,
 CUTLASS = [-1, -1, -1]
 VARIANTS = fused_moe_cutlass_variants()
 N_VARIANTS = len(VARIANTS)
-# Each variant id runs GEMM1 once and GEMM2 once: [-1, v, v+1 mod n].
-VARIANT_CONFIGS = [[-1, v.id, (v.id + 1) % N_VARIANTS] for v in VARIANTS]
+GATHER = [v.id for v in VARIANTS if v.gather_a]  # GEMM1-only kernels
+
+
+def _next_gemm2(vid):
+    """The first variant after vid (cyclically) that can run GEMM2."""
+    for d in range(1, N_VARIANTS + 1):
+        if not VARIANTS[(vid + d) % N_VARIANTS].gather_a:
+            return (vid + d) % N_VARIANTS
+    raise AssertionError("no GEMM2 variant")
+
+
+# Each variant id runs GEMM1 once, and each that can, GEMM2 once: [-1, v, next GEMM2 variant].
+VARIANT_CONFIGS = [[-1, v.id, _next_gemm2(v.id)] for v in VARIANTS]
 
 
 def _config_id(c):
@@ -49,7 +60,20 @@ def test_cutlass_variant_configs_accepted_on_cpu():
     want = pcg.fused_moe(*args, **kw)
     for g1 in range(-1, N_VARIANTS):
         for g2 in range(-1, N_VARIANTS):
+            if g2 in GATHER:
+                continue
             assert torch.equal(pcg.fused_moe(*args, **kw, config=[-1, g1, g2]), want)
+
+
+def test_cutlass_gather_variant_is_gemm1_only_cpu():
+    assert GATHER, "a GEMM1 kernel that gathers A's rows"
+    args, kw = make_case(13, 5, 2, 24, 16, dtype=torch.bfloat16, e_global=7, bias=True)
+    for g in GATHER:
+        assert torch.equal(pcg.fused_moe(*args, **kw, config=[-1, g, -1]),
+                           pcg.fused_moe(*args, **kw))
+        with pytest.raises(ValueError, match=rf"config\[2\].*{g} \({VARIANTS[g].name}\) "
+                                             r"gathers A's rows by token, which only GEMM1"):
+            pcg.fused_moe(*args, **kw, config=[-1, -1, g])
 
 
 def test_cutlass_variant_list():
@@ -67,6 +91,9 @@ def test_cutlass_variant_list():
         assert not v.swap_ab or v.cluster_m == 1
     assert any(v.swap_ab for v in VARIANTS) and not all(v.swap_ab for v in VARIANTS)
     assert any(v.direct_store for v in VARIANTS)
+    for v in VARIANTS:
+        if v.gather_a:  # token rows as wgmma's A, spread over a warp's lanes
+            assert not v.swap_ab and not v.direct_store and v.tile_m % 32 == 0
 
 
 def test_cutlass_swap_ab_gemm1_takes_the_block_layout_cpu():
@@ -285,6 +312,60 @@ def test_cutlass_capture_replay_forced_variants(config, T):
     """A forced variant config captured once and replayed with new inputs."""
     _check_capture_replay(T, 12, 4, 72, 40, 16, torch.bfloat16, [T, max(T // 2, 1), 0, T + 3],
                           seed=400, config=config)
+
+
+def _gather_twin(g):
+    """The variant that loads A by TMA with gather variant g's schedule and tile."""
+    v = VARIANTS[g]
+    same = [w.id for w in VARIANTS if not w.gather_a and not w.direct_store and
+            (w.pingpong, w.tile_m, w.tile_n, w.tile_k, w.cluster_m, w.swap_ab) ==
+            (v.pingpong, v.tile_m, v.tile_n, v.tile_k, v.cluster_m, v.swap_ab)]
+    assert same, v
+    return same[0]
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("prologue", ["kernels", "one"])
+@pytest.mark.parametrize("block", [0, 8])  # GEMM1's plain and fused-activation epilogues
+@pytest.mark.parametrize("case", [
+    # (T, E, k, H, I, e_global, num_valid)
+    (7, 5, 3, 72, 40, None, 7),            # K = 72: a partial K tile; tiles past M
+    (300, 24, 4, 520, 256, 64, 123),       # remote experts, num_valid < T, empty experts
+    (4099, 128, 8, 2048, 768, None, 4099),  # Qwen3-30B-A3B: many tiles per expert
+    (1000, 8, 2, 4104, 264, None, 999),    # rows of 513 vectors, few experts
+], ids=str)
+@pytest.mark.parametrize("g", GATHER)
+def test_cutlass_gather_equals_tma_twin(g, case, block, prologue, monkeypatch):
+    """GEMM1 gathering A's rows by token (no permute; the pipeline's three-kernel
+    prologue skips it) equals the same tile loading the permuted rows by TMA, bit
+    for bit: the same rows, in the same order, meet the same wgmma sequence."""
+    T, E, k, H, I, eg, nv = case
+    if prologue == "kernels":
+        monkeypatch.setenv("PCG_MOE_PROLOGUE_MAX_PAIRS", "0")
+    args, kw = _gpu_case(T, E, k, H, I, torch.bfloat16, seed=T + g, e_global=eg)
+    kw["num_valid"] = torch.tensor([nv], dtype=torch.int32, device="cuda")
+    if block:
+        args[1] = pcg.interleave_w13(args[1], block)
+        kw["w13_block"] = block
+    twin = _gather_twin(g)
+    got = pcg.fused_moe(*args, **kw, config=[-1, g, twin])
+    want = pcg.fused_moe(*args, **kw, config=[-1, twin, twin])
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    assert (got[nv:] == 0).all() and got[:nv].abs().max() > 0
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("g", GATHER)
+@pytest.mark.parametrize("T", [24, 600])
+def test_cutlass_capture_replay_gather_three_kernel_prologue(g, T, monkeypatch):
+    """A gather GEMM1 behind the three-kernel prologue (align, setup: the setup
+    waits for the align itself with no permute between them), captured once."""
+    monkeypatch.setenv("PCG_MOE_PROLOGUE_MAX_PAIRS", "0")
+    _check_capture_replay(T, 12, 4, 72, 40, 16, torch.bfloat16, [T, max(T // 2, 1), 0, T + 3],
+                          seed=500 + g, config=[-1, g, -1])
 
 
 @pytest.mark.gpu

@@ -110,8 +110,9 @@ def _is_sm90():
 
 sm90 = pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 GPU (H100/H200)")
 
-# Every variant on both GEMMs (swap-AB ones pair gate and up rows in GEMM1's epilogue).
-CUTLASS_CONFIGS = [[-1, v.id, v.id] for v in fused_moe_cutlass_variants()]
+# Every variant on both GEMMs (swap-AB ones pair gate and up rows in GEMM1's epilogue;
+# gather ones run GEMM1 only).
+CUTLASS_CONFIGS = [[-1, v.id, -1 if v.gather_a else v.id] for v in fused_moe_cutlass_variants()]
 MMA_CONFIGS = [None, [16, -1, -1], [32, -1, -1], [64, -1, -1], [128, -1, -1]]
 
 

@@ -209,6 +209,10 @@ std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef con
                     ") or a kernel variant id in [0, ", moe::kNumGemmVariants,
                     ") (pcg.ops.fused_moe.fused_moe_cutlass_variants()), got ", ids[g], " in ", c);
     }
+    PCG_CHECK_ARG(kOp, "config", !moe::gemm_variant_gathers_a(tile2), "config[2] (GEMM2's kernel) ",
+                  tile2, " (", moe::find_gemm_variant(tile2) ? moe::find_gemm_variant(tile2)->name : "",
+                  ") gathers A's rows by token, which only GEMM1 can (GEMM2's A is in expert "
+                  "order already): choose a variant without gather_a, got ", c);
     PCG_CHECK_ARG(kOp, "config", dtype == at::kBFloat16 || dtype == at::kHalf,
                   "[-1, g1, g2] (the CUTLASS path) needs bfloat16 or float16, got ",
                   dtype_name(dtype));
@@ -437,8 +441,8 @@ std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_tiles_op() 
 }
 
 // pcg::fused_moe_cutlass_variants: the CUTLASS path's GEMM kernel variants
-// (grouped_gemm_variants.h), kCutlassVariantFields ints per variant (id,
-// pingpong, tile M, N, K, cluster M, swap-AB, direct store), and the names. The list is the same in
+// (grouped_gemm_variants.h), 9 ints per variant (id, pingpong, tile M, N, K,
+// cluster M, swap-AB, direct store, gather A), and the names. The list is the same in
 // every build (whether this one has the kernels: fused_moe_paths).
 std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_cutlass_variants_op() {
   std::vector<int64_t> info;
@@ -446,7 +450,7 @@ std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_cutlass_var
   for (const moe::GemmVariantInfo& v : moe::kGemmVariants) {
     info.insert(info.end(), {v.id, v.schedule == moe::GemmSchedule::kPingpong ? 1 : 0, v.tile_m,
                              v.tile_n, v.tile_k, v.cluster_m, v.swap_ab ? 1 : 0,
-                             v.direct_store ? 1 : 0});
+                             v.direct_store ? 1 : 0, v.gather_a ? 1 : 0});
     names.emplace_back(v.name);
   }
   return {info, names};

@@ -94,7 +94,7 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
                                      cudaStream_t stream) {
   if (!cutlass_moe_built()) return cudaErrorNotSupported;
   if (p.config.block_m != kCutlassBlockM || !find_gemm_variant(p.config.tile1) ||
-      !find_gemm_variant(p.config.tile2)) {
+      !find_gemm_variant(p.config.tile2) || gemm_variant_gathers_a(p.config.tile2)) {
     return cudaErrorInvalidValue;
   }
   const int k = static_cast<int>(p.k);
@@ -110,6 +110,10 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     g.block_expert = p.block_expert;
     g.num_blocks = p.num_blocks;
     g.a1 = b.a_sorted;
+    // A gather GEMM1 reads the hidden rows itself: no permute into a_sorted.
+    g.gather_a = gemm_variant_gathers_a(p.config.tile1);
+    g.hidden = p.hidden;
+    g.topk = k;
     g.w13 = p.w13;
     // w13 in the block layout of the fused epilogue: GEMM1 writes inter
     // directly; otherwise gate_up, and an activation kernel follows.
@@ -151,8 +155,10 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
                              p.block_expert, p.max_blocks, p.num_blocks, b.pair_slot,
                              p.align_scratch, stream, /*as_dependent=*/true);
       if (err != cudaSuccess) return err;
-      err = launch_moe_permute(p.dtype, p.hidden, p.H, k, b.pair_slot, p.T, b.a_sorted, stream);
-      if (err != cudaSuccess) return err;
+      if (!g.gather_a) {
+        err = launch_moe_permute(p.dtype, p.hidden, p.H, k, b.pair_slot, p.T, b.a_sorted, stream);
+        if (err != cudaSuccess) return err;
+      }
       if ((err = grouped_gemm_sm90_setup(g, stream)) != cudaSuccess) return err;
     }
     if ((err = grouped_gemm_sm90_run(g, 1, p.config.tile1, stream)) != cudaSuccess) return err;

@@ -23,6 +23,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "moe/direct_store_epilogue.cuh"
+#include "moe/gather_a_mainloop.cuh"
 #include "moe/gated_act_epilogue.cuh"
 #include "moe/grouped_gemm_sm90.h"
 #include "moe/grouped_gemm_variants.h"
@@ -46,8 +47,9 @@ struct PingpongSchedule {
 // x K), cluster ClusterShape (multicast of B across the CTAs along M), Schedule
 // one of the pairs above. SwapAB: A is the weights ([N, K] row-major), B the
 // tokens ([M_e, K], K-major) and D^T [N, M_e] column-major, i.e. D row-major.
+// GatherA: A's rows are gathered from the hidden states (gather_a_mainloop.cuh).
 template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule,
-          bool SwapAB = false, bool DirectStore = false>
+          bool SwapAB = false, bool DirectStore = false, bool GatherA = false>
 struct GroupedGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using LayoutA = cutlass::layout::RowMajor;
@@ -56,6 +58,7 @@ struct GroupedGemmKernel {
       std::conditional_t<SwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   static constexpr bool kSwapAB = SwapAB;
   static constexpr bool kDirectStore = DirectStore;
+  static constexpr bool kGatherA = GatherA;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
   using Acc = float;
   using TileShape = TileShape_;
@@ -71,12 +74,13 @@ struct GroupedGemmKernel {
       DirectStoreEpilogue<Element, cutlass::detail::TagToStrideC_t<LayoutD*>>>;
   using Epilogue = std::conditional_t<DirectStore, DirectEpilogue, TmaEpilogue>;
 
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using TmaMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
       LayoutB*, kAlign, Acc, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       typename Schedule::Kernel>::CollectiveOp;
+  using Mainloop = std::conditional_t<GatherA, GatherAMainloop<TmaMainloop>, TmaMainloop>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -86,23 +90,26 @@ struct GroupedGemmKernel {
 // GEMM1 over block-interleaved w13, writing inter instead of gate_up (SwapAB:
 // the weights as wgmma's A operand, as GroupedGemmKernel's).
 template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule,
-          bool SwapAB = false>
+          bool SwapAB = false, bool GatherA = false>
 struct GatedGroupedGemmKernel {
   using Plain = GroupedGemmKernel<Element, TileShape_, ClusterShape_, Schedule, SwapAB>;
   using ProblemShape = typename Plain::ProblemShape;
   static constexpr bool kSwapAB = SwapAB;
+  static constexpr bool kDirectStore = false;
+  static constexpr bool kGatherA = GatherA;
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
       GatedActEpilogue<Element, cutlass::detail::TagToStrideC_t<typename Plain::LayoutD*>,
                        SwapAB>>;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using TmaMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, typename Plain::LayoutA*,
       Plain::kAlign, Element, typename Plain::LayoutB*, Plain::kAlign, typename Plain::Acc,
       TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       typename Schedule::Kernel>::CollectiveOp;
+  using Mainloop = std::conditional_t<GatherA, GatherAMainloop<TmaMainloop>, TmaMainloop>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
@@ -116,15 +123,17 @@ struct GatedVariant;
 template <bool Swap, int TM, int TN, int TK>
 using CutlassTile = std::conditional_t<Swap, Shape<Int<TN>, Int<TM>, Int<TK>>,
                                        Shape<Int<TM>, Int<TN>, Int<TK>>>;
-#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm, swap, direct)                \
+#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm, swap, direct, gather)         \
   template <typename Element>                                                               \
   struct Variant<Element, id>                                                               \
       : GroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                      \
-                          Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0, direct != 0> {}; \
+                          Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0, direct != 0,  \
+                          gather != 0> {};                                                  \
   template <typename Element>                                                               \
   struct GatedVariant<Element, id>                                                          \
       : GatedGroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                 \
-                               Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0> {};
+                               Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0,          \
+                               gather != 0> {};
 PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_TYPE)
 #undef PCG_SM90_VARIANT_TYPE
 
@@ -240,17 +249,32 @@ struct GroupedGemm {
   // The grouped mode, problem shapes, A / B operands and D of kernel K from one
   // GEMM's arrays: a swap-AB kernel computes D^T = W . A^T (transposed shapes, the
   // operands exchanged, column-major D; takes_shared_args: the types match).
+  // A gather kernel (GEMM1 only) also reads the hidden rows by token.
   template <typename K>
-  static void grouped_operands(typename K::Gemm::Arguments& args, const Arrays& r, int64_t E) {
+  static void grouped_operands(typename K::Gemm::Arguments& args, const Arrays& r, int64_t E,
+                               const MoeGroupedGemmArgs& a) {
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    auto& ml = args.mainloop;
     if constexpr (K::kSwapAB) {
       args.problem_shape = {static_cast<int>(E), r.shape_t, nullptr};
-      args.mainloop = {r.b, r.sb, r.a, r.sa};
+      ml.ptr_A = r.b;
+      ml.dA = r.sb;
+      ml.ptr_B = r.a;
+      ml.dB = r.sa;
       args.epilogue.dD = r.sd_t;
     } else {
       args.problem_shape = {static_cast<int>(E), r.shape, nullptr};
-      args.mainloop = {r.a, r.sa, r.b, r.sb};
+      ml.ptr_A = r.a;
+      ml.dA = r.sa;
+      ml.ptr_B = r.b;
+      ml.dB = r.sb;
       args.epilogue.dD = r.sd;
+    }
+    if constexpr (K::kGatherA) {
+      ml.gather.hidden = static_cast<const Element*>(a.hidden);
+      ml.gather.sorted_pairs = a.sorted_pairs;
+      ml.gather.slot_base = static_cast<const Element*>(a.a1);
+      ml.gather.topk = a.topk;
     }
     args.epilogue.ptr_D = r.d;
   }
@@ -260,7 +284,7 @@ struct GroupedGemm {
   static typename K::Gemm::Arguments gated_arguments(const MoeGroupedGemmArgs& a) {
     const Arrays r = arrays(a.args, a.E, 1);
     typename K::Gemm::Arguments args;
-    grouped_operands<K>(args, r, a.E);  // swapped: the epilogue writes inter row-major itself
+    grouped_operands<K>(args, r, a.E, a);  // swapped: the epilogue writes inter row-major itself
     GatedActParams<Element>& p = args.epilogue.act;
     p.b13 = static_cast<const Element*>(a.b13);
     p.I = static_cast<int>(a.I);
@@ -277,7 +301,7 @@ struct GroupedGemm {
     const Arrays r = arrays(a.args, a.E, which);
     const cutlass::KernelHardwareInfo hw = hw_info(a);
     typename K::Gemm::Arguments args;
-    grouped_operands<K>(args, r, a.E);
+    grouped_operands<K>(args, r, a.E, a);
     if constexpr (!K::kDirectStore) {
       args.epilogue.thread.alpha = 1.f;
       args.epilogue.thread.beta = 0.f;
@@ -359,9 +383,11 @@ ExpertArgsWriter<Element> args_writer(const MoeGroupedGemmArgs& a) {
 // Reads only moe_align's outputs and writes only the argument arrays, so it
 // may run beside the permute (launched as its PDL dependent); it waits for
 // the permute at its end, so that the GEMMs (plain launches after it) start
-// after both.
+// after both. Without a permute (GEMM1 gathers) it is moe_align's dependent
+// and waits for it first (the align lets dependents launch at its start).
 template <typename Element>
 __global__ void grouped_setup_kernel(MoeGroupedGemmArgs a, ExpertArgsWriter<Element> write_args) {
+  if (a.gather_a) pdl_wait();
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= a.E) {
     pdl_wait();
@@ -448,7 +474,8 @@ cudaError_t prepare(const MoeGroupedGemmArgs& a, const MoePrepareInputs& in,
   p.num_blocks = in.num_blocks;
   p.pair_slot = in.pair_slot;
   p.hidden = static_cast<const uint4*>(in.hidden);
-  p.a_sorted = static_cast<uint4*>(const_cast<void*>(a.a1));
+  // A gather GEMM1 reads the hidden rows itself: only the routing here.
+  p.a_sorted = a.gather_a ? nullptr : static_cast<uint4*>(const_cast<void*>(a.a1));
   p.row_vecs = row_vecs;
   p.chunk = split.chunk;
   p.chunks = split.chunks;
@@ -485,6 +512,10 @@ cudaError_t run(const MoeGroupedGemmArgs& a, int which, int variant, cudaStream_
   using G = GroupedGemm<Element>;
   if (which != 1 && which != 2) return cudaErrorInvalidValue;
   if (a.E <= 0) return cudaSuccess;
+  // A gather kernel reads the hidden rows: GEMM1's A only.
+  if (gemm_variant_gathers_a(variant) && (which != 1 || a.hidden == nullptr || a.topk <= 0)) {
+    return cudaErrorInvalidValue;
+  }
   if (which == 1 && a.fused_act) {
     return with_variant<Element, true>(variant, [&](auto v) {
       using K = decltype(v);

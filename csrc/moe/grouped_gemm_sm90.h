@@ -46,7 +46,12 @@ struct MoeGroupedGemmArgs {
   const int32_t* block_expert = nullptr;  // [max_blocks]
   const int32_t* num_blocks = nullptr;    // [1]
   // Operands (device, dtype, row-major, K contiguous).
-  const void* a1 = nullptr;   // [slots, H] hidden rows in sorted order
+  const void* a1 = nullptr;   // [slots, H] hidden rows in sorted order (unwritten when gather_a)
+  // GEMM1 with a gather variant reads hidden[sorted_pairs[slot] / topk]
+  // instead of a1 (grouped_gemm_variants.h GATHER_A); no permute fills a1.
+  const void* hidden = nullptr;  // [T, H]
+  int topk = 0;
+  bool gather_a = false;
   const void* w13 = nullptr;  // [E, 2I, H]
   void* d1 = nullptr;         // [slots, 2I] gate and up (unused when fused_act)
   void* a2 = nullptr;         // [slots, I] activation (GEMM1 writes it when fused_act)

@@ -25,6 +25,12 @@
 // and fences a per-expert D descriptor at every tile; GEMM1 with the fused
 // activation is unchanged (its epilogue stores directly already).
 //
+// GATHER_A = 1 (GEMM1 only): A's rows are read from the hidden states by
+// token while loading (gather_a_mainloop.cuh: cp.async in the kernel's
+// auxiliary producer warp, B by TMA), so the pipeline skips the permute and
+// its [slots, H] copy of the hidden rows. Not a GEMM2 kernel (GEMM2's A, the
+// activation, is written in expert order already).
+//
 // Ids are stable (the checked-in tuning table names them): never renumber or
 // reuse one; append new variants with the next id. Every variant costs ~40 s
 // of nvcc per dtype, so keep the list short.
@@ -32,16 +38,18 @@
 
 #include <cstdint>
 
-// X(id, name, SCHEDULE, TILE_M, TILE_N, TILE_K, CLUSTER_M, SWAP_AB, DIRECT_STORE)
-#define PCG_MOE_GEMM_VARIANTS(X)                                             \
-  X(0, coop_128x256x64, Cooperative, 128, 256, 64, 1, 0, 0) /* the default */ \
-  X(1, pingpong_64x256x64, Pingpong, 64, 256, 64, 1, 0, 0)                   \
-  X(2, coop_256x128x64, Cooperative, 256, 128, 64, 1, 0, 0)                  \
-  X(3, coop_128x256x64_c2x1, Cooperative, 128, 256, 64, 2, 0, 0)             \
-  X(4, swap_coop_16x256x64, Cooperative, 16, 256, 64, 1, 1, 0)               \
-  X(5, swap_coop_32x256x64, Cooperative, 32, 256, 64, 1, 1, 0)               \
-  X(6, swap_coop_16x256x64_direct, Cooperative, 16, 256, 64, 1, 1, 1)        \
-  X(7, pingpong_64x256x64_direct, Pingpong, 64, 256, 64, 1, 0, 1)
+// X(id, name, SCHEDULE, TILE_M, TILE_N, TILE_K, CLUSTER_M, SWAP_AB, DIRECT_STORE, GATHER_A)
+#define PCG_MOE_GEMM_VARIANTS(X)                                                \
+  X(0, coop_128x256x64, Cooperative, 128, 256, 64, 1, 0, 0, 0) /* the default */ \
+  X(1, pingpong_64x256x64, Pingpong, 64, 256, 64, 1, 0, 0, 0)                   \
+  X(2, coop_256x128x64, Cooperative, 256, 128, 64, 1, 0, 0, 0)                  \
+  X(3, coop_128x256x64_c2x1, Cooperative, 128, 256, 64, 2, 0, 0, 0)             \
+  X(4, swap_coop_16x256x64, Cooperative, 16, 256, 64, 1, 1, 0, 0)               \
+  X(5, swap_coop_32x256x64, Cooperative, 32, 256, 64, 1, 1, 0, 0)               \
+  X(6, swap_coop_16x256x64_direct, Cooperative, 16, 256, 64, 1, 1, 1, 0)        \
+  X(7, pingpong_64x256x64_direct, Pingpong, 64, 256, 64, 1, 0, 1, 0)            \
+  X(8, pingpong_64x256x64_gather, Pingpong, 64, 256, 64, 1, 0, 0, 1)            \
+  X(9, coop_128x256x64_gather, Cooperative, 128, 256, 64, 1, 0, 0, 1)
 
 namespace pcg::moe {
 
@@ -54,11 +62,12 @@ struct GemmVariantInfo {
   int tile_m, tile_n, tile_k, cluster_m;
   bool swap_ab;
   bool direct_store;
+  bool gather_a;
 };
 
 inline constexpr GemmVariantInfo kGemmVariants[] = {
-#define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm, swap, direct) \
-  {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm, swap != 0, direct != 0},
+#define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm, swap, direct, gather) \
+  {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm, swap != 0, direct != 0, gather != 0},
     PCG_MOE_GEMM_VARIANTS(PCG_MOE_GEMM_VARIANT_INFO)
 #undef PCG_MOE_GEMM_VARIANT_INFO
 };
@@ -71,6 +80,12 @@ constexpr int kDefaultGemmVariant = 0;
 // Variant of an id, or null for an unknown id (-1 included).
 constexpr const GemmVariantInfo* find_gemm_variant(int64_t id) {
   return (id >= 0 && id < kNumGemmVariants) ? &kGemmVariants[id] : nullptr;
+}
+
+// Whether GEMM1 with variant `id` (-1: the default) gathers its A rows.
+constexpr bool gemm_variant_gathers_a(int64_t id) {
+  const GemmVariantInfo* v = find_gemm_variant(id == -1 ? kDefaultGemmVariant : id);
+  return v != nullptr && v->gather_a;
 }
 
 // A GEMM's entry of a CUTLASS config: -1 (the default) or a listed id.
@@ -95,6 +110,9 @@ constexpr bool gemm_variants_are_consistent() {
     if (v.schedule == GemmSchedule::kCooperative && a_rows < 128) return false;
     if (v.cluster_m != 1 && v.cluster_m != 2) return false;
     if (v.swap_ab && v.cluster_m != 1) return false;
+    // The gather: token rows K-major as wgmma's A, one CTA's own (no multicast
+    // along N), each tile's rows spread over a warp's lanes.
+    if (v.gather_a && (v.swap_ab || v.tile_m % 32 != 0 || v.direct_store)) return false;
   }
   return find_gemm_variant(kDefaultGemmVariant) != nullptr;
 }

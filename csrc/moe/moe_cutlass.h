@@ -6,6 +6,7 @@
 //   1. moe_align with block_m = kCutlassBlockM (small padding per expert),
 //      and its inverse map pair_slot[pair] (-1 for pairs without a slot)
 //   2. permute: each hidden row read once, stored to its expert-sorted slots
+//      (skipped when g1 gathers A: GEMM1 reads the hidden rows by token)
 //   3. setup: per-expert problem shapes / pointers / strides on the device
 //   4. GEMM1 (CUTLASS grouped, variant g1): gate_up = a_sorted . w13[e]^T  (dtype)
 //   5. activation: inter = act(gate + b13, up + b13)                 (dtype)

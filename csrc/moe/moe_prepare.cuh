@@ -10,7 +10,8 @@
 // the stable one of moe_align_host (ascending pair index within an expert), so
 // every CTA that holds a piece of a token's row computes the same slots with
 // no exchange. Then its warps copy their (token, chunk) pieces of the hidden
-// rows to the slots (as the permute: each piece read once), and all CTAs
+// rows to the slots (as the permute: each piece read once; not when GEMM1
+// gathers its rows itself, a_sorted null), and all CTAs
 // together fill the padding slots, block_expert, num_blocks and, through
 // ArgsWriter (e, M_e, first slot), the GEMMs' per-expert arguments.
 // Torch-free, CUTLASS-free; layout of the outputs: moe_align.h.
@@ -42,7 +43,7 @@ struct MoePrepareParams {
   int32_t* num_blocks;       // [1]
   int32_t* pair_slot;        // [T * k]
   const uint4* hidden;       // [T, row_vecs]
-  uint4* a_sorted;           // [slots, row_vecs]
+  uint4* a_sorted;           // [slots, row_vecs]; null: no permute (GEMM1 gathers A)
   int64_t row_vecs;          // 16-byte vectors per row
   int64_t chunk;             // vectors per (token, chunk) piece, <= 32 * kPrepareUnroll
   int64_t chunks;            // pieces per row
@@ -96,7 +97,8 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
   const int64_t own_pairs = (t1 - t0) * k;
   const int64_t my_piece = piece0 + warp;
   uint4 r[kPrepareUnroll];
-  if (my_piece < piece_end) load_piece(p, my_piece, lane, r);
+  const bool permute = p.a_sorted != nullptr;
+  if (permute && my_piece < piece_end) load_piece(p, my_piece, lane, r);
   const int id0 = warp == 0 && lane < own_pairs ? p.topk_ids[first + lane] : -1;
 
   for (int e = tid; e < p.E; e += NT) count[e] = before[e] = 0;
@@ -174,7 +176,7 @@ __global__ void __launch_bounds__(kPrepareWarps * 32)
 
   // The permute: a warp per (token, chunk) piece, loaded once (the first
   // piece above), stored to each of the token's slots.
-  for (int64_t piece = my_piece; piece < piece_end; piece += kPrepareWarps) {
+  for (int64_t piece = my_piece; permute && piece < piece_end; piece += kPrepareWarps) {
     const int64_t t = piece / p.chunks;
     if (piece != my_piece) load_piece(p, piece, lane, r);
     const int* slots = own + (t - t0) * k;

@@ -153,7 +153,9 @@ class CutlassVariant(NamedTuple):
     in the block layout its epilogue pairs a thread's gate and up rows);
     ``direct_store``: the plain epilogue stores D from registers rather than
     through CUTLASS's TMA store (no per-expert D descriptor to rewrite at every
-    tile)."""
+    tile); ``gather_a``: GEMM1 only (never ``g2``): the kernel reads each token's
+    hidden row while loading A (cp.async in an auxiliary producer warp, the
+    weights by TMA), so the path skips the permute copy of the hidden rows."""
     id: int
     name: str
     pingpong: bool
@@ -163,14 +165,16 @@ class CutlassVariant(NamedTuple):
     cluster_m: int
     swap_ab: bool
     direct_store: bool
+    gather_a: bool
 
 
 def fused_moe_cutlass_variants() -> List[CutlassVariant]:
     """Every GEMM kernel variant id of pcg::fused_moe's CUTLASS path, read from the
     native library (``torch.ops.pcg.fused_moe_cutlass_variants``). The list is
     the same in every build; whether this one runs the path: ``fused_moe_paths``."""
-    return [CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm, bool(swap), bool(direct))
-            for name, (vid, pingpong, tm, tn, tk, cm, swap, direct)
+    return [CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm, bool(swap), bool(direct),
+                           bool(gather))
+            for name, (vid, pingpong, tm, tn, tk, cm, swap, direct, gather)
             in _records(*torch.ops.pcg.fused_moe_cutlass_variants())]
 
 

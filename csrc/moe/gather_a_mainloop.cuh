@@ -1,0 +1,242 @@
+// A mainloop for GEMM1 of the CUTLASS path that gathers A's rows (the tokens'
+// hidden rows) while loading, so no permute kernel writes them in expert
+// order first. sm_90 TMA has no row gather, so:
+//   - the mainloop producer warp loads only B (the weights) by TMA, as
+//     CUTLASS's ptr-array mainloop does;
+//   - the kernel's auxiliary producer warp (CUTLASS's MainloopAux role, which
+//     GatherAPolicy switches on) copies A's rows with cp.async: row r of
+//     expert e's tile is hidden[sorted_pairs[first_slot(e) + r] / topk], 16
+//     bytes a lane, into the same swizzled smem stage a TMA load would fill;
+//   - each stage's full barrier counts 33 arrivals: the TMA leader (with B's
+//     bytes as its transaction) and the 32 lanes' cp.async completions
+//     (cp.async.mbarrier.arrive.noinc), CUTLASS's pattern for its
+//     TMA + cp.async mainloops.
+// The consumer side (wgmma) is CUTLASS's, unchanged. Rows past the expert's M
+// and K past the row's end are zero-filled.
+//
+// The expert's first slot comes from the setup's A pointers (ExpertArgsWriter:
+// ptr_A[e] = a_sorted + first_slot(e) * K), which every other variant loads
+// from; here they only locate the expert's run of sorted_pairs.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
+#include "cutlass/cutlass.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+
+namespace pcg::moe::sm90 {
+
+// The base mainloop's dispatch policy (same kernel schedule, stages and
+// cluster) with the auxiliary load warp on.
+template <class BasePolicy>
+struct GatherAPolicy : BasePolicy {};
+
+// What the gather reads, beside the base mainloop's arguments.
+template <typename Element>
+struct GatherAArguments {
+  const Element* hidden = nullptr;        // [T, K] token rows (row stride K)
+  const int32_t* sorted_pairs = nullptr;  // [slots] pair t * topk + j, < 0: padding
+  const Element* slot_base = nullptr;     // ptr_A[e] = slot_base + first_slot(e) * K
+  int topk = 1;
+};
+
+// The current expert's run of sorted_pairs (load_inputs' third element).
+struct GatherAGroup {
+  const int32_t* pairs = nullptr;
+  int M = 0;
+  int K = 0;
+};
+
+}  // namespace pcg::moe::sm90
+
+namespace cutlass::gemm::kernel::detail {
+template <class BasePolicy>
+struct HasAuxiliaryLoad<pcg::moe::sm90::GatherAPolicy<BasePolicy>> : cute::true_type {};
+}  // namespace cutlass::gemm::kernel::detail
+
+namespace pcg::moe::sm90 {
+
+// Base: CUTLASS's ptr-array TMA mainloop (CollectiveMma of
+// MainloopSm90ArrayTmaGmmaWarpSpecialized) with a K-major A.
+template <class Base>
+struct GatherAMainloop : Base {
+  using Element = typename Base::ElementA;
+  using DispatchPolicy = GatherAPolicy<typename Base::DispatchPolicy>;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::TensorStorage;
+  using typename Base::TileShape;
+  using typename Base::GmemTiledCopyB;
+
+  static constexpr int kBlockM = cute::size<0>(TileShape{});
+  static constexpr int kBlockK = cute::size<2>(TileShape{});
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(Element));  // elements a cp.async
+  static_assert(sizeof(Element) == 2, "16-bit elements");
+  // The stage layout load_auxiliary writes by hand: one 128-byte-swizzled
+  // K-major atom (8 rows x 64 elements) across K, atoms stacked along M, then
+  // the stages.
+  static_assert(kBlockK == 64 && kBlockM % 32 == 0, "tile shape the gather's lane map covers");
+  static_assert(std::is_same_v<typename Base::SmemLayoutAtomA,
+                               cute::GMMA::Layout_K_SW128_Atom<typename Base::TiledMma::ValTypeA>>,
+                "A's smem atom: K-major, 128-byte swizzle");
+  static_assert(cute::size<0>(SmemLayoutA{}) == kBlockM && cute::size<1>(SmemLayoutA{}) == kBlockK &&
+                    cute::cosize_v<SmemLayoutA> ==
+                        kBlockM * kBlockK * Base::DispatchPolicy::Stages,
+                "A's smem: (BLK_M, BLK_K, PIPE), dense");
+  static_assert(cute::size<1>(typename DispatchPolicy::ClusterShape{}) == 1,
+                "A is gathered per CTA: no multicast of A along N");
+  static_assert(cutlass::gemm::detail::is_k_major<typename Base::InternalStrideA>(),
+                "the gather copies K-contiguous rows");
+
+  // 1 TMA leader (B) + 32 lanes' cp.async arrivals (A) per stage.
+  static constexpr int NumProducerThreadEvents = 33;
+  static constexpr uint32_t kBytesB = static_cast<uint32_t>(
+      cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) * sizeof(Element));
+
+  struct Arguments : Base::Arguments {
+    GatherAArguments<Element> gather;
+  };
+  struct Params : Base::Params {
+    GatherAArguments<Element> gather;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape problem_shapes, Arguments const& args,
+                                        void* workspace) {
+    Params p;
+    static_cast<typename Base::Params&>(p) =
+        Base::to_underlying_arguments(problem_shapes, args, workspace);
+    p.tma_transaction_bytes = kBytesB;  // A's bytes arrive by cp.async
+    p.gather = args.gather;
+    return p;
+  }
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape problem_shapes, Arguments const& args) {
+    const auto& g = args.gather;
+    return Base::can_implement(problem_shapes, args) && g.hidden != nullptr &&
+           g.sorted_pairs != nullptr && g.slot_base != nullptr && g.topk > 0 &&
+           reinterpret_cast<uintptr_t>(g.hidden) % 16 == 0;
+  }
+
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL,
+                                Params const& params) const {
+    auto base = Base::load_init(problem_shape_MNKL, params);
+    return cute::make_tuple(cute::get<0>(base), cute::get<1>(base), GatherAGroup{});
+  }
+
+  // On a change of expert (both producer warps call it): its run of sorted_pairs.
+  template <class InputTensors, class ProblemShape_MNKL>
+  CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in, Params const& params,
+                                                      ProblemShape_MNKL problem_shape_mnkl,
+                                                      int32_t next_batch) {
+    InputTensors out = in;
+    GatherAGroup& g = cute::get<2>(out);
+    g.M = static_cast<int>(cute::get<0>(problem_shape_mnkl));
+    g.K = static_cast<int>(cute::get<2>(problem_shape_mnkl));
+    const auto* a = reinterpret_cast<const Element*>(params.ptr_A[next_batch]);
+    const int64_t first_slot = g.K > 0 ? (a - params.gather.slot_base) / g.K : 0;
+    g.pairs = params.gather.sorted_pairs + first_slot;
+    return out;
+  }
+
+  // Mainloop producer warp: B by TMA (CUTLASS's load without A).
+  template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator,
+            class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline,
+                           PipelineState smem_pipe_write, LoadInputs const& load_inputs,
+                           cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps,
+                           BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count,
+                           int /*thread_idx*/, uint32_t block_rank_in_cluster,
+                           TensorStorage& shared_tensors) {
+    using namespace cute;
+    if (!cute::elect_one_sync()) return;
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+    constexpr uint32_t cluster_x = get<0>(typename DispatchPolicy::ClusterShape());
+    const uint32_t block_x = block_rank_in_cluster % cluster_x;
+    auto block_tma_b = params.tma_load_b.get_slice(block_x);
+    Tensor gB = get<1>(load_inputs)(_, _, get<1>(blk_coord), _, get<3>(blk_coord));
+    Tensor tBgB = block_tma_b.partition_S(gB);  // (TMA, TMA_N, TMA_K, k)
+    Tensor tBsB = block_tma_b.partition_D(sB);  // (TMA, TMA_N, TMA_K, PIPE)
+    uint16_t mcast_mask_b = 0;
+    if constexpr (std::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
+      auto block_layout = Layout<typename DispatchPolicy::ClusterShape>{};  // (m,n) -> block
+      for (int m = 0; m < size<0>(block_layout); ++m) {
+        mcast_mask_b |= uint16_t(1) << block_layout(m, 0, Int<0>{});
+      }
+    }
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count) {
+      pipeline.producer_acquire(smem_pipe_write);  // the leader expects B's bytes
+      auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b),
+           tBgB(_, _, _, *k_tile_iter), tBsB(_, _, _, smem_pipe_write.index()));
+      ++k_tile_iter;
+      ++smem_pipe_write;
+    }
+  }
+
+  // Auxiliary producer warp: A's rows by cp.async. Lane l copies 16-byte
+  // column c = l % 8 of rows r = l / 8 + 4 q (q < kBlockM / 4): a warp
+  // instruction covers four whole 128-byte rows. Row r's token lives in lane
+  // r % 32 (loaded once a tile) and is shuffled out. The stage is CUTLASS's
+  // K-major 128-byte-swizzle layout (asserted above): row r at r * 128 bytes,
+  // its chunk c at chunk c ^ (r % 8), stages kBlockM * 128 bytes apart; with
+  // r % 8 = l / 8 + 4 (q % 2) a lane's two swizzled offsets are fixed, so an
+  // address costs an add and a wide multiply-add.
+  template <class LoadInputs, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline,
+                                     PipelineState smem_pipe_write, LoadInputs const& load_inputs,
+                                     BlockCoord const& blk_coord, KTileIterator k_tile_iter,
+                                     int k_tile_count, int lane, uint32_t /*block_rank*/,
+                                     TensorStorage& shared_tensors) {
+    using namespace cute;
+    const GatherAGroup& g = get<2>(load_inputs);
+    const int m0 = static_cast<int>(get<0>(blk_coord)) * kBlockM;
+    const int topk = params.gather.topk;
+    int token[kBlockM / 32];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kBlockM / 32; ++i) {
+      const int r = m0 + lane + 32 * i;
+      const int pair = r < g.M ? __ldg(g.pairs + r) : -1;
+      token[i] = pair >= 0 ? pair / topk : -1;
+    }
+    const int c = lane % 8, row0 = lane / 8;
+    const uint32_t smem_a = cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data());
+    const uint32_t lane_off[2] = {row0 * 128u + ((c ^ row0) << 4),
+                                  (row0 + 4) * 128u + ((c ^ (row0 + 4)) << 4)};
+    const uint64_t row_bytes = static_cast<uint64_t>(g.K) * sizeof(Element);
+    const char* hidden = reinterpret_cast<const char*>(params.gather.hidden);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count) {
+      pipeline.producer_acquire(smem_pipe_write);  // wait until the stage is free
+      const uint32_t stage = smem_a + smem_pipe_write.index() * (kBlockM * 128u);
+      const int k = static_cast<int>(*k_tile_iter) * kBlockK + c * kVec;
+      const bool k_in = k < g.K;
+      const char* src_k = hidden + static_cast<int64_t>(k) * sizeof(Element);
+      CUTLASS_PRAGMA_UNROLL
+      for (int q = 0; q < kBlockM / 4; ++q) {
+        // Row r = row0 + 4 q: its token is in lane r % 32, register r / 32.
+        const int t = __shfl_sync(0xffffffffu, token[q / 8], row0 + 4 * (q % 8));
+        const uint32_t bytes = t >= 0 && k_in ? 16u : 0u;  // 0: zero-fill
+        const char* src = src_k + static_cast<uint64_t>(t >= 0 ? t : 0) * row_bytes;
+        const uint32_t dst = stage + lane_off[q % 2] + (q / 2) * 1024u;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                     "r"(bytes)
+                     : "memory");
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(
+          reinterpret_cast<uint64_t const*>(pipeline.producer_get_barrier(smem_pipe_write)));
+      ++k_tile_iter;
+      ++smem_pipe_write;
+    }
+  }
+};
+
+}  // namespace pcg::moe::sm90
