@@ -1,14 +1,16 @@
 // A mainloop for GEMM1 of the CUTLASS path that gathers A's rows (the tokens'
 // hidden rows) while loading, so no permute kernel writes them in expert
 // order first. sm_90 TMA has no row gather, so:
-//   - the mainloop producer warp loads only B (the weights) by TMA, as
-//     CUTLASS's ptr-array mainloop does;
-//   - the kernel's auxiliary producer warp (CUTLASS's MainloopAux role, which
-//     GatherAPolicy switches on) copies A's rows with cp.async: row r of
-//     expert e's tile is hidden[sorted_pairs[first_slot(e) + r] / topk], 16
-//     bytes a lane, into the same swizzled smem stage a TMA load would fill;
-//   - each stage's full barrier counts 33 arrivals: the TMA leader (with B's
-//     bytes as its transaction) and the 32 lanes' cp.async completions
+//   - the mainloop producer warp's leader loads B (the weights) by TMA, as
+//     CUTLASS's ptr-array mainloop does, and expects B's bytes only;
+//   - that warp's 32 lanes and the kernel's auxiliary producer warp
+//     (CUTLASS's MainloopAux role, which GatherAPolicy switches on) copy
+//     A's rows with cp.async, half each: row r of expert e's tile is
+//     hidden[sorted_pairs[first_slot(e) + r] / topk], 16 bytes a lane, into
+//     the same swizzled smem stage a TMA load would fill (one warp alone
+//     could not issue them fast enough at large T);
+//   - each stage's full barrier counts 65 arrivals: the TMA leader (with B's
+//     transaction bytes) and the 64 lanes' cp.async completions
 //     (cp.async.mbarrier.arrive.noinc), CUTLASS's pattern for its
 //     TMA + cp.async mainloops.
 // The consumer side (wgmma) is CUTLASS's, unchanged. Rows past the expert's M
@@ -93,8 +95,9 @@ struct GatherAMainloop : Base {
   static_assert(cutlass::gemm::detail::is_k_major<typename Base::InternalStrideA>(),
                 "the gather copies K-contiguous rows");
 
-  // 1 TMA leader (B) + 32 lanes' cp.async arrivals (A) per stage.
-  static constexpr int NumProducerThreadEvents = 33;
+  // 1 TMA leader (B) + 64 lanes' cp.async arrivals (A, both producer warps)
+  // per stage.
+  static constexpr int NumProducerThreadEvents = 65;
   static constexpr uint32_t kBytesB = static_cast<uint32_t>(
       cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) * sizeof(Element));
 
@@ -146,17 +149,79 @@ struct GatherAMainloop : Base {
     return out;
   }
 
-  // Mainloop producer warp: B by TMA (CUTLASS's load without A).
+  // One warp's share of a tile's A rows. Lane l copies 16-byte column
+  // c = l % 8 of rows r = l / 8 + 4 q for the q of parity `half` (q <
+  // kBlockM / 4): a warp instruction covers four whole 128-byte rows; the two
+  // producer warps take alternate quads. Row r's token lives in lane r % 32
+  // (loaded once a tile) and is shuffled out. The stage is CUTLASS's K-major
+  // 128-byte-swizzle layout (asserted above): row r at r * 128 bytes, its
+  // chunk c at chunk c ^ (r % 8), stages kBlockM * 128 bytes apart; with
+  // r % 8 = l / 8 + 4 half a lane's swizzled offset is fixed, so an address
+  // costs a shuffle, an add and a wide multiply-add.
+  struct RowGather {
+    int token[kBlockM / 32];
+    uint32_t lane_off;
+    int row0, c, K;
+    uint64_t row_bytes;
+    const char* hidden;
+
+    CUTLASS_DEVICE RowGather(Params const& params, GatherAGroup const& g, int m_block, int lane,
+                             int half) {
+      const int m0 = m_block * kBlockM;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kBlockM / 32; ++i) {
+        const int r = m0 + lane + 32 * i;
+        const int pair = r < g.M ? __ldg(g.pairs + r) : -1;
+        token[i] = pair >= 0 ? pair / params.gather.topk : -1;
+      }
+      c = lane % 8;
+      row0 = lane / 8;
+      const int rm8 = row0 + 4 * half;
+      lane_off = rm8 * 128u + ((c ^ rm8) << 4);
+      K = g.K;
+      row_bytes = static_cast<uint64_t>(g.K) * sizeof(Element);
+      hidden = reinterpret_cast<const char*>(params.gather.hidden);
+    }
+
+    // cp.async of this warp's rows of K tile k_tile into the stage at smem
+    // address `stage` (rows without a token and K past the row: zero-filled).
+    template <int Half>
+    CUTLASS_DEVICE void copy(uint32_t stage, int k_tile) const {
+      const int k = k_tile * kBlockK + c * kVec;
+      const bool k_in = k < K;
+      const char* src_k = hidden + static_cast<int64_t>(k) * sizeof(Element);
+      const uint32_t dst0 = stage + lane_off;
+      CUTLASS_PRAGMA_UNROLL
+      for (int q = Half; q < kBlockM / 4; q += 2) {
+        // Row r = row0 + 4 q: its token is in lane r % 32, register r / 32.
+        const int t = __shfl_sync(0xffffffffu, token[q / 8], row0 + 4 * (q % 8));
+        const uint32_t bytes = t >= 0 && k_in ? 16u : 0u;  // 0: zero-fill
+        const char* src = src_k + static_cast<uint64_t>(t >= 0 ? t : 0) * row_bytes;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst0 + (q / 2) * 1024u),
+                     "l"(src), "r"(bytes)
+                     : "memory");
+      }
+    }
+  };
+
+  CUTLASS_DEVICE static uint32_t stage_address(TensorStorage& shared_tensors,
+                                               PipelineState const& state) {
+    return cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data()) +
+           state.index() * (kBlockM * 128u);
+  }
+
+  // Mainloop producer warp: B by TMA (the leader, as CUTLASS's load without
+  // A) and the even quads of A's rows (every lane).
   template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator,
             class BlockCoord>
   CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline,
                            PipelineState smem_pipe_write, LoadInputs const& load_inputs,
                            cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps,
                            BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count,
-                           int /*thread_idx*/, uint32_t block_rank_in_cluster,
+                           int lane, uint32_t block_rank_in_cluster,
                            TensorStorage& shared_tensors) {
     using namespace cute;
-    if (!cute::elect_one_sync()) return;
+    const bool leader = cute::elect_one_sync();
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
     constexpr uint32_t cluster_x = get<0>(typename DispatchPolicy::ClusterShape());
     const uint32_t block_x = block_rank_in_cluster % cluster_x;
@@ -171,25 +236,26 @@ struct GatherAMainloop : Base {
         mcast_mask_b |= uint16_t(1) << block_layout(m, 0, Int<0>{});
       }
     }
+    const RowGather rows(params, get<2>(load_inputs), static_cast<int>(get<0>(blk_coord)), lane, 0);
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
-      pipeline.producer_acquire(smem_pipe_write);  // the leader expects B's bytes
+      // Every lane waits for the free stage; the leader (the pipeline's is_leader
+      // thread, lane 0) arrives expecting B's bytes.
+      pipeline.producer_acquire(smem_pipe_write);
       auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
-      copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b),
-           tBgB(_, _, _, *k_tile_iter), tBsB(_, _, _, smem_pipe_write.index()));
+      if (leader) {
+        copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b),
+             tBgB(_, _, _, *k_tile_iter), tBsB(_, _, _, smem_pipe_write.index()));
+      }
+      rows.template copy<0>(stage_address(shared_tensors, smem_pipe_write),
+                            static_cast<int>(*k_tile_iter));
+      cutlass::arch::cpasync_barrier_arrive_noinc(reinterpret_cast<uint64_t const*>(barrier));
       ++k_tile_iter;
       ++smem_pipe_write;
     }
   }
 
-  // Auxiliary producer warp: A's rows by cp.async. Lane l copies 16-byte
-  // column c = l % 8 of rows r = l / 8 + 4 q (q < kBlockM / 4): a warp
-  // instruction covers four whole 128-byte rows. Row r's token lives in lane
-  // r % 32 (loaded once a tile) and is shuffled out. The stage is CUTLASS's
-  // K-major 128-byte-swizzle layout (asserted above): row r at r * 128 bytes,
-  // its chunk c at chunk c ^ (r % 8), stages kBlockM * 128 bytes apart; with
-  // r % 8 = l / 8 + 4 (q % 2) a lane's two swizzled offsets are fixed, so an
-  // address costs an add and a wide multiply-add.
+  // Auxiliary producer warp: the odd quads of A's rows.
   template <class LoadInputs, class KTileIterator, class BlockCoord>
   CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline,
                                      PipelineState smem_pipe_write, LoadInputs const& load_inputs,
@@ -197,40 +263,12 @@ struct GatherAMainloop : Base {
                                      int k_tile_count, int lane, uint32_t /*block_rank*/,
                                      TensorStorage& shared_tensors) {
     using namespace cute;
-    const GatherAGroup& g = get<2>(load_inputs);
-    const int m0 = static_cast<int>(get<0>(blk_coord)) * kBlockM;
-    const int topk = params.gather.topk;
-    int token[kBlockM / 32];
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kBlockM / 32; ++i) {
-      const int r = m0 + lane + 32 * i;
-      const int pair = r < g.M ? __ldg(g.pairs + r) : -1;
-      token[i] = pair >= 0 ? pair / topk : -1;
-    }
-    const int c = lane % 8, row0 = lane / 8;
-    const uint32_t smem_a = cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data());
-    const uint32_t lane_off[2] = {row0 * 128u + ((c ^ row0) << 4),
-                                  (row0 + 4) * 128u + ((c ^ (row0 + 4)) << 4)};
-    const uint64_t row_bytes = static_cast<uint64_t>(g.K) * sizeof(Element);
-    const char* hidden = reinterpret_cast<const char*>(params.gather.hidden);
+    const RowGather rows(params, get<2>(load_inputs), static_cast<int>(get<0>(blk_coord)), lane, 1);
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
       pipeline.producer_acquire(smem_pipe_write);  // wait until the stage is free
-      const uint32_t stage = smem_a + smem_pipe_write.index() * (kBlockM * 128u);
-      const int k = static_cast<int>(*k_tile_iter) * kBlockK + c * kVec;
-      const bool k_in = k < g.K;
-      const char* src_k = hidden + static_cast<int64_t>(k) * sizeof(Element);
-      CUTLASS_PRAGMA_UNROLL
-      for (int q = 0; q < kBlockM / 4; ++q) {
-        // Row r = row0 + 4 q: its token is in lane r % 32, register r / 32.
-        const int t = __shfl_sync(0xffffffffu, token[q / 8], row0 + 4 * (q % 8));
-        const uint32_t bytes = t >= 0 && k_in ? 16u : 0u;  // 0: zero-fill
-        const char* src = src_k + static_cast<uint64_t>(t >= 0 ? t : 0) * row_bytes;
-        const uint32_t dst = stage + lane_off[q % 2] + (q / 2) * 1024u;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                     "r"(bytes)
-                     : "memory");
-      }
+      rows.template copy<1>(stage_address(shared_tensors, smem_pipe_write),
+                            static_cast<int>(*k_tile_iter));
       cutlass::arch::cpasync_barrier_arrive_noinc(
           reinterpret_cast<uint64_t const*>(pipeline.producer_get_barrier(smem_pipe_write)));
       ++k_tile_iter;
