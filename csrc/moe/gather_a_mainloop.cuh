@@ -15,7 +15,7 @@
 //     TMA + cp.async mainloops.
 // One TMA a row instead (a [T, K] map, box 64 x 1, 128-byte swizzle, issued
 // by the 32 lanes) is exact but ~3x slower at T >= 1024, and one cp.async warp
-// 1.2-1.6x slower than two (bench/results/ab_gather_s27.log, session 27).
+// 1.2-1.6x slower than two (bench/results/ab_gather_*_s27.log, session 27).
 // The consumer side (wgmma) is CUTLASS's, unchanged. Rows past the expert's M
 // and K past the row's end are zero-filled.
 //
