@@ -210,8 +210,7 @@ std::optional<moe::MoeConfig> check_fused_moe_config(at::OptionalIntArrayRef con
                     ") (pcg.ops.fused_moe.fused_moe_cutlass_variants()), got ", ids[g], " in ", c);
     }
     PCG_CHECK_ARG(kOp, "config", !moe::gemm_variant_gathers_a(tile2), "config[2] (GEMM2's kernel) ",
-                  tile2, " (", moe::find_gemm_variant(tile2) ? moe::find_gemm_variant(tile2)->name : "",
-                  ") gathers A's rows by token, which only GEMM1 can (GEMM2's A is in expert "
+                  tile2, " (", moe::find_gemm_variant(tile2)->name, ") gathers A's rows by token, which only GEMM1 can (GEMM2's A is in expert "
                   "order already): choose a variant without gather_a, got ", c);
     PCG_CHECK_ARG(kOp, "config", dtype == at::kBFloat16 || dtype == at::kHalf,
                   "[-1, g1, g2] (the CUTLASS path) needs bfloat16 or float16, got ",

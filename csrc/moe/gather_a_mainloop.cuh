@@ -161,6 +161,7 @@ struct GatherAMainloop : Base {
   // chunk c at chunk c ^ (r % 8), stages kBlockM * 128 bytes apart; with
   // r % 8 = l / 8 + 4 half a lane's swizzled offset is fixed, so an address
   // costs a shuffle, an add and a wide multiply-add.
+  template <int Half>
   struct RowGather {
     int token[kBlockM / 32];
     uint32_t lane_off;
@@ -168,8 +169,7 @@ struct GatherAMainloop : Base {
     uint64_t row_bytes;
     const char* hidden;
 
-    CUTLASS_DEVICE RowGather(Params const& params, GatherAGroup const& g, int m_block, int lane,
-                             int half) {
+    CUTLASS_DEVICE RowGather(Params const& params, GatherAGroup const& g, int m_block, int lane) {
       const int m0 = m_block * kBlockM;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kBlockM / 32; ++i) {
@@ -179,7 +179,7 @@ struct GatherAMainloop : Base {
       }
       c = lane % 8;
       row0 = lane / 8;
-      const int rm8 = row0 + 4 * half;
+      const int rm8 = row0 + 4 * Half;
       lane_off = rm8 * 128u + ((c ^ rm8) << 4);
       K = g.K;
       row_bytes = static_cast<uint64_t>(g.K) * sizeof(Element);
@@ -188,7 +188,6 @@ struct GatherAMainloop : Base {
 
     // cp.async of this warp's rows of K tile k_tile into the stage at smem
     // address `stage` (rows without a token and K past the row: zero-filled).
-    template <int Half>
     CUTLASS_DEVICE void copy(uint32_t stage, int k_tile) const {
       const int k = k_tile * kBlockK + c * kVec;
       const bool k_in = k < K;
@@ -207,10 +206,17 @@ struct GatherAMainloop : Base {
     }
   };
 
-  CUTLASS_DEVICE static uint32_t stage_address(TensorStorage& shared_tensors,
-                                               PipelineState const& state) {
-    return cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data()) +
-           state.index() * (kBlockM * 128u);
+  // A warp's rows of K tile k_tile into stage `state`, whose full barrier
+  // counts each lane's arrival when its copies land.
+  template <int Half>
+  CUTLASS_DEVICE static void gather_stage(RowGather<Half> const& rows, MainloopPipeline& pipeline,
+                                          PipelineState const& state, int k_tile,
+                                          TensorStorage& shared_tensors) {
+    rows.copy(cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data()) +
+                  state.index() * (kBlockM * 128u),
+              k_tile);
+    cutlass::arch::cpasync_barrier_arrive_noinc(
+        reinterpret_cast<uint64_t const*>(pipeline.producer_get_barrier(state)));
   }
 
   // Mainloop producer warp: B by TMA (the leader, as CUTLASS's load without
@@ -239,7 +245,7 @@ struct GatherAMainloop : Base {
         mcast_mask_b |= uint16_t(1) << block_layout(m, 0, Int<0>{});
       }
     }
-    const RowGather rows(params, get<2>(load_inputs), static_cast<int>(get<0>(blk_coord)), lane, 0);
+    const RowGather<0> rows(params, get<2>(load_inputs), static_cast<int>(get<0>(blk_coord)), lane);
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
       // Every lane waits for the free stage; the leader (the pipeline's is_leader
@@ -250,9 +256,7 @@ struct GatherAMainloop : Base {
         copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b),
              tBgB(_, _, _, *k_tile_iter), tBsB(_, _, _, smem_pipe_write.index()));
       }
-      rows.template copy<0>(stage_address(shared_tensors, smem_pipe_write),
-                            static_cast<int>(*k_tile_iter));
-      cutlass::arch::cpasync_barrier_arrive_noinc(reinterpret_cast<uint64_t const*>(barrier));
+      gather_stage(rows, pipeline, smem_pipe_write, static_cast<int>(*k_tile_iter), shared_tensors);
       ++k_tile_iter;
       ++smem_pipe_write;
     }
@@ -266,14 +270,11 @@ struct GatherAMainloop : Base {
                                      int k_tile_count, int lane, uint32_t /*block_rank*/,
                                      TensorStorage& shared_tensors) {
     using namespace cute;
-    const RowGather rows(params, get<2>(load_inputs), static_cast<int>(get<0>(blk_coord)), lane, 1);
+    const RowGather<1> rows(params, get<2>(load_inputs), static_cast<int>(get<0>(blk_coord)), lane);
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
       pipeline.producer_acquire(smem_pipe_write);  // wait until the stage is free
-      rows.template copy<1>(stage_address(shared_tensors, smem_pipe_write),
-                            static_cast<int>(*k_tile_iter));
-      cutlass::arch::cpasync_barrier_arrive_noinc(
-          reinterpret_cast<uint64_t const*>(pipeline.producer_get_barrier(smem_pipe_write)));
+      gather_stage(rows, pipeline, smem_pipe_write, static_cast<int>(*k_tile_iter), shared_tensors);
       ++k_tile_iter;
       ++smem_pipe_write;
     }

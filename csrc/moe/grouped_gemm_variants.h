@@ -26,8 +26,8 @@
 // activation is unchanged (its epilogue stores directly already).
 //
 // GATHER_A = 1 (GEMM1 only): A's rows are read from the hidden states by
-// token while loading (gather_a_mainloop.cuh: cp.async in the kernel's
-// auxiliary producer warp, B by TMA), so the pipeline skips the permute and
+// token while loading (gather_a_mainloop.cuh: cp.async in both producer
+// warps, B by TMA), so the pipeline skips the permute and
 // its [slots, H] copy of the hidden rows. Not a GEMM2 kernel (GEMM2's A, the
 // activation, is written in expert order already).
 //
@@ -82,17 +82,17 @@ constexpr const GemmVariantInfo* find_gemm_variant(int64_t id) {
   return (id >= 0 && id < kNumGemmVariants) ? &kGemmVariants[id] : nullptr;
 }
 
-// Whether GEMM1 with variant `id` (-1: the default) gathers its A rows.
-constexpr bool gemm_variant_gathers_a(int64_t id) {
-  const GemmVariantInfo* v = find_gemm_variant(id == -1 ? kDefaultGemmVariant : id);
-  return v != nullptr && v->gather_a;
-}
-
 // A GEMM's entry of a CUTLASS config: -1 (the default) or a listed id.
 constexpr bool is_gemm_variant_id(int64_t id) { return id == -1 || find_gemm_variant(id) != nullptr; }
 
 // -1 -> kDefaultGemmVariant; listed ids unchanged.
 constexpr int resolve_gemm_variant(int id) { return id == -1 ? kDefaultGemmVariant : id; }
+
+// Whether GEMM `id` (-1: the default) gathers its A rows (a GEMM1-only kernel).
+constexpr bool gemm_variant_gathers_a(int64_t id) {
+  const GemmVariantInfo* v = find_gemm_variant(id == -1 ? kDefaultGemmVariant : id);
+  return v != nullptr && v->gather_a;
+}
 
 // Ids are the positions; shapes are what the sm_90 kernels take. wgmma's A
 // operand (tokens, or weights when swapped) comes in 64-row granules, its B
