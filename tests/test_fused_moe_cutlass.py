@@ -22,6 +22,8 @@ CUTLASS = [-1, -1, -1]
 VARIANTS = fused_moe_cutlass_variants()
 N_VARIANTS = len(VARIANTS)
 GATHER = [v.id for v in VARIANTS if v.gather_a]  # GEMM1-only kernels
+# Whole-buffer TMA descriptors, A loaded by TMA (both GEMMs).
+RESIDENT = [v.id for v in VARIANTS if v.resident and not v.gather_a]
 
 
 def _next_gemm2(vid):
@@ -94,6 +96,10 @@ def test_cutlass_variant_list():
     for v in VARIANTS:
         if v.gather_a:  # token rows as wgmma's A, spread over a warp's lanes
             assert not v.swap_ab and not v.direct_store and v.tile_m % 32 == 0
+            assert v.resident  # B from the whole weights
+        if v.resident:  # tokens as A, weights as B
+            assert not v.swap_ab
+    assert RESIDENT
 
 
 def test_cutlass_swap_ab_gemm1_takes_the_block_layout_cpu():
@@ -315,9 +321,10 @@ def test_cutlass_capture_replay_forced_variants(config, T):
 
 
 def _gather_twin(g):
-    """The variant that loads A by TMA with gather variant g's schedule and tile."""
+    """The variant with CUTLASS's own mainloop (per-expert TMA descriptors, A by
+    TMA) and variant g's schedule and tile."""
     v = VARIANTS[g]
-    same = [w.id for w in VARIANTS if not w.gather_a and not w.direct_store and
+    same = [w.id for w in VARIANTS if not w.gather_a and not w.direct_store and not w.resident and
             (w.pingpong, w.tile_m, w.tile_n, w.tile_k, w.cluster_m, w.swap_ab) ==
             (v.pingpong, v.tile_m, v.tile_n, v.tile_k, v.cluster_m, v.swap_ab)]
     assert same, v
@@ -350,6 +357,36 @@ def test_cutlass_gather_equals_tma_twin(g, case, block, prologue, monkeypatch):
         kw["w13_block"] = block
     twin = _gather_twin(g)
     got = pcg.fused_moe(*args, **kw, config=[-1, g, twin])
+    want = pcg.fused_moe(*args, **kw, config=[-1, twin, twin])
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    assert (got[nv:] == 0).all() and got[:nv].abs().max() > 0
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("block", [0, 8])  # GEMM1's plain and fused-activation epilogues
+@pytest.mark.parametrize("case", [
+    # (T, E, k, H, I, e_global, num_valid)
+    (7, 5, 3, 72, 40, None, 7),            # K = 72 / 40: partial K tiles; N = 80 / 72 < a tile
+    (300, 24, 4, 520, 256, 64, 123),       # remote experts, num_valid < T, empty experts
+    (4099, 128, 8, 2048, 768, None, 4099),  # Qwen3-30B-A3B: many tiles per expert
+    (1000, 8, 2, 4104, 264, None, 999),    # N = 528 / 4104: N tiles past an expert's weights
+], ids=str)
+@pytest.mark.parametrize("g", RESIDENT)
+def test_cutlass_resident_equals_ptr_array_twin(g, case, block):
+    """Both GEMMs with TMA descriptors over the whole sorted rows and weights (a
+    group's tile reads the next group's rows and the next expert's weights
+    past its own, which the epilogue does not store) equal CUTLASS's per-expert
+    descriptors, bit for bit, in every stored element."""
+    T, E, k, H, I, eg, nv = case
+    args, kw = _gpu_case(T, E, k, H, I, torch.bfloat16, seed=T + 7 * g, e_global=eg)
+    kw["num_valid"] = torch.tensor([nv], dtype=torch.int32, device="cuda")
+    if block:
+        args[1] = pcg.interleave_w13(args[1], block)
+        kw["w13_block"] = block
+    twin = _gather_twin(g)
+    got = pcg.fused_moe(*args, **kw, config=[-1, g, g])
     want = pcg.fused_moe(*args, **kw, config=[-1, twin, twin])
     torch.cuda.synchronize()
     assert torch.equal(got, want)

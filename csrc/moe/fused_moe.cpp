@@ -440,8 +440,8 @@ std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_tiles_op() 
 }
 
 // pcg::fused_moe_cutlass_variants: the CUTLASS path's GEMM kernel variants
-// (grouped_gemm_variants.h), 9 ints per variant (id, pingpong, tile M, N, K,
-// cluster M, swap-AB, direct store, gather A), and the names. The list is the same in
+// (grouped_gemm_variants.h), 10 ints per variant (id, pingpong, tile M, N, K,
+// cluster M, swap-AB, direct store, gather A, resident), and the names. The list is the same in
 // every build (whether this one has the kernels: fused_moe_paths).
 std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_cutlass_variants_op() {
   std::vector<int64_t> info;
@@ -449,7 +449,7 @@ std::tuple<std::vector<int64_t>, std::vector<std::string>> fused_moe_cutlass_var
   for (const moe::GemmVariantInfo& v : moe::kGemmVariants) {
     info.insert(info.end(), {v.id, v.schedule == moe::GemmSchedule::kPingpong ? 1 : 0, v.tile_m,
                              v.tile_n, v.tile_k, v.cluster_m, v.swap_ab ? 1 : 0,
-                             v.direct_store ? 1 : 0, v.gather_a ? 1 : 0});
+                             v.direct_store ? 1 : 0, v.gather_a ? 1 : 0, v.resident ? 1 : 0});
     names.emplace_back(v.name);
   }
   return {info, names};

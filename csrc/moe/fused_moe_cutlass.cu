@@ -106,6 +106,7 @@ cudaError_t launch_fused_moe_cutlass(const FusedMoeParams& p, const CutlassMoeBu
     g.H = p.H;
     g.I = p.I;
     g.block_m = kCutlassBlockM;
+    g.slots = slots;
     g.sorted_pairs = p.sorted_pairs;
     g.block_expert = p.block_expert;
     g.num_blocks = p.num_blocks;

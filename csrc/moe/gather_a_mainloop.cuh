@@ -19,9 +19,10 @@
 // The consumer side (wgmma) is CUTLASS's, unchanged. Rows past the expert's M
 // and K past the row's end are zero-filled.
 //
-// The expert's first slot comes from the setup's A pointers (ExpertArgsWriter:
-// ptr_A[e] = a_sorted + first_slot(e) * K), which every other variant loads
-// from; here they only locate the expert's run of sorted_pairs.
+// B comes from the whole weights (ResidentTmaMainloop: no descriptor rewrite
+// at an expert switch); the expert's first slot is its A row there (ptr_A[e]
+// = a_sorted + first_slot(e) * K, the setup's ExpertArgsWriter), which here
+// only locates the expert's run of sorted_pairs.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +32,7 @@
 #include "cutlass/arch/barrier.h"
 #include "cutlass/cutlass.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
+#include "moe/resident_tma_mainloop.cuh"
 
 namespace pcg::moe::sm90 {
 
@@ -44,15 +46,7 @@ template <typename Element>
 struct GatherAArguments {
   const Element* hidden = nullptr;        // [T, K] token rows (row stride K)
   const int32_t* sorted_pairs = nullptr;  // [slots] pair t * topk + j, < 0: padding
-  const Element* slot_base = nullptr;     // ptr_A[e] = slot_base + first_slot(e) * K
   int topk = 1;
-};
-
-// The current expert's run of sorted_pairs (load_inputs' third element).
-struct GatherAGroup {
-  const int32_t* pairs = nullptr;
-  int M = 0;
-  int K = 0;
 };
 
 }  // namespace pcg::moe::sm90
@@ -65,9 +59,12 @@ struct HasAuxiliaryLoad<pcg::moe::sm90::GatherAPolicy<BasePolicy>> : cute::true_
 namespace pcg::moe::sm90 {
 
 // Base: CUTLASS's ptr-array TMA mainloop (CollectiveMma of
-// MainloopSm90ArrayTmaGmmaWarpSpecialized) with a K-major A.
+// MainloopSm90ArrayTmaGmmaWarpSpecialized) with a K-major A; its whole A
+// (ResidentOperands::a) is the sorted-slot buffer the rows would be permuted
+// into, which locates each expert's run of sorted_pairs (nothing reads it).
 template <class Base>
-struct GatherAMainloop : Base {
+struct GatherAMainloop : ResidentTmaMainloop<Base> {
+  using Resident = ResidentTmaMainloop<Base>;
   using Element = typename Base::ElementA;
   using DispatchPolicy = GatherAPolicy<typename Base::DispatchPolicy>;
   using typename Base::MainloopPipeline;
@@ -104,10 +101,10 @@ struct GatherAMainloop : Base {
   static constexpr uint32_t kBytesB = static_cast<uint32_t>(
       cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) * sizeof(Element));
 
-  struct Arguments : Base::Arguments {
+  struct Arguments : Resident::Arguments {
     GatherAArguments<Element> gather;
   };
-  struct Params : Base::Params {
+  struct Params : Resident::Params {
     GatherAArguments<Element> gather;
   };
 
@@ -115,8 +112,8 @@ struct GatherAMainloop : Base {
   static Params to_underlying_arguments(ProblemShape problem_shapes, Arguments const& args,
                                         void* workspace) {
     Params p;
-    static_cast<typename Base::Params&>(p) =
-        Base::to_underlying_arguments(problem_shapes, args, workspace);
+    static_cast<typename Resident::Params&>(p) =
+        Resident::to_underlying_arguments(problem_shapes, args, workspace);
     p.tma_transaction_bytes = kBytesB;  // A's bytes arrive by cp.async
     p.gather = args.gather;
     return p;
@@ -125,31 +122,9 @@ struct GatherAMainloop : Base {
   template <class ProblemShape>
   static bool can_implement(ProblemShape problem_shapes, Arguments const& args) {
     const auto& g = args.gather;
-    return Base::can_implement(problem_shapes, args) && g.hidden != nullptr &&
-           g.sorted_pairs != nullptr && g.slot_base != nullptr && g.topk > 0 &&
+    return Resident::can_implement(problem_shapes, args) && g.hidden != nullptr &&
+           g.sorted_pairs != nullptr && g.topk > 0 &&
            reinterpret_cast<uintptr_t>(g.hidden) % 16 == 0;
-  }
-
-  template <class ProblemShape_MNKL>
-  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL,
-                                Params const& params) const {
-    auto base = Base::load_init(problem_shape_MNKL, params);
-    return cute::make_tuple(cute::get<0>(base), cute::get<1>(base), GatherAGroup{});
-  }
-
-  // On a change of expert (both producer warps call it): its run of sorted_pairs.
-  template <class InputTensors, class ProblemShape_MNKL>
-  CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in, Params const& params,
-                                                      ProblemShape_MNKL problem_shape_mnkl,
-                                                      int32_t next_batch) {
-    InputTensors out = in;
-    GatherAGroup& g = cute::get<2>(out);
-    g.M = static_cast<int>(cute::get<0>(problem_shape_mnkl));
-    g.K = static_cast<int>(cute::get<2>(problem_shape_mnkl));
-    const auto* a = reinterpret_cast<const Element*>(params.ptr_A[next_batch]);
-    const int64_t first_slot = g.K > 0 ? (a - params.gather.slot_base) / g.K : 0;
-    g.pairs = params.gather.sorted_pairs + first_slot;
-    return out;
   }
 
   // One warp's share of a tile's A rows. Lane l copies 16-byte column
@@ -169,12 +144,13 @@ struct GatherAMainloop : Base {
     uint64_t row_bytes;
     const char* hidden;
 
-    CUTLASS_DEVICE RowGather(Params const& params, GatherAGroup const& g, int m_block, int lane) {
+    CUTLASS_DEVICE RowGather(Params const& params, ResidentGroup const& g, int m_block, int lane) {
       const int m0 = m_block * kBlockM;
+      const int32_t* pairs = params.gather.sorted_pairs + g.a_row;  // the expert's run
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kBlockM / 32; ++i) {
         const int r = m0 + lane + 32 * i;
-        const int pair = r < g.M ? __ldg(g.pairs + r) : -1;
+        const int pair = r < g.M ? __ldg(pairs + r) : -1;
         token[i] = pair >= 0 ? pair / params.gather.topk : -1;
       }
       c = lane % 8;
@@ -219,24 +195,24 @@ struct GatherAMainloop : Base {
         reinterpret_cast<uint64_t const*>(pipeline.producer_get_barrier(state)));
   }
 
-  // Mainloop producer warp: B by TMA (the leader, as CUTLASS's load without
-  // A) and the even quads of A's rows (every lane).
-  template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator,
-            class BlockCoord>
+  // Mainloop producer warp: B by TMA from the whole weights (the leader) and
+  // the even quads of A's rows (every lane).
+  template <class LoadInputs, class TensorMaps, class KTileIterator, class BlockCoord>
   CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline,
                            PipelineState smem_pipe_write, LoadInputs const& load_inputs,
-                           cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps,
+                           TensorMaps const& /*descriptors: the parameters'*/,
                            BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count,
                            int lane, uint32_t block_rank_in_cluster,
                            TensorStorage& shared_tensors) {
     using namespace cute;
     const bool leader = cute::elect_one_sync();
+    const ResidentGroup& g = get<2>(load_inputs);
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
     constexpr uint32_t cluster_x = get<0>(typename DispatchPolicy::ClusterShape());
     const uint32_t block_x = block_rank_in_cluster % cluster_x;
     auto block_tma_b = params.tma_load_b.get_slice(block_x);
-    Tensor gB = get<1>(load_inputs)(_, _, get<1>(blk_coord), _, get<3>(blk_coord));
-    Tensor tBgB = block_tma_b.partition_S(gB);  // (TMA, TMA_N, TMA_K, k)
+    Tensor tBgB = block_tma_b.partition_S(
+        Resident::group_tiles_b(params, g, static_cast<int>(get<1>(blk_coord))));  // (TMA, TMA_N, TMA_K, k)
     Tensor tBsB = block_tma_b.partition_D(sB);  // (TMA, TMA_N, TMA_K, PIPE)
     uint16_t mcast_mask_b = 0;
     if constexpr (std::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
@@ -253,7 +229,7 @@ struct GatherAMainloop : Base {
       pipeline.producer_acquire(smem_pipe_write);
       auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
       if (leader) {
-        copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b),
+        copy(params.tma_load_b.with(*barrier, mcast_mask_b),
              tBgB(_, _, _, *k_tile_iter), tBsB(_, _, _, smem_pipe_write.index()));
       }
       gather_stage(rows, pipeline, smem_pipe_write, static_cast<int>(*k_tile_iter), shared_tensors);

@@ -28,6 +28,7 @@
 #include "moe/grouped_gemm_sm90.h"
 #include "moe/grouped_gemm_variants.h"
 #include "moe/moe_prepare.cuh"
+#include "moe/resident_tma_mainloop.cuh"
 
 namespace pcg::moe::sm90 {
 
@@ -48,8 +49,16 @@ struct PingpongSchedule {
 // one of the pairs above. SwapAB: A is the weights ([N, K] row-major), B the
 // tokens ([M_e, K], K-major) and D^T [N, M_e] column-major, i.e. D row-major.
 // GatherA: A's rows are gathered from the hidden states (gather_a_mainloop.cuh).
+// Resident: TMA descriptors over the whole operands (resident_tma_mainloop.cuh;
+// a gather kernel is one).
+template <class TmaMainloop, bool GatherA, bool Resident>
+using MainloopOf = std::conditional_t<
+    GatherA, GatherAMainloop<TmaMainloop>,
+    std::conditional_t<Resident, ResidentTmaMainloop<TmaMainloop>, TmaMainloop>>;
+
 template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule,
-          bool SwapAB = false, bool DirectStore = false, bool GatherA = false>
+          bool SwapAB = false, bool DirectStore = false, bool GatherA = false,
+          bool Resident = false>
 struct GroupedGemmKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using LayoutA = cutlass::layout::RowMajor;
@@ -59,6 +68,7 @@ struct GroupedGemmKernel {
   static constexpr bool kSwapAB = SwapAB;
   static constexpr bool kDirectStore = DirectStore;
   static constexpr bool kGatherA = GatherA;
+  static constexpr bool kResident = Resident || GatherA;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
   using Acc = float;
   using TileShape = TileShape_;
@@ -80,7 +90,7 @@ struct GroupedGemmKernel {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       typename Schedule::Kernel>::CollectiveOp;
-  using Mainloop = std::conditional_t<GatherA, GatherAMainloop<TmaMainloop>, TmaMainloop>;
+  using Mainloop = MainloopOf<TmaMainloop, GatherA, Resident>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -90,13 +100,14 @@ struct GroupedGemmKernel {
 // GEMM1 over block-interleaved w13, writing inter instead of gate_up (SwapAB:
 // the weights as wgmma's A operand, as GroupedGemmKernel's).
 template <typename Element, typename TileShape_, typename ClusterShape_, typename Schedule,
-          bool SwapAB = false, bool GatherA = false>
+          bool SwapAB = false, bool GatherA = false, bool Resident = false>
 struct GatedGroupedGemmKernel {
   using Plain = GroupedGemmKernel<Element, TileShape_, ClusterShape_, Schedule, SwapAB>;
   using ProblemShape = typename Plain::ProblemShape;
   static constexpr bool kSwapAB = SwapAB;
   static constexpr bool kDirectStore = false;
   static constexpr bool kGatherA = GatherA;
+  static constexpr bool kResident = Resident || GatherA;
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
@@ -109,7 +120,7 @@ struct GatedGroupedGemmKernel {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       typename Schedule::Kernel>::CollectiveOp;
-  using Mainloop = std::conditional_t<GatherA, GatherAMainloop<TmaMainloop>, TmaMainloop>;
+  using Mainloop = MainloopOf<TmaMainloop, GatherA, Resident>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
@@ -123,17 +134,17 @@ struct GatedVariant;
 template <bool Swap, int TM, int TN, int TK>
 using CutlassTile = std::conditional_t<Swap, Shape<Int<TN>, Int<TM>, Int<TK>>,
                                        Shape<Int<TM>, Int<TN>, Int<TK>>>;
-#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm, swap, direct, gather)         \
-  template <typename Element>                                                               \
-  struct Variant<Element, id>                                                               \
-      : GroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                      \
-                          Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0, direct != 0,  \
-                          gather != 0> {};                                                  \
-  template <typename Element>                                                               \
-  struct GatedVariant<Element, id>                                                          \
-      : GatedGroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                 \
-                               Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0,          \
-                               gather != 0> {};
+#define PCG_SM90_VARIANT_TYPE(id, name, sched, tm, tn, tk, cm, swap, direct, gather, resident) \
+  template <typename Element>                                                                  \
+  struct Variant<Element, id>                                                                  \
+      : GroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                         \
+                          Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0, direct != 0,     \
+                          gather != 0, resident != 0> {};                                      \
+  template <typename Element>                                                                  \
+  struct GatedVariant<Element, id>                                                             \
+      : GatedGroupedGemmKernel<Element, CutlassTile<swap != 0, tm, tn, tk>,                    \
+                               Shape<Int<cm>, _1, _1>, sched##Schedule, swap != 0,             \
+                               gather != 0, resident != 0> {};
 PCG_MOE_GEMM_VARIANTS(PCG_SM90_VARIANT_TYPE)
 #undef PCG_SM90_VARIANT_TYPE
 
@@ -249,10 +260,11 @@ struct GroupedGemm {
   // The grouped mode, problem shapes, A / B operands and D of kernel K from one
   // GEMM's arrays: a swap-AB kernel computes D^T = W . A^T (transposed shapes, the
   // operands exchanged, column-major D; takes_shared_args: the types match).
-  // A gather kernel (GEMM1 only) also reads the hidden rows by token.
+  // A resident kernel also takes the whole A (sorted slots) and B (weights);
+  // a gather kernel (GEMM1 only, resident) also reads the hidden rows by token.
   template <typename K>
   static void grouped_operands(typename K::Gemm::Arguments& args, const Arrays& r, int64_t E,
-                               const MoeGroupedGemmArgs& a) {
+                               const MoeGroupedGemmArgs& a, int which) {
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
     auto& ml = args.mainloop;
     if constexpr (K::kSwapAB) {
@@ -270,10 +282,18 @@ struct GroupedGemm {
       ml.dB = r.sb;
       args.epilogue.dD = r.sd;
     }
+    if constexpr (K::kResident) {
+      static_assert(!K::kSwapAB, "resident kernels keep tokens as A");
+      auto& w = ml.whole;
+      w.a = static_cast<const Element*>(which == 1 ? a.a1 : a.a2);
+      w.b = static_cast<const Element*>(which == 1 ? a.w13 : a.w2);
+      w.a_rows = static_cast<int>(a.slots);
+      w.b_rows = static_cast<int>(a.E * (which == 1 ? 2 * a.I : a.H));
+      w.K = static_cast<int>(which == 1 ? a.H : a.I);
+    }
     if constexpr (K::kGatherA) {
       ml.gather.hidden = static_cast<const Element*>(a.hidden);
       ml.gather.sorted_pairs = a.sorted_pairs;
-      ml.gather.slot_base = static_cast<const Element*>(a.a1);
       ml.gather.topk = a.topk;
     }
     args.epilogue.ptr_D = r.d;
@@ -284,7 +304,7 @@ struct GroupedGemm {
   static typename K::Gemm::Arguments gated_arguments(const MoeGroupedGemmArgs& a) {
     const Arrays r = arrays(a.args, a.E, 1);
     typename K::Gemm::Arguments args;
-    grouped_operands<K>(args, r, a.E, a);  // swapped: the epilogue writes inter row-major itself
+    grouped_operands<K>(args, r, a.E, a, 1);  // swapped: the epilogue writes inter row-major itself
     GatedActParams<Element>& p = args.epilogue.act;
     p.b13 = static_cast<const Element*>(a.b13);
     p.I = static_cast<int>(a.I);
@@ -301,7 +321,7 @@ struct GroupedGemm {
     const Arrays r = arrays(a.args, a.E, which);
     const cutlass::KernelHardwareInfo hw = hw_info(a);
     typename K::Gemm::Arguments args;
-    grouped_operands<K>(args, r, a.E, a);
+    grouped_operands<K>(args, r, a.E, a, which);
     if constexpr (!K::kDirectStore) {
       args.epilogue.thread.alpha = 1.f;
       args.epilogue.thread.beta = 0.f;

@@ -41,6 +41,9 @@ struct MoeGroupedGemmArgs {
   DType dtype = DType::kBFloat16;  // bf16 or fp16
   int64_t E = 0, H = 0, I = 0;
   int block_m = 16;
+  // Rows of the sorted buffers a1, d1, a2 and d2 (moe_align's max_blocks *
+  // block_m): what the resident kernels' whole-A descriptors span.
+  int64_t slots = 0;
   // moe_align outputs (device).
   const int32_t* sorted_pairs = nullptr;  // [max_blocks * block_m]
   const int32_t* block_expert = nullptr;  // [max_blocks]

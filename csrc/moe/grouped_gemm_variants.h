@@ -31,6 +31,11 @@
 // its [slots, H] copy of the hidden rows. Not a GEMM2 kernel (GEMM2's A, the
 // activation, is written in expert order already).
 //
+// RESIDENT = 1: the mainloop's TMA descriptors span the whole sorted rows and
+// the whole weights (resident_tma_mainloop.cuh), so an expert switch rewrites
+// and fences none (CUTLASS's ptr-array mainloop does at every tile). Every
+// gather kernel is one (its B).
+//
 // Ids are stable (the checked-in tuning table names them): never renumber or
 // reuse one; append new variants with the next id. Every variant costs ~40 s
 // of nvcc per dtype, so keep the list short.
@@ -38,18 +43,21 @@
 
 #include <cstdint>
 
-// X(id, name, SCHEDULE, TILE_M, TILE_N, TILE_K, CLUSTER_M, SWAP_AB, DIRECT_STORE, GATHER_A)
-#define PCG_MOE_GEMM_VARIANTS(X)                                                \
-  X(0, coop_128x256x64, Cooperative, 128, 256, 64, 1, 0, 0, 0) /* the default */ \
-  X(1, pingpong_64x256x64, Pingpong, 64, 256, 64, 1, 0, 0, 0)                   \
-  X(2, coop_256x128x64, Cooperative, 256, 128, 64, 1, 0, 0, 0)                  \
-  X(3, coop_128x256x64_c2x1, Cooperative, 128, 256, 64, 2, 0, 0, 0)             \
-  X(4, swap_coop_16x256x64, Cooperative, 16, 256, 64, 1, 1, 0, 0)               \
-  X(5, swap_coop_32x256x64, Cooperative, 32, 256, 64, 1, 1, 0, 0)               \
-  X(6, swap_coop_16x256x64_direct, Cooperative, 16, 256, 64, 1, 1, 1, 0)        \
-  X(7, pingpong_64x256x64_direct, Pingpong, 64, 256, 64, 1, 0, 1, 0)            \
-  X(8, pingpong_64x256x64_gather, Pingpong, 64, 256, 64, 1, 0, 0, 1)            \
-  X(9, coop_128x256x64_gather, Cooperative, 128, 256, 64, 1, 0, 0, 1)
+// X(id, name, SCHEDULE, TILE_M, TILE_N, TILE_K, CLUSTER_M, SWAP_AB, DIRECT_STORE, GATHER_A,
+//   RESIDENT)
+#define PCG_MOE_GEMM_VARIANTS(X)                                                    \
+  X(0, coop_128x256x64, Cooperative, 128, 256, 64, 1, 0, 0, 0, 0) /* the default */  \
+  X(1, pingpong_64x256x64, Pingpong, 64, 256, 64, 1, 0, 0, 0, 0)                    \
+  X(2, coop_256x128x64, Cooperative, 256, 128, 64, 1, 0, 0, 0, 0)                   \
+  X(3, coop_128x256x64_c2x1, Cooperative, 128, 256, 64, 2, 0, 0, 0, 0)              \
+  X(4, swap_coop_16x256x64, Cooperative, 16, 256, 64, 1, 1, 0, 0, 0)                \
+  X(5, swap_coop_32x256x64, Cooperative, 32, 256, 64, 1, 1, 0, 0, 0)                \
+  X(6, swap_coop_16x256x64_direct, Cooperative, 16, 256, 64, 1, 1, 1, 0, 0)         \
+  X(7, pingpong_64x256x64_direct, Pingpong, 64, 256, 64, 1, 0, 1, 0, 0)             \
+  X(8, pingpong_64x256x64_gather, Pingpong, 64, 256, 64, 1, 0, 0, 1, 1)             \
+  X(9, coop_128x256x64_gather, Cooperative, 128, 256, 64, 1, 0, 0, 1, 1)            \
+  X(10, pingpong_64x256x64_resident, Pingpong, 64, 256, 64, 1, 0, 0, 0, 1)          \
+  X(11, coop_128x256x64_resident, Cooperative, 128, 256, 64, 1, 0, 0, 0, 1)
 
 namespace pcg::moe {
 
@@ -63,11 +71,14 @@ struct GemmVariantInfo {
   bool swap_ab;
   bool direct_store;
   bool gather_a;
+  bool resident;
 };
 
 inline constexpr GemmVariantInfo kGemmVariants[] = {
-#define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm, swap, direct, gather) \
-  {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm, swap != 0, direct != 0, gather != 0},
+#define PCG_MOE_GEMM_VARIANT_INFO(id, name, sched, tm, tn, tk, cm, swap, direct, gather, \
+                                  resident)                                               \
+  {id, #name, GemmSchedule::k##sched, tm, tn, tk, cm, swap != 0, direct != 0, gather != 0, \
+   resident != 0},
     PCG_MOE_GEMM_VARIANTS(PCG_MOE_GEMM_VARIANT_INFO)
 #undef PCG_MOE_GEMM_VARIANT_INFO
 };
@@ -112,7 +123,11 @@ constexpr bool gemm_variants_are_consistent() {
     if (v.swap_ab && v.cluster_m != 1) return false;
     // The gather: token rows K-major as wgmma's A, one CTA's own (no multicast
     // along N), each tile's rows spread over a warp's lanes.
-    if (v.gather_a && (v.swap_ab || v.tile_m % 32 != 0 || v.direct_store)) return false;
+    if (v.gather_a && (v.swap_ab || v.tile_m % 32 != 0 || v.direct_store || !v.resident)) {
+      return false;
+    }
+    // Whole-buffer descriptors: tokens and weights in their own roles.
+    if (v.resident && v.swap_ab) return false;
   }
   return find_gemm_variant(kDefaultGemmVariant) != nullptr;
 }

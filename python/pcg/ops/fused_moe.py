@@ -155,7 +155,9 @@ class CutlassVariant(NamedTuple):
     through CUTLASS's TMA store (no per-expert D descriptor to rewrite at every
     tile); ``gather_a``: GEMM1 only (never ``g2``): the kernel reads each token's
     hidden row while loading A (cp.async in an auxiliary producer warp, the
-    weights by TMA), so the path skips the permute copy of the hidden rows."""
+    weights by TMA), so the path skips the permute copy of the hidden rows;
+    ``resident``: the kernel's TMA descriptors span the whole sorted rows and
+    weights, so an expert switch rewrites none (every gather kernel is one)."""
     id: int
     name: str
     pingpong: bool
@@ -166,6 +168,7 @@ class CutlassVariant(NamedTuple):
     swap_ab: bool
     direct_store: bool
     gather_a: bool
+    resident: bool
 
 
 def fused_moe_cutlass_variants() -> List[CutlassVariant]:
@@ -173,8 +176,8 @@ def fused_moe_cutlass_variants() -> List[CutlassVariant]:
     native library (``torch.ops.pcg.fused_moe_cutlass_variants``). The list is
     the same in every build; whether this one runs the path: ``fused_moe_paths``."""
     return [CutlassVariant(vid, name, bool(pingpong), tm, tn, tk, cm, bool(swap), bool(direct),
-                           bool(gather))
-            for name, (vid, pingpong, tm, tn, tk, cm, swap, direct, gather)
+                           bool(gather), bool(resident))
+            for name, (vid, pingpong, tm, tn, tk, cm, swap, direct, gather, resident)
             in _records(*torch.ops.pcg.fused_moe_cutlass_variants())]
 
 
