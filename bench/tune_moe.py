@@ -136,10 +136,16 @@ CUTLASS = (-1, -1, -1)
 CUTLASS_MIN_ROWS_PER_EXPERT = 16  # moe::kCutlassMinRowsPerExpert (csrc/moe/fused_moe.h)
 
 
+RUNNERS_UP = 2  # GEMM1 variants retried with the best GEMM2 one
+
+
 def cutlass_variant_candidates(variant_ids, timed_us, gemm1_ids=None):
     """The search over the CUTLASS GEMM variants as a generator of configs:
     every GEMM1 variant with GEMM2's default, then every GEMM2 variant with the
-    fastest GEMM1 one. timed_us(cfg) -> us (inf when it failed); the default
+    fastest GEMM1 one, then the next RUNNERS_UP fastest GEMM1 variants with the
+    fastest GEMM2 one (a GEMM2 kernel can change which GEMM1 is best: the
+    resident pair at Qwen3 T = 8192, session 28). timed_us(cfg) -> us (inf
+    when it failed); the default
     variant is -1 (never named by its id, so rows and timings are not doubled).
     gemm1_ids: the ids GEMM1 may take (default: variant_ids; the tuned layout
     fuses the activation into GEMM1, which swap-AB variants cannot)."""
@@ -148,9 +154,15 @@ def cutlass_variant_candidates(variant_ids, timed_us, gemm1_ids=None):
     g1 = [CUTLASS] + [(-1, v, -1) for v in others1]
     for cfg in g1:
         yield cfg
-    best1 = min(g1, key=timed_us)[1]
-    for v in others:
-        yield (-1, best1, v)
+    ranked1 = [c[1] for c in sorted(g1, key=timed_us) if math.isfinite(timed_us(c))]
+    best1 = ranked1[0] if ranked1 else -1
+    g2 = [(-1, best1, -1)] + [(-1, best1, v) for v in others]
+    for cfg in g2[1:]:
+        yield cfg
+    best2 = min(g2, key=timed_us)[2]
+    if best2 != -1:  # with GEMM2's default, every GEMM1 was timed already
+        for v in ranked1[1:1 + RUNNERS_UP]:
+            yield (-1, v, best2)
 
 
 def variant_timings_estimate(T, k, E, n_variants, margin):
@@ -159,7 +171,7 @@ def variant_timings_estimate(T, k, E, n_variants, margin):
     if n_variants <= 1:
         return 0
     rows_needed = CUTLASS_MIN_ROWS_PER_EXPERT * (1.0 if margin <= 0 else 0.5)
-    return 2 * (n_variants - 1) if T * k >= rows_needed * E else 0
+    return 2 * (n_variants - 1) + RUNNERS_UP if T * k >= rows_needed * E else 0
 
 
 # ---------------------------------------------------------------------------

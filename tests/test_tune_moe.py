@@ -85,16 +85,24 @@ def test_cutlass_variant_rows_round_trip(tune):
 
 def test_cutlass_variant_search_order(tune):
     """Every GEMM1 variant with GEMM2's default, then every GEMM2 variant with the
-    fastest GEMM1 one; the default is never named by its id."""
+    fastest GEMM1 one, then the runners-up of GEMM1 (failed ones excluded) with
+    the fastest GEMM2 one; the default is never named by its id."""
     us = {(-1, -1, -1): 10.0, (-1, 1, -1): 12.0, (-1, 2, -1): 9.0, (-1, 3, -1): float("inf"),
-          (-1, 2, 1): 8.0, (-1, 2, 2): 9.5, (-1, 2, 3): 11.0}
+          (-1, 2, 1): 8.0, (-1, 2, 2): 9.5, (-1, 2, 3): 11.0, (-1, -1, 1): 7.0, (-1, 1, 1): 9.0}
     got = list(tune.cutlass_variant_candidates([-1, 1, 2, 3], us.__getitem__))
     assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 3, -1),
-                   (-1, 2, 1), (-1, 2, 2), (-1, 2, 3)]
+                   (-1, 2, 1), (-1, 2, 2), (-1, 2, 3), (-1, -1, 1), (-1, 1, 1)]
     assert list(tune.cutlass_variant_candidates([-1], us.__getitem__)) == [(-1, -1, -1)]
     # GEMM1 limited to the variants that fuse the activation (no swap-AB): 3 only on GEMM2.
     got = list(tune.cutlass_variant_candidates([-1, 1, 2, 3], us.__getitem__, [-1, 1, 2]))
-    assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 2, 1), (-1, 2, 2), (-1, 2, 3)]
+    assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 2, 1), (-1, 2, 2), (-1, 2, 3),
+                   (-1, -1, 1), (-1, 1, 1)]
+    # GEMM2's default stays the best: no third stage (those pairs were timed first).
+    us2 = dict(us)
+    us2.update({(-1, 2, 1): 9.5, (-1, 2, 2): 9.6, (-1, 2, 3): 9.7})
+    got = list(tune.cutlass_variant_candidates([-1, 1, 2, 3], us2.__getitem__))
+    assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 3, -1),
+                   (-1, 2, 1), (-1, 2, 2), (-1, 2, 3)]
 
 
 def test_checked_in_table_is_the_generators_output(tune):
