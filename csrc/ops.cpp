@@ -30,8 +30,9 @@ TORCH_LIBRARY(pcg, m) {
   // stages, gated, shared memory bytes; and the names).
   m.def("fused_moe_config(int E_local, int top_k, int H, int I, int T, ScalarType dtype, bool cutlass=False, bool stream=False) -> int[]");
   m.def("fused_moe_tiles() -> (int[], str[])");
-  // The CUTLASS path's GEMM kernel variants (6 ints per variant: id, pingpong,
-  // tile M, N, K, cluster M; and the names), csrc/moe/grouped_gemm_variants.h.
+  // The CUTLASS path's GEMM kernel variants (10 ints per variant: id, pingpong,
+  // tile M, N, K, cluster M, swap-AB, direct store, gather A, resident; and the
+  // names), csrc/moe/grouped_gemm_variants.h.
   m.def("fused_moe_cutlass_variants() -> (int[], str[])");
   // Internal: sort (token, k) pairs by local expert and pad each expert's run
   // to a multiple of block_m. See csrc/moe/moe_align.h for the exact layout.
