@@ -14,16 +14,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe import SHAPES, make_inputs, moe_weights  # noqa: E402
-from profile_moe import short  # noqa: E402
-from timeline_moe import median, profiled_calls  # noqa: E402
+from diag_group_switch import durations  # noqa: E402
 import pcg  # noqa: E402
 from pcg.ops.fused_moe import w13_block_for  # noqa: E402
 from pcg.timing import capture_graph  # noqa: E402
-
-
-def durations(g, reps=20):
-    calls = profiled_calls(g, reps, sync_each=False)
-    return [(short(calls[0][i][2]), median([c[i][1] for c in calls])) for i in range(len(calls[0]))]
 
 
 def balanced_ids(T, E, k, dev):

@@ -331,6 +331,23 @@ def _gather_twin(g):
     return same[0]
 
 
+def _check_twins(case, block, seed, config, twin_config):
+    """fused_moe under `config` equals it under `twin_config` bit for bit on one
+    case (T, E, k, H, I, e_global, num_valid) with w13 in layout `block` (0:
+    plain); rows past num_valid are zero and the rest not all zero."""
+    T, E, k, H, I, eg, nv = case
+    args, kw = _gpu_case(T, E, k, H, I, torch.bfloat16, seed=seed, e_global=eg)
+    kw["num_valid"] = torch.tensor([nv], dtype=torch.int32, device="cuda")
+    if block:
+        args[1] = pcg.interleave_w13(args[1], block)
+        kw["w13_block"] = block
+    got = pcg.fused_moe(*args, **kw, config=config)
+    want = pcg.fused_moe(*args, **kw, config=twin_config)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    assert (got[nv:] == 0).all() and got[:nv].abs().max() > 0
+
+
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("prologue", ["kernels", "one"])
@@ -347,20 +364,10 @@ def test_cutlass_gather_equals_tma_twin(g, case, block, prologue, monkeypatch):
     """GEMM1 gathering A's rows by token (no permute; the pipeline's three-kernel
     prologue skips it) equals the same tile loading the permuted rows by TMA, bit
     for bit: the same rows, in the same order, meet the same wgmma sequence."""
-    T, E, k, H, I, eg, nv = case
     if prologue == "kernels":
         monkeypatch.setenv("PCG_MOE_PROLOGUE_MAX_PAIRS", "0")
-    args, kw = _gpu_case(T, E, k, H, I, torch.bfloat16, seed=T + g, e_global=eg)
-    kw["num_valid"] = torch.tensor([nv], dtype=torch.int32, device="cuda")
-    if block:
-        args[1] = pcg.interleave_w13(args[1], block)
-        kw["w13_block"] = block
     twin = _gather_twin(g)
-    got = pcg.fused_moe(*args, **kw, config=[-1, g, twin])
-    want = pcg.fused_moe(*args, **kw, config=[-1, twin, twin])
-    torch.cuda.synchronize()
-    assert torch.equal(got, want)
-    assert (got[nv:] == 0).all() and got[:nv].abs().max() > 0
+    _check_twins(case, block, case[0] + g, [-1, g, twin], [-1, twin, twin])
 
 
 @pytest.mark.gpu
@@ -379,18 +386,8 @@ def test_cutlass_resident_equals_ptr_array_twin(g, case, block):
     group's tile reads the next group's rows and the next expert's weights
     past its own, which the epilogue does not store) equal CUTLASS's per-expert
     descriptors, bit for bit, in every stored element."""
-    T, E, k, H, I, eg, nv = case
-    args, kw = _gpu_case(T, E, k, H, I, torch.bfloat16, seed=T + 7 * g, e_global=eg)
-    kw["num_valid"] = torch.tensor([nv], dtype=torch.int32, device="cuda")
-    if block:
-        args[1] = pcg.interleave_w13(args[1], block)
-        kw["w13_block"] = block
     twin = _gather_twin(g)
-    got = pcg.fused_moe(*args, **kw, config=[-1, g, g])
-    want = pcg.fused_moe(*args, **kw, config=[-1, twin, twin])
-    torch.cuda.synchronize()
-    assert torch.equal(got, want)
-    assert (got[nv:] == 0).all() and got[:nv].abs().max() > 0
+    _check_twins(case, block, case[0] + 7 * g, [-1, g, g], [-1, twin, twin])
 
 
 @pytest.mark.gpu

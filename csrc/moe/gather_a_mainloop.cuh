@@ -157,8 +157,8 @@ struct GatherAMainloop : ResidentTmaMainloop<Base> {
       row0 = lane / 8;
       const int rm8 = row0 + 4 * Half;
       lane_off = rm8 * 128u + ((c ^ rm8) << 4);
-      K = g.K;
-      row_bytes = static_cast<uint64_t>(g.K) * sizeof(Element);
+      K = params.K;
+      row_bytes = static_cast<uint64_t>(params.K) * sizeof(Element);
       hidden = reinterpret_cast<const char*>(params.gather.hidden);
     }
 

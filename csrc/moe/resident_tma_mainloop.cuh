@@ -36,12 +36,11 @@ struct ResidentOperands {
 };
 
 // The current group (load_inputs' third element): its first rows in the
-// whole A and B, and its M and K.
+// whole A and B, and its M (K is every group's: Params::K).
 struct ResidentGroup {
   int a_row = 0;
   int b_row = 0;
   int M = 0;
-  int K = 0;
 };
 
 // Base: CUTLASS's ptr-array TMA mainloop (CollectiveMma of
@@ -158,27 +157,30 @@ struct ResidentTmaMainloop : Base {
     const InternalElementA* a = params.ptr_A[next_batch];
     const InternalElementB* b = params.ptr_B[next_batch];
     g.M = static_cast<int>(cute::get<0>(problem_shape_mnkl));
-    g.K = static_cast<int>(cute::get<2>(problem_shape_mnkl));
-    g.a_row = params.K > 0 ? static_cast<int>((a - params.a_base) / params.K) : 0;
-    g.b_row = params.K > 0 ? static_cast<int>((b - params.b_base) / params.K) : 0;
+    g.a_row = static_cast<int>((a - params.a_base) / params.K);  // K > 0: can_implement
+    g.b_row = static_cast<int>((b - params.b_base) / params.K);
     return out;
   }
 
-  // Group g's (BLK_M, BLK_K, k) tiles of A at M block m.
+  // A group's (BLK_M or BLK_N, BLK_K, k) tiles at block `blk` of a whole
+  // [rows, K] operand (tma: its descriptor), from the group's first row
+  // `row0`; ModeStep picks the operand's mode of TileShape (A: M, B: N).
+  template <class ModeStep, class Tma>
+  CUTLASS_DEVICE static auto group_tiles(Tma const& tma, int rows, int K, int row0, int blk) {
+    using namespace cute;
+    Tensor whole = tma.get_tma_tensor(make_shape(rows, K, 1));
+    Tensor shifted = domain_offset(make_coord(row0, 0, 0), whole);
+    return local_tile(shifted, TileShape{}, make_coord(_, _, _), ModeStep{})(_, _, blk, _, 0);
+  }
   CUTLASS_DEVICE static auto group_tiles_a(Params const& params, ResidentGroup const& g, int m) {
     using namespace cute;
-    using X = Underscore;
-    Tensor whole = params.tma_load_a.get_tma_tensor(make_shape(params.a_rows, params.K, 1));
-    Tensor shifted = domain_offset(make_coord(g.a_row, 0, 0), whole);
-    return local_tile(shifted, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{})(_, _, m, _, 0);
+    return group_tiles<Step<_1, Underscore, _1>>(params.tma_load_a, params.a_rows, params.K,
+                                                  g.a_row, m);
   }
-  // Group g's (BLK_N, BLK_K, k) tiles of B at N block n.
   CUTLASS_DEVICE static auto group_tiles_b(Params const& params, ResidentGroup const& g, int n) {
     using namespace cute;
-    using X = Underscore;
-    Tensor whole = params.tma_load_b.get_tma_tensor(make_shape(params.b_rows, params.K, 1));
-    Tensor shifted = domain_offset(make_coord(g.b_row, 0, 0), whole);
-    return local_tile(shifted, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{})(_, _, n, _, 0);
+    return group_tiles<Step<Underscore, _1, _1>>(params.tma_load_b, params.b_rows, params.K,
+                                                  g.b_row, n);
   }
 
   // Mainloop producer warp (one elected lane issues): A and B by TMA from the
