@@ -19,7 +19,8 @@
 #   profile         bench/profile_moe.py ($PROFILE_ARGS)
 #   ncu             Nsight Compute counters of fused_moe's kernels ($NCU_ARGS: profile_moe.py arguments;
 #                   $NCU_KERNELS: kernel-name regex, default moe_)
-#   tune            bench/tune_moe.py ($TUNE_ARGS): rewrites csrc/moe/fused_moe_tuning.h, copied to $OUT
+#   tune            bench/tune_moe.py ($TUNE_ARGS; limit $TUNE_LIMIT_S, default 400 s): rewrites
+#                   csrc/moe/fused_moe_tuning.h, copied to $OUT
 #   rebuild         build again (e.g. after tune wrote a new table: the sources no longer
 #                   match a carried .prebuilt library, so this one compiles)
 #   moe             bench/moe.py ($MOE_ARGS)
@@ -89,7 +90,7 @@ run_step() {
     ncu) step ncu 240 80 ncu --kernel-name "regex:${NCU_KERNELS:-moe_}" --section SpeedOfLight --section Occupancy \
            --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
            $py bench/profile_moe.py --plain --iters 1 ${NCU_ARGS:---shapes qwen3 --tokens 1 16384} ;;
-    tune) step tune 400 60 $py bench/tune_moe.py --out-json "$OUT/tune.json" ${TUNE_ARGS:-}; cp csrc/moe/fused_moe_tuning.h "$OUT/" ;;
+    tune) step tune ${TUNE_LIMIT_S:-400} 60 $py bench/tune_moe.py --out-json "$OUT/tune.json" ${TUNE_ARGS:-}; cp csrc/moe/fused_moe_tuning.h "$OUT/" ;;
     rebuild) build ;;
     moe) step moe 400 70 $py bench/moe.py --out "$OUT" ${MOE_ARGS:-} ;;
     e2e) step e2e 400 40 $py bench/e2e.py --out "$OUT" ${E2E_ARGS:-} ;;

@@ -97,12 +97,46 @@ def test_cutlass_variant_search_order(tune):
     got = list(tune.cutlass_variant_candidates([-1, 1, 2, 3], us.__getitem__, [-1, 1, 2]))
     assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 2, 1), (-1, 2, 2), (-1, 2, 3),
                    (-1, -1, 1), (-1, 1, 1)]
-    # GEMM2's default stays the best: no third stage (those pairs were timed first).
+    # GEMM2's default stays the best: no third stage (those pairs were timed
+    # first); the fourth runs the GEMM1 runner-up 1 as GEMM2 too.
     us2 = dict(us)
     us2.update({(-1, 2, 1): 9.5, (-1, 2, 2): 9.6, (-1, 2, 3): 9.7})
     got = list(tune.cutlass_variant_candidates([-1, 1, 2, 3], us2.__getitem__))
     assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 2, -1), (-1, 3, -1),
-                   (-1, 2, 1), (-1, 2, 2), (-1, 2, 3)]
+                   (-1, 2, 1), (-1, 2, 2), (-1, 2, 3), (-1, 1, 1)]
+
+
+def test_cutlass_variant_search_times_same_variant_pairs(tune):
+    """GEMM1's default first with GEMM2's default (DeepSeek-V2-Lite T = 8192,
+    session 28): stage two pairs only the default GEMM1 with each GEMM2, so the
+    GEMM1 runners-up (8, then 10) also run as both GEMMs, (v, v), where they can
+    run GEMM2 (8, a gather kernel, cannot); nothing is yielded twice."""
+    us = {(-1, -1, -1): 10.0, (-1, 8, -1): 10.5, (-1, 10, -1): 10.6, (-1, 1, -1): 11.0,
+          (-1, -1, 1): 11.2, (-1, -1, 10): 10.8}
+    got = list(tune.cutlass_variant_candidates([-1, 1, 10], us.__getitem__, [-1, 1, 8, 10]))
+    assert got == [(-1, -1, -1), (-1, 1, -1), (-1, 8, -1), (-1, 10, -1),
+                   (-1, -1, 1), (-1, -1, 10), (-1, 10, 10)]
+    assert len(got) == len(set(got))
+
+
+def test_finalists_and_confirmed_pick(tune):
+    """The fastest FINALISTS configs plus today's choice; the pick in alternation
+    must beat today's by min_gain in every round, else today's is kept."""
+    valid = {(i, 0, 0): float(10 + i) for i in range(7)}
+    base = (6, 0, 0)
+    f = tune.finalists(valid, base)
+    assert f == [(i, 0, 0) for i in range(tune.FINALISTS)] + [base]
+    assert tune.finalists(valid, (1, 0, 0)) == [(i, 0, 0) for i in range(tune.FINALISTS)]
+    assert tune.finalists(valid, (9, 9, 9)) == [(i, 0, 0) for i in range(tune.FINALISTS)]
+    a, b, c = (-1, 10, 10), (-1, 10, 1), (-1, -1, -1)
+    # c wins both rounds by 8% over today's b: taken.
+    assert tune.confirmed_pick([a, b, c], [[9.8, 10.0, 9.2], [9.9, 10.0, 9.2]], b, 0.02) == c
+    # c's mean is best, but it wins one round only: today's b stays.
+    assert tune.confirmed_pick([a, b, c], [[9.9, 10.0, 8.0], [9.9, 10.0, 9.9]], b, 0.02) == b
+    # a gain under min_gain keeps today's.
+    assert tune.confirmed_pick([a, b], [[9.9, 10.0], [9.9, 10.0]], b, 0.02) == b
+    # today's choice not among the candidates: the fastest on average.
+    assert tune.confirmed_pick([a, c], [[9.0, 9.5], [9.4, 8.0]], b, 0.02) == c
 
 
 def test_checked_in_table_is_the_generators_output(tune):
