@@ -19,65 +19,66 @@ namespace pcg::moe::tuning {
 // mixtral-8x7b: E_local=8 top_k=2 H=4096 I=14336
 inline constexpr TuningEntry kShape0[] = {
     // {t_max, block_m, tile1, tile2}
-    {39, -2, -1, -1},  // stream; us (heuristic): T1 171.4/243.3 T32 662.2/751.5
-    {78, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T48 663.8/858.3 T64 665.1/972.3
-    {110, -1, 10, 1},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64; us (heuristic): T96 675.2/972.3
-    {156, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T128 673.8/1203.0
-    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T192 688.3/1453.3
-    {313, -1, 8, 11},  // cutlass_sm90 pingpong_64x256x64_gather + coop_128x256x64_resident; us (heuristic): T256 725.7/1570.3
-    {443, -1, -1, 1},  // cutlass_sm90 default + pingpong_64x256x64; us (heuristic): T384 756.0/2010.5
-    {627, -1, 10, 1},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64; us (heuristic): T512 888.0/2470.8
-    {886, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 1092.0/3378.5
-    {1448, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T1024 1311.1/4043.6
-    {11585, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 2382.2/6031.5 T8192 8842.9/22089.9
-    {16384, -1, -1, -1},  // cutlass_sm90; us (heuristic): T16384 18225.6/42436.1
+    {39, -2, -1, -1},  // stream; us (heuristic): T1 170.6/248.9 T32 669.5/775.7
+    {78, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T48 682.6/860.3 T64 684.3/979.0
+    {110, -1, 10, 1},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64; us (heuristic): T96 693.5/991.0
+    {156, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T128 694.9/1201.5
+    {221, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T192 706.0/1453.5
+    {313, -1, 8, 11},  // cutlass_sm90 pingpong_64x256x64_gather + coop_128x256x64_resident; us (heuristic): T256 734.6/1602.6
+    {443, -1, -1, 1},  // cutlass_sm90 default + pingpong_64x256x64; us (heuristic): T384 737.9/1945.9
+    {627, -1, 10, 1},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64; us (heuristic): T512 841.5/2394.5
+    {886, -1, 1, -1},  // cutlass_sm90 pingpong_64x256x64 + default; us (heuristic): T768 989.8/3359.1
+    {1448, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T1024 1221.6/4184.1
+    {11585, -1, 1, 1},  // cutlass_sm90 pingpong_64x256x64 + pingpong_64x256x64; us (heuristic): T2048 2153.9/6152.3 T8192 8385.1/21726.6
+    {16384, -1, 11, 2},  // cutlass_sm90 coop_128x256x64_resident + coop_256x128x64; us (heuristic): T16384 17764.4/42722.0
 };
 
 // gpt-oss-20b: E_local=32 top_k=4 H=2880 I=2880
 inline constexpr TuningEntry kShape1[] = {
     // {t_max, block_m, tile1, tile2}
-    {11, -2, -1, -1},  // stream; us (heuristic): T1 57.6/84.4 T8 269.2/310.0
-    {78, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T16 362.2/405.7 T64 391.6/453.4
-    {156, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T96 405.0/461.6 T128 399.2/538.8
-    {221, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T192 405.0/499.6
-    {313, -1, 8, 1},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64; us (heuristic): T256 410.5/698.2
-    {627, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T384 418.0/861.1 T512 449.5/883.0
-    {886, -1, 10, -1},  // cutlass_sm90 pingpong_64x256x64_resident + default; us (heuristic): T768 460.7/1125.9
-    {16384, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T1024 519.3/1324.7 T16384 5447.2/12833.2
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 55.7/88.6 T8 272.8/322.2
+    {78, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T16 369.7/421.3 T64 399.5/469.1
+    {156, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T96 411.4/474.0 T128 406.8/545.1
+    {221, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T192 414.8/514.4
+    {313, -1, 8, 1},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64; us (heuristic): T256 420.6/710.0
+    {627, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T384 425.8/873.7 T512 450.3/898.2
+    {886, -1, 10, -1},  // cutlass_sm90 pingpong_64x256x64_resident + default; us (heuristic): T768 462.9/1124.7
+    {16384, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T1024 507.0/1321.8 T16384 5275.5/12989.8
 };
 
 // deepseek-v2-lite: E_local=64 top_k=6 H=2048 I=1408
 inline constexpr TuningEntry kShape2[] = {
     // {t_max, block_m, tile1, tile2}
-    {11, -2, -1, -1},  // stream; us (heuristic): T1 32.8/55.5 T8 145.8/183.7
-    {55, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T16 229.2/250.9 T48 280.4/327.4
-    {78, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T64 283.9/329.2
-    {110, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T96 287.4/335.5
-    {156, -1, 4, 5},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_32x256x64; us (heuristic): T128 291.5/340.1
-    {221, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T192 297.3/370.4
-    {313, -1, 8, 5},  // cutlass_sm90 pingpong_64x256x64_gather + swap_coop_32x256x64; us (heuristic): T256 295.9/383.7
-    {627, -1, 8, 1},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64; us (heuristic): T384 302.3/567.2 T512 306.7/637.9
-    {886, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T768 322.2/708.4
-    {16384, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T1024 335.0/811.8 T16384 2917.5/7073.3
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 32.4/56.1 T8 146.4/189.2
+    {55, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T16 231.5/259.6 T48 285.0/340.4
+    {78, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T64 287.0/344.8
+    {110, -1, 4, 4},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64; us (heuristic): T96 292.3/348.4
+    {156, -1, 4, 5},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_32x256x64; us (heuristic): T128 294.1/351.9
+    {221, -1, 5, 5},  // cutlass_sm90 swap_coop_32x256x64 + swap_coop_32x256x64; us (heuristic): T192 298.3/381.6
+    {313, -1, 8, 5},  // cutlass_sm90 pingpong_64x256x64_gather + swap_coop_32x256x64; us (heuristic): T256 300.1/392.6
+    {627, -1, 8, 1},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64; us (heuristic): T384 308.2/573.7 T512 313.5/645.2
+    {886, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T768 324.7/720.0
+    {16384, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T1024 336.6/816.2 T16384 2769.8/7133.3
 };
 
 // qwen3-30b-a3b: E_local=128 top_k=8 H=2048 I=768
 inline constexpr TuningEntry kShape3[] = {
     // {t_max, block_m, tile1, tile2}
-    {11, -2, -1, -1},  // stream; us (heuristic): T1 29.6/50.3 T8 119.3/167.6
-    {156, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T16 207.2/231.2 T128 307.4/350.0
-    {221, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T192 308.5/385.0
-    {443, -1, 8, 5},  // cutlass_sm90 pingpong_64x256x64_gather + swap_coop_32x256x64; us (heuristic): T256 316.6/447.8 T384 320.0/413.7
-    {886, -1, 8, 1},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64; us (heuristic): T512 325.9/549.7 T768 333.4/727.2
-    {2896, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T1024 349.4/674.5 T2048 436.2/1076.1
-    {16384, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T4096 680.1/1905.7 T16384 2371.4/5577.6
+    {11, -2, -1, -1},  // stream; us (heuristic): T1 25.7/54.3 T8 118.9/179.5
+    {156, -1, 4, 6},  // cutlass_sm90 swap_coop_16x256x64 + swap_coop_16x256x64_direct; us (heuristic): T16 210.0/245.9 T128 312.0/369.6
+    {221, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T192 316.7/402.4
+    {443, -1, 8, 5},  // cutlass_sm90 pingpong_64x256x64_gather + swap_coop_32x256x64; us (heuristic): T256 322.5/458.4 T384 326.2/430.8
+    {886, -1, 8, 1},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64; us (heuristic): T512 331.6/557.9 T768 340.0/739.6
+    {2896, -1, 8, 10},  // cutlass_sm90 pingpong_64x256x64_gather + pingpong_64x256x64_resident; us (heuristic): T1024 354.8/695.7 T2048 426.9/1089.9
+    {11585, -1, 10, 10},  // cutlass_sm90 pingpong_64x256x64_resident + pingpong_64x256x64_resident; us (heuristic): T4096 655.7/1912.1 T8192 1148.8/2796.5
+    {16384, -1, -1, 10},  // cutlass_sm90 default + pingpong_64x256x64_resident; us (heuristic): T16384 2199.1/5498.0
 };
 
 inline constexpr TuningShape kShapes[] = {
     {8, 2, 4096, 14336, kShape0, 12},
     {32, 4, 2880, 2880, kShape1, 8},
     {64, 6, 2048, 1408, kShape2, 10},
-    {128, 8, 2048, 768, kShape3, 7},
+    {128, 8, 2048, 768, kShape3, 8},
     {0, 0, 0, 0, nullptr, 0},  // end
 };
 
