@@ -320,7 +320,7 @@ def test_cutlass_capture_replay_forced_variants(config, T):
                           seed=400, config=config)
 
 
-def _gather_twin(g):
+def _ptr_array_twin(g):
     """The variant with CUTLASS's own mainloop (per-expert TMA descriptors, A by
     TMA) and variant g's schedule and tile."""
     v = VARIANTS[g]
@@ -366,7 +366,7 @@ def test_cutlass_gather_equals_tma_twin(g, case, block, prologue, monkeypatch):
     for bit: the same rows, in the same order, meet the same wgmma sequence."""
     if prologue == "kernels":
         monkeypatch.setenv("PCG_MOE_PROLOGUE_MAX_PAIRS", "0")
-    twin = _gather_twin(g)
+    twin = _ptr_array_twin(g)
     _check_twins(case, block, case[0] + g, [-1, g, twin], [-1, twin, twin])
 
 
@@ -386,7 +386,7 @@ def test_cutlass_resident_equals_ptr_array_twin(g, case, block):
     group's tile reads the next group's rows and the next expert's weights
     past its own, which the epilogue does not store) equal CUTLASS's per-expert
     descriptors, bit for bit, in every stored element."""
-    twin = _gather_twin(g)
+    twin = _ptr_array_twin(g)
     _check_twins(case, block, case[0] + 7 * g, [-1, g, g], [-1, twin, twin])
 
 

@@ -73,7 +73,6 @@ struct GatherAMainloop : ResidentTmaMainloop<Base> {
   using typename Base::SmemLayoutB;
   using typename Base::TensorStorage;
   using typename Base::TileShape;
-  using typename Base::GmemTiledCopyB;
 
   static constexpr int kBlockM = cute::size<0>(TileShape{});
   static constexpr int kBlockK = cute::size<2>(TileShape{});
@@ -214,13 +213,7 @@ struct GatherAMainloop : ResidentTmaMainloop<Base> {
     Tensor tBgB = block_tma_b.partition_S(
         Resident::group_tiles_b(params, g, static_cast<int>(get<1>(blk_coord))));  // (TMA, TMA_N, TMA_K, k)
     Tensor tBsB = block_tma_b.partition_D(sB);  // (TMA, TMA_N, TMA_K, PIPE)
-    uint16_t mcast_mask_b = 0;
-    if constexpr (std::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
-      auto block_layout = Layout<typename DispatchPolicy::ClusterShape>{};  // (m,n) -> block
-      for (int m = 0; m < size<0>(block_layout); ++m) {
-        mcast_mask_b |= uint16_t(1) << block_layout(m, 0, Int<0>{});
-      }
-    }
+    const uint16_t mcast_mask_b = Resident::b_multicast_mask();
     const RowGather<0> rows(params, get<2>(load_inputs), static_cast<int>(get<0>(blk_coord)), lane);
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {

@@ -183,6 +183,20 @@ struct ResidentTmaMainloop : Base {
                                                   g.b_row, n);
   }
 
+  // The CTAs of the cluster that share each B tile (those along M); 0 without
+  // multicast.
+  CUTLASS_DEVICE static uint16_t b_multicast_mask() {
+    using namespace cute;
+    uint16_t mask = 0;
+    if constexpr (std::is_same_v<typename Base::GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
+      auto block_layout = Layout<ClusterShape>{};  // (m, n) -> block
+      for (int m = 0; m < size<0>(block_layout); ++m) {
+        mask |= uint16_t(1) << block_layout(m, 0, Int<0>{});
+      }
+    }
+    return mask;
+  }
+
   // Mainloop producer warp (one elected lane issues): A and B by TMA from the
   // whole tensors, as CUTLASS's load does from per-group ones.
   template <class LoadInputs, class TensorMaps, class KTileIterator, class BlockCoord>
@@ -204,13 +218,7 @@ struct ResidentTmaMainloop : Base {
     Tensor tAsA = block_tma_a.partition_D(sA);
     Tensor tBgB = block_tma_b.partition_S(group_tiles_b(params, g, static_cast<int>(get<1>(blk_coord))));
     Tensor tBsB = block_tma_b.partition_D(sB);
-    uint16_t mcast_mask_b = 0;
-    if constexpr (std::is_same_v<typename Base::GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
-      auto block_layout = Layout<ClusterShape>{};  // (m, n) -> block
-      for (int m = 0; m < size<0>(block_layout); ++m) {
-        mcast_mask_b |= uint16_t(1) << block_layout(m, 0, Int<0>{});
-      }
-    }
+    const uint16_t mcast_mask_b = b_multicast_mask();
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
       pipeline.producer_acquire(smem_pipe_write);
