@@ -11,7 +11,8 @@ AB_VARIANTS="name:KEY=V,...;..." replaces the variants: environment settings,
 and CONFIG=a:b:c forces fused_moe's config (e.g. CONFIG=-1:1:4); G2=direct
 takes the tuning table's config with GEMM2's variant replaced by its twin
 (same tile and schedule) with the direct-store epilogue. AB_SHAPES=a,b names
-the shapes when no argument does."""
+the shapes when no argument does; AB_SETS the input sets the chain rotates
+through (default 2), AB_REPS the timed repetitions (default 40)."""
 import os, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
@@ -36,7 +37,7 @@ if os.environ.get("AB_VARIANTS"):
         VARIANTS[vname] = dict(x.split("=", 1) for x in kvs.split(",") if x)
     KNOBS = tuple({key for env in VARIANTS.values() for key in env
                    if key not in ("CONFIG", "G2")})
-SETS = 2
+SETS = int(os.environ.get("AB_SETS", "2"))  # input sets the chain rotates through
 if not torch.cuda.is_available():
     print("ab_prologue: no CUDA device")
     sys.exit(0)
@@ -98,7 +99,7 @@ for name in names:
         ms = [m / chain for m in paired_time_ms(fns, warmup=3, reps=reps,
                                                   hide_host_us=[1000.0] * len(fns))]
         fl = 2.0 * T * k * 3 * H * I
-        cells = "  ".join(f"{v} {m * 1e3:8.1f} ({fl / (m * 1e-3) / 1e12:4.0f})"
+        cells = "  ".join(f"{v} {m * 1e3:8.2f} ({fl / (m * 1e-3) / 1e12:4.0f})"
                           for v, m in zip(VARIANTS, ms))
         forced = "  ".join(f"{v}={c}" for v, c in zip(VARIANTS, cfgs) if c is not None)
         print(f"{name:17s} T={T:5d}: {cells}  max|diff| {max(diffs):.1e}  {forced}", flush=True)
