@@ -221,13 +221,29 @@ MORE_FAMILIES = ["glm4_moe", "ernie4_5_moe", "dots1", "hunyuan_v1_moe", "minimax
                  "granitemoe", "granitemoeshared", "exaone_moe", "afmoe", "glm4_moe_lite"]
 # More families checked on the CPU only so far (tests/test_hf_more.py).
 CPU_FAMILIES = ["cohere2_moe", "flex_olmo", "granitemoe_swa", "hy_v3", "laguna", "mellum",
-                "mimo_v2_flash", "solar_open", "axk1", "kimi_linear", "gemma4_text"]
+                "mimo_v2_flash", "solar_open", "axk1", "kimi_linear", "gemma4_text", "mistral4",
+                "minimax_m3_vl_text", "dots3_note_text"]
 _MLA = dict(num_hidden_layers=3, num_key_value_heads=4, n_group=4, topk_group=2, kv_lora_rank=16,
             q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
             norm_topk_prob=True)
 # Families the generic config does not fit (MLA dimensions, layer patterns).
 _MORE_OVERRIDES = {
     "axk1": dict(_MLA, head_dim=8),
+    # Mistral-4: MLA whose head_dim is nope + rope (its rotary tables use it).
+    "mistral4": dict(_MLA, qk_nope_head_dim=24, head_dim=32, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2),
+    # MiniMax-M3's language model: full attention only (its sparse layers have an
+    # indexer, refused), experts with gpt-oss's clamped SwiGLU on concatenated halves.
+    "minimax_m3_vl_text": dict(intermediate_size=32, dense_intermediate_size=96,
+                               shared_intermediate_size=32, rotary_dim=8,
+                               layer_types=["full_attention", "full_attention"],
+                               mlp_layer_types=["dense", "sparse"]),
+    # dots3 without its DeepSeek sparse attention: full and sliding-window MLA layers.
+    "dots3_note_text": dict(_MLA, num_hidden_layers=4, head_dim=24, use_dsa=False,
+                            shared_experts_intermediate_size=32, sliding_window=4,
+                            swa_num_attention_heads=4, swa_num_key_value_heads=4,
+                            swa_q_lora_rank=24, swa_kv_lora_rank=16, swa_head_dim=24,
+                            swa_qk_nope_head_dim=16, swa_v_head_dim=12),
     # Gemma-4 with its MoE block (tanh-gelu experts), a sliding and a full layer.
     "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
                         enable_moe_block=True, num_experts=8, top_k_experts=2, global_head_dim=16,
@@ -241,8 +257,13 @@ _MORE_OVERRIDES = {
 }
 
 # Hybrid models (linear attention, state-space, short convolution layers):
-# pcg.wrap must refuse them (their token mixers would run over the packed row).
+# pcg runs their token mixers per sequence (pcg::mixer).
 HYBRID_FAMILIES = {
+    # Ling's hybrid: linear-attention groups of 2 (one linear, one MLA layer), dense first layer.
+    "bailing_hybrid": dict({k: v for k, v in _GENERIC.items() if k not in _BASE},
+                           num_hidden_layers=4, layer_group_size=2, num_key_value_heads=4,
+                           kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                           v_head_dim=12, n_group=4, topk_group=2),
     "minimax": dict(num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
                     num_experts_per_tok=2),
     "qwen3_next": dict(num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32,
@@ -271,12 +292,26 @@ def has_family(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING
 
 
+# Families whose causal LM the Auto classes do not map (it sits under a
+# multimodal model's mapping): the class in the family's modeling module.
+_CAUSAL_LM = {"mistral4": "Mistral4ForCausalLM"}
+
+
+def _causal_lm(model_type: str, config) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    if model_type not in _CAUSAL_LM:
+        return AutoModelForCausalLM.from_config(config)
+    import importlib
+    module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    return getattr(module, _CAUSAL_LM[model_type])(config)
+
+
 def build_auto(model_type: str, dtype: torch.dtype = torch.float32, device: Any = "cpu",
                seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A tiny random ``*ForCausalLM`` of any transformers family through the
     Auto classes: MORE_FAMILIES from the generic config, HYBRID_FAMILIES from
     theirs."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     kw = dict(_BASE, **HYBRID_FAMILIES[model_type]) if model_type in HYBRID_FAMILIES \
         else dict(_GENERIC, **_MORE_OVERRIDES.get(model_type, {}))
     kw.update(overrides)
@@ -288,10 +323,10 @@ def build_auto(model_type: str, dtype: torch.dtype = torch.float32, device: Any 
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config)
+        model = _causal_lm(model_type, config)
     except ValueError:  # a family without sdpa
         config._attn_implementation = "eager"
-        model = AutoModelForCausalLM.from_config(config)
+        model = _causal_lm(model_type, config)
     randomize(model, seed=seed)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -347,6 +347,71 @@ def test_unsupported_activation_is_refused():
     assert model.config._experts_implementation != "pcg"
 
 
+def test_post_expert_norm_is_refused_before_any_change():
+    """transformers' has_post_expert_norm (each expert's output normalised
+    before the weighted sum) is not what pcg's fused MoE computes."""
+    model = build("qwen3_moe")
+    experts = model.model.layers[1].mlp.experts
+    experts.has_post_expert_norm = True
+    w13 = experts.gate_up_proj.clone()
+    with pytest.raises(NotImplementedError, match="has_post_expert_norm"):
+        pcg.wrap(model)
+    assert torch.equal(experts.gate_up_proj, w13)
+    assert model.config._experts_implementation != "pcg"
+
+
+def _with_gate(model, gate):
+    """Every experts module of ``model`` computes its gated activation with
+    ``gate(self, gate_up)`` (a subclass per module class, as a family's own
+    ``_apply_gate``)."""
+    for layer in model.model.layers:
+        m = layer.mlp.experts
+        m.__class__ = type(type(m).__name__, (type(m),), {"_apply_gate": gate})
+    return model
+
+
+def _silu_by_hand(self, gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+def _clamped_swiglu(self, gate_up):  # MiniMax-M3's: gpt-oss's on concatenated halves
+    gate, up = gate_up.chunk(2, dim=-1)
+    gate = gate.clamp(max=self.swiglu_limit)
+    up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+    return (up + 1.0) * gate * torch.sigmoid(gate * self.swiglu_alpha)
+
+
+def _relu_gate(self, gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.relu(gate) * up
+
+
+@pytest.mark.parametrize("gate,want", [(_silu_by_hand, ("silu", None, None)),
+                                       (_clamped_swiglu, ("swigluoai", 1.3, 2.5))])
+def test_custom_gate_is_probed(gate, want):
+    """A family's own _apply_gate that computes one of pcg's activations runs
+    on pcg's kernels (found by probing it); the output is the unwrapped one."""
+    model = _with_gate(build("qwen3_moe"), gate)
+    for layer in model.model.layers:
+        layer.mlp.experts.swiglu_alpha, layer.mlp.experts.swiglu_limit = 1.3, 2.5
+    ref = copy.deepcopy(model)
+    wrapped = pcg.wrap(model)
+    for l in wrapped.registry.moe_layers:
+        assert l.activation == want[0]
+        if want[1] is not None:
+            assert (l.alpha, l.limit) == pytest.approx(want[1:])
+    ids = _ids(torch.Generator().manual_seed(10), 1, 12)
+    assert rel_err(wrapped(ids).logits[0], ref_logits(ref, ids[0])) <= RTOL
+
+
+def test_custom_gate_pcg_cannot_run_is_refused():
+    model = _with_gate(build("qwen3_moe"), _relu_gate)
+    with pytest.raises(NotImplementedError, match="custom gate function"):
+        pcg.wrap(model)
+    assert model.config._experts_implementation != "pcg"
+
+
 @pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu_new"])
 def test_tanh_gelu_experts(act):
     model = build("qwen3_moe", hidden_act=act)

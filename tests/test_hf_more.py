@@ -211,14 +211,26 @@ def test_unknown_token_mixer_is_refused():
     assert model.config._attn_implementation != "pcg"  # nothing was switched
 
 
-@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa", "axk2"])
 def test_sparse_attention_with_indexer_is_refused(family):
     """DeepSeek-V3.2-style sparse attention: its indexer picks keys per query
     from a mask over the whole batch; pcg refuses it instead of running it dense."""
     _family(family)
-    model = build_auto(family, **DSA)
+    model = build_auto(family, **DSA, **({"gated_norm_rank": 8} if family == "axk2" else {}))
     with pytest.raises(NotImplementedError, match="top-k indexer"):
         pcg.wrap(model, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["indexed_attention", "deepseek_sparse_attention"])
+def test_sparse_layer_type_is_refused(kind):
+    """A layer whose config names it sparse is refused even without an indexer
+    of its own (a layer that reuses an earlier layer's top-k)."""
+    from types import SimpleNamespace
+    from pcg.integrations.hf import _chunk_size
+    layer = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention", kind]), layer_idx=1)
+    assert _chunk_size("layers.0.self_attn", SimpleNamespace(config=layer.config, layer_idx=0)) is None
+    with pytest.raises(NotImplementedError, match=kind):
+        _chunk_size("layers.1.self_attn", layer)
 
 
 def test_hybrid_wrapped_twice():

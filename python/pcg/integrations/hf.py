@@ -344,7 +344,8 @@ def _is_sliding(module: nn.Module) -> Optional[int]:
 # a causal (sliding) window or position chunk of the sequence: pcg refuses them.
 _UNSUPPORTED_LAYER_TYPES = ("window_attention", "compressed_sparse_attention",
                             "heavily_compressed_attention", "minimax_m3_sparse",
-                            "deepseek_sparse_attention", "qwen_sparse_attention")
+                            "deepseek_sparse_attention", "qwen_sparse_attention",
+                            "indexed_attention")  # the last: later transformers' name for the sparse ones
 
 
 def _layer_type(module: nn.Module) -> Optional[str]:
@@ -456,22 +457,70 @@ def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
 
 # ---- experts: weights in pcg's layout -------------------------------------------
 
+# Attribute pairs (alpha, limit) under which transformers' experts keep
+# gpt-oss's clamped SwiGLU constants (gpt-oss; MiniMax-M3).
+_SWIGLU_ATTRS = (("alpha", "limit"), ("swiglu_alpha", "swiglu_limit"))
+
+
+def _swigluoai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * gate * torch.sigmoid(gate * alpha)
+
+
+def _gate_candidates(m: nn.Module) -> list:
+    """(activation, alpha, limit, fn(gate, up)) that pcg's kernels run, for
+    probing a custom ``_apply_gate``."""
+    plain = [("silu", F.silu), ("gelu", F.gelu), ("gelu_tanh", functools.partial(F.gelu, approximate="tanh"))]
+    out = [(a, 1.702, 7.0, lambda g, u, f=f: f(g) * u) for a, f in plain]
+    for an, ln in _SWIGLU_ATTRS:
+        alpha, limit = getattr(m, an, None), getattr(m, ln, None)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)):
+            out.insert(0, ("swigluoai", float(alpha), float(limit),
+                           lambda g, u, a=float(alpha), lim=float(limit): _swigluoai(g, u, a, lim)))
+    return out
+
+
+def _probe_gate(m: nn.Module) -> Optional[tuple[str, float, float]]:
+    """The (activation, alpha, limit) of pcg's kernels that an experts module's
+    own ``_apply_gate`` computes, found by running it on probe rows (float64,
+    values on both sides of any clamp) in the module's own gate/up layout
+    (concatenated halves or interleaved columns); None when none matches."""
+    interleaved = m.__dict__.get("_pcg_orig_layout", (None, not m.is_concatenated))[1]
+    cands = _gate_candidates(m)
+    span = max([abs(c[2]) for c in cands if c[0] == "swigluoai"] + [4.0]) * 2 + 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(24, 16, generator=g, dtype=torch.float64) * 2 - 1,
+                   (torch.rand(24, 16, generator=g, dtype=torch.float64) * 2 - 1) * span])
+    try:
+        with torch.no_grad():
+            y = type(m)._apply_gate(m, x)
+    except Exception:  # noqa: BLE001 - any failure: not a gate pcg can run
+        return None
+    gate, up = (x[:, ::2], x[:, 1::2]) if interleaved else x.chunk(2, dim=-1)
+    for act, alpha, limit, fn in cands:
+        ref = fn(gate, up)
+        if isinstance(y, torch.Tensor) and y.shape == ref.shape and \
+                torch.allclose(y.double(), ref, rtol=1e-6, atol=1e-9):
+            return act, alpha, limit
+    return None
+
+
 def _activation(name: str, m: nn.Module, act: Any = None) -> tuple[str, float, float]:
     """(activation, alpha, limit) of an experts module in pcg's terms (its
-    ``act_fn``, or ``act`` where the module keeps it elsewhere)."""
+    ``act_fn``, or ``act`` where the module keeps it elsewhere). A custom
+    ``_apply_gate`` is accepted where it computes one of pcg's activations
+    (gpt-oss's and MiniMax-M3's clamped SwiGLU: swigluoai), found by probing it."""
     from transformers.integrations.moe import _default_apply_gate
     apply_gate = getattr(type(m), "_apply_gate", None)
     cls = type(m).__name__
     if apply_gate is not None and apply_gate is not _default_apply_gate:
-        try:
-            src = inspect.getsource(apply_gate)
-        except (OSError, TypeError):
-            src = ""
-        if (hasattr(m, "alpha") and hasattr(m, "limit") and "sigmoid" in src and "+ 1" in src
-                and "::2" in src):
-            return "swigluoai", float(m.alpha), float(m.limit)
+        found = _probe_gate(m)
+        if found is not None:
+            return found
         raise NotImplementedError(f"pcg.wrap: experts module {name} ({cls}) has a custom gate "
-                                  "function (_apply_gate) that pcg has no native kernel for")
+                                  "function (_apply_gate) that computes none of pcg's activations "
+                                  "(silu, gelu, tanh gelu, gpt-oss's clamped swigluoai)")
     act = getattr(m, "act_fn", None) if act is None else act
     hidden_act = getattr(getattr(m, "config", None), "hidden_act", None)
     from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
@@ -818,6 +867,10 @@ def prepare(model: nn.Module, ep_cfg: Any = None, router: str = "pcg"):
             raise NotImplementedError(f"pcg.wrap: experts module {n} ({type(m).__name__}) is not "
                                       "gated (up_proj only); pcg's fused MoE runs gated experts "
                                       "(gate_up_proj)")
+        if getattr(m, "has_post_expert_norm", False):
+            raise NotImplementedError(f"pcg.wrap: experts module {n} ({type(m).__name__}) normalises "
+                                      "each expert's output before the weighted sum "
+                                      "(has_post_expert_norm); pcg's fused MoE sums them directly")
     for n, m in attention:
         _check_causal(n, m)
         _chunk_size(n, m)
