@@ -339,6 +339,18 @@ def test_multimodal_encoder_gets_a_hint():
         pcg.wrap(VisionLanguage())
 
 
+def test_multimodal_convolution_gets_a_hint():
+    """An audio encoder's convolution along the sequence: refused, with the
+    same hint (a vocoder's too)."""
+    for part in ("audio_tower", "code2wav"):
+        model = torch.nn.Module()
+        model.language_model = build("qwen3_moe")
+        model.add_module(part, torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3)))
+        with pytest.raises(NotImplementedError,
+                           match=f"{part}.0 is a convolution along the sequence.*language model alone"):
+            pcg.wrap(model)
+
+
 def test_unsupported_activation_is_refused():
     model = build("qwen3_moe", hidden_act="relu2")
     with pytest.raises(NotImplementedError, match="relu2"):

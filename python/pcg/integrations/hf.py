@@ -419,19 +419,24 @@ def _fallback_for(module: nn.Module, layer: Any) -> Optional[Callable]:
 
 
 # Name parts of a multimodal model's encoders (their attention is not causal).
-_ENCODER_WORDS = re.compile(r"(vision|visual|image|audio|speech|encoder|vit|siglip)", re.IGNORECASE)
+_ENCODER_WORDS = re.compile(r"(vision|visual|image|audio|speech|encoder|vit|siglip|wav|vocoder)", re.IGNORECASE)
 
 
 def _check_causal(name: str, m: nn.Module) -> None:
     if getattr(m, "is_causal", True) is not False:
         return
-    hint = ""
-    if _ENCODER_WORDS.search(name) or _ENCODER_WORDS.search(type(m).__name__):
-        hint = (" It looks like a multimodal model's encoder: pcg.wrap the language model alone (for "
-                "example model.language_model or model.model.language_model, a *ForCausalLM or its "
-                "decoder) and run the encoder as it is.")
     raise NotImplementedError(f"pcg.wrap: attention module {name} ({type(m).__name__}) is not causal; "
-                              f"pcg runs causal (decoder) attention only.{hint}")
+                              f"pcg runs causal (decoder) attention only.{_encoder_hint(name, m)}")
+
+
+def _encoder_hint(name: str, m: nn.Module) -> str:
+    """What to wrap instead where module ``name`` looks like part of a
+    multimodal model's encoder (vision, audio, speech...); "" otherwise."""
+    if not (_ENCODER_WORDS.search(name) or _ENCODER_WORDS.search(type(m).__name__)):
+        return ""
+    return (" It looks like a multimodal model's encoder: pcg.wrap the language model alone (for "
+            "example model.language_model or model.model.language_model, a *ForCausalLM or its "
+            "decoder) and run the encoder as it is.")
 
 
 def _add_attention(registry: LayerRegistry, name: str, m: nn.Module) -> int:
@@ -661,7 +666,7 @@ def _find_mixers(model: nn.Module, attention: list) -> list:
             raise NotImplementedError(
                 f"pcg.wrap: model {name_of_model}: module {n} is a convolution along the sequence "
                 f"(kernel {m.kernel_size[0]}) outside any token mixer pcg runs per sequence: over pcg's "
-                "packed row it would mix tokens across sequences")
+                f"packed row it would mix tokens across sequences.{_encoder_hint(n, m)}")
     names = attn_names | {n for n, _ in found}
     lists = {n.rsplit(".", 2)[0] for n in names if n.count(".") >= 2}
     for list_name in sorted(lists):
