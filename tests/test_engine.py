@@ -94,6 +94,16 @@ def test_pack_padded_batch_and_unpack_zeros(side):
     assert bool((back[..., 0][~mask.bool()] == 0).all())
 
 
+def test_pack_reads_a_mask_as_transformers_does():
+    """Any non-zero mask value is a real token (transformers' .bool()), for the
+    kept tokens and the rows' lengths alike: a mask of 2s and -1s packs as 1s."""
+    ids = torch.arange(6).view(2, 3)
+    odd = torch.tensor([[2, 2, 0], [-1, 0, 0]])
+    p, q = pack(ids, attention_mask=odd), pack(ids, attention_mask=(odd != 0).long())
+    assert p.cu_seqlens == q.cu_seqlens == [0, 2, 3]
+    assert torch.equal(p.input_ids, q.input_ids) and torch.equal(p.positions, q.positions)
+
+
 def test_pack_rejects_bad_shapes():
     with pytest.raises(ValueError, match="attention_mask"):
         pack(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4))

@@ -183,7 +183,9 @@ def pack(input_ids: Optional[torch.Tensor] = None,
         flat_emb = (inputs_embeds.reshape(b * s, inputs_embeds.shape[-1]).index_select(0, token_index)
                     if inputs_embeds is not None else None)
         flat_pos = flat_pos.index_select(0, token_index)
-        row_lens = attention_mask.to(torch.int64).sum(1).tolist()
+        # Rows' lengths from the same test as the kept tokens (non-zero: a real
+        # token, as transformers reads a 2-D mask; a mask of 2s or -1s counts them).
+        row_lens = keep.view(b, s).sum(1).tolist()
     # Sequence boundaries: every row starts a sequence; explicit position_ids
     # that restart (or jump) start more (several packed sequences in one row). Only
     # explicit positions are read back from the device (pass them on the CPU
