@@ -2,6 +2,7 @@
 // Kernels are registered next to their launchers (TORCH_LIBRARY_IMPL per
 // backend); ops whose kernels live in Python (split ops that find a layer by
 // id) are implemented by python/pcg at import time.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(pcg, m) {
@@ -99,4 +100,17 @@ TORCH_LIBRARY(pcg, m) {
   m.def(
       "moe_out(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor(a!) out, int layer) "
       "-> ()");
+}
+
+// No pcg op has a derivative (inference only). Where an input requires grad,
+// the outputs get a grad_fn that raises on backward, naming the op, instead
+// of gradients that silently miss the op's inputs (the CPU kernels are made
+// of ATen ops, which would record a partial graph).
+TORCH_LIBRARY_IMPL(pcg, Autograd, m) {
+  for (const char* op :
+       {"route", "fused_moe", "moe_align", "ep_dispatch", "ep_combine", "ep_dispatch_peer",
+        "ep_return_peer", "causal_attention_out", "causal_attention_graph", "stage_batch",
+        "weak_ref_tensor", "attention", "attention_out", "mixer", "mixer_out", "moe", "moe_out"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

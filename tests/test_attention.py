@@ -221,6 +221,14 @@ def test_bad_inputs_raise_clear_errors():
         op(q, k, v.double(), out, meta)
     with pytest.raises(ValueError, match="window_left"):
         op(q, k, v, out, meta, None, -2)
+    bad = torch.tensor([6, 2**63 - 1, 6, 0, 0], dtype=torch.int64)  # num_seqs + 1 would wrap
+    with pytest.raises(ValueError, match="num_seqs 9223372036854775807"):
+        op(q, k, v, out, bad)
+    with pytest.raises(ValueError, match="'q' must be a floating-point tensor"):
+        op(q.int(), k.int(), v.int(), out.int(), meta)
+    for scale in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="'scale' must be a finite positive number"):
+            op(q, k, v, out, meta, scale)
 
 
 def test_opcheck():

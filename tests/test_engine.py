@@ -128,6 +128,18 @@ def test_weak_ref_aliases_without_owning():
     assert ref.expired()  # w did not keep the storage alive
 
 
+def test_weak_ref_refuses_lazy_views():
+    """A conjugate / negative view or an efficient zero tensor reaches a kernel
+    as a temporary copy: a reference to it would dangle, so it is refused."""
+    z = torch.tensor([1 - 2j, 3 + 4j])
+    for t, what in [(z.conj(), "conjugate"), (torch._neg_view(z), "negative"),
+                    (torch._efficientzerotensor(3), "zero tensor")]:
+        with pytest.raises(ValueError, match=what):
+            pcg.weak_ref_tensor(t)
+    r = pcg.weak_ref_tensor(z.conj().resolve_conj())  # resolved: fine
+    assert r.dtype == z.dtype
+
+
 def test_weak_ref_empty_and_opcheck():
     e = pcg.weak_ref_tensor(torch.empty(0, 3))
     assert e.shape == (0, 3)
@@ -218,8 +230,15 @@ def test_stage_batch_rejects_bad_arguments():
         stage(ids, None, static_ids, static_pos, torch.zeros(300, dtype=torch.int32), [0] * 257)
     with pytest.raises(ValueError, match="must fit in int32"):
         stage(ids, None, static_ids, static_pos, batch, [2**31])
-    with pytest.raises(ValueError, match="'ids' must not partly overlap static_ids"):
+    with pytest.raises(ValueError, match="'ids' must be static_ids itself or share no memory"):
         stage(static_ids[1:6], None, static_ids, static_pos, batch, [])
+    buf = torch.arange(20, dtype=torch.long)
+    with pytest.raises(ValueError, match="'ids' must be static_ids itself or share no memory"):
+        stage(buf[0:8:2], None, buf[3:7], static_pos, batch, [])  # strided: undecidable, refused
+    with pytest.raises(ValueError, match="'positions' must share no memory with static_ids"):
+        stage(ids, static_ids[:5], static_ids, static_pos, batch, [])
+    with pytest.raises(ValueError, match="'static_pos' must share no memory with static_ids"):
+        stage(ids, None, static_ids, static_ids, batch, [])
     stage(static_ids[:5], None, static_ids, static_pos, batch, [])  # the same view: a self-copy
 
 

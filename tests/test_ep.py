@@ -255,6 +255,26 @@ def test_combine_errors_name_the_argument():
         torch.ops.pcg.ep_combine(recv, sm, torch.zeros(5, 2).t())
 
 
+def test_outputs_sharing_memory_with_inputs_are_refused():
+    """The kernels read inputs while writing outputs: an output aliasing an
+    input (or another output) is an error, not a wrong result."""
+    args = list(_op_args("cpu"))
+    a = list(args)
+    a[9] = a[3][:3]  # counts inside expert_rank
+    with pytest.raises(ValueError, match="pcg::ep_dispatch: argument 'counts' must share no memory "
+                                         "with 'expert_rank'"):
+        torch.ops.pcg.ep_dispatch(*a)
+    a = list(args)
+    a[9] = a[8].view(-1)[:3]  # counts inside slot_map
+    with pytest.raises(ValueError, match="argument 'counts' must share no memory with 'slot_map'"):
+        torch.ops.pcg.ep_dispatch(*a)
+    recv = torch.randn(3, 10, 12)
+    with pytest.raises(ValueError, match="pcg::ep_combine: argument 'out' must share no memory "
+                                         "with 'recv'"):
+        torch.ops.pcg.ep_combine(recv, args[8], recv[0, :9])
+    torch.ops.pcg.ep_dispatch(*args)  # separate buffers: fine
+
+
 # ---- peer-mapped variants, simulated in one process (W workspaces) -------------------------
 
 def _simulate_peer_exchange(device, dtype, T=13, H=20, k=3, E=12, W=3, C=None, placement="round_robin"):

@@ -581,6 +581,19 @@ def test_errors_name_the_argument_cpu():
             _call_with(args, kw, override)
 
 
+def test_moe_align_outputs_sharing_memory_are_refused():
+    args = list(_align_args(20, 2, 4, 16, "cpu"))
+    a = list(args)
+    a[7] = a[6][:1]  # num_blocks inside block_expert
+    with pytest.raises(ValueError, match="'num_blocks' must share no memory with 'block_expert'"):
+        torch.ops.pcg.moe_align(*a)
+    a = list(args)
+    assert a[0].numel() >= a[6].numel()
+    a[6] = a[0].view(-1)[:a[6].numel()]  # block_expert inside topk_ids
+    with pytest.raises(ValueError, match="'block_expert' must share no memory with 'topk_ids'"):
+        torch.ops.pcg.moe_align(*a)
+
+
 def test_moe_align_errors():
     args = list(_align_args(20, 2, 4, 16, "cpu"))
     bad = [

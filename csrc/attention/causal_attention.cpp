@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <mutex>
 #include <optional>
@@ -66,7 +67,8 @@ Batch read_meta(const at::Tensor& meta, int64_t rows) {
   Batch b{m[0], m[1], m[2], m[3], m + kMetaHead};
   PCG_CHECK_ARG(kOp, "meta", b.num_tokens >= 0 && b.num_tokens <= rows, "num_tokens ",
                 b.num_tokens, " must be in [0, ", rows, "] (the rows of q)");
-  PCG_CHECK_ARG(kOp, "meta", b.num_seqs >= 0 && meta.numel() >= kMetaHead + b.num_seqs + 1,
+  // Compared without adding to num_seqs (a huge value must not wrap around).
+  PCG_CHECK_ARG(kOp, "meta", b.num_seqs >= 0 && b.num_seqs <= meta.numel() - kMetaHead - 1,
                 "num_seqs ", b.num_seqs, " needs ", kMetaHead + b.num_seqs + 1,
                 " values, meta has ", meta.numel());
   PCG_CHECK_ARG(kOp, "meta", b.cu[0] == 0 && b.cu[b.num_seqs] == b.num_tokens,
@@ -83,9 +85,19 @@ Batch read_meta(const at::Tensor& meta, int64_t rows) {
   return b;
 }
 
+// A softmax scale of 0 or below is no model's (and torch's CPU causal SDPA
+// returns NaN for it).
+void check_scale(const char* op, std::optional<double> scale) {
+  PCG_CHECK_ARG(op, "scale", !scale || (std::isfinite(*scale) && *scale > 0),
+                "must be a finite positive number, or None for 1/sqrt(head size); got ",
+                scale.value_or(0.0));
+}
+
 void validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, int64_t window_left) {
   check_dim(kOp, "q", q, 3);
+  PCG_CHECK_ARG(kOp, "q", q.is_floating_point(), "must be a floating-point tensor, got ",
+                q.scalar_type());
   check_dim(kOp, "k", k, 3);
   check_dim(kOp, "v", v, 3);
   check_dim(kOp, "out", out, 3);
@@ -206,6 +218,7 @@ void causal_attention_out(const at::Tensor& q, const at::Tensor& k, const at::Te
                           at::Tensor& out, const at::Tensor& meta, std::optional<double> scale,
                           int64_t window_left) {
   validate(q, k, v, out, window_left);
+  check_scale(kOp, scale);
   const int64_t rows = q.size(0);
   const Batch b = read_meta(meta, rows);
   // The kernel writes every row (pad rows too); all-one-token batches go there
@@ -276,6 +289,7 @@ void causal_attention_graph(const at::Tensor& q, const at::Tensor& k, const at::
                             at::Tensor& out, const at::Tensor& batch,
                             std::optional<double> scale, int64_t window_left) {
   validate(q, k, v, out, window_left);
+  check_scale(kGraphOp, scale);
   check_graph_batch(q, batch);
   if (q.is_cuda()) {
     const GraphAttentionFn fn = graph_attention.load(std::memory_order_relaxed);

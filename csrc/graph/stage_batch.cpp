@@ -13,6 +13,20 @@ namespace pcg {
 namespace {
 constexpr const char* kOp = "stage_batch";
 
+// The kernel reads and writes in parallel: a source may be its own
+// destination (the same view: a harmless self-copy) but must otherwise not
+// share memory with it, nor with another destination; strided views whose
+// overlap cannot be decided are refused too.
+void check_copy(const char* arg, const at::Tensor& src, const char* dst_name, const at::Tensor& dst) {
+  if (src.numel() == 0 || at::get_overlap_status(src, dst) == at::MemOverlapStatus::Full) return;
+  PCG_CHECK_ARG(kOp, arg, !may_overlap(src, dst), "must be ", dst_name,
+                " itself or share no memory with it");
+}
+
+void check_apart(const char* arg, const at::Tensor& a, const char* other, const at::Tensor& b) {
+  PCG_CHECK_ARG(kOp, arg, !may_overlap(a, b), "must share no memory with ", other);
+}
+
 void check_static(const char* arg, const at::Tensor& t, c10::ScalarType dt, const c10::Device& dev) {
   check_dim(kOp, arg, t, 1);
   check_dtype(kOp, arg, t, dt);
@@ -34,11 +48,12 @@ void check_stage_batch(const at::Tensor& ids, const std::optional<at::Tensor>& p
   const int64_t n = ids.size(0);
   PCG_CHECK_ARG(kOp, "ids", n <= static_ids.size(0), "has ", n, " tokens; static_ids holds ",
                 static_ids.size(0));
-  // The kernel reads and writes in parallel: a source inside its destination
-  // at another offset would race (the same view is a harmless self-copy).
-  PCG_CHECK_ARG(kOp, "ids", at::get_overlap_status(ids, static_ids.narrow(0, 0, n)) !=
-                                   at::MemOverlapStatus::Partial,
-                "must not partly overlap static_ids");
+  check_apart("static_pos", static_pos, "static_ids", static_ids);
+  check_apart("batch", batch, "static_ids", static_ids);
+  check_apart("batch", batch, "static_pos", static_pos);
+  check_copy("ids", ids, "static_ids", static_ids.narrow(0, 0, n));
+  check_apart("ids", ids, "static_pos", static_pos);
+  check_apart("ids", ids, "batch", batch);
   if (positions.has_value()) {
     check_dim(kOp, "positions", *positions, 1);
     check_dtype(kOp, "positions", *positions, at::kLong);
@@ -47,10 +62,9 @@ void check_stage_batch(const at::Tensor& ids, const std::optional<at::Tensor>& p
                   "), got shape ", positions->sizes());
     PCG_CHECK_ARG(kOp, "positions", n <= static_pos.size(0), "has ", n,
                   " tokens; static_pos holds ", static_pos.size(0));
-    PCG_CHECK_ARG(kOp, "positions",
-                  at::get_overlap_status(*positions, static_pos.narrow(0, 0, n)) !=
-                      at::MemOverlapStatus::Partial,
-                  "must not partly overlap static_pos");
+    check_copy("positions", *positions, "static_pos", static_pos.narrow(0, 0, n));
+    check_apart("positions", *positions, "static_ids", static_ids);
+    check_apart("positions", *positions, "batch", batch);
   }
   const auto nv = static_cast<int64_t>(values.size());
   PCG_CHECK_ARG(kOp, "values", nv <= kStageMaxValues, "takes at most ", kStageMaxValues,

@@ -101,6 +101,14 @@ ep::DispatchParams check_dispatch_common(const char* op, const at::Tensor& hidde
                 topk_ids.sizes());
   check_out_contiguous(op, "slot_map", slot_map);
   check_out_contiguous(op, "counts", counts);
+  const at::Tensor* nv = num_valid ? &*num_valid : nullptr;
+  for (const auto& [name, t] : {std::pair{"slot_map", &slot_map}, {"counts", &counts}}) {
+    check_no_overlap(op, name, *t,
+                     {{"hidden", &hidden}, {"topk_weights", &topk_weights}, {"topk_ids", &topk_ids},
+                      {"expert_rank", &expert_rank}, {"expert_local", &expert_local},
+                      {"num_valid", nv}});
+  }
+  check_no_overlap(op, "counts", counts, {{"slot_map", &slot_map}});
 
   auto cont = [&keep](const at::Tensor& t) {
     at::Tensor c = t.contiguous();
@@ -157,6 +165,14 @@ ep::DispatchParams ep_dispatch_prepare(const at::Tensor& hidden, const at::Tenso
                 "W and the capacity must be < 2^31, got shape ", send_hidden.sizes());
   check_out_contiguous(op, "send_hidden", send_hidden);
   check_out_contiguous(op, "send_meta", send_meta);
+  const at::Tensor* nv = num_valid ? &*num_valid : nullptr;
+  for (const auto& [name, t] : {std::pair{"send_hidden", &send_hidden}, {"send_meta", &send_meta}}) {
+    check_no_overlap(op, name, *t,
+                     {{"hidden", &hidden}, {"topk_weights", &topk_weights}, {"topk_ids", &topk_ids},
+                      {"expert_rank", &expert_rank}, {"expert_local", &expert_local},
+                      {"num_valid", nv}, {"slot_map", &slot_map}, {"counts", &counts}});
+  }
+  check_no_overlap(op, "send_meta", send_meta, {{"send_hidden", &send_hidden}});
   p.C = C;
   p.send_hidden = send_hidden.data_ptr();
   p.send_meta = send_meta.data_ptr<int32_t>();
@@ -259,6 +275,7 @@ ep::CombineParams ep_combine_prepare(const at::Tensor& recv, const at::Tensor& s
   check_size(op, "out", out, 0, T, "T = slot_map.size(0)");
   check_size(op, "out", out, 1, H, "H = recv.size(2)");
   check_out_contiguous(op, "out", out);
+  check_no_overlap(op, "out", out, {{"recv", &recv}, {"slot_map", &slot_map}});
   const at::Tensor rc = recv.contiguous();
   const at::Tensor sc = slot_map.contiguous();
   keep.push_back(rc);

@@ -291,6 +291,16 @@ int64_t check_moe_align_args(const at::Tensor& topk_ids, const std::optional<at:
   PCG_CHECK_ARG(kAlign, "num_blocks", num_blocks.numel() >= 1 && num_blocks.is_contiguous(),
                 "must be contiguous and hold at least one element, got shape ",
                 num_blocks.sizes());
+  const at::Tensor* map = expert_map ? &*expert_map : nullptr;
+  const at::Tensor* nv = num_valid ? &*num_valid : nullptr;
+  for (const auto& [name, t] : {std::pair{"sorted_pairs", &sorted_pairs},
+                                {"block_expert", &block_expert}, {"num_blocks", &num_blocks}}) {
+    check_no_overlap(kAlign, name, *t,
+                     {{"topk_ids", &topk_ids}, {"expert_map", map}, {"num_valid", nv}});
+  }
+  check_no_overlap(kAlign, "block_expert", block_expert, {{"sorted_pairs", &sorted_pairs}});
+  check_no_overlap(kAlign, "num_blocks", num_blocks,
+                   {{"sorted_pairs", &sorted_pairs}, {"block_expert", &block_expert}});
   const int64_t pairs = topk_ids.numel();
   PCG_CHECK_ARG(kAlign, "topk_ids", pairs < std::numeric_limits<int32_t>::max(),
                 "must hold fewer than 2^31 pairs, got shape ", topk_ids.sizes());
@@ -420,6 +430,8 @@ std::vector<int64_t> fused_moe_config_op(int64_t E_local, int64_t top_k, int64_t
   PCG_CHECK_ARG(op, "E_local", E_local >= 0, "must be >= 0, got ", E_local);
   PCG_CHECK_ARG(op, "top_k", top_k >= 0, "must be >= 0, got ", top_k);
   PCG_CHECK_ARG(op, "T", T >= 0, "must be >= 0, got ", T);
+  PCG_CHECK_ARG(op, "H", H >= 0, "must be >= 0, got ", H);
+  PCG_CHECK_ARG(op, "I", I >= 0, "must be >= 0, got ", I);
   const moe::MoeConfig c =
       moe::choose_config(E_local, top_k, H, I, T, to_moe_dtype(dtype), {cutlass, stream});
   return {c.block_m, c.tile1, c.tile2};

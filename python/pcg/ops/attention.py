@@ -8,15 +8,18 @@ from typing import Optional, Sequence
 import torch
 
 from ..batch import BatchMeta
+from ._checks import same_device
 
 
 @torch.library.register_fake("pcg::causal_attention_out")
 def _causal_attention_out_fake(q, k, v, out, meta, scale=None, window_left=-1) -> None:
+    same_device("causal_attention_out", q=q, k=k, v=v, out=out)  # meta: on the host by design
     return None
 
 
 @torch.library.register_fake("pcg::causal_attention_graph")
 def _causal_attention_graph_fake(q, k, v, out, batch, scale=None, window_left=-1) -> None:
+    same_device("causal_attention_graph", q=q, k=k, v=v, out=out, batch=batch)
     return None
 
 

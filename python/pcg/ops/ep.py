@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import same_device
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -40,6 +42,9 @@ def _check(cond: bool, op: str, arg: str, msg: str) -> None:
 def _ep_dispatch_fake(hidden, topk_weights, topk_ids, expert_rank, expert_local, num_valid,
                       send_hidden, send_meta, slot_map, counts):
     op = "ep_dispatch"
+    same_device(op, hidden=hidden, topk_weights=topk_weights, topk_ids=topk_ids,
+                expert_rank=expert_rank, expert_local=expert_local, num_valid=num_valid,
+                send_hidden=send_hidden, send_meta=send_meta, slot_map=slot_map, counts=counts)
     _check(hidden.dim() == 2, op, "hidden", f"must be 2-D [T, H], got shape {tuple(hidden.shape)}")
     _check(topk_ids.dim() == 2, op, "topk_ids", f"must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
     _check(send_hidden.dim() == 3, op, "send_hidden",
@@ -59,6 +64,7 @@ def _ep_dispatch_fake(hidden, topk_weights, topk_ids, expert_rank, expert_local,
 @torch.library.register_fake("pcg::ep_combine")
 def _ep_combine_fake(recv, slot_map, out):
     op = "ep_combine"
+    same_device(op, recv=recv, slot_map=slot_map, out=out)
     _check(recv.dim() == 3, op, "recv", f"must be 3-D [W, C, H], got shape {tuple(recv.shape)}")
     _check(slot_map.dim() == 2, op, "slot_map", f"must be 2-D [T, W], got shape {tuple(slot_map.shape)}")
     _check(out.dim() == 2, op, "out", f"must be 2-D [T, H], got shape {tuple(out.shape)}")
@@ -71,6 +77,9 @@ def _ep_combine_fake(recv, slot_map, out):
 def _ep_dispatch_peer_fake(hidden, topk_weights, topk_ids, expert_rank, expert_local, num_valid,
                            peer_ptrs, rank, capacity, hidden_offset, meta_offset, slot_map, counts):
     op = "ep_dispatch_peer"
+    same_device(op, hidden=hidden, topk_weights=topk_weights, topk_ids=topk_ids,
+                expert_rank=expert_rank, expert_local=expert_local, num_valid=num_valid,
+                peer_ptrs=peer_ptrs, slot_map=slot_map, counts=counts)
     _check(hidden.dim() == 2, op, "hidden", f"must be 2-D [T, H], got shape {tuple(hidden.shape)}")
     _check(peer_ptrs.dim() == 1 and peer_ptrs.dtype == torch.int64, op, "peer_ptrs",
            f"must be a 1-D int64 tensor of W addresses, got {peer_ptrs.dtype} {tuple(peer_ptrs.shape)}")
@@ -82,6 +91,7 @@ def _ep_dispatch_peer_fake(hidden, topk_weights, topk_ids, expert_rank, expert_l
 @torch.library.register_fake("pcg::ep_return_peer")
 def _ep_return_peer_fake(y, meta, peer_ptrs, rank, back_offset):
     op = "ep_return_peer"
+    same_device(op, y=y, meta=meta, peer_ptrs=peer_ptrs)
     _check(y.dim() == 2, op, "y", f"must be 2-D [W*C, H], got shape {tuple(y.shape)}")
     _check(meta.dim() == 3, op, "meta", f"must be 3-D [W, C, 2k], got shape {tuple(meta.shape)}")
     return None

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import functools
+import operator
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+
+from ._checks import same_device
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
 
@@ -66,6 +69,11 @@ def _check(cond: bool, arg: str, msg: str) -> None:
 def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, num_valid=None,
                     b13=None, b2=None, activation="silu", alpha=1.702, limit=7.0, config=None,
                     w13_block=0):
+    same_device("fused_moe", hidden=hidden, w13=w13, w2=w2, topk_weights=topk_weights,
+                topk_ids=topk_ids, expert_map=expert_map, num_valid=num_valid, b13=b13, b2=b2)
+    _check(topk_weights.dtype == torch.float32, "topk_weights",
+           f"must have dtype float32, got {topk_weights.dtype}")
+    _check(topk_ids.dtype == torch.int32, "topk_ids", f"must have dtype int32, got {topk_ids.dtype}")
     _check(hidden.dim() == 2, "hidden", f"must be 2-D [T, H], got shape {tuple(hidden.shape)}")
     _check(w13.dim() == 3, "w13", f"must be 3-D [E, 2I, H], got shape {tuple(w13.shape)}")
     _check(w2.dim() == 3, "w2", f"must be 3-D [E, H, I], got shape {tuple(w2.shape)}")
@@ -97,6 +105,8 @@ def _fused_moe_fake(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, nu
 @torch.library.register_fake("pcg::moe_align")
 def _moe_align_fake(topk_ids, expert_map, num_valid, num_local_experts, block_m, sorted_pairs,
                     block_expert, num_blocks):
+    same_device("moe_align", topk_ids=topk_ids, expert_map=expert_map, num_valid=num_valid,
+                sorted_pairs=sorted_pairs, block_expert=block_expert, num_blocks=num_blocks)
     return None
 
 
@@ -312,8 +322,16 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """
     return torch.ops.pcg.fused_moe(hidden, w13, w2, topk_weights, topk_ids, expert_map,
                                    num_valid, b13, b2, activation, alpha, limit,
-                                   None if config is None else [int(c) for c in config],
-                                   int(w13_block))
+                                   None if config is None else [_as_int("config", c) for c in config],
+                                   _as_int("w13_block", w13_block))
+
+
+def _as_int(arg: str, v) -> int:
+    """An integer argument (int, numpy or 0-d torch integer); 8.5 is an error, not 8."""
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"pcg::fused_moe: argument '{arg}' must be an int, got {v!r}") from None
 
 
 __all__ = ["FUSED_W13_BLOCK", "CutlassVariant", "MoeTile", "deinterleave_w13", "fused_moe",

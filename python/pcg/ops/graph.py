@@ -5,6 +5,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._checks import same_device
+
 
 @torch.library.register_fake("pcg::weak_ref_tensor")
 def _weak_ref_tensor_fake(t: torch.Tensor) -> torch.Tensor:
@@ -27,6 +29,8 @@ def weak_ref_tensor(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("pcg::stage_batch")
 def _stage_batch_fake(ids, positions, static_ids, static_pos, batch, values) -> None:
+    same_device("stage_batch", static_ids=static_ids, ids=ids, positions=positions,
+                static_pos=static_pos, batch=batch)
     return None
 
 

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import same_device
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.library.register_fake("pcg::route")
 def _route_fake(router_logits, top_k, scoring="softmax", renormalize=True,
                 correction_bias=None, num_groups=1, topk_groups=1, scale=1.0):
-    # Shape-level checks only; the native launchers validate everything.
+    # Devices, shapes and the option strings; the native launchers validate everything.
+    same_device("route", router_logits=router_logits, correction_bias=correction_bias)
+    torch._check(scoring in ("softmax", "sigmoid"),
+                 lambda: f'pcg::route: argument \'scoring\' must be "softmax" or "sigmoid", '
+                         f'got "{scoring}"')
     torch._check(router_logits.dim() == 2,
                  lambda: f"pcg::route: argument 'router_logits' must be 2-D [num_tokens, "
                          f"num_experts], got shape {tuple(router_logits.shape)}")
