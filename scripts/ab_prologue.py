@@ -12,7 +12,8 @@ and CONFIG=a:b:c forces fused_moe's config (e.g. CONFIG=-1:1:4); G2=direct
 takes the tuning table's config with GEMM2's variant replaced by its twin
 (same tile and schedule) with the direct-store epilogue. AB_SHAPES=a,b names
 the shapes when no argument does; AB_SETS the input sets the chain rotates
-through (default 2), AB_REPS the timed repetitions (default 40)."""
+through (default 2), AB_REPS the timed repetitions (default 40), AB_REVERSE=1 times the variants
+in the reverse of their capture order."""
 import os, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
@@ -96,8 +97,15 @@ for name in names:
         diffs = [(o - outs[0]).abs().max().item() for o in outs[1:]]
         fns = [g.replay for g in graphs]
         reps = int(os.environ.get("AB_REPS", "40"))
-        ms = [m / chain for m in paired_time_ms(fns, warmup=3, reps=reps,
-                                                  hide_host_us=[1000.0] * len(fns))]
+        # AB_REVERSE=1: timed in the reverse of the capture order (which one
+        # runs after which), to tell the two orders' effects apart.
+        order = list(range(len(fns)))[::-1] if os.environ.get("AB_REVERSE") == "1" else \
+            list(range(len(fns)))
+        timed = paired_time_ms([fns[i] for i in order], warmup=3, reps=reps,
+                               hide_host_us=[1000.0] * len(fns))
+        ms = [0.0] * len(fns)
+        for i, m in zip(order, timed):
+            ms[i] = m / chain
         fl = 2.0 * T * k * 3 * H * I
         cells = "  ".join(f"{v} {m * 1e3:8.2f} ({fl / (m * 1e-3) / 1e12:4.0f})"
                           for v, m in zip(VARIANTS, ms))
