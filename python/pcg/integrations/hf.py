@@ -499,7 +499,7 @@ def _probe_gate(m: nn.Module) -> Optional[tuple[str, float, float]]:
                    (torch.rand(24, 16, generator=g, dtype=torch.float64) * 2 - 1) * span])
     try:
         with torch.no_grad():
-            y = type(m)._apply_gate(m, x)
+            y = type(m)._apply_gate(m, x.clone())  # a clone: the gate may work in place
     except Exception:  # noqa: BLE001 - any failure: not a gate pcg can run
         return None
     gate, up = (x[:, ::2], x[:, 1::2]) if interleaved else x.chunk(2, dim=-1)
