@@ -38,6 +38,18 @@ def test_meta_argument_among_cpu_ones_is_an_error():
                                   torch.zeros(4, dtype=torch.int32), [6])
 
 
+def test_fake_route_checks_its_options():
+    """On meta tensors (what torch.compile traces with) route's options fail
+    at trace time, as the native kernels would at run time."""
+    logits = torch.randn(5, 8, device="meta")
+    for kw, arg in [({"scoring": "bogus"}, "scoring"), ({"num_groups": 3}, "num_groups"),
+                    ({"num_groups": 2, "topk_groups": 3}, "topk_groups")]:
+        with pytest.raises(Exception, match=f"pcg::route: argument '{arg}'"):
+            pcg.route(logits, 2, **kw)
+        with pytest.raises(ValueError, match=f"pcg::route: argument '{arg}'"):
+            pcg.route(torch.randn(5, 8), 2, **kw)
+
+
 def test_all_meta_still_traces():
     """All arguments on meta (torch.compile's fake tensors): shapes only, no error."""
     hidden, w13, w2, weights, ids = (t.to("meta") for t in _moe_case())

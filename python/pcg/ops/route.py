@@ -23,6 +23,12 @@ def _route_fake(router_logits, top_k, scoring="softmax", renormalize=True,
                  lambda: f"pcg::route: argument 'router_logits' must have dtype float32, "
                          f"bfloat16 or float16, got {router_logits.dtype}")
     num_experts = router_logits.shape[1]
+    torch._check(num_groups >= 1 and num_experts % num_groups == 0,
+                 lambda: f"pcg::route: argument 'num_groups' must be >= 1 and divide num_experts "
+                         f"({num_experts}), got {num_groups}")
+    torch._check(1 <= topk_groups <= num_groups,
+                 lambda: f"pcg::route: argument 'topk_groups' must be in [1, num_groups] = "
+                         f"[1, {num_groups}], got {topk_groups}")
     torch._check(top_k >= 1, lambda: f"pcg::route: argument 'top_k' must be >= 1, got {top_k}")
     torch._check(top_k <= num_experts,
                  lambda: f"pcg::route: argument 'top_k' must be <= num_experts "
